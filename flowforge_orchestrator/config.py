@@ -1,0 +1,74 @@
+"""Settings: read once from `FLOWFORGE_*` environment variables at the edge (the CLI).
+
+Nothing below the CLI reads `os.environ`; it receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+__all__ = ["Settings"]
+
+
+def _default_node_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Settings(BaseSettings):
+    """Every knob of the orchestrator and the worker. Defaults are production-sane."""
+
+    model_config = SettingsConfigDict(env_prefix="FLOWFORGE_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL DSN. Unset: `run`/`demo` start a private server in data_dir.",
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis DSN for arq. Unset: `run`/`demo` start a private server in data_dir.",
+    )
+    data_dir: Path = Field(
+        default=Path(".flowforge"),
+        description="Where private PostgreSQL/Redis servers keep their data.",
+    )
+    node_id: str = Field(
+        default_factory=_default_node_id,
+        description="This process's name as a run owner or result writer.",
+    )
+
+    # Ownership and polling.
+    lease_seconds: float = Field(default=30.0, gt=0, description="Run lease length.")
+    poll_interval: float = Field(
+        default=5.0, gt=0, description="Slow poll for runs and results missed by NOTIFY."
+    )
+    claim_batch: int = Field(default=100, gt=0, description="Runs claimed per statement.")
+    db_pool_size: int = Field(default=10, gt=1, description="Connections per process.")
+
+    # Payload limits.
+    max_output_bytes: int = Field(
+        default=256 * 1024, gt=0, description="Largest step output (JSON bytes)."
+    )
+    max_context_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        gt=0,
+        description="Largest run context: input plus every step output (JSON bytes).",
+    )
+
+    # Workers.
+    worker_poll_delay: float = Field(
+        default=0.05, gt=0, description="arq poll_delay: how often an idle worker checks Redis."
+    )
+    worker_max_jobs: int = Field(default=100, gt=0, description="Concurrent jobs per worker.")
+    step_timeout: float = Field(
+        default=300.0, gt=0, description="Default step timeout when a definition sets none."
+    )
+
+    # Telemetry.
+    otel_console: bool = Field(
+        default=False, description="Print spans to stderr (local debugging)."
+    )

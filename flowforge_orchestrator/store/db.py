@@ -1,0 +1,115 @@
+"""Connections: pools with JSON codecs, and the one classifier of transient failures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+
+from flowforge_orchestrator.errors import StoreError, TransientStoreError
+
+__all__ = ["Connection", "Pool", "connect", "create_pool", "is_transient", "retrying", "wrap"]
+
+log = logging.getLogger(__name__)
+
+Connection = asyncpg.Connection
+Pool = asyncpg.Pool
+T = TypeVar("T")
+
+_TRANSIENT = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,  # connection closed under us
+    asyncpg.SerializationError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    ConnectionError,
+    OSError,
+    asyncio.TimeoutError,
+)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def _init(conn: asyncpg.Connection) -> None:
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
+    """A pool whose connections speak JSON for json/jsonb columns."""
+    try:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=size, init=_init, command_timeout=60
+        )
+    except Exception as exc:
+        raise wrap(exc) from exc
+    assert pool is not None
+    return pool
+
+
+async def connect(dsn: str) -> asyncpg.Connection:
+    """One dedicated connection (LISTEN needs its own)."""
+    try:
+        conn = await asyncpg.connect(dsn)
+        await _init(conn)
+    except Exception as exc:
+        raise wrap(exc) from exc
+    return conn
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, TransientStoreError | _TRANSIENT)
+
+
+def wrap(exc: BaseException) -> StoreError:
+    """Driver errors become our hierarchy, keeping the cause."""
+    if isinstance(exc, StoreError):
+        return exc
+    if is_transient(exc):
+        return TransientStoreError(f"database unavailable: {exc}")
+    return StoreError(f"database error: {exc}")
+
+
+async def retrying(
+    op: Callable[[], Awaitable[T]],
+    *,
+    what: str,
+    attempts: int | None = None,
+    base: float = 0.1,
+    cap: float = 5.0,
+) -> T:
+    """Run `op` again on transient failures, with capped exponential backoff and jitter.
+
+    `attempts=None` retries forever: the daemon outlives a database restart.
+    """
+    attempt = 0
+    while True:
+        try:
+            return await op()
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            attempt += 1
+            if attempts is not None and attempt >= attempts:
+                raise wrap(exc) from exc
+            delay = min(cap, base * 2 ** min(attempt, 16)) * (0.5 + random.random() / 2)
+            log.warning("%s failed (%s); retrying in %.2fs", what, exc, delay)
+            await asyncio.sleep(delay)
+
+
+@asynccontextmanager
+async def transaction(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.Connection]:
+    """A pooled connection inside a transaction."""
+    async with pool.acquire() as conn, conn.transaction():
+        yield conn

@@ -1,0 +1,201 @@
+"""Every SQL statement of the engine, named, with bound parameters only.
+
+Batch writes use `unnest` over parallel arrays: one statement and one round trip for any
+number of rows, which is what makes a group commit cheap.
+"""
+
+from __future__ import annotations
+
+# -- definitions ---------------------------------------------------------------------------
+
+GET_DEFINITION = """
+SELECT name, version, spec, max_concurrency, created_at
+FROM flowforge.workflow_definitions WHERE name = $1 AND version = $2
+"""
+
+GET_LATEST_DEFINITION = """
+SELECT name, version, spec, max_concurrency, created_at
+FROM flowforge.workflow_definitions WHERE name = $1 ORDER BY version DESC LIMIT 1
+"""
+
+INSERT_DEFINITION = """
+INSERT INTO flowforge.workflow_definitions (name, version, spec, max_concurrency)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (name, version) DO NOTHING
+RETURNING version
+"""
+
+LIST_DEFINITIONS = """
+SELECT DISTINCT ON (name) name, version, max_concurrency, created_at
+FROM flowforge.workflow_definitions ORDER BY name, version DESC
+"""
+
+# -- enqueue (the contract documented in README) -------------------------------------------
+
+ENQUEUE_RUN = """
+INSERT INTO flowforge.runs (id, workflow_name, workflow_version, input, idempotency_key)
+VALUES (coalesce($1, gen_random_uuid()), $2, $3, $4, $5)
+ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+RETURNING id
+"""
+
+RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = $1"
+
+# -- claiming and leases -------------------------------------------------------------------
+
+# Runs whose owner stopped renewing: adopted by whoever claims first.
+SELECT_EXPIRED_RUNS = """
+SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent
+FROM flowforge.runs
+WHERE status = 'running' AND lease_expires_at < now()
+ORDER BY lease_expires_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+SELECT_PENDING_RUNS = """
+SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent
+FROM flowforge.runs
+WHERE status = 'pending'
+ORDER BY created_at
+LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+RENEW_LEASES = """
+UPDATE flowforge.runs SET lease_expires_at = now() + make_interval(secs => $2)
+WHERE owner = $1 AND status = 'running'
+RETURNING id, epoch
+"""
+
+RELEASE_LEASES = """
+UPDATE flowforge.runs SET lease_expires_at = now()
+WHERE owner = $1 AND status = 'running' AND id = ANY($2::uuid[])
+"""
+
+# -- the group commit ----------------------------------------------------------------------
+
+# The epoch is the fence: a row is written only if it still has the epoch this orchestrator
+# read when it claimed the run. A claim moves the epoch on (new_epoch = epoch + 1) and takes
+# the lease in the same statement.
+UPDATE_RUNS = """
+UPDATE flowforge.runs AS r SET
+    status = u.status,
+    checkpoint = u.checkpoint,
+    output = u.output,
+    error = u.error,
+    epoch = u.new_epoch,
+    owner = $1,
+    lease_expires_at = CASE
+        WHEN u.status IN ('completed', 'failed', 'cancelled') THEN NULL
+        WHEN u.claimed THEN now() + make_interval(secs => $2)
+        ELSE r.lease_expires_at END,
+    traceparent = coalesce(r.traceparent, u.traceparent),
+    started_at = CASE WHEN u.status = 'pending' THEN NULL
+                      ELSE coalesce(r.started_at, now()) END,
+    finished_at = u.finished_at,
+    updated_at = now()
+FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[], $8::jsonb[],
+            $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::text[])
+    AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
+         traceparent)
+WHERE r.id = u.id AND r.epoch = u.epoch
+RETURNING r.id
+"""
+
+INSERT_TRANSITIONS = """
+INSERT INTO flowforge.transitions (run_id, seq, step_id, attempt_id, from_status, to_status, at)
+SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::uuid[], $5::text[],
+                     $6::text[], $7::timestamptz[])
+"""
+
+INSERT_OUTBOX = """
+INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent)
+SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::jsonb[],
+                     $6::text[])
+"""
+
+INSERT_ATTEMPTS = """
+INSERT INTO flowforge.step_attempts (id, run_id, step_id, attempt, step_type, status,
+                                     dispatched_at)
+SELECT a.id, a.run_id, a.step_id, a.attempt, a.step_type, 'dispatched', a.at
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::timestamptz[])
+    AS a(id, run_id, step_id, attempt, step_type, at)
+"""
+
+FINISH_ATTEMPTS = """
+UPDATE flowforge.step_attempts AS s SET status = f.status, finished_at = f.at, error = f.error
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[]) AS f(id, status, at, error)
+WHERE s.id = f.id
+"""
+
+INSERT_RESULTS = """
+INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
+                                    worker, started_at, finished_at)
+SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
+                     $7::text[], $8::timestamptz[], $9::timestamptz[])
+ON CONFLICT (attempt_id) DO NOTHING
+"""
+
+# -- results -------------------------------------------------------------------------------
+
+RESULT_COLUMNS = (
+    "attempt_id, run_id, step_id, outcome, output, error, worker, started_at, finished_at"
+)
+
+RESULTS_BY_ATTEMPT = f"""
+SELECT {RESULT_COLUMNS} FROM flowforge.step_results WHERE attempt_id = ANY($1::uuid[])
+"""
+
+RESULTS_BY_RUN = f"""
+SELECT {RESULT_COLUMNS} FROM flowforge.step_results WHERE run_id = ANY($1::uuid[])
+"""
+
+# Written by workers: the trigger NOTIFYs in the same transaction.
+INSERT_RESULT = f"""
+INSERT INTO flowforge.step_results ({RESULT_COLUMNS})
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+ON CONFLICT (attempt_id) DO NOTHING
+"""
+
+REGISTER_STEP_TYPES = """
+INSERT INTO flowforge.step_types (name, worker, last_seen)
+SELECT unnest($1::text[]), $2, now()
+ON CONFLICT (name) DO UPDATE SET worker = excluded.worker, last_seen = excluded.last_seen
+"""
+
+LIST_STEP_TYPES = "SELECT name FROM flowforge.step_types ORDER BY name"
+
+# -- reading runs (CLI) --------------------------------------------------------------------
+
+RUN_COLUMNS = """
+id, workflow_name, workflow_version, status, input, output, error, owner, epoch,
+lease_expires_at, idempotency_key, created_at, started_at, finished_at, updated_at
+"""
+
+GET_RUN = f"SELECT {RUN_COLUMNS} FROM flowforge.runs WHERE id = $1"
+
+LIST_RUNS = f"""
+SELECT {RUN_COLUMNS} FROM flowforge.runs
+WHERE ($1::text IS NULL OR workflow_name = $1) AND ($2::text IS NULL OR status = $2)
+ORDER BY created_at DESC
+LIMIT $3
+"""
+
+RUN_ATTEMPTS = """
+SELECT a.id, a.step_id, a.attempt, a.step_type, a.status, a.dispatched_at, a.finished_at,
+       a.error, r.started_at, r.worker
+FROM flowforge.step_attempts a
+LEFT JOIN flowforge.step_results r ON r.attempt_id = a.id
+WHERE a.run_id = $1
+ORDER BY a.dispatched_at, a.step_id, a.attempt
+"""
+
+RUN_TRANSITIONS = """
+SELECT seq, step_id, attempt_id, from_status, to_status, at
+FROM flowforge.transitions WHERE run_id = $1 AND seq > $2 ORDER BY seq
+"""
+
+RUN_EVENTS = """
+SELECT seq, type, time, data FROM flowforge.outbox WHERE run_id = $1 AND seq > $2 ORDER BY seq
+"""

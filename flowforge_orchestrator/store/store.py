@@ -1,0 +1,358 @@
+"""The store: every read and write of the engine, as functions over a connection.
+
+Functions take a connection, not a pool, so a caller composes them into one transaction
+("claim 50 runs, checkpoint them, append 300 events" is a single commit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from flowforge_orchestrator.graph import RunChanges, StepResult
+from flowforge_orchestrator.store import queries as q
+
+__all__ = [
+    "ClaimedRun",
+    "Definition",
+    "claim_runs",
+    "enqueue_run",
+    "fetch_results",
+    "fetch_run_results",
+    "get_definition",
+    "insert_definition",
+    "insert_result",
+    "write_changes",
+]
+
+
+@dataclass(frozen=True)
+class Definition:
+    name: str
+    version: int
+    spec: dict[str, Any]
+    max_concurrency: int | None
+
+
+@dataclass(frozen=True)
+class ClaimedRun:
+    id: UUID
+    workflow_name: str
+    workflow_version: int | None
+    status: str
+    input: Any
+    checkpoint: dict[str, Any] | None
+    epoch: int  # the epoch read under the row lock; the claim writes epoch + 1
+    traceparent: str | None
+
+
+@dataclass(frozen=True)
+class OwnedChanges:
+    """A run's changes and the fence they are written under."""
+
+    changes: RunChanges
+    epoch: int
+    new_epoch: int
+    claimed: bool = False
+    traceparent: str | None = None
+
+
+# -- definitions ---------------------------------------------------------------------------
+
+
+def _definition(row: asyncpg.Record | None) -> Definition | None:
+    if row is None:
+        return None
+    return Definition(row["name"], row["version"], row["spec"], row["max_concurrency"])
+
+
+async def get_definition(
+    conn: asyncpg.Connection, name: str, version: int | None = None
+) -> Definition | None:
+    if version is None:
+        return _definition(await conn.fetchrow(q.GET_LATEST_DEFINITION, name))
+    return _definition(await conn.fetchrow(q.GET_DEFINITION, name, version))
+
+
+async def insert_definition(
+    conn: asyncpg.Connection, name: str, version: int, spec: dict[str, Any], max_concurrency: int | None
+) -> bool:
+    """Register a version; False if that version already exists."""
+    return await conn.fetchval(q.INSERT_DEFINITION, name, version, spec, max_concurrency) is not None
+
+
+async def list_definitions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q.LIST_DEFINITIONS))
+
+
+# -- enqueue -------------------------------------------------------------------------------
+
+
+async def enqueue_run(
+    conn: asyncpg.Connection,
+    workflow: str,
+    input: Any,
+    *,
+    run_id: UUID | None = None,
+    version: int | None = None,
+    idempotency_key: str | None = None,
+) -> tuple[UUID, bool]:
+    """Insert a pending run; with a known idempotency key, return the existing run instead.
+
+    Returns (run id, created). Runs in the caller's transaction.
+    """
+    new_id = await conn.fetchval(q.ENQUEUE_RUN, run_id, workflow, version, input, idempotency_key)
+    if new_id is not None:
+        return new_id, True
+    # The conflicting row is visible to this new statement (READ COMMITTED takes a new
+    # snapshot per statement), even if its transaction committed after ours began.
+    existing = await conn.fetchval(q.RUN_BY_IDEMPOTENCY_KEY, idempotency_key)
+    return existing, False
+
+
+# -- claiming and leases -------------------------------------------------------------------
+
+
+def _claimed(row: asyncpg.Record) -> ClaimedRun:
+    return ClaimedRun(
+        id=row["id"],
+        workflow_name=row["workflow_name"],
+        workflow_version=row["workflow_version"],
+        status=row["status"],
+        input=row["input"],
+        checkpoint=row["checkpoint"],
+        epoch=row["epoch"],
+        traceparent=row["traceparent"],
+    )
+
+
+async def claim_runs(conn: asyncpg.Connection, limit: int) -> list[ClaimedRun]:
+    """Lock runs to take over (expired leases first, then pending FIFO) in this transaction.
+
+    The rows stay locked until the transaction that writes their first changes commits;
+    `write_changes(..., claimed=True)` moves the epoch and takes the lease.
+    """
+    rows = list(await conn.fetch(q.SELECT_EXPIRED_RUNS, limit))
+    if len(rows) < limit:
+        rows += await conn.fetch(q.SELECT_PENDING_RUNS, limit - len(rows))
+    return [_claimed(row) for row in rows]
+
+
+async def renew_leases(
+    conn: asyncpg.Connection, owner: str, lease_seconds: float
+) -> dict[UUID, int]:
+    """Extend every lease this owner holds in one statement; returns run id -> epoch."""
+    rows = await conn.fetch(q.RENEW_LEASES, owner, lease_seconds)
+    return {row["id"]: row["epoch"] for row in rows}
+
+
+async def release_leases(conn: asyncpg.Connection, owner: str, run_ids: Sequence[UUID]) -> None:
+    """Expire our leases now so another replica adopts the runs at once."""
+    await conn.execute(q.RELEASE_LEASES, owner, list(run_ids))
+
+
+# -- the group commit ----------------------------------------------------------------------
+
+
+async def write_changes(
+    conn: asyncpg.Connection, owner: str, lease_seconds: float, batch: Sequence[OwnedChanges]
+) -> set[UUID]:
+    """Write many runs' changes in the caller's transaction; returns the runs still ours.
+
+    The run rows are updated first under the epoch fence; history, outbox, attempts and
+    inline results are written only for the runs whose update matched.
+    """
+    if not batch:
+        return set()
+    owned = set(
+        await conn.fetch(
+            q.UPDATE_RUNS,
+            owner,
+            lease_seconds,
+            [o.changes.run_id for o in batch],
+            [o.epoch for o in batch],
+            [o.new_epoch for o in batch],
+            [o.claimed for o in batch],
+            [o.changes.status.value for o in batch],
+            [o.changes.checkpoint for o in batch],
+            [o.changes.output for o in batch],
+            [o.changes.error for o in batch],
+            [o.changes.finished_at for o in batch],
+            [o.traceparent for o in batch],
+        )
+    )
+    owned_ids = {row["id"] for row in owned}
+    mine = [o for o in batch if o.changes.run_id in owned_ids]
+    await _insert_events(conn, mine)
+    await _write_attempts(conn, [o.changes for o in mine])
+    return owned_ids
+
+
+async def _insert_events(conn: asyncpg.Connection, batch: Sequence[OwnedChanges]) -> None:
+    rows = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
+    if not rows:
+        return
+    run_ids = [r for r, _, _ in rows]
+    seqs = [e.seq for _, _, e in rows]
+    ats = [e.at for _, _, e in rows]
+    await conn.execute(
+        q.INSERT_TRANSITIONS,
+        run_ids,
+        seqs,
+        [e.step_id for _, _, e in rows],
+        [e.attempt_id for _, _, e in rows],
+        [e.from_status for _, _, e in rows],
+        [e.to_status for _, _, e in rows],
+        ats,
+    )
+    await conn.execute(
+        q.INSERT_OUTBOX,
+        run_ids,
+        seqs,
+        [e.type for _, _, e in rows],
+        ats,
+        [e.data for _, _, e in rows],
+        [tp for _, tp, _ in rows],
+    )
+
+
+async def _write_attempts(conn: asyncpg.Connection, changes: Iterable[RunChanges]) -> None:
+    started = [(c.run_id, a) for c in changes for a in c.attempts_started]
+    finished = [a for c in changes for a in c.attempts_finished]
+    inline = [(c.run_id, r) for c in changes for r in c.inline_results]
+    if started:
+        await conn.execute(
+            q.INSERT_ATTEMPTS,
+            [a.attempt_id for _, a in started],
+            [run_id for run_id, _ in started],
+            [a.step_id for _, a in started],
+            [a.attempt for _, a in started],
+            [a.step_type for _, a in started],
+            [a.at for _, a in started],
+        )
+    if finished:
+        await conn.execute(
+            q.FINISH_ATTEMPTS,
+            [a.attempt_id for a in finished],
+            [a.status.value for a in finished],
+            [a.at for a in finished],
+            [a.error for a in finished],
+        )
+    if inline:
+        await conn.execute(
+            q.INSERT_RESULTS,
+            [r.attempt_id for _, r in inline],
+            [run_id for run_id, _ in inline],
+            [r.step_id for _, r in inline],
+            [r.outcome for _, r in inline],
+            [r.output for _, r in inline],
+            [r.error for _, r in inline],
+            ["orchestrator"] * len(inline),
+            [r.at for _, r in inline],
+            [r.at for _, r in inline],
+        )
+
+
+# -- results -------------------------------------------------------------------------------
+
+
+def _result(row: asyncpg.Record) -> StepResult:
+    return StepResult(
+        attempt_id=row["attempt_id"],
+        step_id=row["step_id"],
+        outcome=row["outcome"],
+        output=row["output"],
+        error=row["error"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        worker=row["worker"],
+    )
+
+
+async def fetch_results(
+    conn: asyncpg.Connection, attempt_ids: Sequence[UUID]
+) -> list[tuple[UUID, StepResult]]:
+    """Results for these attempts, with their run ids."""
+    rows = await conn.fetch(q.RESULTS_BY_ATTEMPT, list(attempt_ids))
+    return [(row["run_id"], _result(row)) for row in rows]
+
+
+async def fetch_run_results(
+    conn: asyncpg.Connection, run_ids: Sequence[UUID]
+) -> dict[UUID, dict[UUID, StepResult]]:
+    """Every stored result of these runs, by run then attempt (to restore a checkpoint)."""
+    out: dict[UUID, dict[UUID, StepResult]] = {}
+    for row in await conn.fetch(q.RESULTS_BY_RUN, list(run_ids)):
+        out.setdefault(row["run_id"], {})[row["attempt_id"]] = _result(row)
+    return out
+
+
+async def insert_result(
+    conn: asyncpg.Connection,
+    *,
+    attempt_id: UUID,
+    run_id: UUID,
+    step_id: str,
+    outcome: str,
+    output: Any,
+    error: dict[str, Any] | None,
+    worker: str,
+    started_at: datetime,
+    finished_at: datetime,
+) -> bool:
+    """A worker's report; False if this attempt already had one (a duplicate delivery)."""
+    status = await conn.execute(
+        q.INSERT_RESULT,
+        attempt_id,
+        run_id,
+        step_id,
+        outcome,
+        output,
+        error,
+        worker,
+        started_at,
+        finished_at,
+    )
+    return bool(status.endswith(" 1"))
+
+
+async def register_step_types(conn: asyncpg.Connection, types: Sequence[str], worker: str) -> None:
+    await conn.execute(q.REGISTER_STEP_TYPES, list(types), worker)
+
+
+async def list_step_types(conn: asyncpg.Connection) -> list[str]:
+    return [row["name"] for row in await conn.fetch(q.LIST_STEP_TYPES)]
+
+
+# -- reading runs --------------------------------------------------------------------------
+
+
+async def get_run(conn: asyncpg.Connection, run_id: UUID) -> asyncpg.Record | None:
+    return await conn.fetchrow(q.GET_RUN, run_id)
+
+
+async def list_runs(
+    conn: asyncpg.Connection, *, workflow: str | None, status: str | None, limit: int
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q.LIST_RUNS, workflow, status, limit))
+
+
+async def run_attempts(conn: asyncpg.Connection, run_id: UUID) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q.RUN_ATTEMPTS, run_id))
+
+
+async def run_transitions(
+    conn: asyncpg.Connection, run_id: UUID, after_seq: int = 0
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q.RUN_TRANSITIONS, run_id, after_seq))
+
+
+async def run_events(
+    conn: asyncpg.Connection, run_id: UUID, after_seq: int = 0
+) -> list[asyncpg.Record]:
+    return list(await conn.fetch(q.RUN_EVENTS, run_id, after_seq))
