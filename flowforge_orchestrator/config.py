@@ -64,6 +64,9 @@ class Settings(BaseSettings):
         default=0.05, gt=0, description="arq poll_delay: how often an idle worker checks Redis."
     )
     worker_max_jobs: int = Field(default=100, gt=0, description="Concurrent jobs per worker.")
+    worker_shutdown_grace: float = Field(
+        default=30.0, ge=0, description="On SIGTERM, how long in-flight attempts may finish."
+    )
     step_timeout: float = Field(
         default=300.0, gt=0, description="Default step timeout when a definition sets none."
     )

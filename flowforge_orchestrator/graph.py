@@ -38,6 +38,7 @@ __all__ = [
     "RunState",
     "StepResult",
     "json_size",
+    "rejected_run",
 ]
 
 CHECKPOINT_VERSION = 1
@@ -589,6 +590,30 @@ class RunState:
                 data=data or {},
             )
         )
+
+
+def rejected_run(
+    run_id: UUID, status: RunStatus, seq: int, error: dict[str, Any], now: datetime
+) -> RunChanges:
+    """Changes that fail a run the engine cannot even build (its definition is missing or
+    invalid): the run records why, and nothing else is touched."""
+    check_run(status, RunStatus.FAILED)
+    event = Event(
+        seq=seq + 1,
+        type="workflow.failed",
+        at=now,
+        to_status=RunStatus.FAILED.value,
+        from_status=status.value,
+        data={"error": error},
+    )
+    return RunChanges(
+        run_id=run_id,
+        status=RunStatus.FAILED,
+        checkpoint={"v": CHECKPOINT_VERSION, "seq": seq + 1, "steps": {}},
+        events=[event],
+        error=error,
+        finished_at=now,
+    )
 
 
 def _expression_error(exc: ExpressionError) -> dict[str, Any]:

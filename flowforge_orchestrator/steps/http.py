@@ -14,6 +14,7 @@ import asyncio
 import codecs
 import json
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,6 +61,9 @@ _PARAM_KEYS = frozenset(
 _SNIPPET_BYTES = 1024
 _SCALARS = (str, int, float, bool, type(None))
 _REDACTED = "REDACTED"
+# RFC 9110 field-name token; a value must not smuggle a line break (header injection) or NUL.
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_FORBIDDEN = re.compile(r"[\r\n\x00]")
 
 
 @dataclass(frozen=True)
@@ -353,8 +357,10 @@ def _parse_headers(value: Any) -> dict[str, str]:
         _invalid("headers", "must be a mapping of names to strings")
     for name, item in value.items():
         # Name the header, never show its value: it may be a secret.
-        if not isinstance(name, str) or not isinstance(item, str):
-            _invalid("headers", f"entry '{name}' must be a string name with a string value")
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+            _invalid("headers", f"entry {name!r} is not a valid header name")
+        if not isinstance(item, str) or _HEADER_VALUE_FORBIDDEN.search(item):
+            _invalid("headers", f"value of '{name}' must be a string without line breaks")
     return dict(value)
 
 

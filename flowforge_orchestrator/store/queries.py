@@ -34,7 +34,7 @@ FROM flowforge.workflow_definitions ORDER BY name, version DESC
 
 ENQUEUE_RUN = """
 INSERT INTO flowforge.runs (id, workflow_name, workflow_version, input, idempotency_key)
-VALUES (coalesce($1, gen_random_uuid()), $2, $3, $4, $5)
+VALUES (coalesce($1::uuid, gen_random_uuid()), $2, $3, $4::text::jsonb, $5)
 ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
@@ -90,7 +90,7 @@ UPDATE flowforge.runs AS r SET
         WHEN u.status IN ('completed', 'failed', 'cancelled') THEN NULL
         WHEN u.claimed THEN now() + make_interval(secs => $2)
         ELSE r.lease_expires_at END,
-    traceparent = coalesce(r.traceparent, u.traceparent),
+    traceparent = coalesce(u.traceparent, r.traceparent),
     started_at = CASE WHEN u.status = 'pending' THEN NULL
                       ELSE coalesce(r.started_at, now()) END,
     finished_at = u.finished_at,

@@ -6,6 +6,7 @@ Functions take a connection, not a pool, so a caller composes them into one tran
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -80,10 +81,16 @@ async def get_definition(
 
 
 async def insert_definition(
-    conn: asyncpg.Connection, name: str, version: int, spec: dict[str, Any], max_concurrency: int | None
+    conn: asyncpg.Connection,
+    name: str,
+    version: int,
+    spec: dict[str, Any],
+    max_concurrency: int | None,
 ) -> bool:
     """Register a version; False if that version already exists."""
-    return await conn.fetchval(q.INSERT_DEFINITION, name, version, spec, max_concurrency) is not None
+    return (
+        await conn.fetchval(q.INSERT_DEFINITION, name, version, spec, max_concurrency) is not None
+    )
 
 
 async def list_definitions(conn: asyncpg.Connection) -> list[asyncpg.Record]:
@@ -104,9 +111,11 @@ async def enqueue_run(
 ) -> tuple[UUID, bool]:
     """Insert a pending run; with a known idempotency key, return the existing run instead.
 
-    Returns (run id, created). Runs in the caller's transaction.
+    Returns (run id, created). Runs in the caller's transaction, on any asyncpg connection:
+    the input travels as JSON text, so it needs none of our type codecs.
     """
-    new_id = await conn.fetchval(q.ENQUEUE_RUN, run_id, workflow, version, input, idempotency_key)
+    text = json.dumps(input if input is not None else {}, separators=(",", ":"))
+    new_id = await conn.fetchval(q.ENQUEUE_RUN, run_id, workflow, version, text, idempotency_key)
     if new_id is not None:
         return new_id, True
     # The conflicting row is visible to this new statement (READ COMMITTED takes a new

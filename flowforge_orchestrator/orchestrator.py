@@ -1,0 +1,472 @@
+"""The orchestrator daemon: claims runs, drives their graphs, group-commits, dispatches.
+
+Four loops share one event loop and never block each other:
+
+* claim:   NOTIFY on `flowforge_runs` or the slow poll -> lock runs, build their graphs,
+           write their first transitions and take the lease, all in one transaction;
+* results: NOTIFY on `flowforge_results` (payload: attempt id) or the slow poll -> fetch
+           those results, apply them to the in-memory graphs (stale ones are ignored);
+* commit:  whatever the graphs changed since the last commit goes out in ONE transaction
+           (group commit); only after it commits are the new attempts enqueued on arq;
+* leases:  one statement renews every lease we hold; runs that are no longer ours are
+           dropped from memory at once (another replica has them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+from opentelemetry import trace
+from pydantic import ValidationError
+
+from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.dispatch import Dispatcher
+from flowforge_orchestrator.errors import DefinitionError, FlowForgeError
+from flowforge_orchestrator.graph import (
+    CompiledWorkflow,
+    Dispatch,
+    Limits,
+    RunChanges,
+    RunState,
+    rejected_run,
+)
+from flowforge_orchestrator.listener import Listener
+from flowforge_orchestrator.state import RunStatus
+
+__all__ = ["Orchestrator"]
+
+log = logging.getLogger(__name__)
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass
+class _Owned:
+    """A run this orchestrator owns, with the fence its writes carry."""
+
+    state: RunState
+    epoch: int
+    span: trace.Span
+    traceparent: str | None
+    new_traceparent: str | None = None  # written with the next commit (fresh starts only)
+
+
+class Orchestrator:
+    """One replica. `run()` until `stop` is set; every run it owns is in `self.runs`."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: store.Pool,
+        dispatcher: Dispatcher,
+        *,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        assert settings.database_url is not None
+        self.settings = settings
+        self.pool = pool
+        self.dispatcher = dispatcher
+        self.clock = clock
+        self.node = settings.node_id
+        self.limits = Limits(
+            max_output_bytes=settings.max_output_bytes,
+            max_context_bytes=settings.max_context_bytes,
+            default_timeout=settings.step_timeout,
+        )
+        self.runs: dict[UUID, _Owned] = {}
+        self._attempts: dict[UUID, UUID] = {}  # outstanding attempt id -> run id
+        self._workflows: dict[tuple[str, int], CompiledWorkflow | str] = {}
+        self._dirty: set[UUID] = set()
+        self._notified: set[UUID] = set()
+        self._undelivered: list[tuple[Dispatch, str | None]] = []
+        self._wake_claim = asyncio.Event()
+        self._wake_results = asyncio.Event()
+        self._wake_commit = asyncio.Event()
+        self.listener = Listener(
+            settings.database_url,
+            {"flowforge_runs": self._on_run_notify, "flowforge_results": self._on_result_notify},
+            on_connect=self._catch_up,
+        )
+        self.ready = asyncio.Event()
+
+    # -- notifications -------------------------------------------------------------------
+
+    def _on_run_notify(self, _payload: str) -> None:
+        self._wake_claim.set()
+
+    def _on_result_notify(self, payload: str) -> None:
+        try:
+            attempt_id = UUID(payload)
+        except ValueError:
+            return
+        if attempt_id in self._attempts:
+            self._notified.add(attempt_id)
+            self._wake_results.set()
+
+    def _catch_up(self) -> None:
+        """After (re)connecting LISTEN: look for everything we may have missed."""
+        self._notified.update(self._attempts)
+        self._wake_results.set()
+        self._wake_claim.set()
+
+    # -- the daemon ----------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        tasks = [
+            asyncio.create_task(self.listener.run(), name="listener"),
+            asyncio.create_task(self._claim_loop(), name="claim"),
+            asyncio.create_task(self._results_loop(), name="results"),
+            asyncio.create_task(self._commit_loop(), name="commit"),
+            asyncio.create_task(self._lease_loop(), name="leases"),
+            asyncio.create_task(self._poll_loop(), name="poll"),
+        ]
+        await self.listener.connected.wait()
+        self.ready.set()
+        log.info("orchestrator %s running", self.node)
+        stopper = asyncio.create_task(stop.wait())
+        try:
+            done, _ = await asyncio.wait([stopper, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                if task is not stopper and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            stopper.cancel()
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._release()
+
+    async def _release(self) -> None:
+        """Hand our runs back at once, so a replica adopts them without waiting."""
+        if not self.runs:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                await store.release_leases(conn, self.node, list(self.runs))
+        except Exception as exc:
+            log.warning("could not release leases (%s); they expire on their own", exc)
+        for owned in self.runs.values():
+            owned.span.end()
+        self.runs.clear()
+
+    async def _poll_loop(self) -> None:
+        """The slow path that covers lost notifications and undelivered jobs."""
+        while True:
+            await asyncio.sleep(self.settings.poll_interval)
+            self._catch_up()
+            await self._redeliver()
+
+    # -- claiming ------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            await self._wake_claim.wait()
+            self._wake_claim.clear()
+            try:
+                while await store.retrying(self._claim_once, what="claiming runs", attempts=3):
+                    pass
+            except FlowForgeError as exc:
+                log.error("claiming runs failed: %s", exc)
+
+    async def _claim_once(self) -> bool:
+        """Claim one batch; True if the batch was full (there may be more)."""
+        now = self.clock()
+        batch: list[store.OwnedChanges] = []
+        claimed: dict[UUID, _Owned] = {}
+        async with store.transaction(self.pool) as conn:
+            rows = await store.claim_runs(conn, self.settings.claim_batch)
+            if not rows:
+                return False
+            adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
+            results = await store.fetch_run_results(conn, adopted) if adopted else {}
+            for row in rows:
+                owned, changes = await self._take_over(conn, row, results.get(row.id, {}), now)
+                if owned is not None:
+                    claimed[row.id] = owned
+                batch.append(
+                    store.OwnedChanges(
+                        changes,
+                        epoch=row.epoch,
+                        new_epoch=row.epoch + 1,
+                        claimed=True,
+                        traceparent=owned.new_traceparent if owned else None,
+                    )
+                )
+            await store.write_changes(conn, self.node, self.settings.lease_seconds, batch)
+        for row in rows:
+            owned = claimed.get(row.id)
+            if owned is None:
+                continue
+            owned.epoch = row.epoch + 1
+            owned.new_traceparent = None
+            changes = next(o.changes for o in batch if o.changes.run_id == row.id)
+            self._after_commit(row.id, owned, changes)
+            if row.status == RunStatus.RUNNING:  # results may have arrived while unowned
+                self._notified.update(owned.state.outstanding())
+                self._wake_results.set()
+        log.info("claimed %d run(s)", len(rows))
+        return len(rows) == self.settings.claim_batch
+
+    async def _take_over(
+        self,
+        conn: store.Connection,
+        row: store.ClaimedRun,
+        results: dict[UUID, Any],
+        now: datetime,
+    ) -> tuple[_Owned | None, RunChanges]:
+        """Build the graph of a claimed run; a run that cannot be built is failed instead."""
+        status = RunStatus(row.status)
+        workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
+        if isinstance(workflow, str):
+            seq = int((row.checkpoint or {}).get("seq", 0))
+            log.warning("run %s rejected: %s", row.id, workflow)
+            error = {"message": workflow, "category": "definition_error", "retryable": False}
+            return None, rejected_run(row.id, status, seq, error, now)
+        assert row.workflow_version is not None
+        state = RunState(
+            run_id=row.id,
+            workflow=workflow,
+            version=row.workflow_version,
+            input=row.input,
+            limits=self.limits,
+            status=status,
+            checkpoint=row.checkpoint,
+            results=results,
+        )
+        span, traceparent, new_tp = self._run_span(
+            row, workflow, resumed=status is not RunStatus.PENDING
+        )
+        owned = _Owned(state, row.epoch, span, traceparent, new_traceparent=new_tp)
+        if status is RunStatus.PENDING:
+            state.start(now)
+        else:
+            state.resume(now)
+        changes = state.take_changes()
+        assert changes is not None
+        return owned, changes
+
+    def _run_span(
+        self, row: store.ClaimedRun, workflow: CompiledWorkflow, *, resumed: bool
+    ) -> tuple[trace.Span, str | None, str | None]:
+        """The run's span; a fresh run becomes the parent of all its steps' spans."""
+        name = f"workflow {workflow.definition.name}"
+        span = telemetry.tracer().start_span(
+            f"{name} (resumed)" if resumed else name,
+            context=telemetry.context_from_traceparent(row.traceparent),
+            kind=trace.SpanKind.INTERNAL,
+            attributes={
+                "flowforge.run_id": str(row.id),
+                "flowforge.workflow": workflow.definition.name,
+                "flowforge.version": row.workflow_version or 0,
+            },
+        )
+        if resumed and row.traceparent:
+            return span, row.traceparent, None
+        own = telemetry.traceparent_of(span)
+        return span, own, own
+
+    async def _workflow(
+        self, conn: store.Connection, name: str, version: int | None
+    ) -> CompiledWorkflow | str:
+        """A compiled definition (cached), or the reason there is none."""
+        if version is None:
+            return f"workflow '{name}' has no registered definition"
+        key = (name, version)
+        cached = self._workflows.get(key)
+        if cached is not None:
+            return cached
+        found = await store.get_definition(conn, name, version)
+        result: CompiledWorkflow | str
+        if found is None:
+            result = f"workflow '{name}' version {version} is not registered"
+        else:
+            try:
+                result = CompiledWorkflow(
+                    parse_definition(found.spec, source=f"{name} v{version} (database)")
+                )
+            except (DefinitionError, ValidationError) as exc:
+                result = f"the stored definition of '{name}' version {version} is invalid: {exc}"
+        self._workflows[key] = result
+        return result
+
+    # -- results -------------------------------------------------------------------------
+
+    async def _results_loop(self) -> None:
+        while True:
+            await self._wake_results.wait()
+            self._wake_results.clear()
+            wanted = [a for a in self._notified if a in self._attempts]
+            self._notified.clear()
+            if not wanted:
+                continue
+            try:
+                rows = await store.retrying(lambda: self._fetch(wanted), what="fetching results")
+            except FlowForgeError as exc:
+                log.error("fetching results failed: %s", exc)
+                self._notified.update(wanted)
+                continue
+            now = self.clock()
+            for run_id, result in rows:
+                owned = self.runs.get(run_id)
+                if owned is None:
+                    continue
+                self._attempts.pop(result.attempt_id, None)
+                try:
+                    applied = owned.state.apply_result(result, now)
+                except Exception:  # a bug must not take the daemon down with it
+                    log.exception("run %s: applying a result failed", run_id)
+                    self._drop(run_id, "internal error while applying a result")
+                    continue
+                if applied:
+                    self._dirty.add(run_id)
+            if self._dirty:
+                self._wake_commit.set()
+
+    async def _fetch(self, wanted: list[UUID]) -> list[tuple[UUID, Any]]:
+        async with self.pool.acquire() as conn:
+            return await store.fetch_results(conn, wanted)
+
+    # -- group commit --------------------------------------------------------------------
+
+    async def _commit_loop(self) -> None:
+        while True:
+            await self._wake_commit.wait()
+            self._wake_commit.clear()
+            batch: list[tuple[_Owned, RunChanges]] = []
+            for run_id in list(self._dirty):
+                owned = self.runs.get(run_id)
+                changes = owned.state.take_changes() if owned else None
+                if owned is not None and changes is not None:
+                    batch.append((owned, changes))
+            self._dirty.clear()
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[_Owned, RunChanges]]) -> None:
+        writes = [
+            store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch, traceparent=None)
+            for o, changes in batch
+        ]
+
+        async def write() -> set[UUID]:
+            async with store.transaction(self.pool) as conn:
+                return await store.write_changes(
+                    conn, self.node, self.settings.lease_seconds, writes
+                )
+
+        try:
+            owned_ids = await store.retrying(write, what="committing transitions")
+        except FlowForgeError as exc:
+            # Not transient: give the runs back; their last checkpoint is consistent and
+            # another claim resumes them from it.
+            log.error("commit of %d run(s) failed: %s", len(batch), exc)
+            for _, changes in batch:
+                self._drop(changes.run_id, "commit failed")
+            return
+        for owned, changes in batch:
+            if changes.run_id in owned_ids:
+                self._after_commit(changes.run_id, owned, changes)
+            else:
+                self._drop(changes.run_id, "lost ownership (epoch moved on)")
+
+    def _after_commit(self, run_id: UUID, owned: _Owned, changes: RunChanges) -> None:
+        """What may only happen once the transitions are durable: enqueue, forget."""
+        for dispatch in changes.dispatches:
+            self._attempts[dispatch.attempt_id] = run_id
+            self._undelivered.append((dispatch, owned.traceparent))
+        if changes.status.finished:
+            for attempt_id in [a for a, r in self._attempts.items() if r == run_id]:
+                del self._attempts[attempt_id]
+            if changes.status is RunStatus.FAILED:
+                owned.span.set_status(
+                    trace.StatusCode.ERROR, str((changes.error or {}).get("message"))
+                )
+            owned.span.set_attribute("flowforge.status", changes.status.value)
+            owned.span.end()
+            self.runs.pop(run_id, None)
+            log.info("run %s %s", run_id, changes.status.value)
+        else:
+            self.runs[run_id] = owned
+        if self._undelivered:
+            asyncio.get_running_loop().create_task(self._redeliver())
+
+    async def _redeliver(self) -> None:
+        """Enqueue committed dispatches; what Redis refuses is kept and tried again."""
+        todo, self._undelivered = self._undelivered, []
+        todo = [(d, tp) for d, tp in todo if d.attempt_id in self._attempts]
+        if not todo:
+            return
+        outcomes = await self.dispatcher.dispatch_many(todo)
+        failed = [
+            item for item, ok in zip(todo, outcomes, strict=True) if isinstance(ok, BaseException)
+        ]
+        if failed:
+            log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
+            self._undelivered.extend(failed)
+
+    def _drop(self, run_id: UUID, why: str) -> None:
+        owned = self.runs.pop(run_id, None)
+        for attempt_id in [a for a, r in self._attempts.items() if r == run_id]:
+            del self._attempts[attempt_id]
+        self._dirty.discard(run_id)
+        if owned is not None:
+            owned.span.end()
+            log.warning("run %s dropped from this orchestrator: %s", run_id, why)
+
+    # -- leases --------------------------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            # Only runs owned before the renewal started can be judged by its answer; one
+            # claimed meanwhile is ours even though the statement did not see it.
+            before = {run_id: owned.epoch for run_id, owned in self.runs.items()}
+            try:
+                held = await store.retrying(self._renew, what="renewing leases", attempts=3)
+            except FlowForgeError as exc:
+                log.error("renewing leases failed: %s", exc)
+                continue
+            for run_id, epoch in before.items():
+                owned = self.runs.get(run_id)
+                if owned is not None and owned.epoch == epoch and held.get(run_id) != epoch:
+                    self._drop(run_id, "lease lost")
+
+    async def _renew(self) -> dict[UUID, int]:
+        async with self.pool.acquire() as conn:
+            return await store.renew_leases(conn, self.node, self.settings.lease_seconds)
+
+
+async def run_orchestrator(
+    settings: Settings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
+) -> None:
+    """Connect, serve until `stop` is set, release everything."""
+    if not settings.database_url or not settings.redis_url:
+        raise FlowForgeError("the orchestrator needs a database URL and a Redis URL")
+    pool = await store.retrying(
+        lambda: store.create_pool(settings.database_url or "", size=settings.db_pool_size),
+        what="connecting to PostgreSQL",
+        attempts=30,
+    )
+    try:
+        dispatcher = await Dispatcher.connect(settings.redis_url)
+        try:
+            orchestrator = Orchestrator(settings, pool, dispatcher)
+            if ready is not None:
+                waiter = asyncio.create_task(orchestrator.ready.wait())
+                waiter.add_done_callback(lambda _: ready.set())
+            await orchestrator.run(stop)
+        finally:
+            await dispatcher.close()
+    finally:
+        await pool.close()

@@ -1,0 +1,98 @@
+"""Reading runs for people: `runs show`, and following a run for `submit --wait`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import IO, Any
+from uuid import UUID
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.errors import FlowForgeError, NotFound
+
+__all__ = ["follow_run", "format_run", "run_details"]
+
+_FINAL = {"completed", "failed", "cancelled"}
+
+
+async def run_details(conn: store.Connection, run_id: UUID) -> dict[str, Any]:
+    """A run with its attempts and transitions, as plain JSON-able data."""
+    row = await store.get_run(conn, run_id)
+    if row is None:
+        raise NotFound(f"no run with id {run_id}")
+    run = dict(row)
+    run["attempts"] = [dict(a) for a in await store.run_attempts(conn, run_id)]
+    run["transitions"] = [dict(t) for t in await store.run_transitions(conn, run_id)]
+    return run
+
+
+def _seconds(start: Any, end: Any) -> str:
+    return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
+
+
+def format_run(run: dict[str, Any]) -> str:
+    lines = [
+        f"run       {run['id']}",
+        f"workflow  {run['workflow_name']} v{run['workflow_version'] or '?'}",
+        f"status    {run['status']}",
+        f"created   {run['created_at']}",
+        f"took      {_seconds(run['started_at'], run['finished_at'])}",
+        f"input     {json.dumps(run['input'])}",
+    ]
+    if run["output"] is not None:
+        lines.append(f"output    {json.dumps(run['output'])}")
+    if run["error"] is not None:
+        lines.append(f"error     {json.dumps(run['error'])}")
+    lines.append("attempts:")
+    for a in run["attempts"]:
+        waited = _seconds(a["dispatched_at"], a["started_at"])
+        ran = _seconds(a["started_at"], a["finished_at"])
+        line = (
+            f"  {a['step_id']:<20} #{a['attempt']} {a['step_type']:<10} {a['status']:<10} "
+            f"queued {waited:>8}  ran {ran:>8}"
+        )
+        if a["error"]:
+            line += f"  error: {a['error'].get('message')}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+async def follow_run(
+    conn: store.Connection,
+    run_id: UUID,
+    *,
+    out: IO[str],
+    timeout: float | None = None,
+    interval: float = 0.2,
+) -> str:
+    """Print each event of the run as it is committed; returns the final status."""
+    seq = 0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout if timeout else None
+    while True:
+        for event in await store.run_events(conn, run_id, seq):
+            seq = event["seq"]
+            out.write(_describe(event) + "\n")
+            out.flush()
+        row = await store.get_run(conn, run_id)
+        if row is None:
+            raise NotFound(f"no run with id {run_id}")
+        if row["status"] in _FINAL and not await store.run_events(conn, run_id, seq):
+            if row["status"] == "completed":
+                out.write("output: " + json.dumps(row["output"], indent=2) + "\n")
+            elif row["error"] is not None:
+                out.write("error: " + json.dumps(row["error"], indent=2) + "\n")
+            return str(row["status"])
+        if deadline is not None and loop.time() > deadline:
+            raise FlowForgeError(f"run {run_id} still {row['status']} after {timeout}s")
+        await asyncio.sleep(interval)
+
+
+def _describe(event: Any) -> str:
+    data = event["data"] or {}
+    where = f" {data['step_id']}" if "step_id" in data else ""
+    attempt = f" (attempt {data['attempt']})" if "attempt" in data else ""
+    extra = ""
+    if "error" in data and data["error"]:
+        extra = f": {data['error'].get('message')}"
+    return f"{event['time']:%H:%M:%S.%f}"[:-3] + f"  {event['type']}{where}{attempt}{extra}"

@@ -1,0 +1,309 @@
+"""The worker: an arq worker per step-type queue, reporting results through PostgreSQL.
+
+One attempt = one arq job. The worker runs the step function under the attempt's deadline,
+then writes exactly one result row (`ON CONFLICT DO NOTHING`, NOTIFY by trigger). A result
+that cannot be written because PostgreSQL is away is kept and the write retried: a finished
+attempt is never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import inspect
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any, TypeVar
+from uuid import UUID
+
+import httpx
+from arq.worker import Worker, func
+from opentelemetry import trace
+
+from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.dispatch import (
+    JOB_FUNCTION,
+    json_deserializer,
+    json_serializer,
+    queue_name,
+    redis_settings,
+)
+from flowforge_orchestrator.errors import ConfigError, PayloadTooLarge, StepError
+from flowforge_orchestrator.graph import json_size
+from flowforge_orchestrator.steps.http import run_http_step
+
+__all__ = [
+    "StepContext",
+    "StepFunction",
+    "WorkerRuntime",
+    "load_step_types",
+    "run_worker",
+    "step_type",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step function knows about the attempt it runs."""
+
+    run_id: UUID
+    step_id: str
+    attempt_id: UUID
+    attempt: int
+    timeout: float
+    http: httpx.AsyncClient
+    settings: Settings
+
+
+StepFunction = Callable[[Any, StepContext], Awaitable[Any]]
+F = TypeVar("F", bound=StepFunction)
+_MARK = "__flowforge_step_type__"
+
+
+def step_type(name: str) -> Callable[[F], F]:
+    """Mark an async function `fn(params, ctx) -> output` as the handler of a step type."""
+
+    def mark(fn: F) -> F:
+        if not inspect.iscoroutinefunction(fn):
+            raise ConfigError(f"step type '{name}': {fn!r} must be an async function")
+        setattr(fn, _MARK, name)
+        return fn
+
+    return mark
+
+
+async def http_step(params: Any, ctx: StepContext) -> Any:
+    """The built-in `http` type."""
+    return await run_http_step(
+        params,
+        client=ctx.http,
+        default_timeout=ctx.timeout,
+        max_body_bytes=ctx.settings.max_output_bytes,
+    )
+
+
+BUILTIN_WORKER_TYPES: dict[str, StepFunction] = {"http": http_step}
+
+
+def load_step_types(module_names: list[str]) -> dict[str, StepFunction]:
+    """The built-in types plus every `@step_type` function of the named modules."""
+    types = dict(BUILTIN_WORKER_TYPES)
+    for name in module_names:
+        try:
+            module: ModuleType = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import step module '{name}': {exc}") from exc
+        found = 0
+        for value in vars(module).values():
+            type_name = getattr(value, _MARK, None)
+            if isinstance(type_name, str):
+                types[type_name] = value
+                found += 1
+        if not found:
+            raise ConfigError(f"step module '{name}' defines no @step_type function")
+    return types
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _error_of(exc: BaseException, timeout: float) -> dict[str, Any]:
+    if isinstance(exc, StepError):
+        return exc.to_dict()
+    if isinstance(exc, TimeoutError):
+        return StepError(
+            f"the attempt ran past its timeout of {timeout:g}s", category="timeout"
+        ).to_dict()
+    return StepError(
+        f"{type(exc).__name__}: {exc}", category=type(exc).__name__, retryable=True
+    ).to_dict()
+
+
+class WorkerRuntime:
+    """Shared state of one worker process: the database pool, HTTP client and step types."""
+
+    def __init__(
+        self, settings: Settings, pool: store.Pool, types: Mapping[str, StepFunction]
+    ) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.types = dict(types)
+        self.http = httpx.AsyncClient(follow_redirects=False)
+        self.node = settings.node_id
+
+    async def close(self) -> None:
+        await self.http.aclose()
+
+    async def execute(self, payload: Mapping[str, Any]) -> str:
+        """Run one attempt and report it; returns the outcome."""
+        attempt_id = UUID(payload["attempt_id"])
+        run_id = UUID(payload["run_id"])
+        step_id = str(payload["step_id"])
+        timeout = float(payload.get("timeout") or self.settings.step_timeout)
+        started = _now()
+        parent = telemetry.context_from_traceparent(payload.get("traceparent"))
+        with telemetry.tracer().start_as_current_span(
+            f"step {step_id}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "flowforge.run_id": str(run_id),
+                "flowforge.step_id": step_id,
+                "flowforge.step_type": str(payload["type"]),
+                "flowforge.attempt": int(payload["attempt"]),
+            },
+        ) as span:
+            outcome, output, error = await self._run(payload, run_id, step_id, attempt_id, timeout)
+            if error is not None:
+                span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
+        await self._report(
+            attempt_id=attempt_id,
+            run_id=run_id,
+            step_id=step_id,
+            outcome=outcome,
+            output=output,
+            error=error,
+            started_at=started,
+        )
+        return outcome
+
+    async def _run(
+        self,
+        payload: Mapping[str, Any],
+        run_id: UUID,
+        step_id: str,
+        attempt_id: UUID,
+        timeout: float,
+    ) -> tuple[str, Any, dict[str, Any] | None]:
+        fn = self.types.get(str(payload["type"]))
+        if fn is None:
+            error = StepError(
+                f"this worker has no step type '{payload['type']}'",
+                category="unknown_step_type",
+                retryable=False,
+            )
+            return "failed", None, error.to_dict()
+        ctx = StepContext(
+            run_id=run_id,
+            step_id=step_id,
+            attempt_id=attempt_id,
+            attempt=int(payload["attempt"]),
+            timeout=timeout,
+            http=self.http,
+            settings=self.settings,
+        )
+        try:
+            async with asyncio.timeout(timeout):
+                output = await fn(payload.get("params"), ctx)
+            size = json_size(output)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return "failed", None, _error_of(exc, timeout)
+        if size > self.settings.max_output_bytes:
+            too_large = PayloadTooLarge(
+                step_id=step_id, what="the output", size=size, limit=self.settings.max_output_bytes
+            )
+            return "failed", None, too_large.to_dict()
+        return "succeeded", output, None
+
+    async def _report(self, **result: Any) -> None:
+        async def write() -> None:
+            async with self.pool.acquire() as conn:
+                await store.insert_result(conn, worker=self.node, finished_at=_now(), **result)
+
+        # Forever, with capped backoff: the result is the only copy of finished work.
+        await store.retrying(write, what=f"writing the result of attempt {result['attempt_id']}")
+
+
+async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+    runtime: WorkerRuntime = ctx["flowforge"]
+    return await runtime.execute(payload)
+
+
+async def _close(worker: Worker) -> None:
+    """`Worker.close` without its deprecated redis `close()` call."""
+    for task in worker.tasks.values():
+        task.cancel()
+    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
+    pool = worker._pool
+    if pool is not None:
+        await pool.delete(worker.health_check_key)
+        await pool.aclose(close_connection_pool=True)
+        worker._pool = None
+
+
+async def run_worker(
+    settings: Settings,
+    types: Mapping[str, StepFunction],
+    *,
+    queues: list[str] | None = None,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+) -> None:
+    """Serve the given step types until `stop` is set (or cancellation)."""
+    if not settings.database_url or not settings.redis_url:
+        raise ConfigError("the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL")
+    served = sorted(queues or types)
+    unknown = [t for t in served if t not in types]
+    if unknown:
+        raise ConfigError(f"no step function for type(s): {', '.join(unknown)}")
+    pool = await store.create_pool(
+        settings.database_url, size=max(2, settings.worker_max_jobs // 10)
+    )
+    runtime = WorkerRuntime(settings, pool, types)
+    try:
+        async with pool.acquire() as conn:
+            await store.register_step_types(conn, served, settings.node_id)
+        workers = [
+            Worker(
+                [func(_job, name=JOB_FUNCTION, max_tries=1)],
+                queue_name=queue_name(t),
+                redis_settings=redis_settings(settings.redis_url),
+                ctx={"flowforge": runtime},
+                handle_signals=False,
+                max_jobs=settings.worker_max_jobs,
+                poll_delay=settings.worker_poll_delay,
+                job_timeout=24 * 3600,  # the attempt's own deadline applies inside the job
+                keep_result=60,
+                allow_abort_jobs=True,
+                job_serializer=json_serializer,
+                job_deserializer=json_deserializer,
+                log_results=False,
+            )
+            for t in served
+        ]
+        stop = stop or asyncio.Event()
+        tasks = [asyncio.create_task(w.main()) for w in workers]
+        log.info("worker %s serving step types: %s", settings.node_id, ", ".join(served))
+        if ready is not None:
+            ready.set()
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for task in tasks:
+                if task.done() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            # Stop picking, let in-flight attempts finish (bounded), then close: cancelling
+            # a job mid-pipeline would leak its Redis connection and waste the attempt.
+            for w in workers:
+                w.allow_pick_jobs = False
+            running = [t for w in workers for t in w.tasks.values() if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=settings.worker_shutdown_grace)
+            for task in tasks:  # the poll loops first, so nothing reopens a connection
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(_close(w) for w in workers), return_exceptions=True)
+    finally:
+        await runtime.close()
+        await pool.close()

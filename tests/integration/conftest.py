@@ -1,0 +1,95 @@
+"""An in-process engine (orchestrator + worker as tasks) on the real servers of the session."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+import pytest
+import yaml
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.orchestrator import run_orchestrator
+from flowforge_orchestrator.worker import StepFunction, load_step_types, run_worker
+from tests.helpers import wait_for
+
+_EXPORTER = InMemorySpanExporter()
+telemetry.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+
+
+@pytest.fixture
+def spans() -> InMemorySpanExporter:
+    _EXPORTER.clear()
+    return _EXPORTER
+
+
+@dataclass
+class Engine:
+    settings: Settings
+    conn: store.Connection
+
+    async def register(self, text: str) -> None:
+        definition = parse_definition(yaml.safe_load(text), source="test")
+        spec = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
+        await store.insert_definition(
+            self.conn, definition.name, definition.version, spec, definition.max_concurrency
+        )
+
+    async def submit(self, workflow: str, input: Any = None, **kw: Any) -> UUID:
+        return (await enqueue(self.conn, workflow, input or {}, **kw)).id
+
+    async def run(self, run_id: UUID) -> dict[str, Any]:
+        row = await store.get_run(self.conn, run_id)
+        assert row is not None
+        return dict(row)
+
+    async def finished(self, run_id: UUID, timeout: float = 15.0) -> dict[str, Any]:
+        async def done() -> bool:
+            return (await self.run(run_id))["status"] in ("completed", "failed", "cancelled")
+
+        await wait_for(done, timeout=timeout, message=f"run {run_id} did not finish")
+        return await self.run(run_id)
+
+    async def events(self, run_id: UUID) -> list[dict[str, Any]]:
+        return [dict(r) for r in await store.run_events(self.conn, run_id)]
+
+    async def transitions(self, run_id: UUID) -> list[dict[str, Any]]:
+        return [dict(r) for r in await store.run_transitions(self.conn, run_id)]
+
+
+async def start_engine(
+    settings: Settings, extra_types: dict[str, StepFunction] | None = None
+) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
+    stop = asyncio.Event()
+    ready_o, ready_w = asyncio.Event(), asyncio.Event()
+    types = {**load_step_types([]), **(extra_types or {})}
+    tasks = [
+        asyncio.create_task(run_orchestrator(settings, stop, ready=ready_o)),
+        asyncio.create_task(run_worker(settings, types, stop=stop, ready=ready_w)),
+    ]
+    await asyncio.wait_for(asyncio.gather(ready_o.wait(), ready_w.wait()), timeout=20)
+    return stop, tasks
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[Engine]:
+    await store.apply_migrations(settings.database_url or "")
+    stop, tasks = await start_engine(settings)
+    conn = await store.connect(settings.database_url or "")
+    try:
+        yield Engine(settings, conn)
+    finally:
+        await conn.close()
+        stop.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                raise result

@@ -1,0 +1,204 @@
+"""A run goes from a row to completion through real PostgreSQL, Redis and an arq worker."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import respx
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from tests.integration.conftest import Engine
+
+CHAIN = """
+name: chain
+version: 1
+steps:
+  - id: user
+    type: http
+    with: {url: "http://svc.test/users/${{ input.user }}"}
+  - id: account
+    type: http
+    depends_on: [user]
+    with:
+      method: POST
+      url: "http://svc.test/accounts"
+      json: {user_id: "${{ steps.user.output.body.id }}", name: "${{ steps.user.output.body.name }}"}
+  - id: welcome
+    type: http
+    depends_on: [account]
+    with: {url: "http://svc.test/accounts/${{ steps.account.output.body.account }}/welcome"}
+"""
+
+
+@pytest.fixture
+def svc() -> respx.MockRouter:
+    with respx.mock(assert_all_called=False) as router:
+        router.get("http://svc.test/users/42").respond(json={"id": 7, "name": "ada"})
+        router.post("http://svc.test/accounts").respond(json={"account": "acc-7"})
+        router.get("http://svc.test/accounts/acc-7/welcome").respond(json={"ok": True})
+        router.get("http://svc.test/boom").respond(500, text="exploded")
+        yield router
+
+
+async def test_three_http_steps_pass_outputs_and_complete(
+    engine: Engine, svc: respx.MockRouter, spans: InMemorySpanExporter
+) -> None:
+    await engine.register(CHAIN)
+    run_id = await engine.submit("chain", {"user": 42})
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "completed", run["error"]
+    assert run["output"]["welcome"]["body"] == {"ok": True}
+    assert run["output"]["welcome"]["status"] == 200
+    account_call = svc.calls[1].request
+    assert json.loads(account_call.content) == {"user_id": 7, "name": "ada"}
+    assert str(svc.calls[2].request.url) == "http://svc.test/accounts/acc-7/welcome"
+
+    events = await engine.events(run_id)
+    expected = ["workflow.started"]
+    for step in ("user", "account", "welcome"):
+        expected += ["step.dispatched", "step.started", "step.succeeded"]
+    expected.append("workflow.completed")
+    assert [e["type"] for e in events] == expected
+    assert [e["seq"] for e in events] == list(range(1, len(expected) + 1))
+    assert [e["data"].get("step_id") for e in events[1:4]] == ["user"] * 3
+
+    transitions = await engine.transitions(run_id)
+    assert [t["seq"] for t in transitions] == [e["seq"] for e in events]
+    assert [t["to_status"] for t in transitions][:4] == [
+        "running",
+        "dispatched",
+        "running",
+        "succeeded",
+    ]
+    assert transitions[-1]["to_status"] == "completed"
+
+    finished = spans.get_finished_spans()
+    run_span = next(s for s in finished if s.name == "workflow chain")
+    step_spans = [s for s in finished if s.name.startswith("step ")]
+    assert sorted(s.name for s in step_spans) == ["step account", "step user", "step welcome"]
+    for span in step_spans:
+        assert span.context.trace_id == run_span.context.trace_id
+        assert span.parent is not None and span.parent.span_id == run_span.context.span_id
+    http_spans = [s for s in finished if s.name.startswith("HTTP ")]
+    assert len(http_spans) == 3
+    step_ids = {s.context.span_id for s in step_spans}
+    assert all(s.parent is not None and s.parent.span_id in step_ids for s in http_spans)
+    # The callee receives the trace context of the attempt.
+    assert all("traceparent" in call.request.headers for call in svc.calls)
+
+
+async def test_failing_http_step_fails_the_run(engine: Engine, svc: respx.MockRouter) -> None:
+    await engine.register(
+        """
+name: failing
+version: 1
+steps:
+  - {id: boom, type: http, with: {url: "http://svc.test/boom"}}
+  - {id: after, type: http, depends_on: [boom], with: {url: "http://svc.test/users/42"}}
+"""
+    )
+    run_id = await engine.submit("failing")
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "failed"
+    assert run["error"]["step_id"] == "boom"
+    assert run["error"]["category"] == "http_500"
+    events = [e["type"] for e in await engine.events(run_id)]
+    assert events[-1] == "workflow.failed"
+    assert "step.failed" in events
+    assert "step.cancelled" in events  # `after` can never run
+    assert not any(c.request.url.path == "/users/42" for c in svc.calls)
+
+
+async def test_missing_definition_fails_the_run_and_others_still_run(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(CHAIN)
+    orphan = await engine.submit("no-such-workflow")
+    good = await engine.submit("chain", {"user": 42})
+
+    orphan_run = await engine.finished(orphan)
+    good_run = await engine.finished(good)
+
+    assert orphan_run["status"] == "failed"
+    assert "no-such-workflow" in orphan_run["error"]["message"]
+    assert [e["type"] for e in await engine.events(orphan)] == ["workflow.failed"]
+    assert good_run["status"] == "completed"
+
+
+async def test_output_over_the_limit_fails_with_a_clear_error(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    limit = engine.settings.max_output_bytes
+    svc.get("http://svc.test/big").respond(json={"blob": "x" * (limit + 10)})
+    await engine.register(
+        """
+name: big
+version: 1
+steps:
+  - {id: fetch, type: http, with: {url: "http://svc.test/big"}}
+"""
+    )
+    run_id = await engine.submit("big")
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "payload_too_large"
+    assert run["error"]["retryable"] is False
+    assert str(limit) in run["error"]["message"]
+
+
+async def test_transform_output_over_the_limit_names_step_size_and_limit(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(
+        """
+name: bigtransform
+version: 1
+steps:
+  - id: grow
+    type: transform
+    output: {text: "${{ 'x' + input.pad }}"}
+"""
+    )
+    limit = engine.settings.max_output_bytes
+    run_id = await engine.submit("bigtransform", {"pad": "y" * limit})
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "failed"
+    message = run["error"]["message"]
+    assert "step 'grow'" in message and str(limit) in message
+    assert run["error"]["details"]["size"] > limit
+
+
+async def test_duplicate_result_delivery_is_applied_once(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(CHAIN)
+    run_id = await engine.submit("chain", {"user": 42})
+    await engine.finished(run_id)
+    before = await engine.transitions(run_id)
+    result = await engine.conn.fetchrow(
+        "SELECT * FROM flowforge.step_results WHERE run_id = $1 AND step_id = 'user'", run_id
+    )
+    # The same result again (a worker re-ran the job) and its notification again.
+    inserted = await engine.conn.execute(
+        "INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output)"
+        " VALUES ($1, $2, 'user', 'succeeded', '{}'::jsonb) ON CONFLICT DO NOTHING",
+        result["attempt_id"],
+        run_id,
+    )
+    assert inserted == "INSERT 0 0"
+    await engine.conn.execute("SELECT pg_notify('flowforge_results', $1)", str(result["attempt_id"]))
+    # A later run proves the orchestrator processed the notification before we look.
+    second = await engine.submit("chain", {"user": 42})
+    await engine.finished(second)
+
+    assert await engine.transitions(run_id) == before
