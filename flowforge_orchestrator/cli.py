@@ -20,7 +20,6 @@ from uuid import UUID
 from flowforge_orchestrator import store, telemetry
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import (
-    BUILTIN_STEP_TYPES,
     definition_json_schema,
     load_definition,
 )
@@ -319,7 +318,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = _settings()
-        return asyncio.run(args.fn(settings, args))
+        code: int = asyncio.run(args.fn(settings, args))
+        return code
     except FlowForgeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

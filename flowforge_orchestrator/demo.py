@@ -46,11 +46,11 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         if self.path.startswith("/orders/"):
             order_id = self.path.removeprefix("/orders/")
-            items = [
+            items: list[dict[str, Any]] = [
                 {"sku": "KB-1", "qty": 2, "price": 49.5},
                 {"sku": "MS-3", "qty": 1, "price": 25.0},
             ]
-            total = sum(i["qty"] * i["price"] for i in items)
+            total = sum(float(i["qty"]) * float(i["price"]) for i in items)
             self._send(
                 200, {"id": order_id, "customer": "ada@example.com", "items": items, "total": total}
             )

@@ -15,6 +15,7 @@ Four loops share one event loop and never block each other:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,7 +311,9 @@ class Orchestrator:
             if not wanted:
                 continue
             try:
-                rows = await store.retrying(lambda: self._fetch(wanted), what="fetching results")
+                rows = await store.retrying(
+                    functools.partial(self._fetch, wanted), what="fetching results"
+                )
             except FlowForgeError as exc:
                 log.error("fetching results failed: %s", exc)
                 self._notified.update(wanted)

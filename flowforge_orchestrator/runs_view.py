@@ -93,6 +93,6 @@ def _describe(event: Any) -> str:
     where = f" {data['step_id']}" if "step_id" in data else ""
     attempt = f" (attempt {data['attempt']})" if "attempt" in data else ""
     extra = ""
-    if "error" in data and data["error"]:
+    if data.get("error"):
         extra = f": {data['error'].get('message')}"
     return f"{event['time']:%H:%M:%S.%f}"[:-3] + f"  {event['type']}{where}{attempt}{extra}"

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import httpx
@@ -62,7 +62,7 @@ class StepContext:
 
 
 StepFunction = Callable[[Any, StepContext], Awaitable[Any]]
-F = TypeVar("F", bound=StepFunction)
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 _MARK = "__flowforge_step_type__"
 
 
@@ -70,7 +70,7 @@ def step_type(name: str) -> Callable[[F], F]:
     """Mark an async function `fn(params, ctx) -> output` as the handler of a step type."""
 
     def mark(fn: F) -> F:
-        if not inspect.iscoroutinefunction(fn):
+        if not inspect.iscoroutinefunction(cast(Any, fn)):
             raise ConfigError(f"step type '{name}': {fn!r} must be an async function")
         setattr(fn, _MARK, name)
         return fn

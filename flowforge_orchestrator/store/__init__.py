@@ -66,4 +66,5 @@ __all__ = [
     "run_transitions",
     "transaction",
     "wrap",
+    "write_changes",
 ]

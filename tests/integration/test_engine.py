@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
 import respx
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -24,7 +23,9 @@ steps:
     with:
       method: POST
       url: "http://svc.test/accounts"
-      json: {user_id: "${{ steps.user.output.body.id }}", name: "${{ steps.user.output.body.name }}"}
+      json:
+        user_id: "${{ steps.user.output.body.id }}"
+        name: "${{ steps.user.output.body.name }}"
   - id: welcome
     type: http
     depends_on: [account]
@@ -59,7 +60,7 @@ async def test_three_http_steps_pass_outputs_and_complete(
 
     events = await engine.events(run_id)
     expected = ["workflow.started"]
-    for step in ("user", "account", "welcome"):
+    for _ in ("user", "account", "welcome"):
         expected += ["step.dispatched", "step.started", "step.succeeded"]
     expected.append("workflow.completed")
     assert [e["type"] for e in events] == expected
@@ -196,7 +197,9 @@ async def test_duplicate_result_delivery_is_applied_once(
         run_id,
     )
     assert inserted == "INSERT 0 0"
-    await engine.conn.execute("SELECT pg_notify('flowforge_results', $1)", str(result["attempt_id"]))
+    await engine.conn.execute(
+        "SELECT pg_notify('flowforge_results', $1)", str(result["attempt_id"])
+    )
     # A later run proves the orchestrator processed the notification before we look.
     second = await engine.submit("chain", {"user": 42})
     await engine.finished(second)
