@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -34,6 +35,19 @@ log = logging.getLogger("flowforge_orchestrator")
 
 def _settings() -> Settings:
     return Settings()
+
+
+SECRET_PREFIX = "FLOWFORGE_SECRET_"
+
+
+def _secrets() -> dict[str, str]:
+    """`${{ secrets.NAME }}` reads `FLOWFORGE_SECRET_NAME`, and nothing else of the
+    environment, so a definition cannot read the worker's database password."""
+    return {
+        k.removeprefix(SECRET_PREFIX): v
+        for k, v in os.environ.items()
+        if k.startswith(SECRET_PREFIX)
+    }
 
 
 def _need_db(settings: Settings) -> str:
@@ -100,7 +114,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         tasks = [asyncio.create_task(run_orchestrator(live, stop))]
         if args.with_worker:
             types = load_step_types(args.types_module)
-            tasks.append(asyncio.create_task(run_worker(live, types, stop=stop)))
+            tasks.append(
+                asyncio.create_task(run_worker(live, types, stop=stop, secrets=_secrets()))
+            )
         try:
             await asyncio.gather(*tasks)
         finally:
@@ -126,7 +142,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:
-        await run_worker(settings, types, queues=args.queues or None, stop=stop)
+        await run_worker(settings, types, queues=args.queues or None, stop=stop, secrets=_secrets())
     finally:
         telemetry.shutdown_tracing()
     return 0

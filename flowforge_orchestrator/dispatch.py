@@ -64,6 +64,7 @@ def job_payload(dispatch: Dispatch, traceparent: str | None) -> dict[str, Any]:
         "params": dispatch.params,
         "timeout": dispatch.timeout,
         "traceparent": traceparent,
+        "secret_paths": dispatch.secret_paths,
     }
 
 

@@ -23,7 +23,7 @@ from flowforge_orchestrator.definitions import (
     WorkflowDefinition,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.expressions import Template, build_context, compile_template
+from flowforge_orchestrator.expressions import Template, build_context
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
 ]
 
 CHECKPOINT_VERSION = 1
+SECRET_ROOTS = frozenset({"secrets"})
 
 
 def json_size(value: Any) -> int:
@@ -81,6 +82,7 @@ class Dispatch:
     attempt: int
     params: Any
     timeout: float
+    secret_paths: list[list[str | int]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -144,26 +146,27 @@ class RunChanges:
 
 
 class CompiledWorkflow:
-    """A definition with its templates compiled once, shared by all runs of that version."""
+    """A definition with its expressions compiled once, shared by all runs of that version."""
 
     def __init__(self, definition: WorkflowDefinition) -> None:
         self.definition = definition
-        self.steps: dict[str, Step] = {}
+        compiled = definition.compiled
+        self.steps: dict[str, Step] = {step.id: step for step in definition.steps}
         self.params: dict[str, Template] = {}
         self.outputs: dict[str, Template] = {}
+        # Paths in `with` that read `secrets`: only the worker renders them, from its own
+        # environment, so secret values never reach PostgreSQL, Redis, logs or events.
+        self.secret_paths: dict[str, list[list[str | int]]] = {}
         for step in definition.steps:
-            self.steps[step.id] = step
             if isinstance(step, TaskStep):
-                self.params[step.id] = compile_template(step.with_, step_id=step.id, field="with")
+                params = compiled.template(step.id, "with")
+                self.params[step.id] = params
+                deferred = params.deferred_paths(SECRET_ROOTS)
+                if deferred:
+                    self.secret_paths[step.id] = [list(path) for path in deferred]
             elif isinstance(step, TransformStep):
-                self.outputs[step.id] = compile_template(
-                    step.output, step_id=step.id, field="output"
-                )
-        self.run_output = (
-            compile_template(definition.output, field="output")
-            if definition.output is not None
-            else None
-        )
+                self.outputs[step.id] = compiled.template(step.id, "output")
+        self.run_output = compiled.output
         depended = {dep for step in definition.steps for dep in step.depends_on}
         self.sinks = [s.id for s in definition.steps if s.id not in depended]
 
@@ -394,9 +397,7 @@ class RunState:
         step = self.workflow.steps[step_id]
         assert st.attempt_id is not None
         try:
-            params = self.workflow.params[step_id].render(
-                self._context(), skip_roots=frozenset({"secrets"})
-            )
+            params = self.workflow.params[step_id].render(self._context(), skip_roots=SECRET_ROOTS)
         except ExpressionError as exc:
             self._fail(step_id, _expression_error(exc), now)
             return None
@@ -422,6 +423,7 @@ class RunState:
             attempt=st.attempt,
             params=params,
             timeout=timeout,
+            secret_paths=self.workflow.secret_paths.get(step_id, []),
         )
 
     def _run_transform(self, step: TransformStep, now: datetime) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -49,6 +49,18 @@ log = logging.getLogger(__name__)
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
+    """Run a loop forever: a bug in one iteration is logged, never fatal to the daemon."""
+    while True:
+        try:
+            await loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("the %s loop failed; restarting it", name)
+            await asyncio.sleep(1.0)
 
 
 @dataclass
@@ -123,13 +135,16 @@ class Orchestrator:
     # -- the daemon ----------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        loops = {
+            "listener": self.listener.run,
+            "claim": self._claim_loop,
+            "results": self._results_loop,
+            "commit": self._commit_loop,
+            "leases": self._lease_loop,
+            "poll": self._poll_loop,
+        }
         tasks = [
-            asyncio.create_task(self.listener.run(), name="listener"),
-            asyncio.create_task(self._claim_loop(), name="claim"),
-            asyncio.create_task(self._results_loop(), name="results"),
-            asyncio.create_task(self._commit_loop(), name="commit"),
-            asyncio.create_task(self._lease_loop(), name="leases"),
-            asyncio.create_task(self._poll_loop(), name="poll"),
+            asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
         ]
         await self.listener.connected.wait()
         self.ready.set()
@@ -191,7 +206,15 @@ class Orchestrator:
             adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
             results = await store.fetch_run_results(conn, adopted) if adopted else {}
             for row in rows:
-                owned, changes = await self._take_over(conn, row, results.get(row.id, {}), now)
+                try:
+                    owned, changes = await self._take_over(conn, row, results.get(row.id, {}), now)
+                except Exception as exc:
+                    if store.is_database_error(exc):
+                        raise  # the transaction is gone: retry the whole claim
+                    # A bug on this run's path must not stop the claiming of every other
+                    # run: fail this one, with the reason, and go on.
+                    log.exception("run %s could not be started", row.id)
+                    owned, changes = None, self._reject(row, f"internal error: {exc}", now)
                 if owned is not None:
                     claimed[row.id] = owned
                 batch.append(
@@ -229,10 +252,8 @@ class Orchestrator:
         status = RunStatus(row.status)
         workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
         if isinstance(workflow, str):
-            seq = int((row.checkpoint or {}).get("seq", 0))
             log.warning("run %s rejected: %s", row.id, workflow)
-            error = {"message": workflow, "category": "definition_error", "retryable": False}
-            return None, rejected_run(row.id, status, seq, error, now)
+            return None, self._reject(row, workflow, now, category="definition_error")
         assert row.workflow_version is not None
         state = RunState(
             run_id=row.id,
@@ -255,6 +276,14 @@ class Orchestrator:
         changes = state.take_changes()
         assert changes is not None
         return owned, changes
+
+    @staticmethod
+    def _reject(
+        row: store.ClaimedRun, message: str, now: datetime, *, category: str = "internal_error"
+    ) -> RunChanges:
+        seq = int((row.checkpoint or {}).get("seq", 0))
+        error = {"message": message, "category": category, "retryable": False}
+        return rejected_run(row.id, RunStatus(row.status), seq, error, now)
 
     def _run_span(
         self, row: store.ClaimedRun, workflow: CompiledWorkflow, *, resumed: bool

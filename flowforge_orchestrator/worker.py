@@ -32,7 +32,14 @@ from flowforge_orchestrator.dispatch import (
     queue_name,
     redis_settings,
 )
-from flowforge_orchestrator.errors import ConfigError, PayloadTooLarge, StepError
+from flowforge_orchestrator.errors import (
+    ConfigError,
+    ExpressionError,
+    PayloadTooLarge,
+    StepError,
+    StoreError,
+)
+from flowforge_orchestrator.expressions import render_at
 from flowforge_orchestrator.graph import json_size
 from flowforge_orchestrator.steps.http import run_http_step
 
@@ -117,6 +124,8 @@ def _now() -> datetime:
 def _error_of(exc: BaseException, timeout: float) -> dict[str, Any]:
     if isinstance(exc, StepError):
         return exc.to_dict()
+    if isinstance(exc, ExpressionError):  # a missing secret: another attempt will not help
+        return StepError(str(exc), category="expression_error", retryable=False).to_dict()
     if isinstance(exc, TimeoutError):
         return StepError(
             f"the attempt ran past its timeout of {timeout:g}s", category="timeout"
@@ -130,11 +139,16 @@ class WorkerRuntime:
     """Shared state of one worker process: the database pool, HTTP client and step types."""
 
     def __init__(
-        self, settings: Settings, pool: store.Pool, types: Mapping[str, StepFunction]
+        self,
+        settings: Settings,
+        pool: store.Pool,
+        types: Mapping[str, StepFunction],
+        secrets: Mapping[str, str] | None = None,
     ) -> None:
         self.settings = settings
         self.pool = pool
         self.types = dict(types)
+        self.secrets = dict(secrets or {})
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.node = settings.node_id
 
@@ -200,8 +214,17 @@ class WorkerRuntime:
             settings=self.settings,
         )
         try:
+            params = payload.get("params")
+            if payload.get("secret_paths"):
+                params = render_at(
+                    params,
+                    [tuple(path) for path in payload["secret_paths"]],
+                    {"secrets": self.secrets},
+                    step_id=step_id,
+                    field="with",
+                )
             async with asyncio.timeout(timeout):
-                output = await fn(payload.get("params"), ctx)
+                output = await fn(params, ctx)
             size = json_size(output)
         except asyncio.CancelledError:
             raise
@@ -215,12 +238,39 @@ class WorkerRuntime:
         return "succeeded", output, None
 
     async def _report(self, **result: Any) -> None:
+        try:
+            await self._write(result)
+        except StoreError as exc:
+            # The database refused this result (e.g. a NUL character, which JSONB cannot
+            # hold): report the attempt as failed, so the run records why and goes on.
+            log.error("result of attempt %s refused: %s", result["attempt_id"], exc)
+            error = StepError(
+                f"the step's result could not be stored: {exc}",
+                category="unstorable_result",
+                retryable=False,
+            )
+            await self._write(
+                {**result, "outcome": "failed", "output": None, "error": error.to_dict()}
+            )
+
+    async def _write(self, result: dict[str, Any]) -> None:
         async def write() -> None:
             async with self.pool.acquire() as conn:
                 await store.insert_result(conn, worker=self.node, finished_at=_now(), **result)
 
-        # Forever, with capped backoff: the result is the only copy of finished work.
-        await store.retrying(write, what=f"writing the result of attempt {result['attempt_id']}")
+        async def write_or_wrap() -> None:
+            try:
+                await write()
+            except Exception as exc:
+                if store.is_transient(exc):
+                    raise
+                raise store.wrap(exc) from exc
+
+        # Transient failures: forever, with capped backoff; the result is the only copy of
+        # finished work.
+        await store.retrying(
+            write_or_wrap, what=f"writing the result of attempt {result['attempt_id']}"
+        )
 
 
 async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -247,6 +297,7 @@ async def run_worker(
     queues: list[str] | None = None,
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    secrets: Mapping[str, str] | None = None,
 ) -> None:
     """Serve the given step types until `stop` is set (or cancellation)."""
     if not settings.database_url or not settings.redis_url:
@@ -258,7 +309,7 @@ async def run_worker(
     pool = await store.create_pool(
         settings.database_url, size=max(2, settings.worker_max_jobs // 10)
     )
-    runtime = WorkerRuntime(settings, pool, types)
+    runtime = WorkerRuntime(settings, pool, types, secrets)
     try:
         async with pool.acquire() as conn:
             await store.register_step_types(conn, served, settings.node_id)

@@ -14,7 +14,16 @@ import asyncpg
 
 from flowforge_orchestrator.errors import StoreError, TransientStoreError
 
-__all__ = ["Connection", "Pool", "connect", "create_pool", "is_transient", "retrying", "wrap"]
+__all__ = [
+    "Connection",
+    "Pool",
+    "connect",
+    "create_pool",
+    "is_database_error",
+    "is_transient",
+    "retrying",
+    "wrap",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +78,12 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 
 def is_transient(exc: BaseException) -> bool:
-    return isinstance(exc, TransientStoreError | _TRANSIENT)
+    return isinstance(exc, (TransientStoreError, *_TRANSIENT))
+
+
+def is_database_error(exc: BaseException) -> bool:
+    """Anything the driver raised: the transaction it happened in cannot go on."""
+    return is_transient(exc) or isinstance(exc, StoreError | asyncpg.PostgresError)
 
 
 def wrap(exc: BaseException) -> StoreError:

@@ -21,6 +21,7 @@ from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import StepFunction, load_step_types, run_worker
 from tests.helpers import wait_for
 
+SECRETS = {"TOKEN": "s3cret-value"}
 _EXPORTER = InMemorySpanExporter()
 telemetry.add_span_processor(SimpleSpanProcessor(_EXPORTER))
 
@@ -73,7 +74,7 @@ async def start_engine(
     types = {**load_step_types([]), **(extra_types or {})}
     tasks = [
         asyncio.create_task(run_orchestrator(settings, stop, ready=ready_o)),
-        asyncio.create_task(run_worker(settings, types, stop=stop, ready=ready_w)),
+        asyncio.create_task(run_worker(settings, types, stop=stop, ready=ready_w, secrets=SECRETS)),
     ]
     await asyncio.wait_for(asyncio.gather(ready_o.wait(), ready_w.wait()), timeout=20)
     return stop, tasks

@@ -205,3 +205,84 @@ async def test_duplicate_result_delivery_is_applied_once(
     await engine.finished(second)
 
     assert await engine.transitions(run_id) == before
+
+
+async def test_secrets_are_resolved_by_the_worker_and_stored_nowhere(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    route = svc.post("http://svc.test/charge").respond(json={"ok": True})
+    await engine.register(
+        """
+name: secretive
+version: 1
+steps:
+  - id: charge
+    type: http
+    with:
+      method: POST
+      url: "http://svc.test/charge"
+      headers: {Authorization: "Bearer ${{ secrets.TOKEN }}"}
+      json: {note: "${{ input.note }}"}
+"""
+    )
+    # Data that looks like a template is data: it must not be rendered with secrets.
+    run_id = await engine.submit("secretive", {"note": "${{ secrets.TOKEN }}"})
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "completed", run["error"]
+    request = route.calls.last.request
+    assert request.headers["authorization"] == "Bearer s3cret-value"
+    assert json.loads(request.content) == {"note": "${{ secrets.TOKEN }}"}
+    dump = await engine.conn.fetchval(
+        "SELECT concat_ws(' ', (SELECT json_agg(r) FROM flowforge.runs r),"
+        " (SELECT json_agg(o) FROM flowforge.outbox o),"
+        " (SELECT json_agg(a) FROM flowforge.step_attempts a),"
+        " (SELECT json_agg(s) FROM flowforge.step_results s))"
+    )
+    assert "s3cret-value" not in dump
+
+
+async def test_a_missing_secret_fails_the_step_without_retry(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(
+        """
+name: nosecret
+version: 1
+steps:
+  - id: call
+    type: http
+    with:
+      url: "http://svc.test/users/42"
+      headers: {X-Key: "${{ secrets.NOT_CONFIGURED }}"}
+"""
+    )
+    run_id = await engine.submit("nosecret")
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "expression_error"
+    assert "secrets.NOT_CONFIGURED" in run["error"]["message"]
+    assert not svc.calls
+
+
+async def test_an_output_postgres_cannot_store_fails_the_step_cleanly(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    svc.get("http://svc.test/nul").respond(json={"text": "a\u0000b"})
+    await engine.register(
+        """
+name: nul
+version: 1
+steps:
+  - {id: fetch, type: http, with: {url: "http://svc.test/nul"}}
+"""
+    )
+    run_id = await engine.submit("nul")
+
+    run = await engine.finished(run_id)
+
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "unstorable_result"
