@@ -103,7 +103,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.orchestrator import run_orchestrator
     from flowforge_orchestrator.worker import load_step_types, run_worker
 
-    telemetry.setup_tracing(service_name="flowforge-orchestrator", console=settings.otel_console)
+    console = settings.otel_console or args.otel_console
+    telemetry.setup_tracing(service_name="flowforge-orchestrator", console=console)
     telemetry.instrument_asyncpg()
     local = not (settings.database_url and settings.redis_url)
     async with _services(settings) as live:
@@ -136,7 +137,8 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL "
             "(`flowforge-orchestrator run` prints them when it starts private servers)"
         )
-    telemetry.setup_tracing(service_name="flowforge-worker", console=settings.otel_console)
+    console = settings.otel_console or args.otel_console
+    telemetry.setup_tracing(service_name="flowforge-worker", console=console)
     telemetry.instrument_asyncpg()
     types = load_step_types(args.types_module)
     stop = asyncio.Event()
@@ -266,6 +268,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--migrate", action="store_true", help="apply migrations first")
     run.add_argument("--with-worker", action="store_true", help="also run a worker in-process")
     run.add_argument("--types-module", action="append", default=[], metavar="MODULE")
+    run.add_argument("--otel-console", action="store_true", help="print spans to stderr")
     worker = add("worker", cmd_worker, "run an arq worker for step types")
     worker.add_argument(
         "--types-module",
@@ -275,6 +278,7 @@ def _parser() -> argparse.ArgumentParser:
         help="import @step_type functions from this module (repeatable)",
     )
     worker.add_argument("--queues", nargs="*", metavar="TYPE", help="serve only these types")
+    worker.add_argument("--otel-console", action="store_true", help="print spans to stderr")
 
     defs = sub.add_parser("definitions", help="workflow definitions").add_subparsers(
         dest="definitions_command", required=True

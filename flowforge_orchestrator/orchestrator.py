@@ -102,6 +102,7 @@ class Orchestrator:
         self._dirty: set[UUID] = set()
         self._notified: set[UUID] = set()
         self._undelivered: list[tuple[Dispatch, str | None]] = []
+        self._background: set[asyncio.Task[None]] = set()
         self._wake_claim = asyncio.Event()
         self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
@@ -238,7 +239,7 @@ class Orchestrator:
             if row.status == RunStatus.RUNNING:  # results may have arrived while unowned
                 self._notified.update(owned.state.outstanding())
                 self._wake_results.set()
-        log.info("claimed %d run(s)", len(rows))
+        log.debug("claimed %d run(s)", len(rows))
         return len(rows) == self.settings.claim_batch
 
     async def _take_over(
@@ -426,11 +427,13 @@ class Orchestrator:
             owned.span.set_attribute("flowforge.status", changes.status.value)
             owned.span.end()
             self.runs.pop(run_id, None)
-            log.info("run %s %s", run_id, changes.status.value)
+            log.debug("run %s %s", run_id, changes.status.value)
         else:
             self.runs[run_id] = owned
         if self._undelivered:
-            asyncio.get_running_loop().create_task(self._redeliver())
+            task = asyncio.get_running_loop().create_task(self._redeliver())
+            self._background.add(task)  # keep a reference until it is done
+            task.add_done_callback(self._background.discard)
 
     async def _redeliver(self) -> None:
         """Enqueue committed dispatches; what Redis refuses is kept and tried again."""

