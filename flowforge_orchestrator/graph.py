@@ -142,6 +142,7 @@ class RunChanges:
     dispatches: list[Dispatch] = field(default_factory=list)
     output: Any = None
     error: dict[str, Any] | None = None
+    started_at: datetime | None = None
     finished_at: datetime | None = None
 
 
@@ -216,11 +217,16 @@ class RunState:
 
     def checkpoint(self) -> dict[str, Any]:
         """The graph state as stored in `runs.checkpoint` (outputs live in step_results)."""
-        steps = {
-            sid: {"s": st.status.value, "n": st.attempt, "a": str(st.attempt_id)}
-            for sid, st in self._steps.items()
-            if st.status is not StepStatus.PENDING
-        }
+        steps: dict[str, dict[str, Any]] = {}
+        for sid, st in self._steps.items():
+            if st.status is StepStatus.PENDING:
+                continue
+            saved: dict[str, Any] = {"s": st.status.value, "n": st.attempt, "a": str(st.attempt_id)}
+            if st.error is not None:
+                # Some failures are the orchestrator's verdict (an output over its limit, a
+                # template that failed): no result row holds them, so the checkpoint does.
+                saved["e"] = st.error
+            steps[sid] = saved
         return {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
 
     def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
@@ -232,11 +238,11 @@ class RunState:
             st.status = StepStatus(saved["s"])
             st.attempt = int(saved.get("n", 0))
             st.attempt_id = UUID(saved["a"]) if saved.get("a") not in (None, "None") else None
+            st.error = saved.get("e")
             result = results.get(st.attempt_id) if st.attempt_id else None
-            if result is not None and st.status.finished:
-                st.output, st.error = result.output, result.error
-                if st.status is StepStatus.SUCCEEDED:
-                    self._context_bytes += json_size(result.output)
+            if result is not None and st.status is StepStatus.SUCCEEDED:
+                st.output = result.output
+                self._context_bytes += json_size(result.output)
 
     def take_changes(self) -> RunChanges | None:
         """Drain what happened since the last call, with a fresh checkpoint snapshot."""
@@ -275,6 +281,7 @@ class RunState:
             from_status=RunStatus.PENDING,
             data={"workflow": self.workflow.definition.name, "version": self.version},
         )
+        self._pending().started_at = now
         self.advance(now)
 
     def resume(self, now: datetime) -> None:

@@ -46,6 +46,8 @@ __all__ = ["Orchestrator"]
 
 log = logging.getLogger(__name__)
 
+MAX_STRIKES = 3  # errors on one run before it is failed rather than resumed again
+
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
@@ -103,6 +105,8 @@ class Orchestrator:
         self._notified: set[UUID] = set()
         self._undelivered: list[tuple[Dispatch, str | None]] = []
         self._background: set[asyncio.Task[None]] = set()
+        self._to_release: set[UUID] = set()
+        self._strikes: dict[UUID, int] = {}  # runs given back after an error, by count
         self._wake_claim = asyncio.Event()
         self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
@@ -251,6 +255,10 @@ class Orchestrator:
     ) -> tuple[_Owned | None, RunChanges]:
         """Build the graph of a claimed run; a run that cannot be built is failed instead."""
         status = RunStatus(row.status)
+        if self._strikes.get(row.id, 0) >= MAX_STRIKES:
+            return None, self._reject(
+                row, f"the engine failed on this run {MAX_STRIKES} times; see its logs", now
+            )
         workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
         if isinstance(workflow, str):
             log.warning("run %s rejected: %s", row.id, workflow)
@@ -358,7 +366,7 @@ class Orchestrator:
                     applied = owned.state.apply_result(result, now)
                 except Exception:  # a bug must not take the daemon down with it
                     log.exception("run %s: applying a result failed", run_id)
-                    self._drop(run_id, "internal error while applying a result")
+                    self._drop(run_id, "internal error while applying a result", give_back=True)
                     continue
                 if applied:
                     self._dirty.add(run_id)
@@ -404,7 +412,7 @@ class Orchestrator:
             # another claim resumes them from it.
             log.error("commit of %d run(s) failed: %s", len(batch), exc)
             for _, changes in batch:
-                self._drop(changes.run_id, "commit failed")
+                self._drop(changes.run_id, "commit failed", give_back=True)
             return
         for owned, changes in batch:
             if changes.run_id in owned_ids:
@@ -449,7 +457,12 @@ class Orchestrator:
             log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
             self._undelivered.extend(failed)
 
-    def _drop(self, run_id: UUID, why: str) -> None:
+    def _drop(self, run_id: UUID, why: str, *, give_back: bool = False) -> None:
+        """Forget a run. `give_back`: we still own it but cannot go on (an error); expire
+        its lease so it is resumed from its last checkpoint, and count the strike."""
+        if give_back:
+            self._to_release.add(run_id)
+            self._strikes[run_id] = self._strikes.get(run_id, 0) + 1
         owned = self.runs.pop(run_id, None)
         for attempt_id in [a for a, r in self._attempts.items() if r == run_id]:
             del self._attempts[attempt_id]
@@ -479,7 +492,13 @@ class Orchestrator:
 
     async def _renew(self) -> dict[UUID, int]:
         async with self.pool.acquire() as conn:
-            return await store.renew_leases(conn, self.node, self.settings.lease_seconds)
+            if self._to_release:
+                released = list(self._to_release)
+                await store.release_leases(conn, self.node, released)
+                self._to_release.difference_update(released)
+            return await store.renew_leases(
+                conn, self.node, self.settings.lease_seconds, list(self.runs)
+            )
 
 
 async def run_orchestrator(

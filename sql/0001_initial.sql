@@ -149,7 +149,7 @@ SELECT o.position,
        o.run_id,
        o.seq,
        o.published_at,
-       jsonb_strip_nulls(jsonb_build_object(
+       jsonb_build_object(
            'specversion', '1.0',
            'id', o.run_id::text || '/' || o.seq::text,
            'source', 'flowforge-orchestrator',
@@ -158,9 +158,11 @@ SELECT o.position,
            'time', to_char(o.time AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
            'datacontenttype', 'application/json',
            'sequence', o.seq::text,
-           'traceparent', o.traceparent,
            'data', o.data
-       )) AS event
+       -- traceparent is optional in CloudEvents: present only when known. (Stripping nulls
+       -- from the whole envelope would also delete nulls inside `data`.)
+       ) || CASE WHEN o.traceparent IS NULL THEN '{}'::jsonb
+                 ELSE jsonb_build_object('traceparent', o.traceparent) END AS event
 FROM flowforge.outbox o;
 
 -- Step types the workers serve, registered at worker start; definitions are checked against

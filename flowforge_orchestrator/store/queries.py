@@ -62,9 +62,10 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
+# Only the runs the owner still holds in memory: a run it gave back must expire.
 RENEW_LEASES = """
 UPDATE flowforge.runs SET lease_expires_at = now() + make_interval(secs => $2)
-WHERE owner = $1 AND status = 'running'
+WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
 RETURNING id, epoch
 """
 
@@ -91,14 +92,13 @@ UPDATE flowforge.runs AS r SET
         WHEN u.claimed THEN now() + make_interval(secs => $2)
         ELSE r.lease_expires_at END,
     traceparent = coalesce(u.traceparent, r.traceparent),
-    started_at = CASE WHEN u.status = 'pending' THEN NULL
-                      ELSE coalesce(r.started_at, now()) END,
+    started_at = coalesce(r.started_at, u.started_at),
     finished_at = u.finished_at,
     updated_at = now()
 FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[], $8::jsonb[],
-            $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::text[])
+            $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::text[], $13::timestamptz[])
     AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
-         traceparent)
+         traceparent, started_at)
 WHERE r.id = u.id AND r.epoch = u.epoch
 RETURNING r.id
 """

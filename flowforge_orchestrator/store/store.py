@@ -153,10 +153,10 @@ async def claim_runs(conn: asyncpg.Connection, limit: int) -> list[ClaimedRun]:
 
 
 async def renew_leases(
-    conn: asyncpg.Connection, owner: str, lease_seconds: float
+    conn: asyncpg.Connection, owner: str, lease_seconds: float, run_ids: Sequence[UUID]
 ) -> dict[UUID, int]:
-    """Extend every lease this owner holds in one statement; returns run id -> epoch."""
-    rows = await conn.fetch(q.RENEW_LEASES, owner, lease_seconds)
+    """Extend the leases of these runs in one statement; returns those still ours -> epoch."""
+    rows = await conn.fetch(q.RENEW_LEASES, owner, lease_seconds, list(run_ids))
     return {row["id"]: row["epoch"] for row in rows}
 
 
@@ -193,6 +193,7 @@ async def write_changes(
             [o.changes.error for o in batch],
             [o.changes.finished_at for o in batch],
             [o.traceparent for o in batch],
+            [o.changes.started_at for o in batch],
         )
     )
     owned_ids = {row["id"] for row in owned}
