@@ -202,7 +202,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
             conn,
             args.workflow,
             payload,
-            run_id=UUID(args.run_id) if args.run_id else None,
+            run_id=args.run_id,
             version=args.version,
             idempotency_key=args.idempotency_key,
         )
@@ -215,7 +215,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_runs_show(settings: Settings, args: argparse.Namespace) -> int:
     async with _connection(settings) as conn:
-        details = await run_details(conn, UUID(args.run_id))
+        details = await run_details(conn, args.run_id)
     if args.json:
         print(json.dumps(details, indent=2, default=str))
     else:
@@ -247,6 +247,14 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------------
+
+
+def _uuid(text: str) -> UUID:
+    try:
+        return UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -308,14 +316,14 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", action="store_true", help="follow the run until it ends")
     submit.add_argument("--timeout", type=float, default=None, help="give up waiting after N s")
     submit.add_argument("--version", type=int, default=None)
-    submit.add_argument("--run-id", default=None, help="use this UUID as the run id")
+    submit.add_argument("--run-id", type=_uuid, default=None, help="use this UUID as the run id")
     submit.add_argument("--idempotency-key", default=None)
 
     runs = sub.add_parser("runs", help="inspect runs").add_subparsers(
         dest="runs_command", required=True
     )
     show = add("show", cmd_runs_show, "a run with its steps, attempts and timings", runs)
-    show.add_argument("run_id")
+    show.add_argument("run_id", type=_uuid)
     show.add_argument("--json", action="store_true")
     lst = add("list", cmd_runs_list, "recent runs", runs)
     lst.add_argument("--workflow")
@@ -328,7 +336,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already explained
+        return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

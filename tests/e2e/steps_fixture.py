@@ -1,0 +1,42 @@
+"""Custom step types for worker subprocesses: `--types-module tests.e2e.steps_fixture`.
+
+`slow` is controlled by the test through files, so nothing depends on timing:
+
+* it appends one line to `params["calls"]` when it starts (the test counts executions, and
+  waits for the file to know the worker has the attempt in hand);
+* it then waits until the file `params["release"]` exists (a bounded wait loop, here in
+  the step, never in the test), and returns its params.
+
+`echo` returns its params.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from flowforge_orchestrator.worker import StepContext, step_type
+
+__all__ = ["echo", "slow"]
+
+RELEASE_LIMIT = 60.0  # seconds a `slow` step waits for its release file before failing
+
+
+@step_type("echo")
+async def echo(params: Any, ctx: StepContext) -> Any:
+    return params
+
+
+@step_type("slow")
+async def slow(params: dict[str, Any], ctx: StepContext) -> Any:
+    with Path(params["calls"]).open("a", encoding="utf-8") as calls:
+        calls.write(f"{ctx.attempt_id}\n")
+    release = Path(params["release"])
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + float(params.get("limit", RELEASE_LIMIT))
+    while not release.exists():
+        if loop.time() > deadline:
+            raise TimeoutError(f"{release} was not created in time")
+        await asyncio.sleep(0.02)
+    return params
