@@ -18,7 +18,7 @@ from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss
 from arq.utils import timestamp_ms
 
-from flowforge_orchestrator.graph import Dispatch
+from flowforge_orchestrator.changes import Dispatch
 
 __all__ = [
     "JOB_FUNCTION",

@@ -27,18 +27,12 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, rejected_run
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.dispatch import Dispatcher
 from flowforge_orchestrator.errors import DefinitionError, FlowForgeError
-from flowforge_orchestrator.graph import (
-    CompiledWorkflow,
-    Dispatch,
-    Limits,
-    RunChanges,
-    RunState,
-    rejected_run,
-)
+from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.state import RunStatus
 

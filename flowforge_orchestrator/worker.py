@@ -24,6 +24,7 @@ from arq.worker import Worker, func
 from opentelemetry import trace
 
 from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator.changes import json_size
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import (
     JOB_FUNCTION,
@@ -40,7 +41,6 @@ from flowforge_orchestrator.errors import (
     StoreError,
 )
 from flowforge_orchestrator.expressions import render_at
-from flowforge_orchestrator.graph import json_size
 from flowforge_orchestrator.steps.http import run_http_step
 
 __all__ = [

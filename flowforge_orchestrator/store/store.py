@@ -15,7 +15,7 @@ from uuid import UUID
 
 import asyncpg
 
-from flowforge_orchestrator.graph import RunChanges, StepResult
+from flowforge_orchestrator.changes import RunChanges, StepResult
 from flowforge_orchestrator.store import queries as q
 
 __all__ = [

@@ -10,18 +10,17 @@ from uuid import UUID
 
 import pytest
 
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.graph import (
-    CompiledWorkflow,
+from flowforge_orchestrator.changes import (
     Dispatch,
     Event,
     Limits,
     RunChanges,
-    RunState,
     StepResult,
     json_size,
     rejected_run,
 )
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.state import IllegalTransition, RunStatus, StepStatus
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)

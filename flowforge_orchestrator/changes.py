@@ -1,0 +1,156 @@
+"""What a run's graph hands over for one commit, and what workers report back.
+
+Plain records, no behaviour: the graph produces them, the store writes them, the
+orchestrator dispatches what they say to dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from flowforge_orchestrator.state import RunStatus, StepStatus, check_run
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "AttemptFinished",
+    "AttemptStarted",
+    "Dispatch",
+    "Event",
+    "InlineResult",
+    "Limits",
+    "RunChanges",
+    "StepResult",
+    "json_size",
+    "rejected_run",
+]
+
+CHECKPOINT_VERSION = 1
+
+
+def json_size(value: Any) -> int:
+    """Bytes of the compact JSON form: what the limits are measured in."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_output_bytes: int
+    max_context_bytes: int
+    default_timeout: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One transition: a history row and an outbox row share it."""
+
+    seq: int
+    type: str
+    at: datetime
+    to_status: str
+    from_status: str | None = None
+    step_id: str | None = None
+    attempt_id: UUID | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job for the queue; sent only after the commit that records it."""
+
+    attempt_id: UUID
+    run_id: UUID
+    step_id: str
+    step_type: str
+    attempt: int
+    params: Any
+    timeout: float
+    secret_paths: list[list[str | int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttemptStarted:
+    attempt_id: UUID
+    step_id: str
+    attempt: int
+    step_type: str
+    at: datetime
+
+
+@dataclass(frozen=True)
+class AttemptFinished:
+    attempt_id: UUID
+    status: StepStatus
+    at: datetime
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class InlineResult:
+    """Output of a step the orchestrator ran itself, stored like a worker's result."""
+
+    attempt_id: UUID
+    step_id: str
+    outcome: str
+    output: Any
+    error: dict[str, Any] | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a worker reported for one attempt."""
+
+    attempt_id: UUID
+    step_id: str
+    outcome: str  # succeeded | failed
+    output: Any
+    error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime
+    worker: str | None = None
+
+
+@dataclass
+class RunChanges:
+    """Everything one commit must write for one run, in order."""
+
+    run_id: UUID
+    status: RunStatus
+    checkpoint: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    attempts_started: list[AttemptStarted] = field(default_factory=list)
+    attempts_finished: list[AttemptFinished] = field(default_factory=list)
+    inline_results: list[InlineResult] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+    output: Any = None
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def rejected_run(
+    run_id: UUID, status: RunStatus, seq: int, error: dict[str, Any], now: datetime
+) -> RunChanges:
+    """Changes that fail a run the engine cannot even build (its definition is missing or
+    invalid): the run records why, and nothing else is touched."""
+    check_run(status, RunStatus.FAILED)
+    event = Event(
+        seq=seq + 1,
+        type="workflow.failed",
+        at=now,
+        to_status=RunStatus.FAILED.value,
+        from_status=status.value,
+        data={"error": error},
+    )
+    return RunChanges(
+        run_id=run_id,
+        status=RunStatus.FAILED,
+        checkpoint={"v": CHECKPOINT_VERSION, "seq": seq + 1, "steps": {}},
+        events=[event],
+        error=error,
+        finished_at=now,
+    )
