@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     poll_interval: float = Field(
         default=5.0, gt=0, description="Slow poll for runs and results missed by NOTIFY."
     )
+    shutdown_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="On SIGTERM, how long the orchestrator may take to commit what it holds.",
+    )
     claim_batch: int = Field(default=100, gt=0, description="Runs claimed per statement.")
     db_pool_size: int = Field(default=10, gt=1, description="Connections per process.")
 

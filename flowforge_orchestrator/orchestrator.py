@@ -100,6 +100,7 @@ class Orchestrator:
         self._undelivered: list[tuple[Dispatch, str | None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._to_release: set[UUID] = set()
+        self._committing = False
         self._strikes: dict[UUID, int] = {}  # runs given back after an error, by count
         self._wake_claim = asyncio.Event()
         self._wake_results = asyncio.Event()
@@ -156,10 +157,27 @@ class Orchestrator:
                     raise task.exception()  # type: ignore[misc]
         finally:
             stopper.cancel()
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await self._release()
+            await self._shut_down({task.get_name(): task for task in tasks})
+
+    async def _shut_down(self, tasks: dict[str, asyncio.Task[None]]) -> None:
+        """Stop claiming, commit and enqueue what is in hand (bounded), release the leases."""
+        for name in ("claim", "poll", "leases"):
+            tasks[name].cancel()
+        deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
+        while (self._dirty or self._committing) and not tasks["commit"].done():
+            if asyncio.get_running_loop().time() > deadline:
+                log.warning("shutdown: %d run(s) with uncommitted changes", len(self._dirty))
+                break
+            self._wake_commit.set()
+            await asyncio.sleep(0.01)
+        if self._background:
+            await asyncio.wait(
+                self._background, timeout=max(0.1, deadline - asyncio.get_running_loop().time())
+            )
+        for task in tasks.values():
+            task.cancel()
+        await asyncio.gather(*tasks.values(), return_exceptions=True)
+        await self._release()
 
     async def _release(self) -> None:
         """Hand our runs back at once, so a replica adopts them without waiting."""
@@ -225,7 +243,12 @@ class Orchestrator:
                         traceparent=owned.new_traceparent if owned else None,
                     )
                 )
-            await store.write_changes(conn, self.node, self.settings.lease_seconds, batch)
+            try:
+                await store.write_changes(conn, self.node, self.settings.lease_seconds, batch)
+            except BaseException:
+                for owned in claimed.values():  # these graphs never became ours
+                    owned.span.end()
+                raise
         for row in rows:
             owned = claimed.get(row.id)
             if owned is None:
@@ -385,7 +408,11 @@ class Orchestrator:
                     batch.append((owned, changes))
             self._dirty.clear()
             if batch:
-                await self._commit(batch)
+                self._committing = True
+                try:
+                    await self._commit(batch)
+                finally:
+                    self._committing = False
 
     async def _commit(self, batch: list[tuple[_Owned, RunChanges]]) -> None:
         writes = [

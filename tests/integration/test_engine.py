@@ -286,3 +286,20 @@ steps:
 
     assert run["status"] == "failed"
     assert run["error"]["category"] == "unstorable_result"
+
+
+async def test_runs_complete_after_every_database_connection_was_killed(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(CHAIN)
+    first = await engine.submit("chain", {"user": 42})
+    assert (await engine.finished(first))["status"] == "completed"
+
+    killed = await engine.conn.fetchval(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    assert killed >= 2  # at least the LISTEN connection and a pooled one
+    second = await engine.submit("chain", {"user": 42})
+
+    assert (await engine.finished(second))["status"] == "completed"
