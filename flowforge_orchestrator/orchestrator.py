@@ -27,7 +27,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from flowforge_orchestrator import store, telemetry
-from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, rejected_run
+from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, StepResult, rejected_run
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.dispatch import Dispatcher
@@ -243,6 +243,7 @@ class Orchestrator:
                         traceparent=owned.new_traceparent if owned else None,
                     )
                 )
+            written = {o.changes.run_id: o.changes for o in batch}
             try:
                 await store.write_changes(conn, self.node, self.settings.lease_seconds, batch)
             except BaseException:
@@ -255,8 +256,7 @@ class Orchestrator:
                 continue
             owned.epoch = row.epoch + 1
             owned.new_traceparent = None
-            changes = next(o.changes for o in batch if o.changes.run_id == row.id)
-            self._after_commit(row.id, owned, changes)
+            self._after_commit(row.id, owned, written[row.id])
             if row.status == RunStatus.RUNNING:  # results may have arrived while unowned
                 self._notified.update(owned.state.outstanding())
                 self._wake_results.set()
@@ -267,7 +267,7 @@ class Orchestrator:
         self,
         conn: store.Connection,
         row: store.ClaimedRun,
-        results: dict[UUID, Any],
+        results: dict[UUID, StepResult],
         now: datetime,
     ) -> tuple[_Owned | None, RunChanges]:
         """Build the graph of a claimed run; a run that cannot be built is failed instead."""
@@ -295,10 +295,14 @@ class Orchestrator:
             row, workflow, resumed=status is not RunStatus.PENDING
         )
         owned = _Owned(state, row.epoch, span, traceparent, new_traceparent=new_tp)
-        if status is RunStatus.PENDING:
-            state.start(now)
-        else:
-            state.resume(now)
+        try:
+            if status is RunStatus.PENDING:
+                state.start(now)
+            else:
+                state.resume(now)
+        except BaseException:
+            span.end()
+            raise
         changes = state.take_changes()
         assert changes is not None
         return owned, changes

@@ -303,3 +303,32 @@ async def test_runs_complete_after_every_database_connection_was_killed(
     second = await engine.submit("chain", {"user": 42})
 
     assert (await engine.finished(second))["status"] == "completed"
+
+
+async def test_transitions_ready_together_are_committed_together(
+    engine: Engine, svc: respx.MockRouter
+) -> None:
+    await engine.register(CHAIN)
+    async with engine.conn.transaction():  # all 20 become visible (and notified) at once
+        run_ids = [await engine.submit("chain", {"user": 42}) for _ in range(20)]
+    for run_id in run_ids:
+        assert (await engine.finished(run_id))["status"] == "completed"
+
+    rows = await engine.conn.fetch(
+        "SELECT t.run_id, t.seq, t.xmin::text AS xid, o.type"
+        " FROM flowforge.transitions t JOIN flowforge.outbox o USING (run_id, seq)"
+        " WHERE t.run_id = ANY($1::uuid[]) ORDER BY t.run_id, t.seq",
+        run_ids,
+    )
+    # Rows written by one transaction share its xmin.
+    started = {r["xid"] for r in rows if r["type"] == "workflow.started"}
+    assert len(started) == 1, "the 20 runs were claimed and started in one transaction"
+    by_run: dict[object, list[dict[str, object]]] = {}
+    for row in rows:
+        by_run.setdefault(row["run_id"], []).append(dict(row))
+    for events in by_run.values():
+        for done, nxt in zip(events, events[1:], strict=False):
+            if done["type"] == "step.succeeded":
+                # The result that finishes a step and the dispatch it unblocks: one commit.
+                assert nxt["xid"] == done["xid"], (done, nxt)
+    assert len({r["xid"] for r in rows}) < len(rows) / 4
