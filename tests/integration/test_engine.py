@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -327,7 +328,7 @@ async def test_transitions_ready_together_are_committed_together(
     for row in rows:
         by_run.setdefault(row["run_id"], []).append(dict(row))
     for events in by_run.values():
-        for done, nxt in zip(events, events[1:], strict=False):
+        for done, nxt in itertools.pairwise(events):
             if done["type"] == "step.succeeded":
                 # The result that finishes a step and the dispatch it unblocks: one commit.
                 assert nxt["xid"] == done["xid"], (done, nxt)
