@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
+from pydantic import ValidationError
+
 from flowforge_orchestrator import store, telemetry
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import (
@@ -34,7 +36,14 @@ log = logging.getLogger("flowforge_orchestrator")
 
 
 def _settings() -> Settings:
-    return Settings()
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"FLOWFORGE_{'_'.join(str(p) for p in e['loc']).upper()}: {e['msg']}"
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
 
 
 SECRET_PREFIX = "FLOWFORGE_SECRET_"

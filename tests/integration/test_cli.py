@@ -567,3 +567,14 @@ def test_database_commands_without_a_database_url_exit_2(
 
     assert result.code == 2
     assert result.err.strip() == "error: set FLOWFORGE_DATABASE_URL (a PostgreSQL DSN)"
+
+
+def test_an_invalid_setting_is_named(
+    cli: Callable[..., Result], no_env: pytest.MonkeyPatch
+) -> None:
+    no_env.setenv("FLOWFORGE_LEASE_SECONDS", "soon")
+
+    result = cli("migrate")
+
+    assert result.code == 2
+    assert "FLOWFORGE_LEASE_SECONDS" in result.err
