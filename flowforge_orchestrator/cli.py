@@ -108,6 +108,17 @@ async def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
     return 0
 
 
+async def _require_schema(dsn: str) -> None:
+    """Refuse to start on a schema this code does not match (run `migrate` first)."""
+    pending = await store.pending_migrations(dsn)
+    if pending:
+        names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
+        raise ConfigError(
+            f"the database lacks migrations {names}: run `flowforge-orchestrator migrate` "
+            "(or start with --migrate)"
+        )
+
+
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.orchestrator import run_orchestrator
     from flowforge_orchestrator.worker import load_step_types, run_worker
@@ -119,6 +130,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     async with _services(settings) as live:
         if args.migrate or local:
             await store.apply_migrations(_need_db(live))
+        else:
+            await _require_schema(_need_db(live))
         stop = asyncio.Event()
         _stop_on_signals(stop)
         tasks = [asyncio.create_task(run_orchestrator(live, stop))]
@@ -150,6 +163,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     telemetry.setup_tracing(service_name="flowforge-worker", console=console)
     telemetry.instrument_asyncpg()
     types = load_step_types(args.types_module)
+    await _require_schema(settings.database_url)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:

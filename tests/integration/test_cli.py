@@ -158,6 +158,23 @@ def test_migrate_applies_the_initial_migration_once(
     assert sql(empty_db, "SELECT to_regclass('flowforge.outbox_cloudevents') IS NOT NULL")[0][0]
 
 
+@pytest.mark.parametrize("command", ["run", "worker"])
+def test_run_and_worker_refuse_a_database_without_the_schema(
+    cli: Callable[..., Result],
+    no_env: pytest.MonkeyPatch,
+    empty_db: str,
+    redis_url: str,
+    command: str,
+) -> None:
+    no_env.setenv("FLOWFORGE_DATABASE_URL", empty_db)
+    no_env.setenv("FLOWFORGE_REDIS_URL", redis_url)
+
+    result = cli(command)
+
+    assert result.code == 2
+    assert "0001_initial" in result.err and "flowforge-orchestrator migrate" in result.err
+
+
 # -- definitions -----------------------------------------------------------------------------
 
 
