@@ -208,11 +208,7 @@ class RunState:
                 data={"worker": result.worker} if result.worker else None,
             )
         if result.outcome == "succeeded":
-            error = self._check_output(result.step_id, result.output)
-            if error is None:
-                self._succeed(result.step_id, result.output, now)
-            else:
-                self._fail(result.step_id, error, now)
+            self._finish_with(result.step_id, result.output, now)
         else:
             self._fail(result.step_id, result.error or {"message": "step failed"}, now)
         self.advance(now)
@@ -338,17 +334,32 @@ class RunState:
         except ExpressionError as exc:
             self._fail(step.id, _expression_error(exc), now, inline=True)
             return
-        error = self._check_output(step.id, output)
-        if error is not None:
-            self._fail(step.id, error, now, inline=True)
-            return
-        self._pending().inline_results.append(
-            InlineResult(st.attempt_id, step.id, "succeeded", output, None, now)
-        )
-        self._succeed(step.id, output, now, inline=True)
+        self._finish_with(step.id, output, now, inline=True)
 
-    def _check_output(self, step_id: str, output: Any) -> dict[str, Any] | None:
+    def _finish_with(
+        self, step_id: str, output: Any, now: datetime, *, inline: bool = False
+    ) -> None:
+        """Succeed with `output`, or fail the step if the output breaks a byte limit."""
         size = json_size(output)
+        error = self._limit_error(step_id, size)
+        if error is not None:
+            self._fail(step_id, error, now, inline=inline)
+            return
+        st = self._steps[step_id]
+        st.output = output
+        self._context_bytes += size
+        self._step_to(step_id, StepStatus.SUCCEEDED, now, "step.succeeded")
+        assert st.attempt_id is not None
+        if inline:
+            self._pending().inline_results.append(
+                InlineResult(st.attempt_id, step_id, "succeeded", output, None, now)
+            )
+        else:
+            self._pending().attempts_finished.append(
+                AttemptFinished(st.attempt_id, StepStatus.SUCCEEDED, now, None)
+            )
+
+    def _limit_error(self, step_id: str, size: int) -> dict[str, Any] | None:
         if size > self.limits.max_output_bytes:
             return PayloadTooLarge(
                 step_id=step_id, what="the output", size=size, limit=self.limits.max_output_bytes
@@ -362,16 +373,6 @@ class RunState:
                 limit=self.limits.max_context_bytes,
             ).to_dict()
         return None
-
-    def _succeed(self, step_id: str, output: Any, now: datetime, *, inline: bool = False) -> None:
-        st = self._steps[step_id]
-        st.output = output
-        self._context_bytes += json_size(output)
-        self._step_to(step_id, StepStatus.SUCCEEDED, now, "step.succeeded")
-        if not inline and st.attempt_id is not None:
-            self._pending().attempts_finished.append(
-                AttemptFinished(st.attempt_id, StepStatus.SUCCEEDED, now, None)
-            )
 
     def _fail(
         self, step_id: str, error: dict[str, Any], now: datetime, *, inline: bool = False
