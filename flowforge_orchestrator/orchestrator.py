@@ -18,7 +18,7 @@ import asyncio
 import functools
 import logging
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -68,6 +68,7 @@ class _Owned:
     span: trace.Span
     traceparent: str | None
     new_traceparent: str | None = None  # written with the next commit (fresh starts only)
+    attempts: set[UUID] = field(default_factory=set)  # dispatched, no result applied yet
 
 
 class Orchestrator:
@@ -383,6 +384,7 @@ class Orchestrator:
                 if owned is None:
                     continue
                 self._attempts.pop(result.attempt_id, None)
+                owned.attempts.discard(result.attempt_id)
                 try:
                     applied = owned.state.apply_result(result, now)
                 except Exception:  # a bug must not take the daemon down with it
@@ -449,10 +451,10 @@ class Orchestrator:
         """What may only happen once the transitions are durable: enqueue, forget."""
         for dispatch in changes.dispatches:
             self._attempts[dispatch.attempt_id] = run_id
+            owned.attempts.add(dispatch.attempt_id)
             self._undelivered.append((dispatch, owned.traceparent))
         if changes.status.finished:
-            for attempt_id in [a for a, r in self._attempts.items() if r == run_id]:
-                del self._attempts[attempt_id]
+            self._forget_attempts(owned)
             if changes.status is RunStatus.FAILED:
                 owned.span.set_status(
                     trace.StatusCode.ERROR, str((changes.error or {}).get("message"))
@@ -482,6 +484,11 @@ class Orchestrator:
             log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
             self._undelivered.extend(failed)
 
+    def _forget_attempts(self, owned: _Owned) -> None:
+        for attempt_id in owned.attempts:
+            self._attempts.pop(attempt_id, None)
+        owned.attempts.clear()
+
     def _drop(self, run_id: UUID, why: str, *, give_back: bool = False) -> None:
         """Forget a run. `give_back`: we still own it but cannot go on (an error); expire
         its lease so it is resumed from its last checkpoint, and count the strike."""
@@ -489,10 +496,9 @@ class Orchestrator:
             self._to_release.add(run_id)
             self._strikes[run_id] = self._strikes.get(run_id, 0) + 1
         owned = self.runs.pop(run_id, None)
-        for attempt_id in [a for a, r in self._attempts.items() if r == run_id]:
-            del self._attempts[attempt_id]
         self._dirty.discard(run_id)
         if owned is not None:
+            self._forget_attempts(owned)
             owned.span.end()
             log.warning("run %s dropped from this orchestrator: %s", run_id, why)
 
