@@ -33,7 +33,7 @@ CHECKPOINT_VERSION = 1
 
 def json_size(value: Any) -> int:
     """Bytes of the compact JSON form: what the limits are measured in."""
-    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str).encode())
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
 
 
 @dataclass(frozen=True)

@@ -177,13 +177,9 @@ async def cmd_definitions_apply(settings: Settings, args: argparse.Namespace) ->
     async with _connection(settings) as conn:
         known = set(await store.list_step_types(conn)) | set(args.allow_type or [])
         definition = load_definition(Path(args.file), known_types=known)
-        spec = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
-        created = await store.insert_definition(
-            conn, definition.name, definition.version, spec, definition.max_concurrency
-        )
+        created, existing = await store.register_definition(conn, definition)
         if not created:
-            existing = await store.get_definition(conn, definition.name, definition.version)
-            if existing is not None and existing.spec != spec:
+            if existing is not None and existing.spec != store.definition_spec(definition):
                 raise ConfigError(
                     f"{args.file}: {definition.name} version {definition.version} is already "
                     "registered with a different spec; raise `version` to register a change"

@@ -120,10 +120,7 @@ async def run_demo(settings: Settings, *, order_id: str = "A-1001") -> int:
             await asyncio.wait_for(ready.wait(), timeout=30)
             conn = await store.connect(settings.database_url)
             try:
-                spec = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
-                await store.insert_definition(
-                    conn, definition.name, definition.version, spec, definition.max_concurrency
-                )
+                await store.register_definition(conn, definition)
                 run = await enqueue(
                     conn, definition.name, {"order_id": order_id, "base_url": shop.base_url}
                 )

@@ -70,14 +70,16 @@ async def follow_run(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout if timeout else None
     while True:
+        # The run row first: a final status is committed with its last event, so the events
+        # read after it are complete.
+        row = await store.get_run(conn, run_id)
+        if row is None:
+            raise NotFound(f"no run with id {run_id}")
         for event in await store.run_events(conn, run_id, seq):
             seq = event["seq"]
             out.write(_describe(event) + "\n")
             out.flush()
-        row = await store.get_run(conn, run_id)
-        if row is None:
-            raise NotFound(f"no run with id {run_id}")
-        if row["status"] in _FINAL and not await store.run_events(conn, run_id, seq):
+        if row["status"] in _FINAL:
             if row["status"] == "completed":
                 out.write("output: " + json.dumps(row["output"], indent=2) + "\n")
             elif row["error"] is not None:

@@ -121,6 +121,15 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+def _output_size(output: Any) -> int:
+    try:
+        return json_size(output)
+    except (TypeError, ValueError) as exc:
+        raise StepError(
+            f"the step's output is not JSON: {exc}", category="invalid_output", retryable=False
+        ) from exc
+
+
 def _error_of(exc: BaseException, timeout: float) -> dict[str, Any]:
     if isinstance(exc, StepError):
         return exc.to_dict()
@@ -225,7 +234,7 @@ class WorkerRuntime:
                 )
             async with asyncio.timeout(timeout):
                 output = await fn(params, ctx)
-            size = json_size(output)
+            size = _output_size(output)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -258,19 +267,9 @@ class WorkerRuntime:
             async with self.pool.acquire() as conn:
                 await store.insert_result(conn, worker=self.node, finished_at=_now(), **result)
 
-        async def write_or_wrap() -> None:
-            try:
-                await write()
-            except Exception as exc:
-                if store.is_transient(exc):
-                    raise
-                raise store.wrap(exc) from exc
-
         # Transient failures: forever, with capped backoff; the result is the only copy of
-        # finished work.
-        await store.retrying(
-            write_or_wrap, what=f"writing the result of attempt {result['attempt_id']}"
-        )
+        # finished work. A refusal comes out as a StoreError.
+        await store.retrying(write, what=f"writing the result of attempt {result['attempt_id']}")
 
 
 async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:

@@ -105,7 +105,8 @@ async def retrying(
 ) -> T:
     """Run `op` again on transient failures, with capped exponential backoff and jitter.
 
-    `attempts=None` retries forever: the daemon outlives a database restart.
+    `attempts=None` retries forever: the daemon outlives a database restart. Any other
+    database error comes out as a `StoreError`, so callers handle one hierarchy.
     """
     attempt = 0
     while True:
@@ -113,6 +114,8 @@ async def retrying(
             return await op()
         except Exception as exc:
             if not is_transient(exc):
+                if is_database_error(exc):
+                    raise wrap(exc) from exc
                 raise
             attempt += 1
             if attempts is not None and attempt >= attempts:

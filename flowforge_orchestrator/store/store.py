@@ -16,18 +16,21 @@ from uuid import UUID
 import asyncpg
 
 from flowforge_orchestrator.changes import RunChanges, StepResult
+from flowforge_orchestrator.definitions import WorkflowDefinition
 from flowforge_orchestrator.store import queries as q
 
 __all__ = [
     "ClaimedRun",
     "Definition",
     "claim_runs",
+    "definition_spec",
     "enqueue_run",
     "fetch_results",
     "fetch_run_results",
     "get_definition",
     "insert_definition",
     "insert_result",
+    "register_definition",
     "write_changes",
 ]
 
@@ -91,6 +94,29 @@ async def insert_definition(
     return (
         await conn.fetchval(q.INSERT_DEFINITION, name, version, spec, max_concurrency) is not None
     )
+
+
+async def register_definition(
+    conn: asyncpg.Connection, definition: WorkflowDefinition
+) -> tuple[bool, Definition | None]:
+    """Register a validated definition as its stored JSON spec.
+
+    Returns (created, existing): when that version is already registered, `existing` is the
+    stored row, whose spec the caller may compare with `definition_spec(definition)`.
+    """
+    spec = definition_spec(definition)
+    created = await insert_definition(
+        conn, definition.name, definition.version, spec, definition.max_concurrency
+    )
+    if created:
+        return True, None
+    return False, await get_definition(conn, definition.name, definition.version)
+
+
+def definition_spec(definition: WorkflowDefinition) -> dict[str, Any]:
+    """The JSON form stored in `workflow_definitions.spec` (field names as written)."""
+    spec: dict[str, Any] = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return spec
 
 
 async def list_definitions(conn: asyncpg.Connection) -> list[asyncpg.Record]:

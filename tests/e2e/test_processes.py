@@ -175,10 +175,7 @@ class Cluster:
 
     async def register(self, text: str) -> None:
         definition = parse_definition(yaml.safe_load(text), source="test")
-        spec = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
-        await store.insert_definition(
-            self.conn, definition.name, definition.version, spec, definition.max_concurrency
-        )
+        await store.register_definition(self.conn, definition)
 
     async def submit(self, workflow: str, input: dict[str, Any]) -> UUID:
         return (await enqueue(self.conn, workflow, input)).id

@@ -40,7 +40,6 @@ async def measure(settings: Settings, runs: int) -> None:
     assert settings.database_url
     await store.apply_migrations(settings.database_url)
     definition = parse_definition(example_definition())
-    spec = definition.model_dump(mode="json", by_alias=True, exclude_none=True)
     stop, ready_o, ready_w = asyncio.Event(), asyncio.Event(), asyncio.Event()
     with DemoShop() as shop:
         tasks = [
@@ -53,7 +52,7 @@ async def measure(settings: Settings, runs: int) -> None:
         await ready_w.wait()
         conn = await store.connect(settings.database_url)
         try:
-            await store.insert_definition(conn, definition.name, definition.version, spec, None)
+            await store.register_definition(conn, definition)
             before = await _stats(conn)
             started = time.perf_counter()
             async with conn.transaction():
