@@ -79,6 +79,9 @@ DEFAULT_RESPONSE_HEADERS = ("content-type", "etag", "location", "retry-after")
 STEP_ID_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 STEP_TYPE_PATTERN = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+# A retry_on entry: an HTTP status or class, or any other category (an exception class name);
+# a misspelt HTTP one (HTTP_503, http_5XX, http_600) is refused rather than never matching.
+RETRY_ON_PATTERN = r"^(http_[1-5]([0-9]{2}|xx)|(?![Hh][Tt][Tt][Pp]_)[A-Za-z_][A-Za-z0-9_]*)$"
 
 
 def _seconds(value: Any) -> float:
@@ -129,15 +132,37 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+def _retry_category(value: str) -> str:
+    if re.fullmatch(RETRY_ON_PATTERN, value):
+        return value
+    if value[:5].lower() == "http_":
+        raise ValueError(
+            f"{value!r} is not an HTTP category: use http_NNN for one status (100-599, "
+            "e.g. http_503) or http_Nxx for a class (e.g. http_5xx)"
+        )
+    raise ValueError(
+        f"{value!r} is not an error category: use timeout, connection_error, http_503, "
+        "http_5xx, or the class name of an exception a step raises (without its module)"
+    )
+
+
+RetryCategory = Annotated[
+    str,
+    AfterValidator(_retry_category),
+    WithJsonSchema({"type": "string", "pattern": RETRY_ON_PATTERN}),
+]
+
+
 class RetryPolicy(_Model):
     """When and how often a failed attempt is tried again (the arithmetic is in `retry`)."""
 
     max_retries: int = Field(default=0, ge=0)
     initial_interval: Duration = 1.0
-    backoff_factor: float = Field(default=2.0, ge=1.0)
+    # Finite: definitions are stored as JSONB, which has no Infinity.
+    backoff_factor: float = Field(default=2.0, ge=1.0, allow_inf_nan=False)
     max_interval: Duration = 60.0
     jitter: bool = True
-    retry_on: list[str] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
+    retry_on: list[RetryCategory] = Field(default_factory=lambda: list(DEFAULT_RETRY_ON))
 
 
 class Defaults(_Model):

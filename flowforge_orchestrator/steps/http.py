@@ -3,6 +3,8 @@
 Every failure becomes a `StepError` whose `category` is what `retry_on` matches: `timeout`,
 `connection_error`, `http_<status>`, `payload_too_large`, `too_many_redirects`,
 `invalid_params`. The retry policy decides; `retryable=False` only marks what cannot succeed.
+A `Retry-After` on an unexpected status becomes `details.retry_after`, in seconds from when
+the response arrived (`retry.parse_retry_after`), for the retry policy to honour.
 
 Secrets may sit in header values and in the URL (userinfo, query string). Neither reaches a
 span, a log or an error message: errors and spans carry a redacted URL and no headers.
@@ -18,7 +20,6 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any, NoReturn
 
 import httpx
@@ -33,12 +34,12 @@ from opentelemetry.semconv.attributes.url_attributes import URL_FULL
 from opentelemetry.trace import Span, SpanKind
 
 from flowforge_orchestrator.errors import StepError
+from flowforge_orchestrator.retry import parse_retry_after
 from flowforge_orchestrator.telemetry import tracer
 
 __all__ = [
     "DEFAULT_RESPONSE_HEADERS",
     "METHODS",
-    "parse_retry_after",
     "redact_url",
     "run_http_step",
 ]
@@ -259,25 +260,6 @@ def _decode_text(response: httpx.Response, body: bytes) -> str:
     except LookupError:
         encoding = "utf-8"
     return body.decode(encoding, errors="replace")
-
-
-def parse_retry_after(value: str | None, *, now: datetime) -> float | None:
-    """Seconds to wait from a `Retry-After` value (delta-seconds or HTTP-date); None if unusable.
-
-    A date in the past gives 0. `now` must be timezone-aware.
-    """
-    if value is None:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)  # HTTP-dates are GMT
-    return max(0.0, (when - now).total_seconds())
 
 
 def redact_url(url: httpx.URL) -> str:

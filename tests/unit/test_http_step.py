@@ -23,8 +23,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 
 from flowforge_orchestrator import telemetry
+from flowforge_orchestrator.definitions import RetryPolicy
 from flowforge_orchestrator.errors import StepError
-from flowforge_orchestrator.steps.http import parse_retry_after, redact_url, run_http_step
+from flowforge_orchestrator.retry import decide
+from flowforge_orchestrator.steps.http import redact_url, run_http_step
 
 URL = "https://api.test/items"
 LIMIT = 64 * 1024
@@ -220,14 +222,22 @@ async def test_retry_after_http_date(
     assert 80.0 <= error.details["retry_after"] <= 90.0
 
 
-def test_parse_retry_after() -> None:
-    now = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
-    assert parse_retry_after("0", now=now) == 0.0
-    assert parse_retry_after("3600", now=now) == 3600.0
-    assert parse_retry_after("Wed, 01 Jan 2025 12:00:30 GMT", now=now) == 30.0
-    assert parse_retry_after("Wed, 01 Jan 2025 11:00:00 GMT", now=now) == 0.0  # past
-    for bad in (None, "", "soon", "-5", "1.5", "Wed, 99 Foo 2025"):
-        assert parse_retry_after(bad, now=now) is None
+async def test_retry_after_sets_the_retry_delay(
+    respx_mock: respx.MockRouter, client: httpx.AsyncClient
+) -> None:
+    respx_mock.get(URL).mock(
+        side_effect=[
+            httpx.Response(503, headers={"Retry-After": "7"}),
+            httpx.Response(503, headers={"Retry-After": "in a while"}),
+        ]
+    )
+    policy = RetryPolicy(max_retries=2, initial_interval=1, jitter=False)
+    honoured = (await run_error(client, url=URL)).to_dict()
+    assert honoured["details"]["retry_after"] == 7.0
+    assert decide(policy, honoured, 1, rand=0.5, now=datetime.now(UTC)).delay == 7.0
+    garbage = (await run_error(client, url=URL)).to_dict()
+    assert "retry_after" not in garbage["details"]
+    assert decide(policy, garbage, 1, rand=0.5, now=datetime.now(UTC)).delay == 1.0
 
 
 # Transport failures ---------------------------------------------------------------------------
