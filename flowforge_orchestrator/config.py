@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 __all__ = ["Settings"]
@@ -80,3 +81,31 @@ class Settings(BaseSettings):
     otel_console: bool = Field(
         default=False, description="Print spans to stderr (local debugging)."
     )
+
+    # Operation: health and metrics endpoints, logs.
+    http_host: str = Field(
+        default="0.0.0.0",
+        description="Address of the HTTP server for /healthz, /readyz and /metrics.",
+    )
+    http_port: int = Field(
+        default=9464,
+        ge=0,
+        le=65535,
+        description="Port of the HTTP server for /healthz, /readyz and /metrics; 0 disables it.",
+    )
+    log_format: Literal["json", "text", "auto"] = Field(
+        default="auto",
+        description="Log lines as JSON, as readable text, or auto: text on a terminal, else JSON.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
+        default="INFO", description="Lowest level logged (DEBUG, INFO, WARNING, ERROR)."
+    )
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object, info: ValidationInfo) -> object:
+        # FLOWFORGE_LOG_LEVEL=info is as clear as INFO; accept both spellings.
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        return value.upper() if info.field_name == "log_level" else value.lower()

@@ -12,11 +12,14 @@ from flowforge_orchestrator.store.db import (
     wrap,
 )
 from flowforge_orchestrator.store.migrations import apply_migrations, pending_migrations
+from flowforge_orchestrator.store.roles import ROLES, apply_roles, roles_sql
 from flowforge_orchestrator.store.store import (
     ClaimedRun,
     Definition,
+    OutboxBacklog,
     OwnedChanges,
     claim_runs,
+    count_open_runs,
     definition_spec,
     enqueue_run,
     fetch_results,
@@ -28,6 +31,8 @@ from flowforge_orchestrator.store.store import (
     list_definitions,
     list_runs,
     list_step_types,
+    outbox_backlog,
+    ping,
     register_definition,
     register_step_types,
     release_leases,
@@ -39,14 +44,18 @@ from flowforge_orchestrator.store.store import (
 )
 
 __all__ = [
+    "ROLES",
     "ClaimedRun",
     "Connection",
     "Definition",
+    "OutboxBacklog",
     "OwnedChanges",
     "Pool",
     "apply_migrations",
+    "apply_roles",
     "claim_runs",
     "connect",
+    "count_open_runs",
     "create_pool",
     "definition_spec",
     "enqueue_run",
@@ -61,12 +70,15 @@ __all__ = [
     "list_definitions",
     "list_runs",
     "list_step_types",
+    "outbox_backlog",
     "pending_migrations",
+    "ping",
     "register_definition",
     "register_step_types",
     "release_leases",
     "renew_leases",
     "retrying",
+    "roles_sql",
     "run_attempts",
     "run_events",
     "run_transitions",

@@ -199,3 +199,21 @@ FROM flowforge.transitions WHERE run_id = $1 AND seq > $2 ORDER BY seq
 RUN_EVENTS = """
 SELECT seq, type, time, data FROM flowforge.outbox WHERE run_id = $1 AND seq > $2 ORDER BY seq
 """
+
+# -- operation (readiness, metrics) ----------------------------------------------------------
+
+PING = "SELECT 1"
+
+# The relay's backlog, sampled for /metrics: both read the partial index of unpublished rows.
+OUTBOX_BACKLOG = """
+SELECT count(*) AS unpublished,
+       extract(epoch FROM now() - (SELECT time FROM flowforge.outbox WHERE published_at IS NULL
+                                   ORDER BY position LIMIT 1))::float8 AS oldest_age
+FROM flowforge.outbox WHERE published_at IS NULL
+"""
+
+# Runs waiting and running across all replicas; both statuses have a partial index.
+COUNT_OPEN_RUNS = """
+SELECT (SELECT count(*) FROM flowforge.runs WHERE status = 'pending') AS pending,
+       (SELECT count(*) FROM flowforge.runs WHERE status = 'running') AS running
+"""

@@ -392,3 +392,31 @@ async def run_events(
     conn: asyncpg.Connection, run_id: UUID, after_seq: int = 0
 ) -> list[asyncpg.Record]:
     return list(await conn.fetch(q.RUN_EVENTS, run_id, after_seq))
+
+
+# -- operation (readiness, metrics) ----------------------------------------------------------
+
+
+async def ping(conn: asyncpg.Connection) -> None:
+    """A round trip: the database answers on this connection."""
+    await conn.fetchval(q.PING)
+
+
+@dataclass(frozen=True)
+class OutboxBacklog:
+    unpublished: int
+    oldest_age: float | None  # seconds since the oldest unpublished event; None when none
+
+
+async def outbox_backlog(conn: asyncpg.Connection) -> OutboxBacklog:
+    """Outbox rows the relay has not published yet, and how old the oldest one is."""
+    row = await conn.fetchrow(q.OUTBOX_BACKLOG)
+    assert row is not None
+    return OutboxBacklog(row["unpublished"], row["oldest_age"])
+
+
+async def count_open_runs(conn: asyncpg.Connection) -> dict[str, int]:
+    """Runs by status, for the statuses that are not final: {"pending": n, "running": m}."""
+    row = await conn.fetchrow(q.COUNT_OPEN_RUNS)
+    assert row is not None
+    return {"pending": row["pending"], "running": row["running"]}

@@ -1,0 +1,136 @@
+-- Least-privilege database roles for FlowForge: three NOLOGIN group roles, each granted what
+-- its processes need and nothing more.
+--
+-- Not a numbered migration: later migrations add tables, so run this script again after every
+-- `flowforge-orchestrator migrate`. It is idempotent and converges: it creates what is missing,
+-- hands every object of schema flowforge to the orchestrator's role, revokes everything from
+-- the two other roles and grants again exactly what this version lists. Run it as a superuser,
+-- or as a role with CREATEROLE that owns schema flowforge and is a member of
+-- flowforge_orchestrator (ALTER ... OWNER needs that):
+--
+--     psql "$ADMIN_DSN" -v ON_ERROR_STOP=1 -f sql/roles.sql
+--     # or from Python: await flowforge_orchestrator.store.apply_roles(admin_dsn)
+--
+-- Then give each process a login of its own inside its group role:
+--
+--     CREATE ROLE flowforge_orchestrator_app LOGIN PASSWORD '...' IN ROLE flowforge_orchestrator;
+--     CREATE ROLE flowforge_worker_app LOGIN PASSWORD '...' IN ROLE flowforge_worker;
+--     CREATE ROLE orders_api LOGIN PASSWORD '...' IN ROLE flowforge_api;
+--
+-- What each role may do:
+--
+-- flowforge_orchestrator  owns schema flowforge and every object in it: it runs the engine,
+--                         registers definitions and may apply migrations (`run --migrate`).
+-- flowforge_worker        INSERT into step_results (the trigger NOTIFYs the orchestrators;
+--                         ON CONFLICT needs SELECT of its attempt_id column, nothing else);
+--                         upsert its row of step_types; read schema_migrations (the start-up
+--                         check). It cannot read or change a run, a definition, an attempt,
+--                         the history or the outbox: a compromised worker can only report
+--                         results, which the orchestrator applies only to current attempts.
+-- flowforge_api           enqueue runs (INSERT of the enqueue contract's columns only: id,
+--                         workflow_name, workflow_version, input, idempotency_key, traceparent,
+--                         so it cannot forge a status, an owner or a checkpoint); read runs and
+--                         definitions; request cancellation (UPDATE of cancel_requested only).
+--
+-- Triggers run with the rights of the statement that fires them, and none needs SECURITY
+-- DEFINER: runs_pin_version reads workflow_definitions (which the API may read anyway), and
+-- runs_notify_insert and step_results_notify only call pg_notify (NOTIFY needs no privilege).
+-- So no function widens what a role can do.
+
+BEGIN;
+
+DO $$
+BEGIN
+    -- Two runs at once on one database would race on the same ACLs; take turns.
+    PERFORM pg_advisory_xact_lock(hashtext('flowforge_orchestrator roles.sql'));
+    IF to_regclass('flowforge.runs') IS NULL THEN
+        RAISE EXCEPTION 'schema flowforge is not migrated: run `flowforge-orchestrator migrate` first';
+    END IF;
+END $$;
+
+-- The group roles. Roles belong to the whole cluster, so a run on another database may be
+-- creating them at this very moment: losing that race is fine.
+DO $$
+DECLARE
+    name text;
+BEGIN
+    FOREACH name IN ARRAY ARRAY['flowforge_orchestrator', 'flowforge_worker', 'flowforge_api'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = name) THEN
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', name);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;
+            END;
+        END IF;
+    END LOOP;
+END $$;
+
+-- The orchestrator owns the schema and everything in it, including what later migrations
+-- created (as whichever login ran them). Sequences that belong to a column (identity, serial)
+-- and indexes follow their table.
+DO $$
+DECLARE
+    obj record;
+BEGIN
+    ALTER SCHEMA flowforge OWNER TO flowforge_orchestrator;
+    FOR obj IN
+        SELECT c.oid::regclass AS name,
+               CASE c.relkind WHEN 'S' THEN 'SEQUENCE' WHEN 'v' THEN 'VIEW'
+                              WHEN 'm' THEN 'MATERIALIZED VIEW' WHEN 'f' THEN 'FOREIGN TABLE'
+                              WHEN 'c' THEN 'TYPE' ELSE 'TABLE' END AS kind
+        FROM pg_class c
+        WHERE c.relnamespace = 'flowforge'::regnamespace
+          AND c.relkind IN ('r', 'p', 'v', 'm', 'f', 'S', 'c')
+          AND NOT EXISTS (
+              SELECT FROM pg_depend d
+              WHERE d.classid = 'pg_class'::regclass AND d.objid = c.oid
+                AND d.refclassid = 'pg_class'::regclass AND d.deptype IN ('a', 'i'))
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO flowforge_orchestrator', obj.kind, obj.name);
+    END LOOP;
+    FOR obj IN
+        SELECT p.oid::regprocedure AS name,
+               CASE p.prokind WHEN 'p' THEN 'PROCEDURE' WHEN 'a' THEN 'AGGREGATE'
+                              ELSE 'FUNCTION' END AS kind
+        FROM pg_proc p WHERE p.pronamespace = 'flowforge'::regnamespace
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO flowforge_orchestrator', obj.kind, obj.name);
+    END LOOP;
+    FOR obj IN
+        SELECT t.oid::regtype AS name, CASE t.typtype WHEN 'd' THEN 'DOMAIN' ELSE 'TYPE' END AS kind
+        FROM pg_type t
+        WHERE t.typnamespace = 'flowforge'::regnamespace AND t.typtype IN ('d', 'e', 'r')
+    LOOP
+        EXECUTE format('ALTER %s %s OWNER TO flowforge_orchestrator', obj.kind, obj.name);
+    END LOOP;
+    -- Only needed where PUBLIC lost CONNECT; granted when this runner is allowed to.
+    IF has_database_privilege(current_database(), 'CONNECT WITH GRANT OPTION') THEN
+        EXECUTE format(
+            'GRANT CONNECT ON DATABASE %I TO flowforge_orchestrator, flowforge_worker, flowforge_api',
+            current_database());
+    END IF;
+END $$;
+
+-- Start the two restricted roles (and PUBLIC) from nothing, so a re-run also takes back what
+-- an older version of this script granted. Column privileges go with their table's.
+REVOKE ALL ON ALL TABLES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
+REVOKE ALL ON SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
+GRANT USAGE ON SCHEMA flowforge TO flowforge_worker, flowforge_api;
+
+-- Workers: report results, register the step types they serve, check the schema version.
+-- ON CONFLICT (attempt_id) needs to read the arbiter column; outputs stay unreadable.
+GRANT INSERT, SELECT (attempt_id) ON flowforge.step_results TO flowforge_worker;
+-- (An upsert reads the arbiter and the `excluded` columns: SELECT of the table, which only
+-- lists step type names anyway.)
+GRANT SELECT, INSERT (name, worker, last_seen), UPDATE (worker, last_seen)
+    ON flowforge.step_types TO flowforge_worker;
+GRANT SELECT ON flowforge.schema_migrations TO flowforge_worker;
+
+-- The API: enqueue, read runs and definitions, request cancellation.
+GRANT SELECT ON flowforge.runs, flowforge.workflow_definitions TO flowforge_api;
+GRANT INSERT (id, workflow_name, workflow_version, input, idempotency_key, traceparent)
+    ON flowforge.runs TO flowforge_api;
+GRANT UPDATE (cancel_requested) ON flowforge.runs TO flowforge_api;
+
+COMMIT;

@@ -1,0 +1,283 @@
+"""sql/roles.sql: PostgreSQL itself allows and refuses what each role may and may not do.
+
+Each test logs in as a fresh user inside each group role, the way a deployment does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+import yaml
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.errors import StoreError
+from flowforge_orchestrator.orchestrator import run_orchestrator
+from flowforge_orchestrator.worker import StepContext, run_worker
+from tests.conftest import Services, _admin, database_dsn
+from tests.helpers import wait_for
+
+WORKFLOW = """
+name: roles-check
+version: 1
+steps:
+  - {id: echo, type: echo, with: {n: "${{ input.n }}"}}
+  - {id: done, type: transform, depends_on: [echo], output: "${{ steps.echo.output.n + 1 }}"}
+"""
+
+# What a compromised worker must not be able to do.
+WORKER_REFUSED = [
+    "SELECT id FROM flowforge.runs",
+    "UPDATE flowforge.runs SET status = 'cancelled'",
+    "UPDATE flowforge.runs SET cancel_requested = true",
+    "DELETE FROM flowforge.runs",
+    "INSERT INTO flowforge.runs (workflow_name) VALUES ('x')",
+    "INSERT INTO flowforge.outbox (run_id, seq, type, time, data)"
+    " VALUES (gen_random_uuid(), 1, 'workflow.failed', now(), '{}')",
+    "UPDATE flowforge.outbox SET published_at = now()",
+    "SELECT * FROM flowforge.outbox_cloudevents",
+    "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('x', 1, '{}')",
+    "UPDATE flowforge.workflow_definitions SET spec = '{}'",
+    "SELECT spec FROM flowforge.workflow_definitions",
+    "UPDATE flowforge.step_attempts SET status = 'succeeded'",
+    "INSERT INTO flowforge.transitions (run_id, seq, to_status, at)"
+    " VALUES (gen_random_uuid(), 1, 'running', now())",
+    "SELECT output FROM flowforge.step_results",
+    "UPDATE flowforge.step_results SET outcome = 'failed'",
+    "DELETE FROM flowforge.step_results",
+    "DELETE FROM flowforge.step_types",
+    "TRUNCATE flowforge.step_results",
+    "CREATE TABLE flowforge.evil (x int)",
+]
+
+# What an API must not be able to do: forge state, read results or history, touch the outbox.
+API_REFUSED = [
+    "UPDATE flowforge.runs SET status = 'cancelled'",
+    "UPDATE flowforge.runs SET checkpoint = '{}', epoch = epoch + 1",
+    "INSERT INTO flowforge.runs (workflow_name, status) VALUES ('x', 'completed')",
+    "INSERT INTO flowforge.runs (workflow_name, owner) VALUES ('roles-check', 'me')",
+    "DELETE FROM flowforge.runs",
+    "TRUNCATE flowforge.runs",
+    "INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome)"
+    " VALUES (gen_random_uuid(), gen_random_uuid(), 's', 'succeeded')",
+    "SELECT output FROM flowforge.step_results",
+    "SELECT * FROM flowforge.step_attempts",
+    "SELECT * FROM flowforge.transitions",
+    "SELECT * FROM flowforge.outbox",
+    "UPDATE flowforge.outbox SET published_at = now()",
+    "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('x', 2, '{}')",
+    "DELETE FROM flowforge.workflow_definitions",
+    "INSERT INTO flowforge.step_types (name, worker) VALUES ('x', 'y')",
+    "SELECT * FROM flowforge.schema_migrations",
+]
+
+
+@dataclass(frozen=True)
+class Logins:
+    admin: str
+    orchestrator: str
+    worker: str
+    api: str
+
+
+def _login_dsn(dsn: str, user: str, password: str) -> str:
+    parts = urlsplit(dsn)
+    netloc = f"{user}:{password}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@pytest.fixture
+async def logins(db_url: str) -> AsyncIterator[Logins]:
+    """Roles applied to this test's database, and one login user in each group role."""
+    await store.apply_roles(db_url)
+    suffix = uuid.uuid4().hex[:10]
+    password = uuid.uuid4().hex
+    users = {kind: f"ff_{kind}_{suffix}" for kind in store.ROLES}
+    await _admin(
+        db_url,
+        *(
+            f"CREATE ROLE {user} LOGIN PASSWORD '{password}' IN ROLE {store.ROLES[kind]}"
+            for kind, user in users.items()
+        ),
+    )
+    try:
+        yield Logins(
+            admin=db_url,
+            **{kind: _login_dsn(db_url, user, password) for kind, user in users.items()},
+        )
+    finally:
+        # Their sessions may outlive the test by a moment; end them so the roles can go.
+        await _admin(
+            db_url,
+            *(
+                f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{u}'"
+                for u in users.values()
+            ),
+            *(f"DROP ROLE IF EXISTS {user}" for user in users.values()),
+        )
+
+
+async def _refusals(dsn: str, statements: list[str]) -> list[str]:
+    """The statements PostgreSQL did NOT refuse for lack of privilege (should be none)."""
+    conn = await store.connect(dsn)
+    allowed = []
+    try:
+        for sql in statements:
+            try:
+                await conn.execute(sql)
+            except asyncpg.InsufficientPrivilegeError:
+                continue
+            allowed.append(sql)
+    finally:
+        await conn.close()
+    return allowed
+
+
+async def _register(dsn: str) -> None:
+    conn = await store.connect(dsn)
+    try:
+        definition = parse_definition(yaml.safe_load(WORKFLOW), source="test")
+        await store.register_definition(conn, definition)
+    finally:
+        await conn.close()
+
+
+async def test_roles_exist_without_login_and_own_by_need(logins: Logins) -> None:
+    await store.apply_roles(logins.admin)  # re-runnable: a second run changes nothing
+    conn = await asyncpg.connect(logins.admin)
+    try:
+        roles = await conn.fetch(
+            "SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname = ANY($1::text[])",
+            list(store.ROLES.values()),
+        )
+        assert {r["rolname"]: r["rolcanlogin"] for r in roles} == dict.fromkeys(
+            store.ROLES.values(), False
+        )
+        owners = await conn.fetch(
+            "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner FROM pg_class c"
+            " WHERE c.relnamespace = 'flowforge'::regnamespace AND c.relkind IN ('r', 'v', 'S')"
+        )
+        assert owners and {r["owner"] for r in owners} == {"flowforge_orchestrator"}
+    finally:
+        await conn.close()
+
+
+async def test_roles_need_a_migrated_schema(services: Services) -> None:
+    name = f"test_{uuid.uuid4().hex}"
+    admin = services.database_url
+    await _admin(admin, f"CREATE DATABASE {name}")
+    try:
+        with pytest.raises(StoreError) as info:
+            await store.apply_roles(database_dsn(admin, name))
+        assert "migrate" in str(info.value)
+    finally:
+        await _admin(admin, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def test_worker_reports_results_and_nothing_else(logins: Logins) -> None:
+    listener = await asyncpg.connect(logins.admin)
+    heard: asyncio.Queue[str] = asyncio.Queue()
+    await listener.add_listener("flowforge_results", lambda *args: heard.put_nowait(args[3]))
+    conn = await store.connect(logins.worker)
+    try:
+        attempt = uuid.uuid4()
+        now = datetime.now(UTC)
+        result: dict[str, Any] = {
+            "attempt_id": attempt,
+            "run_id": uuid.uuid4(),
+            "step_id": "s",
+            "outcome": "succeeded",
+            "output": {"ok": True},
+            "error": None,
+            "worker": "w1",
+            "started_at": now,
+            "finished_at": now,
+        }
+        assert await store.insert_result(conn, **result)
+        assert not await store.insert_result(conn, **result)  # a duplicate delivery
+        assert await asyncio.wait_for(heard.get(), 5) == str(attempt)  # the trigger's NOTIFY
+        await store.register_step_types(conn, ["echo", "http"], "w1")
+        await store.register_step_types(conn, ["echo"], "w2")  # the upsert path
+        assert await store.pending_migrations(logins.worker) == []
+    finally:
+        await conn.close()
+        await listener.close()
+
+    assert await _refusals(logins.worker, WORKER_REFUSED) == []
+
+
+async def test_api_enqueues_reads_and_cancels_only(logins: Logins) -> None:
+    await _register(logins.admin)
+    listener = await asyncpg.connect(logins.admin)
+    woken = asyncio.Event()
+    await listener.add_listener("flowforge_runs", lambda *_: woken.set())
+    conn = await store.connect(logins.api)
+    try:
+        first = await enqueue(conn, "roles-check", {"n": 1}, idempotency_key="order-1")
+        again = await enqueue(conn, "roles-check", {"n": 1}, idempotency_key="order-1")
+        assert first.created and not again.created and again.id == first.id
+        await asyncio.wait_for(woken.wait(), 5)  # the statement trigger's NOTIFY
+        run = await store.get_run(conn, first.id)
+        assert run is not None and run["workflow_version"] == 1  # pinned by the trigger
+        updated = await conn.execute(
+            "UPDATE flowforge.runs SET cancel_requested = true WHERE id = $1", first.id
+        )
+        assert updated == "UPDATE 1"
+        assert [d["name"] for d in await store.list_definitions(conn)] == ["roles-check"]
+    finally:
+        await conn.close()
+        await listener.close()
+
+    assert await _refusals(logins.api, API_REFUSED) == []
+
+
+async def _echo(params: Any, ctx: StepContext) -> Any:
+    return params
+
+
+async def test_a_run_completes_with_each_process_in_its_role(
+    logins: Logins, redis_url: str, settings: Settings
+) -> None:
+    """The engine needs nothing beyond its grants: orchestrator, worker and API each log in
+    as their role, and a run goes from enqueue to completed."""
+    orchestrator = settings.model_copy(update={"database_url": logins.orchestrator})
+    worker = settings.model_copy(update={"database_url": logins.worker, "node_id": "w1"})
+    assert await store.pending_migrations(logins.orchestrator) == []  # its start-up check
+    await _register(logins.orchestrator)
+    stop = asyncio.Event()
+    ready_o, ready_w = asyncio.Event(), asyncio.Event()
+    tasks = [
+        asyncio.create_task(run_orchestrator(orchestrator, stop, ready=ready_o)),
+        asyncio.create_task(run_worker(worker, {"echo": _echo}, stop=stop, ready=ready_w)),
+    ]
+    try:
+        await asyncio.wait_for(asyncio.gather(ready_o.wait(), ready_w.wait()), timeout=20)
+        api = await store.connect(logins.api)
+        try:
+            run_id = (await enqueue(api, "roles-check", {"n": 41})).id
+
+            async def finished() -> Any:
+                row = await store.get_run(api, run_id)
+                assert row is not None
+                return row if row["status"] in ("completed", "failed") else None
+
+            row = await wait_for(finished, timeout=20, message="the run did not finish")
+        finally:
+            await api.close()
+        assert row["status"] == "completed", row["error"]
+        assert row["output"] == {"done": 42}
+    finally:
+        stop.set()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if isinstance(result, BaseException):
+                raise result
