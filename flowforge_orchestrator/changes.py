@@ -28,7 +28,7 @@ __all__ = [
     "rejected_run",
 ]
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 
 
 def json_size(value: Any) -> int:
@@ -126,6 +126,7 @@ class RunChanges:
     attempts_finished: list[AttemptFinished] = field(default_factory=list)
     inline_results: list[InlineResult] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
+    aborts: list[UUID] = field(default_factory=list)  # attempts to cancel on the workers
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None

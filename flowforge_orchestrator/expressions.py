@@ -101,17 +101,23 @@ class Expression:
     def evaluate(self, context: Mapping[str, Any]) -> Any:
         """The raw CEL result (timestamps stay `datetime`); any failure is an ExpressionError."""
         variables = {name: context[name] for name in self._names if name in context}
-        if self.step_refs is not None and isinstance(variables.get("steps"), Mapping):
-            steps = variables["steps"]
-            variables["steps"] = {ref: steps[ref] for ref in self.step_refs if ref in steps}
+        steps = variables.get("steps")
+        if isinstance(steps, Mapping):
+            # Only the steps the expression names (all of them when it reads `steps`
+            # dynamically), as a plain dict: CEL reads dicts, not lazy views.
+            if self.step_refs is not None:
+                variables["steps"] = {ref: steps[ref] for ref in self.step_refs if ref in steps}
+            elif not isinstance(steps, dict):
+                variables["steps"] = dict(steps)
         try:
             return self._program.execute(variables)
         except KeyError as exc:
-            raise self._error(f"no such key: {exc.args[0] if exc.args else exc}") from exc
+            raise self.error(f"no such key: {exc.args[0] if exc.args else exc}") from exc
         except Exception as exc:  # CEL raises TypeError, RuntimeError, ValueError, ...
-            raise self._error(str(exc) or type(exc).__name__) from exc
+            raise self.error(str(exc) or type(exc).__name__) from exc
 
-    def _error(self, message: str) -> ExpressionError:
+    def error(self, message: str) -> ExpressionError:
+        """An ExpressionError about this expression (its source, step and field)."""
         return ExpressionError(
             message, expression=self.source, step_id=self.step_id, field=self.field
         )
@@ -265,7 +271,7 @@ class TemplateString:
         try:
             return to_json_value(value)
         except ValueError as exc:
-            raise expression._error(f"result is not JSON: {exc}") from exc
+            raise expression.error(f"result is not JSON: {exc}") from exc
 
 
 def _split(text: str, step_id: str | None, field: str | None) -> tuple[str | Expression, ...]:

@@ -1,18 +1,24 @@
-"""One run's graph: which steps are ready, what a result changes, when the run is over.
+"""One run's graph: which steps are ready, what a result or a timer changes, when it ends.
 
-Pure: no I/O, no clock (every method takes `now`), ids come from an injected factory. The
-orchestrator feeds it claims, results and timers, and drains `take_changes()` into a group
-commit. Everything the graph needs to resume after a crash is in `checkpoint()` plus the
-stored outputs of finished attempts.
+Pure: no I/O, no clock (every method takes `now`). The orchestrator feeds it claims, results
+and timers, and drains `take_changes()` into a group commit. Everything needed to resume
+after a crash is in `checkpoint()` plus the stored outputs of finished attempts.
+
+How it moves: every entry point changes some nodes, and each node that finishes queues a
+follow-up; `_drain` works the queue until nothing is left to decide. Follow-ups start the
+dependents of a finished node, fail its list when it failed (unless `continue_on_failure`),
+and hand a finished list to its owner: the run (top level), a condition (its branch) or a
+parallel step (one branch, judged by the join policy). Control steps (condition, parallel,
+delay, transform) run here, in the orchestrator; leaf steps are dispatched to workers.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime
+from collections import deque
+from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from typing import Any
-from uuid import UUID, uuid4
+from uuid import UUID
 
 from flowforge_orchestrator.changes import (
     CHECKPOINT_VERSION,
@@ -27,54 +33,32 @@ from flowforge_orchestrator.changes import (
     json_size,
 )
 from flowforge_orchestrator.definitions import (
-    INLINE_STEP_TYPES,
-    Step,
+    ConditionStep,
+    DelayStep,
+    ParallelStep,
     TaskStep,
     TransformStep,
-    WorkflowDefinition,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.expressions import Template, build_context
+from flowforge_orchestrator.expressions import Expression, to_json_value
+from flowforge_orchestrator.joins import JoinState, JoinVerdict, needed
+from flowforge_orchestrator.nodes import (
+    Frame,
+    Node,
+    Saved,
+    Scope,
+    StepsView,
+    attempt_id,
+    decode,
+    encode,
+)
+from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "RunState"]
 
-SECRET_ROOTS = frozenset({"secrets"})
-
-
-class CompiledWorkflow:
-    """A definition with its expressions compiled once, shared by all runs of that version."""
-
-    def __init__(self, definition: WorkflowDefinition) -> None:
-        self.definition = definition
-        compiled = definition.compiled
-        self.steps: dict[str, Step] = {step.id: step for step in definition.steps}
-        self.params: dict[str, Template] = {}
-        self.outputs: dict[str, Template] = {}
-        # Paths in `with` that read `secrets`: only the worker renders them, from its own
-        # environment, so secret values never reach PostgreSQL, Redis, logs or events.
-        self.secret_paths: dict[str, list[list[str | int]]] = {}
-        for step in definition.steps:
-            if isinstance(step, TaskStep):
-                params = compiled.template(step.id, "with")
-                self.params[step.id] = params
-                deferred = params.deferred_paths(SECRET_ROOTS)
-                if deferred:
-                    self.secret_paths[step.id] = [list(path) for path in deferred]
-            elif isinstance(step, TransformStep):
-                self.outputs[step.id] = compiled.template(step.id, "output")
-        self.run_output = compiled.output
-        depended = {dep for step in definition.steps for dep in step.depends_on}
-        self.sinks = [s.id for s in definition.steps if s.id not in depended]
-
-
-@dataclass
-class _Step:
-    status: StepStatus = StepStatus.PENDING
-    attempt: int = 0
-    attempt_id: UUID | None = None
-    output: Any = None
-    error: dict[str, Any] | None = None
+_FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
+_WITH_WORKER = (StepStatus.DISPATCHED, StepStatus.RUNNING)
 
 
 class RunState:
@@ -91,7 +75,6 @@ class RunState:
         status: RunStatus = RunStatus.PENDING,
         checkpoint: Mapping[str, Any] | None = None,
         results: Mapping[UUID, StepResult] | None = None,
-        new_id: Callable[[], UUID] = uuid4,
     ) -> None:
         self.run_id = run_id
         self.workflow = workflow
@@ -99,13 +82,21 @@ class RunState:
         self.input = input
         self.limits = limits
         self.status = status
-        self._new_id = new_id
-        self._steps = {sid: _Step() for sid in workflow.steps}
+        self.output: Any = None
+        self.error: dict[str, Any] | None = None
+        self._run_info = {
+            "id": str(run_id),
+            "workflow": workflow.definition.name,
+            "version": version,
+        }
         self._seq = 0
         self._context_bytes = json_size(input)
         self._changes: RunChanges | None = None
-        self.output: Any = None
-        self.error: dict[str, Any] | None = None
+        self._nodes: dict[str, Node] = {}
+        self._timers: dict[str, datetime] = {}  # node key -> when its timer fires
+        self._queue: deque[tuple[str, Any]] = deque()
+        self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
+        self._root = self._new_scope(workflow.root, Frame(None), None)
         if checkpoint:
             self._restore(checkpoint, results or {})
 
@@ -113,32 +104,12 @@ class RunState:
 
     def checkpoint(self) -> dict[str, Any]:
         """The graph state as stored in `runs.checkpoint` (outputs live in step_results)."""
-        steps: dict[str, dict[str, Any]] = {}
-        for sid, st in self._steps.items():
-            if st.status is StepStatus.PENDING:
-                continue
-            saved: dict[str, Any] = {"s": st.status.value, "n": st.attempt, "a": str(st.attempt_id)}
-            if st.error is not None:
-                # Some failures are the orchestrator's verdict (an output over its limit, a
-                # template that failed): no result row holds them, so the checkpoint does.
-                saved["e"] = st.error
-            steps[sid] = saved
+        steps = {
+            key: encode(node)
+            for key, node in self._nodes.items()
+            if node.status is not StepStatus.PENDING
+        }
         return {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
-
-    def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
-        self._seq = int(checkpoint.get("seq", 0))
-        for sid, saved in checkpoint.get("steps", {}).items():
-            st = self._steps.get(sid)
-            if st is None:
-                continue
-            st.status = StepStatus(saved["s"])
-            st.attempt = int(saved.get("n", 0))
-            st.attempt_id = UUID(saved["a"]) if saved.get("a") not in (None, "None") else None
-            st.error = saved.get("e")
-            result = results.get(st.attempt_id) if st.attempt_id else None
-            if result is not None and st.status is StepStatus.SUCCEEDED:
-                st.output = result.output
-                self._context_bytes += json_size(result.output)
 
     def take_changes(self) -> RunChanges | None:
         """Drain what happened since the last call, with a fresh checkpoint snapshot."""
@@ -156,13 +127,17 @@ class RunState:
     def outstanding(self) -> list[UUID]:
         """Attempts handed to workers and not yet answered."""
         return [
-            st.attempt_id
-            for st in self._steps.values()
-            if st.attempt_id and st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING)
+            node.attempt_id
+            for node in self._nodes.values()
+            if node.attempt_id is not None and node.status in _WITH_WORKER
         ]
 
-    def step_status(self, step_id: str) -> StepStatus:
-        return self._steps[step_id].status
+    def step_status(self, key: str) -> StepStatus:
+        return self._nodes[key].status
+
+    def next_timer(self) -> datetime | None:
+        """When `fire_timers` next has something to do (None: no timer is set)."""
+        return min(self._timers.values(), default=None)
 
     # -- inputs from the orchestrator ----------------------------------------------------
 
@@ -178,231 +153,452 @@ class RunState:
             data={"workflow": self.workflow.definition.name, "version": self.version},
         )
         self._pending().started_at = now
-        self.advance(now)
+        self._start_scope(self._root, now)
+        self._drain(now)
 
     def resume(self, now: datetime) -> None:
         """An adopted run: hand outstanding attempts to the queue again (same ids)."""
         changes = self._pending()
-        for sid, st in self._steps.items():
-            if st.status is StepStatus.DISPATCHED and st.attempt_id is not None:
-                dispatch = self._dispatch_for(sid, st, now)
+        for node in list(self._nodes.values()):
+            if node.status is StepStatus.DISPATCHED and node.attempt_id is not None:
+                dispatch = self._dispatch_for(node, now)
                 if dispatch is not None:
                     changes.dispatches.append(dispatch)
-        self.advance(now)
+        for node, error in self._broken:
+            self._cancel_children(node, now)
+            self._fail(node, error, now)
+        self._broken.clear()
+        # Everything a commit decided was committed with it; this only re-checks, so that
+        # a run is never left waiting on a follow-up that was lost.
+        self._queue.extend(("check", scope) for scope in self._open_scopes())
+        self._drain(now)
 
     def apply_result(self, result: StepResult, now: datetime) -> bool:
         """Apply a worker's result exactly once; False if it is stale or a duplicate."""
         if self.status is not RunStatus.RUNNING:
             return False
-        st = self._steps.get(result.step_id)
-        if st is None or st.attempt_id != result.attempt_id:
+        node = self._nodes.get(result.step_id)
+        if node is None or node.attempt_id != result.attempt_id:
             return False
-        if st.status not in (StepStatus.DISPATCHED, StepStatus.RUNNING):
+        if node.status not in _WITH_WORKER:
             return False
-        if st.status is StepStatus.DISPATCHED:
-            self._step_to(
-                result.step_id,
+        if node.status is StepStatus.DISPATCHED:
+            self._to(
+                node,
                 StepStatus.RUNNING,
                 result.started_at or result.finished_at,
                 "step.started",
                 data={"worker": result.worker} if result.worker else None,
             )
         if result.outcome == "succeeded":
-            self._finish_with(result.step_id, result.output, now)
+            self._succeed(node, result.output, now)
         else:
-            self._fail(result.step_id, result.error or {"message": "step failed"}, now)
-        self.advance(now)
+            self._fail(node, result.error or {"message": "step failed"}, now)
+        self._drain(now)
         return True
+
+    def fire_timers(self, now: datetime) -> bool:
+        """Fire every timer due at `now`; True if any fired."""
+        due = [key for key, when in self._timers.items() if when <= now]
+        for key in due:
+            del self._timers[key]
+            node = self._nodes[key]
+            if self.status is RunStatus.RUNNING and node.status is StepStatus.RUNNING:
+                assert node.fire_at is not None
+                self._succeed(node, {"waited_until": _iso(node.fire_at)}, now)
+        self._drain(now)
+        return bool(due)
 
     def fail_run(self, error: dict[str, Any], now: datetime) -> None:
         """End the run as failed: everything not finished is cancelled."""
         if self.status.finished:
             return
-        self._cancel_open_steps(now)
+        self._cancel_scope(self._root, now)
         self.error = error
         self._finish(RunStatus.FAILED, now, "workflow.failed", {"error": error})
 
-    # -- the graph ----------------------------------------------------------------------
+    # -- the follow-up queue -----------------------------------------------------------
 
-    def advance(self, now: datetime) -> None:
-        """Start every step whose dependencies are done; finish the run when all are."""
-        progressed = True
-        while progressed and self.status is RunStatus.RUNNING:
-            progressed = False
-            for step in self.workflow.definition.steps:
-                st = self._steps[step.id]
-                if st.status is not StepStatus.PENDING:
-                    continue
-                deps = [self._steps[d] for d in step.depends_on]
-                if not all(d.status.finished for d in deps):
-                    continue
-                failed = [
-                    d
-                    for d, dep in zip(step.depends_on, deps, strict=True)
-                    if dep.status in (StepStatus.FAILED, StepStatus.TIMED_OUT)
-                    and not self.workflow.steps[d].continue_on_failure
-                ]
-                if failed:
-                    # A failure that nobody tolerates ends the run (it was already failed
-                    # when the step failed; this guards a restored checkpoint).
-                    continue
-                if deps and all(d.status is StepStatus.SKIPPED for d in deps):
-                    self._step_to(step.id, StepStatus.SKIPPED, now, "step.skipped")
-                else:
-                    self._start_step(step, now)
-                progressed = True
-        if self.status is RunStatus.RUNNING and all(
-            st.status.finished for st in self._steps.values()
-        ):
-            self._complete(now)
+    def _drain(self, now: datetime) -> None:
+        while self._queue and self.status is RunStatus.RUNNING:
+            kind, subject = self._queue.popleft()
+            if kind == "finished":
+                self._after_finish(subject, now)
+            else:
+                self._check(subject, now)
 
-    def _start_step(self, step: Step, now: datetime) -> None:
-        if isinstance(step, TransformStep):
-            self._run_transform(step, now)
-        elif step.type in INLINE_STEP_TYPES:
-            self._fail(
-                step.id,
-                StepError(
-                    f"step '{step.id}': type '{step.type}' is not supported by this engine yet",
-                    category="unsupported",
-                    retryable=False,
-                ).to_dict(),
-                now,
-            )
+    def _after_finish(self, node: Node, now: datetime) -> None:
+        scope = node.scope
+        if scope.closed:
+            return
+        if node.status in _FAILED and not node.step.continue_on_failure:
+            self._fail_scope(scope, node, now)
+            return
+        for dependent in scope.plan.dependents[node.step.id]:
+            self._maybe_start(scope.nodes[dependent], now)
+        if scope.done:
+            self._scope_done(scope, now)
+
+    def _check(self, scope: Scope, now: datetime) -> None:
+        if scope.closed:
+            return
+        for node in scope.nodes.values():
+            self._maybe_start(node, now)
+        if scope.done and not scope.closed:
+            self._scope_done(scope, now)
+
+    def _maybe_start(self, node: Node, now: datetime) -> None:
+        if node.status is not StepStatus.PENDING or node.scope.closed:
+            return
+        deps = [node.scope.nodes[d] for d in node.step.depends_on]
+        if not all(d.status.finished for d in deps):
+            return
+        if any(d.status in _FAILED and not d.step.continue_on_failure for d in deps):
+            return  # the failure closes the list; this guards a restored checkpoint
+        if deps and all(d.status is StepStatus.SKIPPED for d in deps):
+            self._skip(node, now)
         else:
-            self._dispatch_new_attempt(step, now)
+            self._start_node(node, now)
 
-    def _dispatch_new_attempt(self, step: Step, now: datetime) -> None:
-        st = self._steps[step.id]
-        st.attempt += 1
-        st.attempt_id = self._new_id()
-        dispatch = self._dispatch_for(step.id, st, now)
+    # -- lists ---------------------------------------------------------------------------
+
+    def _new_scope(self, plan: ListPlan, frame: Frame, owner: Node | None) -> Scope:
+        scope = Scope(plan, frame, owner)
+        for step in plan.steps:
+            node = Node(step.id + frame.suffix, step, scope)
+            scope.nodes[step.id] = node
+            frame.names[step.id] = node
+            self._nodes[node.key] = node
+            scope.open += 1
+            if isinstance(step, ConditionStep) or (
+                isinstance(step, ParallelStep) and step.for_each is None
+            ):
+                node.children = [
+                    self._new_scope(child, frame, node) for child in self.workflow.children[step.id]
+                ]
+        return scope
+
+    def _start_scope(self, scope: Scope, now: datetime) -> None:
+        scope.started = True
+        if scope.done:  # an empty list
+            self._queue.append(("check", scope))
+            return
+        for node in scope.nodes.values():
+            if not node.step.depends_on:
+                self._start_node(node, now)
+
+    def _scope_done(self, scope: Scope, now: datetime) -> None:
+        """Every step of the list finished and none failed it."""
+        scope.closed, scope.outcome = True, "succeeded"
+        owner = scope.owner
+        if owner is None:
+            self._complete(now)
+        elif isinstance(owner.step, ConditionStep):
+            self._succeed(owner, {"branch": owner.branch, "output": _list_output(scope)}, now)
+        else:
+            self._branch_finished(owner, scope, now)
+
+    def _fail_scope(self, scope: Scope, culprit: Node, now: datetime) -> None:
+        error = culprit.error or {"message": f"step '{culprit.key}' failed"}
+        scope.closed, scope.outcome, scope.failure = True, "failed", error
+        for node in scope.nodes.values():
+            self._cancel_node(node, now)
+        owner = scope.owner
+        if owner is None:
+            self.fail_run({**error, "step_id": culprit.key}, now)
+        elif isinstance(owner.step, ConditionStep):
+            message = f"step '{culprit.key}' of its {owner.branch} branch failed"
+            self._fail(owner, _nested_error(owner, message, culprit.key, error), now)
+        else:
+            self._branch_finished(owner, scope, now)
+
+    def _skip_scope(self, scope: Scope, now: datetime) -> None:
+        scope.closed, scope.outcome = True, "skipped"
+        for node in scope.nodes.values():
+            if node.status is StepStatus.PENDING:
+                self._skip(node, now)
+
+    def _cancel_scope(self, scope: Scope, now: datetime) -> None:
+        scope.closed = True
+        scope.outcome = scope.outcome or "cancelled"
+        for node in scope.nodes.values():
+            self._cancel_node(node, now)
+
+    def _open_scopes(self) -> list[Scope]:
+        scopes = [self._root] if self._root.started and not self._root.closed else []
+        scopes += [
+            child
+            for node in self._nodes.values()
+            for child in node.children
+            if child.started and not child.closed
+        ]
+        return scopes
+
+    # -- starting steps ------------------------------------------------------------------
+
+    def _start_node(self, node: Node, now: datetime) -> None:
+        step = node.step
+        if isinstance(step, TaskStep):
+            self._dispatch_new_attempt(node, now)
+            return
+        self._begin_inline(node)
+        try:
+            if isinstance(step, TransformStep):
+                self._succeed(node, self.workflow.outputs[step.id].render(self._context(node)), now)
+            elif isinstance(step, DelayStep):
+                self._start_delay(node, step, now)
+            elif isinstance(step, ConditionStep):
+                self._start_condition(node, now)
+            else:
+                assert isinstance(step, ParallelStep)
+                self._start_parallel(node, step, now)
+        except ExpressionError as exc:
+            self._fail(node, _expression_error(exc), now)
+
+    def _begin_inline(self, node: Node) -> None:
+        node.attempt = 1
+        node.attempt_id = attempt_id(self.run_id, node.key, 1)
+
+    def _start_delay(self, node: Node, step: DelayStep, now: datetime) -> None:
+        if step.duration is not None:
+            fire_at = now + timedelta(seconds=step.duration)
+        else:
+            value = self._evaluate(node, "until")
+            fire_at = _timestamp(value, self.workflow.expression(step.id, "until"))
+        node.fire_at = fire_at
+        self._to(node, StepStatus.RUNNING, now, "step.started", data={"until": _iso(fire_at)})
+        if fire_at <= now:
+            self._succeed(node, {"waited_until": _iso(fire_at)}, now)
+        else:
+            self._timers[node.key] = fire_at
+
+    def _start_condition(self, node: Node, now: datetime) -> None:
+        expression = self.workflow.expression(node.step.id, "if")
+        value = self._evaluate(node, "if")
+        if not isinstance(value, bool):
+            raise expression.error(f"`if` must give true or false, got {_kind(value)}")
+        node.branch = "then" if value else "else"
+        chosen, other = node.children if value else reversed(node.children)
+        self._to(node, StepStatus.RUNNING, now, "step.started", data={"branch": node.branch})
+        self._skip_scope(other, now)
+        self._start_scope(chosen, now)
+
+    def _start_parallel(self, node: Node, step: ParallelStep, now: datetime) -> None:
+        if step.for_each is not None:
+            items = self._evaluate(node, "for_each")
+            if not isinstance(items, list):
+                expression = self.workflow.expression(step.id, "for_each")
+                raise expression.error(f"`for_each` must give a list, got {_kind(items)}")
+            self._expand(node, [to_json_value(item) for item in items])
+        total = len(node.children)
+        node.join = JoinState(total, needed(step.join, total), step.fail_fast)
+        self._to(node, StepStatus.RUNNING, now, "step.started", data={"branches": total})
+        if node.join.need > total:
+            message = (
+                f"step '{node.key}': the join needs {node.join.need} successful branches "
+                f"but there are only {total}"
+            )
+            self._fail(
+                node, StepError(message, category="join_failed", retryable=False).to_dict(), now
+            )
+            return
+        self._judge(node, now)
+
+    def _expand(self, node: Node, items: list[Any]) -> None:
+        """One list instance per element, each with its own frame (`item`, `index`)."""
+        node.items = items
+        (template,) = self.workflow.children[node.step.id]
+        outer = node.scope.frame
+        node.children = [
+            self._new_scope(
+                template,
+                Frame(outer, f"{outer.suffix}[{index}]", item=item, index=index),
+                node,
+            )
+            for index, item in enumerate(items)
+        ]
+
+    def _branch_finished(self, node: Node, scope: Scope, now: datetime) -> None:
+        if node.status is not StepStatus.RUNNING or node.join is None:
+            return
+        if scope.outcome == "succeeded":
+            node.join.succeeded += 1
+        else:
+            node.join.failed += 1
+        self._judge(node, now)
+
+    def _judge(self, node: Node, now: datetime) -> None:
+        """Apply the join policy; start more branches while it waits."""
+        assert node.join is not None
+        verdict = node.join.verdict()
+        if verdict is JoinVerdict.WAIT:
+            self._launch(node, now)
+            return
+        self._cancel_children(node, now)
+        output = [_branch_entry(scope) for scope in node.children]
+        if verdict is JoinVerdict.SUCCEED:
+            self._succeed(node, output, now)
+            return
+        failed = [s for s in node.children if s.outcome == "failed"]
+        message = (
+            f"step '{node.key}': {len(failed)} of {node.join.total} branches failed; "
+            f"the join needs {node.join.need} to succeed"
+        )
+        details: dict[str, Any] = {"branches": output}
+        if failed:
+            details["first_error"] = failed[0].failure
+        error = StepError(message, category="join_failed", retryable=False, details=details)
+        self._fail(node, error.to_dict(), now)
+
+    def _launch(self, node: Node, now: datetime) -> None:
+        assert node.join is not None
+        limit = node.step.max_parallel or len(node.children)  # type: ignore[union-attr]
+        running = node.launched - node.join.finished
+        while node.launched < len(node.children) and running < limit:
+            scope = node.children[node.launched]
+            node.launched += 1
+            running += 1
+            self._start_scope(scope, now)
+
+    # -- worker steps --------------------------------------------------------------------
+
+    def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
+        node.attempt += 1
+        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt)
+        dispatch = self._dispatch_for(node, now)
         if dispatch is None:  # the parameters could not be rendered: already failed
             return
-        self._step_to(
-            step.id,
+        self._to(
+            node,
             StepStatus.DISPATCHED,
             now,
             "step.dispatched",
-            data={"type": step.type, "attempt": st.attempt},
+            data={"type": node.step.type, "attempt": node.attempt},
         )
         changes = self._pending()
         changes.attempts_started.append(
-            AttemptStarted(st.attempt_id, step.id, st.attempt, step.type, now)
+            AttemptStarted(node.attempt_id, node.key, node.attempt, node.step.type, now)
         )
         changes.dispatches.append(dispatch)
 
-    def _dispatch_for(self, step_id: str, st: _Step, now: datetime) -> Dispatch | None:
-        step = self.workflow.steps[step_id]
-        assert st.attempt_id is not None
+    def _dispatch_for(self, node: Node, now: datetime) -> Dispatch | None:
+        step = node.step
+        assert node.attempt_id is not None
         try:
-            params = self.workflow.params[step_id].render(self._context(), skip_roots=SECRET_ROOTS)
+            params = self.workflow.params[step.id].render(
+                self._context(node), skip_roots=SECRET_ROOTS
+            )
         except ExpressionError as exc:
-            self._fail(step_id, _expression_error(exc), now)
+            self._fail(node, _expression_error(exc), now)
             return None
         size = json_size(params)
         if size > self.limits.max_context_bytes:
-            self._fail(
-                step_id,
-                PayloadTooLarge(
-                    step_id=step_id,
-                    what="the rendered parameters",
-                    size=size,
-                    limit=self.limits.max_context_bytes,
-                ).to_dict(),
-                now,
+            what = "the rendered parameters"
+            error = PayloadTooLarge(
+                step_id=node.key, what=what, size=size, limit=self.limits.max_context_bytes
             )
+            self._fail(node, error.to_dict(), now)
             return None
         timeout = self.workflow.definition.effective_timeout(step, self.limits.default_timeout)
         return Dispatch(
-            attempt_id=st.attempt_id,
+            attempt_id=node.attempt_id,
             run_id=self.run_id,
-            step_id=step_id,
+            step_id=node.key,
             step_type=step.type,
-            attempt=st.attempt,
+            attempt=node.attempt,
             params=params,
             timeout=timeout,
-            secret_paths=self.workflow.secret_paths.get(step_id, []),
+            secret_paths=self.workflow.secret_paths.get(step.id, []),
         )
 
-    def _run_transform(self, step: TransformStep, now: datetime) -> None:
-        st = self._steps[step.id]
-        st.attempt += 1
-        st.attempt_id = self._new_id()
-        try:
-            output = self.workflow.outputs[step.id].render(self._context())
-        except ExpressionError as exc:
-            self._fail(step.id, _expression_error(exc), now, inline=True)
-            return
-        self._finish_with(step.id, output, now, inline=True)
+    # -- ending steps ----------------------------------------------------------------------
 
-    def _finish_with(
-        self, step_id: str, output: Any, now: datetime, *, inline: bool = False
-    ) -> None:
+    def _succeed(self, node: Node, output: Any, now: datetime) -> None:
         """Succeed with `output`, or fail the step if the output breaks a byte limit."""
         size = json_size(output)
-        error = self._limit_error(step_id, size)
+        error = self._limit_error(node.key, size)
         if error is not None:
-            self._fail(step_id, error, now, inline=inline)
+            self._fail(node, error, now)
             return
-        st = self._steps[step_id]
-        st.output = output
+        was_with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
+        node.output = output
         self._context_bytes += size
-        self._step_to(step_id, StepStatus.SUCCEEDED, now, "step.succeeded")
-        assert st.attempt_id is not None
-        if inline:
-            self._pending().inline_results.append(
-                InlineResult(st.attempt_id, step_id, "succeeded", output, None, now)
+        self._to(node, StepStatus.SUCCEEDED, now, "step.succeeded")
+        assert node.attempt_id is not None
+        if was_with_worker:
+            self._pending().attempts_finished.append(
+                AttemptFinished(node.attempt_id, StepStatus.SUCCEEDED, now, None)
             )
         else:
-            self._pending().attempts_finished.append(
-                AttemptFinished(st.attempt_id, StepStatus.SUCCEEDED, now, None)
+            self._pending().inline_results.append(
+                InlineResult(node.attempt_id, node.key, "succeeded", output, None, now)
             )
 
-    def _limit_error(self, step_id: str, size: int) -> dict[str, Any] | None:
+    def _limit_error(self, key: str, size: int) -> dict[str, Any] | None:
         if size > self.limits.max_output_bytes:
             return PayloadTooLarge(
-                step_id=step_id, what="the output", size=size, limit=self.limits.max_output_bytes
+                step_id=key, what="the output", size=size, limit=self.limits.max_output_bytes
             ).to_dict()
         total = self._context_bytes + size
         if total > self.limits.max_context_bytes:
             return PayloadTooLarge(
-                step_id=step_id,
+                step_id=key,
                 what="the run context with this output",
                 size=total,
                 limit=self.limits.max_context_bytes,
             ).to_dict()
         return None
 
-    def _fail(
-        self, step_id: str, error: dict[str, Any], now: datetime, *, inline: bool = False
-    ) -> None:
-        st = self._steps[step_id]
-        st.error = error
-        was_dispatched = st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING)
-        self._step_to(step_id, StepStatus.FAILED, now, "step.failed", data={"error": error})
-        changes = self._pending()
-        if was_dispatched and st.attempt_id is not None:
+    def _fail(self, node: Node, error: dict[str, Any], now: datetime) -> None:
+        node.error = error
+        with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
+        self._timers.pop(node.key, None)
+        self._to(node, StepStatus.FAILED, now, "step.failed", data={"error": error})
+        if node.attempt_id is None:
+            return
+        if with_worker:
+            self._pending().attempts_finished.append(
+                AttemptFinished(node.attempt_id, StepStatus.FAILED, now, error)
+            )
+        elif not isinstance(node.step, TaskStep):
+            self._pending().inline_results.append(
+                InlineResult(node.attempt_id, node.key, "failed", None, error, now)
+            )
+
+    def _skip(self, node: Node, now: datetime) -> None:
+        self._to(node, StepStatus.SKIPPED, now, "step.skipped")
+        for child in node.children:
+            self._skip_scope(child, now)
+
+    def _cancel_node(self, node: Node, now: datetime) -> None:
+        if node.status.finished:
+            return
+        self._cancel_children(node, now)
+        self._timers.pop(node.key, None)
+        with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
+        self._to(node, StepStatus.CANCELLED, now, "step.cancelled")
+        if with_worker and node.attempt_id is not None:
+            changes = self._pending()
             changes.attempts_finished.append(
-                AttemptFinished(st.attempt_id, StepStatus.FAILED, now, error)
+                AttemptFinished(node.attempt_id, StepStatus.CANCELLED, now, None)
             )
-        if inline and st.attempt_id is not None:
-            changes.inline_results.append(
-                InlineResult(st.attempt_id, step_id, "failed", None, error, now)
-            )
-        if not self.workflow.steps[step_id].continue_on_failure:
-            self.fail_run({**error, "step_id": step_id}, now)
+            changes.aborts.append(node.attempt_id)
+
+    def _cancel_children(self, node: Node, now: datetime) -> None:
+        for child in node.children:
+            if not child.closed:
+                self._cancel_scope(child, now)
 
     def _complete(self, now: datetime) -> None:
         template = self.workflow.run_output
         if template is not None:
             try:
-                output = template.render(self._context())
+                output = template.render(self._context(None))
             except ExpressionError as exc:
                 self.fail_run(_expression_error(exc), now)
                 return
         else:
-            output = {sid: self._steps[sid].output for sid in self.workflow.sinks}
+            output = {sid: self._root.nodes[sid].output for sid in self._root.plan.sinks}
         self.output = output
         self._finish(RunStatus.COMPLETED, now, "workflow.completed", {"output": output})
 
@@ -410,56 +606,152 @@ class RunState:
         previous = self.status
         check_run(previous, status)
         self.status = status
+        self._timers.clear()
+        self._queue.clear()
         self._emit(now, event, status, from_status=previous, data=data)
         self._pending().finished_at = now
 
-    def _cancel_open_steps(self, now: datetime) -> None:
-        for sid, st in self._steps.items():
-            if st.status.finished:
-                continue
-            was_dispatched = st.status in (StepStatus.DISPATCHED, StepStatus.RUNNING)
-            self._step_to(sid, StepStatus.CANCELLED, now, "step.cancelled")
-            if was_dispatched and st.attempt_id is not None:
-                self._pending().attempts_finished.append(
-                    AttemptFinished(st.attempt_id, StepStatus.CANCELLED, now, None)
-                )
+    # -- restoring ---------------------------------------------------------------------------
 
-    # -- helpers ------------------------------------------------------------------------
+    def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
+        self._seq = int(checkpoint.get("seq", 0))
+        saved = {key: decode(value) for key, value in checkpoint.get("steps", {}).items()}
+        scopes = [self._root]
+        fan_outs: deque[Node] = deque()
+        index = 0
+        while index < len(scopes) or fan_outs:
+            if index < len(scopes):
+                scope = scopes[index]
+                index += 1
+                for node in scope.nodes.values():
+                    entry = saved.get(node.key)
+                    if entry is not None:
+                        self._restore_node(node, entry, results)
+                        if entry.items is not None:
+                            fan_outs.append(node)
+                    scopes.extend(node.children)
+            else:
+                node = fan_outs.popleft()
+                self._restore_fan_out(node, saved[node.key])
+                scopes.extend(node.children)
+        self._root.started = self.status is RunStatus.RUNNING
+        for scope in reversed(scopes):  # children before their owners
+            self._restore_scope_state(scope)
 
-    def _context(self) -> dict[str, Any]:
-        steps = {
-            sid: {"output": st.output, "status": st.status.value, "error": st.error}
-            for sid, st in self._steps.items()
-            if st.status.finished
+    def _restore_node(self, node: Node, entry: Saved, results: Mapping[UUID, StepResult]) -> None:
+        node.status, node.attempt, node.error = entry.status, entry.attempt, entry.error
+        node.fire_at, node.branch = entry.fire_at, entry.branch
+        if entry.attempt_id is not None:
+            node.attempt_id = entry.attempt_id
+        elif node.attempt:
+            node.attempt_id = attempt_id(self.run_id, node.key, node.attempt)
+        if node.status.finished:
+            node.scope.open -= 1
+        result = results.get(node.attempt_id) if node.attempt_id else None
+        if result is not None and node.status is StepStatus.SUCCEEDED:
+            node.output = result.output
+            self._context_bytes += json_size(result.output)
+        if node.status is StepStatus.RUNNING and node.fire_at is not None:
+            self._timers[node.key] = node.fire_at
+
+    def _restore_fan_out(self, node: Node, entry: Saved) -> None:
+        """Re-evaluate `for_each` (its inputs are restored); the element count must agree."""
+        try:
+            items = self._evaluate(node, "for_each")
+        except ExpressionError as exc:
+            items, problem = None, str(exc)
+        else:
+            problem = f"it now gives {len(items)} elements" if isinstance(items, list) else ""
+        if isinstance(items, list) and len(items) == entry.items:
+            self._expand(node, [to_json_value(item) for item in items])
+            return
+        node.items = []
+        if not node.status.finished:
+            message = (
+                f"step '{node.key}': for_each gave {entry.items} elements when the step "
+                f"started, but {problem or 'not a list'} on resume; it must read only the "
+                "step's dependencies"
+            )
+            self._broken.append(
+                (node, StepError(message, category="internal_error", retryable=False).to_dict())
+            )
+
+    def _restore_scope_state(self, scope: Scope) -> None:
+        nodes = scope.nodes.values()
+        if any(n.status is not StepStatus.PENDING for n in nodes):
+            scope.started = True
+        owner = scope.owner
+        if owner is not None and owner.status.finished:
+            scope.closed = True
+            return
+        if owner is not None and owner.status is StepStatus.PENDING:
+            return
+        culprit = next(
+            (n for n in nodes if n.status in _FAILED and not n.step.continue_on_failure), None
+        )
+        if culprit is not None:
+            scope.closed, scope.outcome, scope.failure = True, "failed", culprit.error
+        elif scope.started and scope.done:
+            scope.closed, scope.outcome = True, "succeeded"
+        if owner is None:
+            return
+        if isinstance(owner.step, ConditionStep):
+            if owner.branch is not None and scope is not owner.children[owner.branch == "else"]:
+                scope.closed, scope.outcome = True, "skipped"
+            return
+        self._restore_join(owner, scope)
+
+    def _restore_join(self, owner: Node, scope: Scope) -> None:
+        """Count a restored branch into its parallel step's join."""
+        if owner.join is None:
+            step = owner.step
+            assert isinstance(step, ParallelStep)
+            total = len(owner.children)
+            owner.join = JoinState(total, needed(step.join, total), step.fail_fast)
+        if scope.started:
+            owner.launched = max(owner.launched, owner.children.index(scope) + 1)
+        if scope.outcome == "succeeded":
+            owner.join.succeeded += 1
+        elif scope.outcome == "failed":
+            owner.join.failed += 1
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _context(self, node: Node | None) -> dict[str, Any]:
+        frame = node.scope.frame if node is not None else self._root.frame
+        context: dict[str, Any] = {
+            "input": self.input,
+            "steps": StepsView(frame),
+            "run": self._run_info,
         }
-        run = {
-            "id": str(self.run_id),
-            "workflow": self.workflow.definition.name,
-            "version": self.version,
-        }
-        return build_context(self.input, steps, run)
+        element = frame.item_frame()
+        if element is not None:
+            context["item"], context["index"] = element.item, element.index
+        return context
+
+    def _evaluate(self, node: Node, field: str) -> Any:
+        return self.workflow.expression(node.step.id, field).evaluate(self._context(node))
 
     def _pending(self) -> RunChanges:
         if self._changes is None:
             self._changes = RunChanges(self.run_id, self.status, {})
         return self._changes
 
-    def _step_to(
+    def _to(
         self,
-        step_id: str,
+        node: Node,
         target: StepStatus,
         at: datetime,
         event: str,
         *,
         data: dict[str, Any] | None = None,
     ) -> None:
-        st = self._steps[step_id]
-        check_step(step_id, st.status, target)
-        previous = st.status
-        st.status = target
-        payload: dict[str, Any] = {"step_id": step_id}
-        if st.attempt:
-            payload["attempt"] = st.attempt
+        check_step(node.key, node.status, target)
+        previous = node.status
+        node.status = target
+        payload: dict[str, Any] = {"step_id": node.key}
+        if node.attempt:
+            payload["attempt"] = node.attempt
         if data:
             payload.update(data)
         self._emit(
@@ -467,10 +759,30 @@ class RunState:
             event,
             target,
             from_status=previous,
-            step_id=step_id,
-            attempt_id=st.attempt_id,
+            step_id=node.key,
+            attempt_id=node.attempt_id,
             data=payload,
         )
+        if target.finished:
+            node.scope.open -= 1
+            if not node.scope.closed:
+                self._queue.append(("finished", node))
+            if node.items is not None:
+                self._forget_elements(node)
+
+    def _forget_elements(self, node: Node) -> None:
+        """A finished fan-out keeps only its own output: its elements leave memory and the
+        checkpoint (their history stays in the transitions)."""
+        stack = list(node.children)
+        while stack:
+            scope = stack.pop()
+            for inner in scope.nodes.values():
+                self._nodes.pop(inner.key, None)
+                self._timers.pop(inner.key, None)
+                if inner.status is StepStatus.SUCCEEDED:
+                    self._context_bytes -= json_size(inner.output)
+                stack.extend(inner.children)
+        node.children, node.items = [], None
 
     def _emit(
         self,
@@ -498,6 +810,34 @@ class RunState:
         )
 
 
+def _list_output(scope: Scope) -> Any:
+    """A list's output: its one final step's, or its final steps' by id."""
+    sinks = scope.plan.sinks
+    if not sinks:
+        return None
+    if len(sinks) == 1:
+        return scope.nodes[sinks[0]].output
+    return {sid: scope.nodes[sid].output for sid in sinks}
+
+
+def _branch_entry(scope: Scope) -> dict[str, Any]:
+    entry: dict[str, Any] = {"status": scope.outcome or "cancelled", "output": None}
+    if scope.outcome == "succeeded":
+        entry["output"] = _list_output(scope)
+    elif scope.outcome == "failed":
+        entry["error"] = scope.failure
+    return entry
+
+
+def _nested_error(owner: Node, message: str, culprit: str, cause: dict[str, Any]) -> dict[str, Any]:
+    return StepError(
+        f"step '{owner.key}': {message}: {cause.get('message', 'no message')}",
+        category="branch_failed",
+        retryable=False,
+        details={"failed_step": culprit, "cause": cause},
+    ).to_dict()
+
+
 def _expression_error(exc: ExpressionError) -> dict[str, Any]:
     return StepError(
         str(exc),
@@ -505,3 +845,23 @@ def _expression_error(exc: ExpressionError) -> dict[str, Any]:
         retryable=False,
         details={"expression": exc.expression, "field": exc.field},
     ).to_dict()
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _timestamp(value: Any, expression: Expression) -> datetime:
+    """`until` gives a CEL timestamp or an RFC 3339 string; naive means UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise expression.error(f"`until` gave {value!r}, not an RFC 3339 timestamp") from None
+    if not isinstance(value, datetime):
+        raise expression.error(f"`until` must give a timestamp, got {_kind(value)}")
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -9,15 +9,18 @@ Four loops share one event loop and never block each other:
 * commit:  whatever the graphs changed since the last commit goes out in ONE transaction
            (group commit); only after it commits are the new attempts enqueued on arq;
 * leases:  one statement renews every lease we hold; runs that are no longer ours are
-           dropped from memory at once (another replica has them).
+           dropped from memory at once (another replica has them);
+* timers:  one heap of the runs' next timers (delays); the loop sleeps until the earliest,
+           so thousands of parked runs cost no query and no task each.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import heapq
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -69,6 +72,7 @@ class _Owned:
     traceparent: str | None
     new_traceparent: str | None = None  # written with the next commit (fresh starts only)
     attempts: set[UUID] = field(default_factory=set)  # dispatched, no result applied yet
+    timer_at: datetime | None = None  # the run's next timer, as pushed on the heap
 
 
 class Orchestrator:
@@ -106,6 +110,9 @@ class Orchestrator:
         self._wake_claim = asyncio.Event()
         self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
+        self._wake_timers = asyncio.Event()
+        self._timers: list[tuple[datetime, int, UUID]] = []  # heap; stale entries skipped
+        self._timer_seq = 0
         self.listener = Listener(
             settings.database_url,
             {"flowforge_runs": self._on_run_notify, "flowforge_results": self._on_result_notify},
@@ -143,6 +150,7 @@ class Orchestrator:
             "commit": self._commit_loop,
             "leases": self._lease_loop,
             "poll": self._poll_loop,
+            "timers": self._timer_loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
@@ -448,11 +456,16 @@ class Orchestrator:
                 self._drop(changes.run_id, "lost ownership (epoch moved on)")
 
     def _after_commit(self, run_id: UUID, owned: _Owned, changes: RunChanges) -> None:
-        """What may only happen once the transitions are durable: enqueue, forget."""
+        """What may only happen once the transitions are durable: enqueue, abort, forget."""
+        for finished in changes.attempts_finished:
+            self._attempts.pop(finished.attempt_id, None)
+            owned.attempts.discard(finished.attempt_id)
         for dispatch in changes.dispatches:
             self._attempts[dispatch.attempt_id] = run_id
             owned.attempts.add(dispatch.attempt_id)
             self._undelivered.append((dispatch, owned.traceparent))
+        if changes.aborts:
+            self._in_background(self._abort(changes.aborts))
         if changes.status.finished:
             self._forget_attempts(owned)
             if changes.status is RunStatus.FAILED:
@@ -465,10 +478,21 @@ class Orchestrator:
             log.debug("run %s %s", run_id, changes.status.value)
         else:
             self.runs[run_id] = owned
+            self._schedule(run_id, owned)
         if self._undelivered:
-            task = asyncio.get_running_loop().create_task(self._redeliver())
-            self._background.add(task)  # keep a reference until it is done
-            task.add_done_callback(self._background.discard)
+            self._in_background(self._redeliver())
+
+    def _in_background(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)  # keep a reference until it is done
+        task.add_done_callback(self._background.discard)
+
+    async def _abort(self, attempts: list[UUID]) -> None:
+        """Ask workers to stop cancelled attempts; best effort, their results are ignored."""
+        try:
+            await asyncio.gather(*(self.dispatcher.abort(a) for a in attempts))
+        except Exception as exc:
+            log.warning("could not abort %d attempt(s): %s", len(attempts), exc)
 
     async def _redeliver(self) -> None:
         """Enqueue committed dispatches; what Redis refuses is kept and tried again."""
@@ -501,6 +525,58 @@ class Orchestrator:
             self._forget_attempts(owned)
             owned.span.end()
             log.warning("run %s dropped from this orchestrator: %s", run_id, why)
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _schedule(self, run_id: UUID, owned: _Owned) -> None:
+        """Push the run's next timer if it changed; the loop wakes if it is the earliest."""
+        when = owned.state.next_timer()
+        if when is None or when == owned.timer_at:
+            owned.timer_at = when
+            return
+        owned.timer_at = when
+        self._timer_seq += 1
+        heapq.heappush(self._timers, (when, self._timer_seq, run_id))
+        if self._timers[0][2] == run_id:
+            self._wake_timers.set()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            self._wake_timers.clear()
+            now = self.clock()
+            due: list[UUID] = []
+            while self._timers:
+                when, _, run_id = self._timers[0]
+                owned = self.runs.get(run_id)
+                if owned is None or owned.timer_at != when:
+                    heapq.heappop(self._timers)  # stale: the run moved on or left
+                elif when <= now:
+                    heapq.heappop(self._timers)
+                    owned.timer_at = None
+                    due.append(run_id)
+                else:
+                    break
+            for run_id in due:
+                self._fire(run_id, now)
+            if due:
+                self._wake_commit.set()
+            delay = (self._timers[0][0] - now).total_seconds() if self._timers else None
+            try:
+                await asyncio.wait_for(self._wake_timers.wait(), timeout=delay)
+            except TimeoutError:
+                pass
+
+    def _fire(self, run_id: UUID, now: datetime) -> None:
+        owned = self.runs.get(run_id)
+        if owned is None:
+            return
+        try:
+            if owned.state.fire_timers(now):
+                self._dirty.add(run_id)
+            self._schedule(run_id, owned)
+        except Exception:  # a bug must not take the daemon down with it
+            log.exception("run %s: firing a timer failed", run_id)
+            self._drop(run_id, "internal error while firing a timer", give_back=True)
 
     # -- leases --------------------------------------------------------------------------
 

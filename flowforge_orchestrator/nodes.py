@@ -1,0 +1,204 @@
+"""The in-memory tree of one run: step instances (nodes), step-list instances (scopes), and
+the name spaces expressions read (frames).
+
+* A **node** is one instance of a step. Its key is the step id, plus `[i]` for each
+  enclosing for_each instance (`charge[3]`), so a key names one node in the whole run; it is
+  what events, attempts and results carry as `step_id`.
+* A **scope** is one instance of a step list: the top level, a `then`/`else`, a parallel
+  branch, one for_each element. It knows how many of its nodes are still open.
+* A **frame** is what `steps.<id>` and `item`/`index` mean: the top level has one, each
+  for_each element another (its steps are visible inside it, the outer ones too).
+
+Kept apart from `graph`, which holds the rules; these are the records the rules move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import NAMESPACE_URL, UUID, uuid5
+
+from flowforge_orchestrator.definitions import Step
+from flowforge_orchestrator.joins import JoinState
+from flowforge_orchestrator.plan import ListPlan
+from flowforge_orchestrator.state import StepStatus
+
+__all__ = ["Frame", "Node", "Scope", "StepsView", "attempt_id", "decode", "encode"]
+
+_NO_ITEM: Any = object()
+
+
+def attempt_id(run_id: UUID, key: str, attempt: int) -> UUID:
+    """Attempt ids are derived, not drawn: the checkpoint need not store them, and a node
+    restored after a crash re-dispatches under the very id arq may already hold."""
+    return uuid5(NAMESPACE_URL, f"flowforge:{run_id}/{key}/{attempt}")
+
+
+@dataclass(slots=True, eq=False)
+class Frame:
+    """Names visible to expressions: this frame's steps, then its parent's."""
+
+    parent: Frame | None
+    suffix: str = ""
+    item: Any = _NO_ITEM
+    index: int | None = None
+    names: dict[str, Node] = field(default_factory=dict)
+
+    def lookup(self, step_id: str) -> Node | None:
+        frame: Frame | None = self
+        while frame is not None:
+            node = frame.names.get(step_id)
+            if node is not None:
+                return node
+            frame = frame.parent
+        return None
+
+    def item_frame(self) -> Frame | None:
+        """The nearest frame that is a for_each element (it supplies `item`/`index`)."""
+        frame: Frame | None = self
+        while frame is not None and frame.item is _NO_ITEM:
+            frame = frame.parent
+        return frame
+
+
+class StepsView(Mapping[str, Mapping[str, Any]]):
+    """`steps` as expressions see it from one frame: finished steps only, built on read,
+    so a large fan-out is never copied into a dict per expression."""
+
+    __slots__ = ("_frame",)
+
+    def __init__(self, frame: Frame) -> None:
+        self._frame = frame
+
+    def __getitem__(self, step_id: str) -> Mapping[str, Any]:
+        node = self._frame.lookup(step_id)
+        if node is None or not node.status.finished:
+            raise KeyError(step_id)
+        return {"output": node.output, "status": node.status.value, "error": node.error}
+
+    def _visible(self) -> dict[str, Node]:
+        names: dict[str, Node] = {}
+        frame: Frame | None = self._frame
+        while frame is not None:
+            for step_id, node in frame.names.items():
+                names.setdefault(step_id, node)
+            frame = frame.parent
+        return {k: n for k, n in names.items() if n.status.finished}
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._visible())
+
+    def __len__(self) -> int:
+        return len(self._visible())
+
+
+@dataclass(slots=True, eq=False)
+class Scope:
+    """One instance of a step list. `owner` is the composite node it belongs to (None for
+    the top level); `closed` once its outcome is decided, after which its nodes' endings no
+    longer start anything."""
+
+    plan: ListPlan
+    frame: Frame
+    owner: Node | None
+    nodes: dict[str, Node] = field(default_factory=dict)  # by step id
+    open: int = 0
+    started: bool = False
+    closed: bool = False
+    outcome: str | None = None  # succeeded | failed | skipped | cancelled, once closed
+    failure: dict[str, Any] | None = None  # the error that failed it
+
+    @property
+    def done(self) -> bool:
+        return self.open == 0
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    """One instance of a step and what the graph knows about it."""
+
+    key: str
+    step: Step
+    scope: Scope
+    status: StepStatus = StepStatus.PENDING
+    attempt: int = 0
+    attempt_id: UUID | None = None
+    output: Any = None
+    error: dict[str, Any] | None = None
+    fire_at: datetime | None = None  # a delay's timer
+    branch: str | None = None  # the condition's chosen list: "then" | "else"
+    children: list[Scope] = field(default_factory=list)
+    items: list[Any] | None = None  # a for_each's elements
+    join: JoinState | None = None
+    launched: int = 0  # parallel branches started so far (max_parallel)
+
+    def context_entry(self) -> dict[str, Any]:
+        return {"output": self.output, "status": self.status.value, "error": self.error}
+
+
+# -- checkpoint encoding ---------------------------------------------------------------------
+#
+# A node that is not pending is saved as "<status letter><attempt>" ("S1": succeeded on its
+# first attempt), or as a dict when it has more to say (an error, a timer, a chosen branch,
+# a fan-out size). Compact because the whole checkpoint is rewritten by every commit of the
+# run: a fan-out of 1,000 costs ~20 bytes per element, not ~60.
+
+_LETTERS = {
+    StepStatus.DISPATCHED: "d",
+    StepStatus.RUNNING: "r",
+    StepStatus.SUCCEEDED: "S",
+    StepStatus.FAILED: "F",
+    StepStatus.TIMED_OUT: "T",
+    StepStatus.SKIPPED: "K",
+    StepStatus.CANCELLED: "C",
+}
+_STATUSES = {letter: status for status, letter in _LETTERS.items()}
+
+
+def encode(node: Node) -> str | dict[str, Any]:
+    letter = _LETTERS[node.status]
+    extra: dict[str, Any] = {}
+    if node.error is not None:
+        # Some failures are the orchestrator's verdict (a limit, a template, a join): no
+        # worker result holds them, so the checkpoint does.
+        extra["e"] = node.error
+    if node.fire_at is not None and not node.status.finished:
+        extra["t"] = node.fire_at.isoformat()
+    if node.branch is not None:
+        extra["b"] = node.branch
+    if node.items is not None:
+        extra["x"] = len(node.items)
+    if not extra:
+        return f"{letter}{node.attempt or ''}"
+    return {"s": letter, "n": node.attempt, **extra}
+
+
+@dataclass(frozen=True)
+class Saved:
+    """A decoded checkpoint entry."""
+
+    status: StepStatus
+    attempt: int
+    attempt_id: UUID | None = None  # only version-1 checkpoints stored ids
+    error: dict[str, Any] | None = None
+    fire_at: datetime | None = None
+    branch: str | None = None
+    items: int | None = None
+
+
+def decode(saved: str | Mapping[str, Any]) -> Saved:
+    if isinstance(saved, str):
+        return Saved(_STATUSES[saved[0]], int(saved[1:] or 0))
+    status = saved["s"]
+    explicit = saved.get("a")
+    return Saved(
+        status=_STATUSES[status] if len(status) == 1 else StepStatus(status),
+        attempt=int(saved.get("n", 0)),
+        attempt_id=UUID(explicit) if explicit not in (None, "None") else None,
+        error=saved.get("e"),
+        fire_at=datetime.fromisoformat(saved["t"]) if saved.get("t") else None,
+        branch=saved.get("b"),
+        items=saved.get("x"),
+    )
