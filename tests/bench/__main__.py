@@ -1,0 +1,7 @@
+"""`python -m tests.bench`: see `tests.bench.harness`."""
+
+import sys
+
+from tests.bench.harness import main
+
+sys.exit(main())

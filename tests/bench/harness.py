@@ -1,0 +1,285 @@
+"""`python -m tests.bench` (`just bench`): the engine against raw arq, in the same invocation.
+
+    python -m tests.bench                      # every workload, 3 repeats, full sizes
+    python -m tests.bench --quick --repeat 1   # tiny sizes: does the harness still work?
+    python -m tests.bench --workloads latency --poll-delay 0.01
+
+Each workload runs `--repeat` times, engine and baseline repeats interleaved so that drift of
+the machine touches both; a repeat is bounded by `--timeout`. A workload the engine cannot
+run (a run fails, a deadline passes) is reported as failed with the run's error, and the
+harness goes on. Exit status: 0 when every figure was measured (met or not), 1 when a
+workload failed, 2 when the harness itself could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import importlib.metadata
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.errors import FlowForgeError
+from tests.bench import workloads
+from tests.bench.cluster import REPO, Cluster
+from tests.bench.processes import WorkloadFailed
+from tests.bench.report import figures, format_table
+
+__all__ = ["BenchConfig", "Sizes", "main", "run"]
+
+WORKLOADS = ("throughput", "latency", "fanout", "scale")
+QUICK_SCALE = 0.01
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The issue's sizes; `scaled()` shrinks them for a quick run."""
+
+    throughput_runs: int = 1000  # of 5 steps: 5,000 steps against 5,000 raw jobs
+    latency_runs: int = 50  # of 10 steps: 450 handoffs against 450 single raw jobs
+    fanout_items: int = 1000
+    scale_runs: int = 10_000
+
+    def scaled(self, factor: float) -> Sizes:
+        return Sizes(
+            **{
+                f.name: max(2, round(getattr(self, f.name) * factor))
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    repeat: int = 3
+    scale: float = 1.0
+    workloads: tuple[str, ...] = WORKLOADS
+    poll_delay: float = Settings.model_fields["worker_poll_delay"].default
+    max_jobs: int = Settings.model_fields["worker_max_jobs"].default
+    timeout: float = 300.0  # per repeat of a workload, engine or baseline
+    out: Path | None = None
+    database_url: str | None = None  # admin DSN; None: a private durable server
+    redis_url: str | None = None
+
+
+Measure = Callable[[], Awaitable[dict[str, Any]]]
+
+
+def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict[str, Measure]:
+    """The measurements of one workload: `engine`, and the baselines it is compared with."""
+    raw = cluster.raw
+
+    async def raw_batch(jobs: int) -> dict[str, Any]:
+        assert cluster.raw_worker is not None
+        cpu = cluster.raw_worker.cpu_s()
+        result = await raw.batch(jobs, timeout)
+        result["cpu_ms_per_job"] = (cluster.raw_worker.cpu_s() - cpu) * 1000 / jobs
+        return result
+
+    handoffs = sizes.latency_runs * 9
+    table: dict[str, dict[str, Measure]] = {
+        "throughput": {
+            "engine": lambda: workloads.throughput(cluster, sizes.throughput_runs, timeout),
+            "baseline": lambda: raw_batch(sizes.throughput_runs * 5),
+        },
+        "latency": {
+            "engine": lambda: workloads.latency(cluster, sizes.latency_runs, timeout),
+            "baseline": lambda: raw.singles(handoffs, timeout),
+            "chained": lambda: raw.chained(handoffs + 1, timeout),
+        },
+        "fanout": {
+            "engine": lambda: workloads.fanout(cluster, sizes.fanout_items, timeout),
+            "baseline": lambda: raw_batch(sizes.fanout_items),
+        },
+        "scale": {"engine": lambda: workloads.scale(cluster, sizes.scale_runs, timeout)},
+    }
+    return table[name]
+
+
+async def _workload(cluster: Cluster, name: str, sizes: Sizes, config: BenchConfig) -> Any:
+    """All repeats of one workload; a side that fails once is not repeated."""
+    measures = _measures(cluster, name, sizes, config.timeout)
+    result: dict[str, Any] = {}
+    for side in measures:
+        result[side], result[f"{side}_error"] = [], None
+    for i in range(config.repeat):
+        for side, measure in measures.items():
+            if result[f"{side}_error"] is not None:
+                continue
+            began = time.monotonic()
+            try:
+                result[side].append(await measure())
+            except WorkloadFailed as exc:
+                result[f"{side}_error"] = str(exc)
+                if side != "engine":
+                    await cluster.clear_raw_queue()
+            finally:
+                if side == "engine":
+                    await cluster.reset()
+            status = result[f"{side}_error"] or "ok"
+            took = time.monotonic() - began
+            print(f"  {name} {side} {i + 1}/{config.repeat}: {took:.1f} s, {status}", flush=True)
+    return result
+
+
+def machine() -> dict[str, Any]:
+    """What the figures were measured on."""
+    info: dict[str, Any] = {
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for path, key, field in (
+        ("/proc/cpuinfo", "cpu", "model name"),
+        ("/proc/meminfo", "memory", "MemTotal"),
+    ):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        info[key] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith(field)), "")
+    for package in ("arq", "asyncpg", "redis"):
+        info[package] = importlib.metadata.version(package)
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    )
+    info["commit"] = commit.stdout.strip() or None
+    return info
+
+
+def _default_out() -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return REPO / ".flowforge" / "bench" / f"bench-{stamp}.json"
+
+
+async def run(config: BenchConfig, command: str = "python -m tests.bench") -> dict[str, Any]:
+    """Run the workloads; write the JSON report, print the table; return the report."""
+    sizes = Sizes().scaled(config.scale)
+    out = config.out or _default_out()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    logs = out.with_name(out.stem + "-logs")
+    started = datetime.now(UTC)
+    print(
+        f"FlowForge benchmarks: {', '.join(config.workloads)}; {config.repeat} repeats; "
+        f"poll_delay {config.poll_delay:g} s, max_jobs {config.max_jobs}; sizes {sizes}",
+        flush=True,
+    )
+    async with Cluster(
+        poll_delay=config.poll_delay,
+        max_jobs=config.max_jobs,
+        logs=logs,
+        definitions=workloads.DEFINITIONS,
+        database_url=config.database_url,
+        redis_url=config.redis_url,
+    ) as cluster:
+        servers = await cluster.describe()
+        results = {}
+        for name in config.workloads:
+            results[name] = await _workload(cluster, name, sizes, config)
+    rows = figures(results)
+    report = {
+        "command": command,
+        "started_at": started.isoformat(),
+        "finished_at": datetime.now(UTC).isoformat(),
+        "machine": machine(),
+        "servers": servers,
+        "config": {
+            **{k: v for k, v in dataclasses.asdict(config).items() if not k.endswith("url")},
+            "out": str(out),
+            "sizes": dataclasses.asdict(sizes),
+        },
+        "figures": [f.to_json() for f in rows],
+        "workloads": results,
+        "logs": str(logs),
+    }
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n", encoding="utf-8")
+    print()
+    print(format_table(rows))
+    print(f"\nresults: {out}\nprocess logs: {logs}")
+    return report
+
+
+def _parser() -> argparse.ArgumentParser:
+    defaults = BenchConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m tests.bench",
+        description="Benchmark the engine against raw arq on durable PostgreSQL and Redis.",
+    )
+    p.add_argument("--repeat", type=int, default=defaults.repeat, help="repeats per workload")
+    p.add_argument("--scale", type=float, default=None, help="size factor (default 1)")
+    p.add_argument("--quick", action="store_true", help=f"tiny sizes (scale {QUICK_SCALE:g})")
+    p.add_argument(
+        "--workloads",
+        nargs="+",
+        choices=WORKLOADS,
+        default=list(WORKLOADS),
+        metavar="NAME",
+        help=f"run only these ({', '.join(WORKLOADS)}; db cost comes with throughput)",
+    )
+    p.add_argument(
+        "--poll-delay",
+        type=float,
+        default=defaults.poll_delay,
+        help="FLOWFORGE_WORKER_POLL_DELAY and the raw worker's poll_delay",
+    )
+    p.add_argument(
+        "--max-jobs",
+        type=int,
+        default=defaults.max_jobs,
+        help="FLOWFORGE_WORKER_MAX_JOBS and the raw worker's max_jobs",
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=defaults.timeout,
+        help="seconds one repeat of a workload may take",
+    )
+    p.add_argument("--out", type=Path, default=None, help="JSON report (default .flowforge/bench/)")
+    p.add_argument(
+        "--database-url",
+        default=None,
+        help="an admin DSN (may CREATE DATABASE) instead of a private server",
+    )
+    p.add_argument("--redis-url", default=None, help="a Redis instead of a private server")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.repeat < 1:
+        print("error: --repeat must be at least 1", file=sys.stderr)
+        return 2
+    config = BenchConfig(
+        repeat=args.repeat,
+        scale=args.scale if args.scale is not None else (QUICK_SCALE if args.quick else 1.0),
+        workloads=tuple(dict.fromkeys(args.workloads)),
+        poll_delay=args.poll_delay,
+        max_jobs=args.max_jobs,
+        timeout=args.timeout,
+        out=args.out,
+        database_url=args.database_url,
+        redis_url=args.redis_url,
+    )
+    command = " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        report = asyncio.run(run(config, command))
+    except FlowForgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    failed = any(
+        v for w in report["workloads"].values() for k, v in w.items() if k.endswith("_error")
+    )
+    return 1 if failed else 0

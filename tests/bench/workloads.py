@@ -1,0 +1,268 @@
+"""The engine's side of each workload, and the definitions they run.
+
+Every function runs one repeat on a `Cluster` whose run tables are empty, and returns its
+measurements; a run that did not end as expected raises `WorkloadFailed` with that run's
+error, so a workload the engine cannot run yet is reported, not fatal.
+
+Times come from what PostgreSQL recorded (`runs.finished_at`, `step_results.started_at` and
+`finished_at`, `step_attempts.dispatched_at`) compared with the harness's clock at the
+enqueue commit: the same machine, the same clock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from itertools import pairwise
+from typing import Any
+
+from flowforge_orchestrator.enqueue import enqueue
+from tests.bench.cluster import STEP_TYPE, Cluster
+from tests.bench.processes import WorkloadFailed, until
+
+__all__ = [
+    "CHAIN_5",
+    "CHAIN_10",
+    "DEFINITIONS",
+    "FANOUT",
+    "PARK",
+    "fanout",
+    "latency",
+    "scale",
+    "throughput",
+]
+
+CHAIN_5 = "bench-chain-5"
+CHAIN_10 = "bench-chain-10"
+FANOUT = "bench-fanout"
+PARK = "bench-park"
+_ENDED = ("completed", "failed", "cancelled")
+
+
+def _chain(name: str, steps: int) -> dict[str, Any]:
+    """`steps` no-op steps, each depending on the one before."""
+    chain: list[dict[str, Any]] = []
+    for i in range(1, steps + 1):
+        step: dict[str, Any] = {"id": f"s{i:02d}", "type": STEP_TYPE}
+        if i > 1:
+            step["depends_on"] = [f"s{i - 1:02d}"]
+        chain.append(step)
+    return {"name": name, "version": 1, "steps": chain}
+
+
+DEFINITIONS: list[dict[str, Any]] = [
+    _chain(CHAIN_5, 5),
+    _chain(CHAIN_10, 10),
+    {
+        "name": FANOUT,
+        "version": 1,
+        "steps": [
+            {
+                "id": "fan",
+                "type": "parallel",
+                "for_each": "input.items",
+                "step": {"id": "touch", "type": STEP_TYPE, "with": {"item": "${{ item }}"}},
+            }
+        ],
+    },
+    {"name": PARK, "version": 1, "steps": [{"id": "park", "type": "delay", "duration": "10m"}]},
+]
+
+
+# -- shared ----------------------------------------------------------------------------------
+
+
+def _require(cluster: Cluster, workflow: str) -> None:
+    refused = cluster.definition_errors.get(workflow)
+    if refused:
+        raise WorkloadFailed(f"definition {workflow} was refused: {refused}")
+
+
+async def _enqueue_all(cluster: Cluster, workflow: str, inputs: list[Any]) -> float:
+    """Enqueue every run in one transaction; the wall-clock time of its commit."""
+    async with cluster.conn.transaction():
+        for payload in inputs:
+            await enqueue(cluster.conn, workflow, payload)
+    return time.time()
+
+
+async def _statuses(cluster: Cluster) -> dict[str, int]:
+    rows = await cluster.conn.fetch(
+        "SELECT status, count(*) AS n FROM flowforge.runs GROUP BY status ORDER BY status"
+    )
+    return {row["status"]: int(row["n"]) for row in rows}
+
+
+async def _wait(cluster: Cluster, sql: str, target: int, timeout: float, what: str) -> None:
+    """Until `sql` counts `target`; on timeout, say where the runs stand."""
+
+    async def reached() -> bool:
+        return int(await cluster.conn.fetchval(sql)) >= target
+
+    try:
+        await until(reached, timeout, what, interval=0.01, alive=cluster.check)
+    except WorkloadFailed as exc:
+        cluster.check()  # a dead process explains it better than a timeout
+        raise WorkloadFailed(f"{exc} (runs by status: {await _statuses(cluster)})") from None
+
+
+async def _wait_ended(cluster: Cluster, runs: int, timeout: float) -> None:
+    sql = "SELECT count(*) FROM flowforge.runs WHERE status IN ('completed', 'failed', 'cancelled')"
+    await _wait(cluster, sql, runs, timeout, f"{runs} runs did not end")
+
+
+def _message(error: Any) -> str:
+    if isinstance(error, dict) and error.get("message"):
+        return str(error["message"])
+    return json.dumps(error) if error is not None else "no error recorded"
+
+
+async def _expect(cluster: Cluster, status: str) -> None:
+    """Every run has `status`; otherwise WorkloadFailed with the first other run's error."""
+    counts = await _statuses(cluster)
+    others = {s: n for s, n in counts.items() if s != status}
+    if not others:
+        return
+    row = await cluster.conn.fetchrow(
+        "SELECT id, status, error FROM flowforge.runs WHERE status <> $1 "
+        "ORDER BY finished_at NULLS LAST, created_at LIMIT 1",
+        status,
+    )
+    ended = ", ".join(f"{n} {s}" for s, n in others.items())
+    raise WorkloadFailed(
+        f"{ended} of {sum(counts.values())} runs (expected all {status}); "
+        f"run {row['id']} is {row['status']}: {_message(row['error'])}"
+    )
+
+
+async def _last_finish(cluster: Cluster) -> float:
+    value = await cluster.conn.fetchval(
+        "SELECT extract(epoch FROM max(finished_at))::float8 FROM flowforge.runs"
+    )
+    return float(value)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+async def throughput(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
+    """Workload 1 (and 5): `runs` runs of 5 no-op steps enqueued in one transaction.
+
+    Database cost, cluster-wide from a CHECKPOINT: transaction ids assigned (= write
+    transactions; the enqueue's own is left out, it is the caller's) and WAL bytes.
+    """
+    _require(cluster, CHAIN_5)
+    assert cluster.orchestrator is not None and cluster.worker is not None
+    procs = {"orchestrator": cluster.orchestrator, "worker": cluster.worker}
+    await cluster.checkpoint()
+    before = await cluster.db_stats()
+    cpu = {name: proc.cpu_s() for name, proc in procs.items()}
+    committed = await _enqueue_all(cluster, CHAIN_5, [{"n": i} for i in range(runs)])
+    await _wait_ended(cluster, runs, timeout)
+    after = await cluster.db_stats()
+    cpu = {name: proc.cpu_s() - cpu[name] for name, proc in procs.items()}
+    await _expect(cluster, "completed")
+    wall = await _last_finish(cluster) - committed
+    steps = runs * 5
+    writes = after["xid"] - before["xid"] - 1
+    results = int(await cluster.conn.fetchval("SELECT count(*) FROM flowforge.step_results"))
+    wal = after["lsn"] - before["lsn"]
+    return {
+        "runs": runs,
+        "steps": steps,
+        "wall_s": wall,
+        "steps_per_s": steps / wall,
+        "write_transactions": writes,
+        "write_transactions_per_step": writes / steps,
+        "worker_result_transactions": results,
+        "orchestrator_transactions_per_step": (writes - results) / steps,
+        "wal_bytes": wal,
+        "wal_bytes_per_step": wal / steps,
+        "cpu_ms_per_step": {name: seconds * 1000 / steps for name, seconds in cpu.items()},
+    }
+
+
+async def latency(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
+    """Workload 2: `runs` runs of 10 no-op steps, one after the other on an idle engine.
+
+    A handoff is step N's result (`step_results.finished_at`, stamped by the worker just
+    before its insert commits) to step N+1's start (`step_results.started_at`, when the
+    worker began it). It splits at `step_attempts.dispatched_at` (the orchestrator's clock
+    when its graph dispatched step N+1, before that commit and the arq enqueue).
+    """
+    _require(cluster, CHAIN_10)
+    deadline = time.monotonic() + timeout
+    for i in range(runs):
+        run = await enqueue(cluster.conn, CHAIN_10, {"n": i})
+
+        async def ended(run_id: Any = run.id) -> bool:
+            status = await cluster.conn.fetchval(
+                "SELECT status FROM flowforge.runs WHERE id = $1", run_id
+            )
+            return status in _ENDED
+
+        left = max(0.0, deadline - time.monotonic())
+        await until(
+            ended, left, f"run {i + 1} of {runs} did not end", interval=0.005, alive=cluster.check
+        )
+    await _expect(cluster, "completed")
+    rows = await cluster.conn.fetch(
+        "SELECT r.run_id, r.step_id, r.started_at, r.finished_at, a.dispatched_at "
+        "FROM flowforge.step_results r JOIN flowforge.step_attempts a ON a.id = r.attempt_id "
+        "WHERE r.outcome = 'succeeded' ORDER BY r.run_id, r.step_id"
+    )
+    by_run: dict[Any, list[Any]] = defaultdict(list)
+    for row in rows:
+        by_run[row["run_id"]].append(row)
+    handoff, to_dispatch, to_start = [], [], []
+    for steps in by_run.values():
+        for done, nxt in pairwise(steps):
+            handoff.append((nxt["started_at"] - done["finished_at"]).total_seconds() * 1000)
+            to_dispatch.append((nxt["dispatched_at"] - done["finished_at"]).total_seconds() * 1000)
+            to_start.append((nxt["started_at"] - nxt["dispatched_at"]).total_seconds() * 1000)
+    return {
+        "runs": runs,
+        "handoff_ms": handoff,
+        "result_to_dispatch_ms": to_dispatch,
+        "dispatch_to_start_ms": to_start,
+    }
+
+
+async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]:
+    """Workload 3: one run whose `for_each` runs a no-op step per item; enqueue commit to
+    the run's end."""
+    _require(cluster, FANOUT)
+    committed = await _enqueue_all(cluster, FANOUT, [{"items": list(range(items))}])
+    await _wait_ended(cluster, 1, timeout)
+    await _expect(cluster, "completed")
+    wall = await _last_finish(cluster) - committed
+    ran = int(
+        await cluster.conn.fetchval(
+            "SELECT count(*) FROM flowforge.step_results WHERE outcome = 'succeeded'"
+        )
+    )
+    if ran < items:
+        raise WorkloadFailed(f"the fan-out run completed with {ran} of {items} item steps")
+    return {"items": items, "wall_s": wall}
+
+
+async def scale(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
+    """Workload 4: `runs` runs each parked on a 10-minute delay, claimed by a fresh
+    orchestrator; its RSS before and after, and enqueue commit to the last claim seen."""
+    _require(cluster, PARK)
+    orchestrator = await cluster.restart_orchestrator()
+    rss_before = orchestrator.rss_kb()
+    committed = await _enqueue_all(cluster, PARK, [{"n": i} for i in range(runs)])
+    pending = "SELECT count(*) = 0 FROM flowforge.runs WHERE status = 'pending'"
+    await _wait(cluster, f"SELECT ({pending})::int", 1, timeout, f"{runs} runs not claimed")
+    claimed = time.time() - committed
+    rss_after = orchestrator.rss_kb()
+    await _expect(cluster, "running")
+    return {
+        "runs": runs,
+        "claim_s": claimed,
+        "rss_before_kib": rss_before,
+        "rss_after_kib": rss_after,
+        "rss_per_run_kib": (rss_after - rss_before) / runs,
+    }
