@@ -236,7 +236,7 @@ class RunState:
             return
         for dependent in scope.plan.dependents[node.step.id]:
             self._maybe_start(scope.nodes[dependent], now)
-        if scope.done:
+        if _succeeded(scope):
             self._scope_done(scope, now)
 
     def _check(self, scope: Scope, now: datetime) -> None:
@@ -244,7 +244,7 @@ class RunState:
             return
         for node in scope.nodes.values():
             self._maybe_start(node, now)
-        if scope.done and not scope.closed:
+        if _succeeded(scope):
             self._scope_done(scope, now)
 
     def _maybe_start(self, node: Node, now: datetime) -> None:
@@ -808,6 +808,18 @@ class RunState:
                 data=data or {},
             )
         )
+
+
+def _succeeded(scope: Scope) -> bool:
+    """Every step of the open list finished, and no failure is still waiting in the queue
+    to close it (a step started by the same follow-up may have failed at once)."""
+    return (
+        not scope.closed
+        and scope.done
+        and not any(
+            n.status in _FAILED and not n.step.continue_on_failure for n in scope.nodes.values()
+        )
+    )
 
 
 def _list_output(scope: Scope) -> Any:

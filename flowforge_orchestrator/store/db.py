@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
@@ -48,6 +48,12 @@ _TRANSIENT = (
 
 def _dumps(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_texts(values: Iterable[Any]) -> list[str | None]:
+    """JSON values for a `text[]` parameter cast to jsonb per element. A `jsonb[]` parameter
+    cannot carry them: asyncpg reads a value that is a list as one more array dimension."""
+    return [None if value is None else _dumps(value) for value in values]
 
 
 async def _init(conn: asyncpg.Connection) -> None:

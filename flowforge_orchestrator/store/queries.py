@@ -82,9 +82,9 @@ WHERE owner = $1 AND status = 'running' AND id = ANY($2::uuid[])
 UPDATE_RUNS = """
 UPDATE flowforge.runs AS r SET
     status = u.status,
-    checkpoint = u.checkpoint,
-    output = u.output,
-    error = u.error,
+    checkpoint = u.checkpoint::jsonb,
+    output = u.output::jsonb,
+    error = u.error::jsonb,
     epoch = u.new_epoch,
     owner = $1,
     lease_expires_at = CASE
@@ -95,8 +95,8 @@ UPDATE flowforge.runs AS r SET
     started_at = coalesce(r.started_at, u.started_at),
     finished_at = u.finished_at,
     updated_at = now()
-FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[], $8::jsonb[],
-            $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::text[], $13::timestamptz[])
+FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[], $8::text[],
+            $9::text[], $10::text[], $11::timestamptz[], $12::text[], $13::timestamptz[])
     AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
          traceparent, started_at)
 WHERE r.id = u.id AND r.epoch = u.epoch
@@ -111,8 +111,9 @@ SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::uuid[], $5::text
 
 INSERT_OUTBOX = """
 INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent)
-SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::jsonb[],
-                     $6::text[])
+SELECT run_id, seq, type, time, data::jsonb, traceparent
+FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
+    AS e(run_id, seq, type, time, data, traceparent)
 """
 
 INSERT_ATTEMPTS = """
@@ -124,16 +125,19 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::t
 """
 
 FINISH_ATTEMPTS = """
-UPDATE flowforge.step_attempts AS s SET status = f.status, finished_at = f.at, error = f.error
-FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::jsonb[]) AS f(id, status, at, error)
+UPDATE flowforge.step_attempts AS s
+SET status = f.status, finished_at = f.at, error = f.error::jsonb
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[]) AS f(id, status, at, error)
 WHERE s.id = f.id
 """
 
 INSERT_RESULTS = """
 INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
                                     worker, started_at, finished_at)
-SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::jsonb[], $6::jsonb[],
-                     $7::text[], $8::timestamptz[], $9::timestamptz[])
+SELECT a, r, s, o, output::jsonb, error::jsonb, w, st, f
+FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
+            $7::text[], $8::timestamptz[], $9::timestamptz[])
+    AS x(a, r, s, o, output, error, w, st, f)
 ON CONFLICT (attempt_id) DO NOTHING
 """
 

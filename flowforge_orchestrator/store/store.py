@@ -18,6 +18,7 @@ import asyncpg
 from flowforge_orchestrator.changes import RunChanges, StepResult
 from flowforge_orchestrator.definitions import WorkflowDefinition
 from flowforge_orchestrator.store import queries as q
+from flowforge_orchestrator.store.db import json_texts
 
 __all__ = [
     "ClaimedRun",
@@ -214,9 +215,9 @@ async def write_changes(
             [o.new_epoch for o in batch],
             [o.claimed for o in batch],
             [o.changes.status.value for o in batch],
-            [o.changes.checkpoint for o in batch],
-            [o.changes.output for o in batch],
-            [o.changes.error for o in batch],
+            json_texts(o.changes.checkpoint for o in batch),
+            json_texts(o.changes.output for o in batch),
+            json_texts(o.changes.error for o in batch),
             [o.changes.finished_at for o in batch],
             [o.traceparent for o in batch],
             [o.changes.started_at for o in batch],
@@ -252,7 +253,7 @@ async def _insert_events(conn: asyncpg.Connection, batch: Sequence[OwnedChanges]
         seqs,
         [e.type for _, _, e in rows],
         ats,
-        [e.data for _, _, e in rows],
+        json_texts(e.data for _, _, e in rows),
         [tp for _, tp, _ in rows],
     )
 
@@ -277,7 +278,7 @@ async def _write_attempts(conn: asyncpg.Connection, changes: Iterable[RunChanges
             [a.attempt_id for a in finished],
             [a.status.value for a in finished],
             [a.at for a in finished],
-            [a.error for a in finished],
+            json_texts(a.error for a in finished),
         )
     if inline:
         await conn.execute(
@@ -286,8 +287,8 @@ async def _write_attempts(conn: asyncpg.Connection, changes: Iterable[RunChanges
             [run_id for run_id, _ in inline],
             [r.step_id for _, r in inline],
             [r.outcome for _, r in inline],
-            [r.output for _, r in inline],
-            [r.error for _, r in inline],
+            json_texts(r.output for _, r in inline),
+            json_texts(r.error for _, r in inline),
             ["orchestrator"] * len(inline),
             [r.at for _, r in inline],
             [r.at for _, r in inline],
