@@ -132,6 +132,9 @@ def test_worker_instances_have_their_own_environment_file() -> None:
     assert "-/etc/flowforge/workers/%i.env" in unit["EnvironmentFile"]
     assert unit["ExecStart"] == ["/opt/flowforge/bin/flowforge-orchestrator worker $WORKER_ARGS"]
     assert "flowforge-orchestrator.service" in unit["After"][0].split()
+    # Instances on one host cannot share the orchestrator's port: none unless NAME.env says.
+    assert "FLOWFORGE_HTTP_PORT=0" in unit["Environment"]
+    assert "FLOWFORGE_HTTP_PORT" not in _env_example()  # it would override that for all
 
 
 @pytest.mark.parametrize("unit", [ORCHESTRATOR, WORKER])
