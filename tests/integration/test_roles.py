@@ -266,12 +266,14 @@ async def test_a_run_completes_with_each_process_in_its_role(
         try:
             run_id = (await enqueue(api, "roles-check", {"n": 41})).id
 
-            async def finished() -> Any:
+            async def finished() -> asyncpg.Record | None:
                 row = await store.get_run(api, run_id)
                 assert row is not None
                 return row if row["status"] in ("completed", "failed") else None
 
-            row = await wait_for(finished, timeout=20, message="the run did not finish")
+            row: asyncpg.Record = await wait_for(
+                finished, timeout=20, message="the run did not finish"
+            )
         finally:
             await api.close()
         assert row["status"] == "completed", row["error"]
