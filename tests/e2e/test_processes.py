@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -410,3 +411,48 @@ async def test_sigterm_exits_promptly_and_releases_the_leases(
     assert run["status"] == "completed", run["error"]
     assert run["owner"] == "b"
     assert slow.started() == 1
+
+
+PARKED = """
+name: parked
+version: 1
+steps:
+  - {id: first, type: echo, with: {n: 1}}
+  - {id: pause, type: delay, duration: 4s, depends_on: [first]}
+  - {id: last, type: echo, depends_on: [pause], with: {done: true}}
+"""
+
+
+async def test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time(
+    cluster: Cluster,
+) -> None:
+    await cluster.worker()
+    orchestrator_a = await cluster.orchestrator("a")
+    await cluster.register(PARKED)
+    run_id = await cluster.submit("parked", {})
+
+    async def parked() -> dict[str, Any] | None:
+        return next(
+            (
+                e
+                for e in await cluster.outbox(run_id)
+                if e["type"] == "step.started" and e["data"]["step_id"] == "pause"
+            ),
+            None,
+        )
+
+    await cluster.until(parked, "the delay never started")
+    assert orchestrator_a.kill() == -signal.SIGKILL
+    await cluster.orchestrator("b")
+    run = await cluster.finished(run_id)
+
+    assert run["status"] == "completed", run["error"]
+    assert run["owner"] == "b"  # the timer lived on in the checkpoint, not in process a
+    events = await cluster.outbox(run_id)
+    pause = [e for e in events if e["data"].get("step_id") == "pause"]
+    assert [e["type"] for e in pause] == ["step.started", "step.succeeded"]  # once, not reset
+    due = datetime.fromisoformat(pause[0]["data"]["until"])
+    assert pause[1]["time"] >= due
+    last = next(e for e in events if e["data"].get("step_id") == "last")
+    assert last["time"] >= due
+    assert_history(events, await cluster.transitions(run_id))
