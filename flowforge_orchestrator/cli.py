@@ -20,7 +20,7 @@ from uuid import UUID
 
 from pydantic import ValidationError
 
-from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator import sdnotify, store, telemetry
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import (
     definition_json_schema,
@@ -76,8 +76,13 @@ async def _connection(settings: Settings) -> AsyncIterator[store.Connection]:
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
     loop = asyncio.get_running_loop()
+
+    def stopping() -> None:
+        sdnotify.stopping()  # systemd shows "deactivating" while we finish what is in hand
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, stopping)
 
 
 @contextlib.asynccontextmanager

@@ -29,7 +29,7 @@ from uuid import UUID
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator import sdnotify, store, telemetry
 from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, StepResult, rejected_run
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
@@ -157,6 +157,7 @@ class Orchestrator:
         ]
         await self.listener.connected.wait()
         self.ready.set()
+        sdnotify.ready(f"orchestrator {self.node}: serving")  # Type=notify units start here
         log.info("orchestrator %s running", self.node)
         stopper = asyncio.create_task(stop.wait())
         try:
