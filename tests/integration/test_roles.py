@@ -153,7 +153,9 @@ async def _register(dsn: str) -> None:
 
 
 async def test_roles_exist_without_login_and_own_by_need(logins: Logins) -> None:
-    await store.apply_roles(logins.admin)  # re-runnable: a second run changes nothing
+    # What a later migration adds is handed over by the next run, and granted to no one else.
+    await _admin(logins.admin, "CREATE TABLE flowforge.added_later (id serial PRIMARY KEY)")
+    await store.apply_roles(logins.admin)
     conn = await asyncpg.connect(logins.admin)
     try:
         roles = await conn.fetch(
@@ -167,9 +169,21 @@ async def test_roles_exist_without_login_and_own_by_need(logins: Logins) -> None
             "SELECT c.relname, pg_get_userbyid(c.relowner) AS owner FROM pg_class c"
             " WHERE c.relnamespace = 'flowforge'::regnamespace AND c.relkind IN ('r', 'v', 'S')"
         )
-        assert owners and {r["owner"] for r in owners} == {"flowforge_orchestrator"}
+        assert "added_later" in {r["relname"] for r in owners}
+        assert {r["owner"] for r in owners} == {"flowforge_orchestrator"}
     finally:
         await conn.close()
+    refused = [
+        "SELECT * FROM flowforge.added_later",
+        "INSERT INTO flowforge.added_later DEFAULT VALUES",
+    ]
+    assert await _refusals(logins.worker, refused) == []
+    assert await _refusals(logins.api, refused) == []
+    orchestrator = await store.connect(logins.orchestrator)
+    try:
+        await orchestrator.execute("INSERT INTO flowforge.added_later DEFAULT VALUES")
+    finally:
+        await orchestrator.close()
 
 
 async def test_roles_need_a_migrated_schema(services: Services) -> None:
