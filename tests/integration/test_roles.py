@@ -123,6 +123,7 @@ async def logins(db_url: str) -> AsyncIterator[Logins]:
                 f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{u}'"
                 for u in users.values()
             ),
+            *(f"DROP OWNED BY {user}" for user in users.values()),
             *(f"DROP ROLE IF EXISTS {user}" for user in users.values()),
         )
 
