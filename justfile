@@ -21,6 +21,10 @@ test *ARGS:
     coverage combine -q
     coverage report
 
+# Benchmarks: the engine against raw arq on private durable servers (see tests/bench/BENCHMARKS.md).
+bench *ARGS:
+    python -m tests.bench {{ARGS}}
+
 lint:
     ruff check flowforge_orchestrator tests
     ruff format --check flowforge_orchestrator tests

@@ -42,6 +42,8 @@ _RUN_TABLES = "flowforge.runs, flowforge.step_attempts, flowforge.step_results, 
 )
 # What a reset clears in Redis: the engine's queues and arq's per-job keys (both workers').
 _ENGINE_KEYS = (queue_name("*"), "arq:job:*", "arq:in-progress:*", "arq:retry:*", "arq:result:*")
+_UNFINISHED_RUNS = "SELECT count(*) FROM flowforge.runs WHERE status IN ('pending', 'running')"
+_DISPATCHED_ATTEMPTS = "SELECT count(*) FROM flowforge.step_attempts WHERE status = 'dispatched'"
 _STATS = """
 SELECT pg_current_wal_lsn() AS lsn,
        pg_snapshot_xmax(pg_current_snapshot())::text::bigint AS xid
@@ -248,30 +250,36 @@ class Cluster:
         """Empty the run tables (definitions and step types stay)."""
         await self.conn.execute(f"TRUNCATE {_RUN_TABLES}")
 
-    async def unfinished(self) -> int:
-        return int(
-            await self.conn.fetchval(
-                "SELECT count(*) FROM flowforge.runs WHERE status IN ('pending', 'running')"
-            )
-        )
+    async def _count(self, sql: str) -> int:
+        return int(await self.conn.fetchval(sql))
 
     async def reset(self) -> None:
-        """Between repeats: empty tables; after a failure (runs left over) also empty the
-        queues and start the engine's processes again, so the next repeat starts clean."""
-        if await self.unfinished():
-            procs = [p for p in (self.orchestrator, self.worker) if p is not None]
-            await asyncio.gather(*(p.stop() for p in procs))
-            self.orchestrator = self.worker = None
+        """Empty the run tables for the next repeat.
+
+        Runs left unfinished (parked on purpose, or a failed repeat) belong to the running
+        orchestrator, so it is replaced; attempts still out on the queue would write results
+        into the next repeat, so then the worker is replaced too and the queues emptied.
+        """
+        if not await self._count(_UNFINISHED_RUNS):
+            await self.truncate()
+            return
+        in_flight = await self._count(_DISPATCHED_ATTEMPTS)
+        stopping = [self.orchestrator, self.worker if in_flight else None]
+        await asyncio.gather(*(p.stop() for p in stopping if p is not None))
+        self.orchestrator = None
+        if in_flight:
+            self.worker = None
             for pattern in _ENGINE_KEYS:
                 keys = [key async for key in self.redis.scan_iter(match=pattern, count=1000)]
                 if keys:
                     await self.redis.delete(*keys)
-            await self.truncate()
+        await self.truncate()
+        if in_flight:
             self.orchestrator, self.worker = await _all(
                 self._start_orchestrator(), self._start_worker()
             )
         else:
-            await self.truncate()
+            self.orchestrator = await self._start_orchestrator()
 
     async def clear_raw_queue(self) -> None:
         """Drop the baseline's leftover jobs after one of its measurements failed."""

@@ -290,7 +290,7 @@ def figures(results: dict[str, dict[str, Any]]) -> list[Figure]:
 def format_table(rows: list[Figure]) -> str:
     """One line per figure: name, engine, raw arq, ratio, target, met (median [min..max])."""
     lines = [
-        f"{'figure':<46} {'engine':>22} {'raw arq':>22} {'ratio':>6}  {'target':<22} met",
+        f"{'figure':<46} {'engine':>24} {'raw arq':>24} {'ratio':>6}  {'target':<22} met",
     ]
     for f in rows:
         name = f"{f.name} ({f.unit})" if f.unit else f.name
@@ -298,7 +298,7 @@ def format_table(rows: list[Figure]) -> str:
         baseline = f.baseline.text() if f.baseline else ("FAILED" if f.compared else "-")
         ratio = f"{f.ratio:.2f}" if f.ratio is not None else "-"
         met = {None: "-", True: "yes", False: "no"}[f.met]
-        line = f"{name:<46} {engine:>22} {baseline:>22} {ratio:>6}  "
+        line = f"{name:<46} {engine:>24} {baseline:>24} {ratio:>6}  "
         line += f"{f.target.text if f.target else '-':<22} {met}"
         if f.error:
             first = f.error.splitlines()[0] if f.error.strip() else f.error
