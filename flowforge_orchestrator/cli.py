@@ -247,6 +247,19 @@ async def cmd_runs_show(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_runs_cancel(settings: Settings, args: argparse.Namespace) -> int:
+    async with _connection(settings) as conn:
+        requested, status = await store.request_cancel(conn, args.run_id)
+    if status is None:
+        print(f"error: there is no run {args.run_id}", file=sys.stderr)
+        return 1
+    if not requested:
+        print(f"run {args.run_id} already ended ({status}): nothing to cancel")
+        return 0
+    print(f"run {args.run_id}: cancellation requested (it was {status})")
+    return 0
+
+
 async def cmd_runs_list(settings: Settings, args: argparse.Namespace) -> int:
     async with _connection(settings) as conn:
         rows = await store.list_runs(
@@ -349,6 +362,8 @@ def _parser() -> argparse.ArgumentParser:
     show = add("show", cmd_runs_show, "a run with its steps, attempts and timings", runs)
     show.add_argument("run_id", type=_uuid)
     show.add_argument("--json", action="store_true")
+    cancel = add("cancel", cmd_runs_cancel, "cancel a pending or running run", runs)
+    cancel.add_argument("run_id", type=_uuid)
     lst = add("list", cmd_runs_list, "recent runs", runs)
     lst.add_argument("--workflow")
     lst.add_argument("--status", choices=["pending", "running", "completed", "failed", "cancelled"])

@@ -235,6 +235,11 @@ class StepBase(_Model):
     description: str | None = None
     depends_on: list[str] = Field(default_factory=list)
     timeout: PositiveDuration | None = None
+    schedule_to_start: PositiveDuration | None = Field(
+        default=None,
+        description="How long an attempt may wait for a worker before it times out "
+        "(default: as long as its timeout).",
+    )
     retry: RetryPolicy | None = None
     continue_on_failure: bool = False
 

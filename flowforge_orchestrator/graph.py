@@ -53,12 +53,14 @@ from flowforge_orchestrator.nodes import (
     encode,
 )
 from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
+from flowforge_orchestrator.retry import decide
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "RunState"]
 
 _FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 _WITH_WORKER = (StepStatus.DISPATCHED, StepStatus.RUNNING)
+_RUN_TIMER = ""  # the run's own deadline, among the step timers (no step key is empty)
 
 
 class RunState:
@@ -109,7 +111,11 @@ class RunState:
             for key, node in self._nodes.items()
             if node.status is not StepStatus.PENDING
         }
-        return {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
+        saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
+        deadline = self._timers.get(_RUN_TIMER)
+        if deadline is not None:
+            saved["deadline"] = deadline.isoformat()
+        return saved
 
     def take_changes(self) -> RunChanges | None:
         """Drain what happened since the last call, with a fresh checkpoint snapshot."""
@@ -153,6 +159,9 @@ class RunState:
             data={"workflow": self.workflow.definition.name, "version": self.version},
         )
         self._pending().started_at = now
+        timeout = self.workflow.definition.timeout
+        if timeout is not None:
+            self._timers[_RUN_TIMER] = now + timedelta(seconds=timeout)
         self._start_scope(self._root, now)
         self._drain(now)
 
@@ -164,6 +173,7 @@ class RunState:
                 dispatch = self._dispatch_for(node, now)
                 if dispatch is not None:
                     changes.dispatches.append(dispatch)
+                    self._set_deadline(node, dispatch, now)
         for node, error in self._broken:
             self._cancel_children(node, now)
             self._fail(node, error, now)
@@ -199,15 +209,32 @@ class RunState:
 
     def fire_timers(self, now: datetime) -> bool:
         """Fire every timer due at `now`; True if any fired."""
-        due = [key for key, when in self._timers.items() if when <= now]
-        for key in due:
-            del self._timers[key]
+        due = sorted((when, key) for key, when in self._timers.items() if when <= now)
+        for _, key in due:
+            if self.status is not RunStatus.RUNNING or self._timers.pop(key, None) is None:
+                continue
+            if key == _RUN_TIMER:
+                self._run_timed_out(now)
+                continue
             node = self._nodes[key]
-            if self.status is RunStatus.RUNNING and node.status is StepStatus.RUNNING:
-                assert node.fire_at is not None
-                self._succeed(node, {"waited_until": _iso(node.fire_at)}, now)
+            node.fire_at = None
+            if node.status is StepStatus.RETRYING:
+                self._dispatch_new_attempt(node, now)
+            elif node.status in _WITH_WORKER and isinstance(node.step, TaskStep):
+                self._attempt_timed_out(node, now)
+            elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
+                self._succeed(node, {"waited_until": _iso(now)}, now)
         self._drain(now)
         return bool(due)
+
+    def cancel(self, now: datetime, reason: str | None = None) -> bool:
+        """Cancel the run: pending steps never start, running ones are aborted, every open
+        step is recorded cancelled. False if the run had already finished."""
+        if self.status.finished:
+            return False
+        self._cancel_scope(self._root, now)
+        self._finish(RunStatus.CANCELLED, now, "workflow.cancelled", {"reason": reason})
+        return True
 
     def fail_run(self, error: dict[str, Any], now: datetime) -> None:
         """End the run as failed: everything not finished is cancelled."""
@@ -365,12 +392,11 @@ class RunState:
         else:
             value = self._evaluate(node, "until")
             fire_at = _timestamp(value, self.workflow.expression(step.id, "until"))
-        node.fire_at = fire_at
         self._to(node, StepStatus.RUNNING, now, "step.started", data={"until": _iso(fire_at)})
         if fire_at <= now:
-            self._succeed(node, {"waited_until": _iso(fire_at)}, now)
+            self._succeed(node, {"waited_until": _iso(now)}, now)
         else:
-            self._timers[node.key] = fire_at
+            self._set_timer(node, fire_at)
 
     def _start_condition(self, node: Node, now: datetime) -> None:
         expression = self.workflow.expression(node.step.id, "if")
@@ -465,9 +491,11 @@ class RunState:
     def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
         node.attempt += 1
         node.attempt_id = attempt_id(self.run_id, node.key, node.attempt)
+        node.error = None
         dispatch = self._dispatch_for(node, now)
         if dispatch is None:  # the parameters could not be rendered: already failed
             return
+        self._set_deadline(node, dispatch, now)
         self._to(
             node,
             StepStatus.DISPATCHED,
@@ -480,6 +508,12 @@ class RunState:
             AttemptStarted(node.attempt_id, node.key, node.attempt, node.step.type, now)
         )
         changes.dispatches.append(dispatch)
+
+    def _set_deadline(self, node: Node, dispatch: Dispatch, now: datetime) -> None:
+        """The worker ends an attempt at its timeout, counted from when it starts; this
+        deadline is for the worker that died or never came: queue wait plus timeout."""
+        waiting = node.step.schedule_to_start or dispatch.timeout
+        self._set_timer(node, now + timedelta(seconds=waiting + dispatch.timeout))
 
     def _dispatch_for(self, node: Node, now: datetime) -> Dispatch | None:
         step = node.step
@@ -521,6 +555,7 @@ class RunState:
             self._fail(node, error, now)
             return
         was_with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
+        self._clear_timer(node)
         node.output = output
         self._context_bytes += size
         self._to(node, StepStatus.SUCCEEDED, now, "step.succeeded")
@@ -549,21 +584,76 @@ class RunState:
             ).to_dict()
         return None
 
-    def _fail(self, node: Node, error: dict[str, Any], now: datetime) -> None:
+    def _attempt_timed_out(self, node: Node, now: datetime) -> None:
+        assert node.attempt_id is not None
+        timeout = self.workflow.definition.effective_timeout(node.step, self.limits.default_timeout)
+        waited = node.step.schedule_to_start or timeout
+        error = StepError(
+            f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "
+            f"after it was dispatched (timeout {timeout:g}s plus {waited:g}s to be picked up)",
+            category="timeout",
+            details={"timeout": timeout, "schedule_to_start": waited},
+        ).to_dict()
+        self._pending().aborts.append(node.attempt_id)
+        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
+
+    def _fail(
+        self,
+        node: Node,
+        error: dict[str, Any],
+        now: datetime,
+        *,
+        status: StepStatus = StepStatus.FAILED,
+    ) -> None:
+        """The attempt failed: retry it if its policy says so, else the step fails."""
         node.error = error
         with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
-        self._timers.pop(node.key, None)
-        self._to(node, StepStatus.FAILED, now, "step.failed", data={"error": error})
-        if node.attempt_id is None:
-            return
+        self._clear_timer(node)
         if with_worker:
+            assert node.attempt_id is not None
             self._pending().attempts_finished.append(
-                AttemptFinished(node.attempt_id, StepStatus.FAILED, now, error)
+                AttemptFinished(node.attempt_id, status, now, error)
             )
-        elif not isinstance(node.step, TaskStep):
+            if self._retry(node, error, now):
+                return
+        event = "step.timed_out" if status is StepStatus.TIMED_OUT else "step.failed"
+        self._to(node, status, now, event, data={"error": error})
+        if node.attempt_id is not None and not isinstance(node.step, TaskStep):
             self._pending().inline_results.append(
                 InlineResult(node.attempt_id, node.key, "failed", None, error, now)
             )
+
+    def _retry(self, node: Node, error: dict[str, Any], now: datetime) -> bool:
+        assert node.attempt_id is not None
+        policy = self.workflow.definition.effective_retry(node.step)
+        # The jitter comes from the attempt id: a replay after a crash waits the same.
+        rand = node.attempt_id.int / 2**128
+        decision = decide(policy, error, node.attempt, rand=rand, now=now)
+        if not decision.retry:
+            return False
+        at = now + timedelta(seconds=decision.delay)
+        data = {"error": error, "next_attempt": node.attempt + 1, "next_attempt_at": _iso(at)}
+        self._to(node, StepStatus.RETRYING, now, "step.retrying", data=data)
+        self._set_timer(node, at)
+        return True
+
+    def _set_timer(self, node: Node, at: datetime) -> None:
+        node.fire_at = at
+        self._timers[node.key] = at
+
+    def _clear_timer(self, node: Node) -> None:
+        node.fire_at = None
+        self._timers.pop(node.key, None)
+
+    def _run_timed_out(self, now: datetime) -> None:
+        timeout = self.workflow.definition.timeout or 0
+        error = StepError(
+            f"the run did not finish within its timeout of {timeout:g}s",
+            category="run_timeout",
+            retryable=False,
+            details={"timeout": timeout},
+        ).to_dict()
+        self.fail_run(error, now)
 
     def _skip(self, node: Node, now: datetime) -> None:
         self._to(node, StepStatus.SKIPPED, now, "step.skipped")
@@ -574,7 +664,7 @@ class RunState:
         if node.status.finished:
             return
         self._cancel_children(node, now)
-        self._timers.pop(node.key, None)
+        self._clear_timer(node)
         with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
         self._to(node, StepStatus.CANCELLED, now, "step.cancelled")
         if with_worker and node.attempt_id is not None:
@@ -615,6 +705,8 @@ class RunState:
 
     def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
         self._seq = int(checkpoint.get("seq", 0))
+        if checkpoint.get("deadline"):
+            self._timers[_RUN_TIMER] = datetime.fromisoformat(checkpoint["deadline"])
         saved = {key: decode(value) for key, value in checkpoint.get("steps", {}).items()}
         scopes = [self._root]
         fan_outs: deque[Node] = deque()
@@ -651,7 +743,7 @@ class RunState:
         if result is not None and node.status is StepStatus.SUCCEEDED:
             node.output = result.output
             self._context_bytes += json_size(result.output)
-        if node.status is StepStatus.RUNNING and node.fire_at is not None:
+        if not node.status.finished and node.fire_at is not None:
             self._timers[node.key] = node.fire_at
 
     def _restore_fan_out(self, node: Node, entry: Saved) -> None:

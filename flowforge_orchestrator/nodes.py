@@ -20,7 +20,7 @@ from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from flowforge_orchestrator.definitions import Step
+from flowforge_orchestrator.definitions import Step, TaskStep
 from flowforge_orchestrator.joins import JoinState
 from flowforge_orchestrator.plan import ListPlan
 from flowforge_orchestrator.state import StepStatus
@@ -127,7 +127,7 @@ class Node:
     attempt_id: UUID | None = None
     output: Any = None
     error: dict[str, Any] | None = None
-    fire_at: datetime | None = None  # a delay's timer
+    fire_at: datetime | None = None  # its timer: a delay's end, a deadline, a retry's start
     branch: str | None = None  # the condition's chosen list: "then" | "else"
     children: list[Scope] = field(default_factory=list)
     items: list[Any] | None = None  # a for_each's elements
@@ -148,6 +148,8 @@ class Node:
 _LETTERS = {
     StepStatus.DISPATCHED: "d",
     StepStatus.RUNNING: "r",
+    StepStatus.RETRYING: "w",
+    StepStatus.PENDING: "p",  # saved only with attempts behind it (a redriven step)
     StepStatus.SUCCEEDED: "S",
     StepStatus.FAILED: "F",
     StepStatus.TIMED_OUT: "T",
@@ -164,7 +166,10 @@ def encode(node: Node) -> str | dict[str, Any]:
         # Some failures are the orchestrator's verdict (a limit, a template, a join): no
         # worker result holds them, so the checkpoint does.
         extra["e"] = node.error
-    if node.fire_at is not None and not node.status.finished:
+    # A worker step's deadline is not saved: a restore gives its attempt a fresh one. Delays
+    # and retry backoffs are, so they end at their time whoever holds the run.
+    with_worker = isinstance(node.step, TaskStep) and node.status is not StepStatus.RETRYING
+    if node.fire_at is not None and not node.status.finished and not with_worker:
         extra["t"] = node.fire_at.isoformat()
     if node.branch is not None:
         extra["b"] = node.branch

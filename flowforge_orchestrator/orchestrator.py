@@ -115,7 +115,11 @@ class Orchestrator:
         self._timer_seq = 0
         self.listener = Listener(
             settings.database_url,
-            {"flowforge_runs": self._on_run_notify, "flowforge_results": self._on_result_notify},
+            {
+                "flowforge_runs": self._on_run_notify,
+                "flowforge_results": self._on_result_notify,
+                "flowforge_cancel": self._on_cancel_notify,
+            },
             on_connect=self._catch_up,
         )
         self.ready = asyncio.Event()
@@ -133,6 +137,25 @@ class Orchestrator:
         if attempt_id in self._attempts:
             self._notified.add(attempt_id)
             self._wake_results.set()
+
+    def _on_cancel_notify(self, payload: str) -> None:
+        try:
+            run_id = UUID(payload)
+        except ValueError:
+            return
+        self._cancel(run_id)
+
+    def _cancel(self, run_id: UUID) -> None:
+        owned = self.runs.get(run_id)
+        if owned is None:
+            return  # pending (the claim cancels it) or another replica's
+        try:
+            if owned.state.cancel(self.clock(), "cancel requested"):
+                self._dirty.add(run_id)
+                self._wake_commit.set()
+        except Exception:  # a bug must not take the daemon down with it
+            log.exception("run %s: cancelling failed", run_id)
+            self._drop(run_id, "internal error while cancelling", give_back=True)
 
     def _catch_up(self) -> None:
         """After (re)connecting LISTEN: look for everything we may have missed."""
@@ -208,6 +231,20 @@ class Orchestrator:
             await asyncio.sleep(self.settings.poll_interval)
             self._catch_up()
             await self._redeliver()
+            await self._missed_cancels()
+
+    async def _missed_cancels(self) -> None:
+        """Cancellations whose notification we may have missed (LISTEN was down)."""
+        if not self.runs:
+            return
+        try:
+            async with self.pool.acquire() as conn:
+                wanted = await store.cancel_requested(conn, self.node)
+        except Exception as exc:
+            log.warning("could not look for cancellations: %s", exc)
+            return
+        for run_id in wanted:
+            self._cancel(run_id)
 
     # -- claiming ------------------------------------------------------------------------
 
@@ -301,6 +338,11 @@ class Orchestrator:
             checkpoint=row.checkpoint,
             results=results,
         )
+        if row.cancel_requested:  # asked for while pending, or while no one owned it
+            state.cancel(now, "cancel requested")
+            changes = state.take_changes()
+            assert changes is not None
+            return None, changes
         span, traceparent, new_tp = self._run_span(
             row, workflow, resumed=status is not RunStatus.PENDING
         )

@@ -33,6 +33,7 @@ class StepStatus(StrEnum):
     PENDING = "pending"
     DISPATCHED = "dispatched"  # committed and handed to the queue (leaf steps)
     RUNNING = "running"  # a worker picked it up, or an inline step is in progress
+    RETRYING = "retrying"  # an attempt failed; the next waits for its backoff (a timer)
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     TIMED_OUT = "timed_out"
@@ -74,7 +75,7 @@ _STEP_EDGES: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.DISPATCHED: frozenset(
         {
             StepStatus.RUNNING,
-            StepStatus.DISPATCHED,  # a retry is a new attempt of the same step
+            StepStatus.RETRYING,
             StepStatus.FAILED,
             StepStatus.TIMED_OUT,
             StepStatus.CANCELLED,
@@ -86,8 +87,11 @@ _STEP_EDGES: dict[StepStatus, frozenset[StepStatus]] = {
             StepStatus.FAILED,
             StepStatus.TIMED_OUT,
             StepStatus.CANCELLED,
-            StepStatus.DISPATCHED,
+            StepStatus.RETRYING,
         }
+    ),
+    StepStatus.RETRYING: frozenset(
+        {StepStatus.DISPATCHED, StepStatus.FAILED, StepStatus.CANCELLED}
     ),
 }
 

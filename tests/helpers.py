@@ -5,11 +5,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import TypeVar, cast
 
-__all__ = ["wait_for"]
+__all__ = ["migration_names", "wait_for"]
 
 T = TypeVar("T")
+
+SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
+
+
+def migration_names() -> list[str]:
+    """The numbered migrations of sql/, in order (`0001_initial`, ...)."""
+    return sorted(p.stem for p in SQL_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
 async def wait_for(

@@ -45,7 +45,8 @@ RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = 
 
 # Runs whose owner stopped renewing: adopted by whoever claims first.
 SELECT_EXPIRED_RUNS = """
-SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent
+SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent,
+       cancel_requested
 FROM flowforge.runs
 WHERE status = 'running' AND lease_expires_at < now()
 ORDER BY lease_expires_at
@@ -54,7 +55,8 @@ FOR UPDATE SKIP LOCKED
 """
 
 SELECT_PENDING_RUNS = """
-SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent
+SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent,
+       cancel_requested
 FROM flowforge.runs
 WHERE status = 'pending'
 ORDER BY created_at
@@ -72,6 +74,20 @@ RETURNING id, epoch
 RELEASE_LEASES = """
 UPDATE flowforge.runs SET lease_expires_at = now()
 WHERE owner = $1 AND status = 'running' AND id = ANY($2::uuid[])
+"""
+
+# -- cancellation --------------------------------------------------------------------------
+
+REQUEST_CANCEL = """
+UPDATE flowforge.runs SET cancel_requested = true
+WHERE id = $1 AND status IN ('pending', 'running')
+RETURNING status
+"""
+
+RUN_STATUS = "SELECT status FROM flowforge.runs WHERE id = $1"
+
+CANCEL_REQUESTED = """
+SELECT id FROM flowforge.runs WHERE owner = $1 AND cancel_requested AND status = 'running'
 """
 
 # -- the group commit ----------------------------------------------------------------------

@@ -54,6 +54,7 @@ class ClaimedRun:
     checkpoint: dict[str, Any] | None
     epoch: int  # the epoch read under the row lock; the claim writes epoch + 1
     traceparent: str | None
+    cancel_requested: bool = False
 
 
 @dataclass(frozen=True)
@@ -164,6 +165,7 @@ def _claimed(row: asyncpg.Record) -> ClaimedRun:
         checkpoint=row["checkpoint"],
         epoch=row["epoch"],
         traceparent=row["traceparent"],
+        cancel_requested=row["cancel_requested"],
     )
 
 
@@ -190,6 +192,23 @@ async def renew_leases(
 async def release_leases(conn: asyncpg.Connection, owner: str, run_ids: Sequence[UUID]) -> None:
     """Expire our leases now so another replica adopts the runs at once."""
     await conn.execute(q.RELEASE_LEASES, owner, list(run_ids))
+
+
+# -- cancellation --------------------------------------------------------------------------
+
+
+async def request_cancel(conn: asyncpg.Connection, run_id: UUID) -> tuple[bool, str | None]:
+    """Ask for a run to be cancelled: (requested, its status); None if there is no such run.
+    A finished run is left as it is."""
+    status = await conn.fetchval(q.REQUEST_CANCEL, run_id)
+    if status is not None:
+        return True, status
+    return False, await conn.fetchval(q.RUN_STATUS, run_id)
+
+
+async def cancel_requested(conn: asyncpg.Connection, owner: str) -> list[UUID]:
+    """Running runs of this owner whose cancellation was asked for."""
+    return [row["id"] for row in await conn.fetch(q.CANCEL_REQUESTED, owner)]
 
 
 # -- the group commit ----------------------------------------------------------------------

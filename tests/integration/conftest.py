@@ -18,7 +18,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
 from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import StepFunction, load_step_types, run_worker
+from flowforge_orchestrator.worker import StepContext, StepFunction, load_step_types, run_worker
 from tests.helpers import wait_for
 
 SECRETS = {"TOKEN": "s3cret-value"}
@@ -91,3 +91,56 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
         for result in results:
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 raise result
+
+
+class Steps:
+    """Worker step types whose behaviour the test controls, and what they saw."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started: list[str] = []
+        self.aborted: list[str] = []
+        self.running = 0
+        self.most_running = 0
+
+    async def echo(self, params: Any, ctx: StepContext) -> Any:
+        self.started.append(ctx.step_id)
+        return params
+
+    async def hold(self, params: Any, ctx: StepContext) -> Any:
+        """Runs until released; counts how many run at once; notes being aborted."""
+        self.started.append(ctx.step_id)
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.aborted.append(ctx.step_id)
+            raise
+        finally:
+            self.running -= 1
+        return params
+
+    async def fail(self, params: Any, ctx: StepContext) -> Any:
+        raise ValueError(f"{ctx.step_id} refuses")
+
+
+@pytest.fixture
+def steps() -> Steps:
+    return Steps()
+
+
+@pytest.fixture
+async def steps_engine(settings: Settings, steps: Steps) -> AsyncIterator[Engine]:
+    """An engine whose worker also serves the `Steps` types: echo, hold, fail."""
+    await store.apply_migrations(settings.database_url or "")
+    types = {"echo": steps.echo, "hold": steps.hold, "fail": steps.fail}
+    stop, tasks = await start_engine(settings, types)
+    conn = await store.connect(settings.database_url or "")
+    try:
+        yield Engine(settings, conn)
+    finally:
+        steps.release.set()
+        await conn.close()
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)

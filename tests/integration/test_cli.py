@@ -143,7 +143,7 @@ def empty_db(services: Services) -> Iterator[str]:
         sql(services.database_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
-def test_migrate_applies_the_initial_migration_once(
+def test_migrate_applies_every_migration_once(
     cli: Callable[..., Result], no_env: pytest.MonkeyPatch, empty_db: str
 ) -> None:
     no_env.setenv("FLOWFORGE_DATABASE_URL", empty_db)
@@ -151,10 +151,12 @@ def test_migrate_applies_the_initial_migration_once(
     first = cli("migrate")
     second = cli("migrate")
 
-    assert (first.code, first.out.strip()) == (0, "applied: 0001_initial")
+    files = sorted(p.stem for p in (REPO / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    assert files[0] == "0001_initial"
+    assert (first.code, first.out.strip()) == (0, "applied: " + ", ".join(files))
     assert (second.code, second.out.strip()) == (0, "the schema is up to date")
     rows = sql(empty_db, "SELECT version, name FROM flowforge.schema_migrations")
-    assert [tuple(r) for r in rows] == [(1, "initial")]
+    assert [tuple(r) for r in rows] == [(int(f[:4]), f[5:]) for f in files]
     assert sql(empty_db, "SELECT to_regclass('flowforge.outbox_cloudevents') IS NOT NULL")[0][0]
 
 

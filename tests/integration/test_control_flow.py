@@ -2,70 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
 import pytest
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.worker import StepContext
 from tests.helpers import wait_for
-from tests.integration.conftest import Engine, start_engine
-
-
-class Steps:
-    """Worker step types whose behaviour the test controls, and what they saw."""
-
-    def __init__(self) -> None:
-        self.release = asyncio.Event()
-        self.started: list[str] = []
-        self.aborted: list[str] = []
-        self.running = 0
-        self.most_running = 0
-
-    async def echo(self, params: Any, ctx: StepContext) -> Any:
-        self.started.append(ctx.step_id)
-        return params
-
-    async def hold(self, params: Any, ctx: StepContext) -> Any:
-        """Runs until released; counts how many run at once; notes being aborted."""
-        self.started.append(ctx.step_id)
-        self.running += 1
-        self.most_running = max(self.most_running, self.running)
-        try:
-            await self.release.wait()
-        except asyncio.CancelledError:
-            self.aborted.append(ctx.step_id)
-            raise
-        finally:
-            self.running -= 1
-        return params
-
-    async def fail(self, params: Any, ctx: StepContext) -> Any:
-        raise ValueError(f"{ctx.step_id} refuses")
-
-
-@pytest.fixture
-def steps() -> Steps:
-    return Steps()
-
-
-@pytest.fixture
-async def engine(settings: Settings, steps: Steps) -> AsyncIterator[Engine]:
-    await store.apply_migrations(settings.database_url or "")
-    types = {"echo": steps.echo, "hold": steps.hold, "fail": steps.fail}
-    stop, tasks = await start_engine(settings, types)
-    conn = await store.connect(settings.database_url or "")
-    try:
-        yield Engine(settings, conn)
-    finally:
-        steps.release.set()
-        await conn.close()
-        stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+from tests.integration.conftest import Engine, Steps
 
 
 def _by_step(events: list[dict[str, Any]]) -> dict[str, list[str]]:
@@ -107,30 +51,30 @@ steps:
 
 
 async def test_a_condition_runs_one_branch_and_records_the_other_as_skipped(
-    engine: Engine, steps: Steps
+    steps_engine: Engine, steps: Steps
 ) -> None:
-    await engine.register(ROUTE)
-    big = await engine.submit("route", {"total": 5000})
-    small = await engine.submit("route", {"total": 10})
+    await steps_engine.register(ROUTE)
+    big = await steps_engine.submit("route", {"total": 5000})
+    small = await steps_engine.submit("route", {"total": 10})
 
-    run = await engine.finished(big)
+    run = await steps_engine.finished(big)
     assert run["status"] == "completed", run["error"]
     assert run["output"] == {"after_ship": {"branch": "then"}}
-    events = _by_step(await engine.events(big))
+    events = _by_step(await steps_engine.events(big))
     assert events["approve"] == events["ship"] == ["step.skipped"]
     assert events["notify"] == ["step.started", "step.succeeded"]
     assert events["email"][-1] == events["sms"][-1] == "step.succeeded"
 
-    run = await engine.finished(small)
+    run = await steps_engine.finished(small)
     assert run["status"] == "completed", run["error"]
-    events = _by_step(await engine.events(small))
+    events = _by_step(await steps_engine.events(small))
     # Every step of the branch not taken is skipped, nested ones included.
     for skipped in ("review", "notify", "email", "sms"):
         assert events[skipped] == ["step.skipped"], skipped
     assert events["ship"][-1] == "step.succeeded"
     route = next(
         e
-        for e in await engine.events(small)
+        for e in await steps_engine.events(small)
         if e["type"] == "step.started" and e["data"]["step_id"] == "route"
     )
     assert route["data"]["branch"] == "else"
@@ -151,21 +95,23 @@ steps:
 
 
 async def test_join_any_cancels_the_losers_and_aborts_them_on_the_worker(
-    engine: Engine, steps: Steps
+    steps_engine: Engine, steps: Steps
 ) -> None:
-    await engine.register(RACE)
+    await steps_engine.register(RACE)
     # Hold the fast branch back until both slow ones are running on the worker.
-    run_id = await engine.submit("race")
-    run = await engine.finished(run_id)
+    run_id = await steps_engine.submit("race")
+    run = await steps_engine.finished(run_id)
 
     assert run["status"] == "completed", run["error"]
     branches = run["output"]["race"]
     assert branches[0] == {"status": "succeeded", "output": {"winner": True}}
     assert [b["status"] for b in branches[1:]] == ["cancelled", "cancelled"]
-    events = _by_step(await engine.events(run_id))
+    events = _by_step(await steps_engine.events(run_id))
     assert events["never"] == ["step.cancelled"]  # pending: never dispatched
     assert events["slow"][-1] == events["later"][-1] == "step.cancelled"
-    attempts = {r["step_id"]: r["status"] for r in await store.run_attempts(engine.conn, run_id)}
+    attempts = {
+        r["step_id"]: r["status"] for r in await store.run_attempts(steps_engine.conn, run_id)
+    }
     assert attempts["slow"] == attempts["later"] == "cancelled"
     # The attempts that had reached the worker are aborted there.
     reached = [s for s in ("slow", "later") if s in steps.started]
@@ -189,14 +135,14 @@ steps:
 
 
 async def test_for_each_bounds_the_branches_running_at_once_and_keeps_their_order(
-    engine: Engine, steps: Steps
+    steps_engine: Engine, steps: Steps
 ) -> None:
-    await engine.register(FAN_OUT)
-    run_id = await engine.submit("fan", {"items": [1, 2, 3, 4, 5]})
+    await steps_engine.register(FAN_OUT)
+    run_id = await steps_engine.submit("fan", {"items": [1, 2, 3, 4, 5]})
     await wait_for(lambda: steps.running == 2, message="two branches should run")
     steps.release.set()
 
-    run = await engine.finished(run_id)
+    run = await steps_engine.finished(run_id)
     assert run["status"] == "completed", run["error"]
     assert run["output"]["each"] == [
         {"status": "succeeded", "output": {"n": 10 * i, "i": i - 1}} for i in range(1, 6)
@@ -206,10 +152,10 @@ async def test_for_each_bounds_the_branches_running_at_once_and_keeps_their_orde
 
 
 async def test_for_each_over_an_empty_list_completes_with_an_empty_output(
-    engine: Engine,
+    steps_engine: Engine,
 ) -> None:
-    await engine.register(FAN_OUT)
-    run = await engine.finished(await engine.submit("fan", {"items": []}))
+    await steps_engine.register(FAN_OUT)
+    run = await steps_engine.finished(await steps_engine.submit("fan", {"items": []}))
     assert run["status"] == "completed", run["error"]
     assert run["output"] == {"each": []}
 
@@ -229,27 +175,27 @@ steps:
 
 @pytest.mark.parametrize("fail_fast", [True, False])
 async def test_fail_fast_cancels_the_rest_and_wait_all_lets_them_finish(
-    engine: Engine, steps: Steps, fail_fast: bool
+    steps_engine: Engine, steps: Steps, fail_fast: bool
 ) -> None:
-    await engine.register(FAIL_FAST.replace("${fail_fast}", str(fail_fast).lower()))
-    run_id = await engine.submit("all_or_nothing")
+    await steps_engine.register(FAIL_FAST.replace("${fail_fast}", str(fail_fast).lower()))
+    run_id = await steps_engine.submit("all_or_nothing")
     if not fail_fast:
         # The join is already impossible, but the run waits for the other branch.
         await wait_for(lambda: "good" in steps.started, message="good never started")
 
         async def bad_failed() -> bool:
-            return "step.failed" in _by_step(await engine.events(run_id)).get("bad", [])
+            return "step.failed" in _by_step(await steps_engine.events(run_id)).get("bad", [])
 
         await wait_for(bad_failed, message="bad did not fail")
-        assert (await engine.run(run_id))["status"] == "running"
+        assert (await steps_engine.run(run_id))["status"] == "running"
         steps.release.set()
 
-    run = await engine.finished(run_id)
+    run = await steps_engine.finished(run_id)
     assert run["status"] == "failed"
     assert run["error"]["category"] == "join_failed"
     assert run["error"]["step_id"] == "all"
     assert "1 of 2 branches failed" in run["error"]["message"]
-    good = _by_step(await engine.events(run_id))["good"]
+    good = _by_step(await steps_engine.events(run_id))["good"]
     assert good[-1] == ("step.cancelled" if fail_fast else "step.succeeded")
 
 
@@ -263,12 +209,12 @@ steps:
 """
 
 
-async def test_a_delay_holds_the_next_step_until_its_time(engine: Engine) -> None:
-    await engine.register(WAIT)
-    run_id = await engine.submit("wait")
-    run = await engine.finished(run_id)
+async def test_a_delay_holds_the_next_step_until_its_time(steps_engine: Engine) -> None:
+    await steps_engine.register(WAIT)
+    run_id = await steps_engine.submit("wait")
+    run = await steps_engine.finished(run_id)
     assert run["status"] == "completed", run["error"]
-    events = await engine.events(run_id)
+    events = await steps_engine.events(run_id)
     started = next(
         e for e in events if e["type"] == "step.started" and e["data"]["step_id"] == "pause"
     )
@@ -293,10 +239,10 @@ steps:
 
 
 async def test_an_expression_failing_at_run_time_fails_the_step_and_names_it(
-    engine: Engine,
+    steps_engine: Engine,
 ) -> None:
-    await engine.register(BAD_IF)
-    run = await engine.finished(await engine.submit("bad_if"))
+    await steps_engine.register(BAD_IF)
+    run = await steps_engine.finished(await steps_engine.submit("bad_if"))
     assert run["status"] == "failed"
     error = run["error"]
     assert error["category"] == "expression_error"
@@ -321,14 +267,14 @@ steps:
 """
 
 
-async def test_a_fan_out_of_a_thousand_items_completes(engine: Engine) -> None:
-    await engine.register(BIG_FAN)
-    run_id = await engine.submit("big_fan", {"items": list(range(1000))})
-    run = await engine.finished(run_id, timeout=60)
+async def test_a_fan_out_of_a_thousand_items_completes(steps_engine: Engine) -> None:
+    await steps_engine.register(BIG_FAN)
+    run_id = await steps_engine.submit("big_fan", {"items": list(range(1000))})
+    run = await steps_engine.finished(run_id, timeout=60)
     assert run["status"] == "completed", run["error"]
     assert run["output"] == {"total": {"count": 1000}}
     # A finished fan-out leaves only its own entry in the checkpoint.
-    checkpoint = await engine.conn.fetchval(
+    checkpoint = await steps_engine.conn.fetchval(
         "SELECT checkpoint FROM flowforge.runs WHERE id = $1", run_id
     )
     assert set(checkpoint["steps"]) == {"each", "total"}

@@ -24,6 +24,7 @@ from flowforge_orchestrator.health import (
 )
 from flowforge_orchestrator.metrics import OrchestratorMetrics, new_registry, sample_database
 from tests.conftest import Services, database_dsn
+from tests.helpers import migration_names
 from tests.integration.conftest import Engine
 
 WORKFLOW = """
@@ -116,7 +117,7 @@ async def test_readiness_names_what_fails_and_why(services: Services, template_d
     body = response.json()
     assert body["failing"] == ["migrations", "slow", "down", "no"]
     assert body["checks"] == {
-        "migrations": "migrations not applied: 0001_initial",
+        "migrations": "migrations not applied: " + ", ".join(migration_names()),
         "slow": "no answer within 0.2s",
         "down": "ConnectionRefusedError: connection refused",
         "no": "not ready",

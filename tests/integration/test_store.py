@@ -24,7 +24,7 @@ from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.state import RunStatus
 from flowforge_orchestrator.store import OwnedChanges
 from tests.conftest import Services, _admin, database_dsn
-from tests.helpers import wait_for
+from tests.helpers import migration_names, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -103,9 +103,10 @@ async def test_migrations_create_the_schema_on_an_empty_database(
 ) -> None:
     dsn = await new_database()
     assert await _fetchval(dsn, "SELECT to_regnamespace('flowforge') IS NULL")
-    assert [m.version for m in await store.pending_migrations(dsn)] == [1]
+    names = migration_names()
+    assert [m.version for m in await store.pending_migrations(dsn)] == [int(n[:4]) for n in names]
 
-    assert await store.apply_migrations(dsn) == ["0001_initial"]
+    assert await store.apply_migrations(dsn) == names
 
     c = await asyncpg.connect(dsn)
     try:
@@ -118,17 +119,21 @@ async def test_migrations_create_the_schema_on_an_empty_database(
         }
         assert tables == TABLES
         assert await c.fetchval("SELECT to_regclass('flowforge.outbox_cloudevents') IS NOT NULL")
-        rows = await c.fetch("SELECT version, name, checksum FROM flowforge.schema_migrations")
-        sql = (REPO / "sql" / "0001_initial.sql").read_text(encoding="utf-8")
-        assert [tuple(r) for r in rows] == [
-            (1, "initial", hashlib.sha256(sql.encode()).hexdigest())
-        ]
+        rows = await c.fetch(
+            "SELECT version, name, checksum FROM flowforge.schema_migrations ORDER BY version"
+        )
+        expected = []
+        for name in names:
+            sql = (REPO / "sql" / f"{name}.sql").read_text(encoding="utf-8")
+            expected.append((int(name[:4]), name[5:], hashlib.sha256(sql.encode()).hexdigest()))
+        assert [tuple(r) for r in rows] == expected
     finally:
         await c.close()
     assert await store.pending_migrations(dsn) == []
 
     assert await store.apply_migrations(dsn) == []  # a no-op the second time
-    assert await _fetchval(dsn, "SELECT count(*) FROM flowforge.schema_migrations") == 1
+    count = await _fetchval(dsn, "SELECT count(*) FROM flowforge.schema_migrations")
+    assert count == len(names)
 
 
 async def test_concurrent_migrations_apply_once(
@@ -136,8 +141,9 @@ async def test_concurrent_migrations_apply_once(
 ) -> None:
     dsn = await new_database()
     first, second = await asyncio.gather(store.apply_migrations(dsn), store.apply_migrations(dsn))
-    assert sorted([first, second]) == [[], ["0001_initial"]]
-    assert await _fetchval(dsn, "SELECT count(*) FROM flowforge.schema_migrations") == 1
+    assert sorted([first, second]) == [[], migration_names()]
+    count = await _fetchval(dsn, "SELECT count(*) FROM flowforge.schema_migrations")
+    assert count == len(migration_names())
     assert await store.pending_migrations(dsn) == []
 
 

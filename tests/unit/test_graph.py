@@ -981,6 +981,8 @@ def test_random_dags_always_complete_in_dependency_order(seed: int) -> None:
         for dep in step.depends_on:
             assert position[("step.succeeded", dep)] < position[("step.dispatched", sid)]
     for d in rec.dispatches:
-        assert d.params["json"] == {dep: {"step": dep} for dep in wf.definition.step(d.step_id).depends_on}
+        assert d.params["json"] == {
+            dep: {"step": dep} for dep in wf.definition.step(d.step_id).depends_on
+        }
     assert rec.output == {sid: {"step": sid} for sid in wf.root.sinks}
     assert kinds(rec.events)[-1] == ("workflow.completed", None)

@@ -36,16 +36,19 @@ STEP_LEGAL: set[tuple[StepStatus, StepStatus]] = {
     (S.PENDING, S.FAILED),  # e.g. its parameters cannot be rendered
     (S.PENDING, S.SKIPPED),
     (S.PENDING, S.CANCELLED),
-    (S.DISPATCHED, S.DISPATCHED),  # a retry: a new attempt of the same step
     (S.DISPATCHED, S.RUNNING),
+    (S.DISPATCHED, S.RETRYING),  # the attempt failed and another follows after a backoff
     (S.DISPATCHED, S.FAILED),
     (S.DISPATCHED, S.TIMED_OUT),
     (S.DISPATCHED, S.CANCELLED),
-    (S.RUNNING, S.DISPATCHED),
+    (S.RUNNING, S.RETRYING),
     (S.RUNNING, S.SUCCEEDED),
     (S.RUNNING, S.FAILED),
     (S.RUNNING, S.TIMED_OUT),
     (S.RUNNING, S.CANCELLED),
+    (S.RETRYING, S.DISPATCHED),  # the next attempt
+    (S.RETRYING, S.FAILED),  # e.g. its parameters cannot be rendered any more
+    (S.RETRYING, S.CANCELLED),
 }
 
 RUN_PAIRS = list(itertools.product(RunStatus, repeat=2))
@@ -91,7 +94,7 @@ def test_illegal_step_transitions_raise_naming_the_step(
 def test_the_oracle_covers_every_pair() -> None:
     # Guards the parametrization itself: legal + illegal is every pair, nothing twice.
     assert len(RUN_LEGAL) + len(ILLEGAL_RUN) == len(RunStatus) ** 2 == 25
-    assert len(STEP_LEGAL) + len(ILLEGAL_STEP) == len(StepStatus) ** 2 == 64
+    assert len(STEP_LEGAL) + len(ILLEGAL_STEP) == len(StepStatus) ** 2 == 81
 
 
 @pytest.mark.parametrize("status", [R.COMPLETED, R.FAILED, R.CANCELLED])
@@ -134,6 +137,7 @@ def test_statuses_are_their_stored_strings() -> None:
         "pending",
         "dispatched",
         "running",
+        "retrying",
         "succeeded",
         "failed",
         "timed_out",

@@ -1,0 +1,272 @@
+"""Retries, timeouts and cancellation through real PostgreSQL, Redis and a worker."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.nodes import attempt_id
+from tests.helpers import wait_for
+from tests.integration.conftest import Engine, Steps, start_engine
+
+
+def _types(events: list[dict[str, Any]], step_id: str) -> list[str]:
+    return [e["type"] for e in events if e["data"].get("step_id") == step_id]
+
+
+FLAKY = """
+name: flaky
+version: 1
+steps:
+  - id: call
+    type: http
+    with: {url: "http://svc.test/flaky"}
+    retry: {max_retries: 3, initial_interval: 0.2s, backoff_factor: 2, jitter: false}
+"""
+
+
+async def test_a_503_twice_then_200_succeeds_on_the_third_attempt_after_the_backoffs(
+    engine: Engine,
+) -> None:
+    with respx.mock(assert_all_called=True) as router:
+        router.get("http://svc.test/flaky").mock(
+            side_effect=[
+                httpx.Response(503, text="busy"),
+                httpx.Response(503, text="busy"),
+                httpx.Response(200, json={"ok": True}),
+            ]
+        )
+        await engine.register(FLAKY)
+        run_id = await engine.submit("flaky")
+        run = await engine.finished(run_id)
+
+    assert run["status"] == "completed", run["error"]
+    assert run["output"]["call"]["body"] == {"ok": True}
+    attempts = await store.run_attempts(engine.conn, run_id)
+    assert [(a["attempt"], a["status"]) for a in attempts] == [
+        (1, "failed"),
+        (2, "failed"),
+        (3, "succeeded"),
+    ]
+    assert attempts[0]["error"]["category"] == "http_503"
+    # Each retry waited at least its backoff: 0.2 s, then 0.4 s (no jitter).
+    gaps = [attempts[i + 1]["dispatched_at"] - attempts[i]["finished_at"] for i in range(2)]
+    assert gaps[0] >= timedelta(seconds=0.2)
+    assert gaps[1] >= timedelta(seconds=0.4)
+    events = await engine.events(run_id)
+    retrying = [e for e in events if e["type"] == "step.retrying"]
+    assert [e["data"]["next_attempt"] for e in retrying] == [2, 3]
+    assert all("next_attempt_at" in e["data"] for e in retrying)
+
+
+NOT_RETRIED = """
+name: bad_request
+version: 1
+steps:
+  - id: call
+    type: http
+    with: {url: "http://svc.test/bad"}
+    retry: {max_retries: 3, initial_interval: 0.05s}
+"""
+
+
+async def test_a_400_is_not_retried(engine: Engine) -> None:
+    with respx.mock() as router:
+        route = router.get("http://svc.test/bad").respond(400, text="no")
+        await engine.register(NOT_RETRIED)
+        run = await engine.finished(await engine.submit("bad_request"))
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "http_400"
+    assert route.call_count == 1
+
+
+RATE_LIMITED = """
+name: rate_limited
+version: 1
+steps:
+  - id: call
+    type: http
+    with: {url: "http://svc.test/limited"}
+    retry: {max_retries: 2, initial_interval: 0.01s, max_interval: 0.6s, jitter: false}
+"""
+
+
+async def test_retry_after_sets_the_next_delay_and_exhausted_retries_fail_the_run(
+    engine: Engine,
+) -> None:
+    with respx.mock() as router:
+        route = router.get("http://svc.test/limited").respond(
+            429, headers={"Retry-After": "1"}, text="slow down"
+        )
+        await engine.register(RATE_LIMITED)
+        run_id = await engine.submit("rate_limited")
+        run = await engine.finished(run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "http_429"
+    assert route.call_count == 3  # the first attempt and max_retries = 2
+    attempts = await store.run_attempts(engine.conn, run_id)
+    gap = attempts[1]["dispatched_at"] - attempts[0]["finished_at"]
+    # Retry-After said 1 s; max_interval bounds it to 0.6 s (not 0.01 s of backoff).
+    assert gap >= timedelta(seconds=0.6)
+    assert _types(await engine.events(run_id), "call")[-1] == "step.failed"
+
+
+HANGING = """
+name: hanging
+version: 1
+steps:
+  - id: wait
+    type: hold
+    timeout: 0.3s
+    retry: {max_retries: 1, initial_interval: 0.01s, retry_on: [timeout]}
+    with: {}
+"""
+
+
+async def test_a_hanging_step_times_out_on_the_worker_and_is_retried(
+    steps_engine: Engine, steps: Steps
+) -> None:
+    await steps_engine.register(HANGING)
+    run_id = await steps_engine.submit("hanging")
+    run = await steps_engine.finished(run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "timeout"
+    attempts = await store.run_attempts(steps_engine.conn, run_id)
+    assert [a["attempt"] for a in attempts] == [1, 2]
+    assert steps.started == ["wait", "wait"]
+    assert _types(await steps_engine.events(run_id), "wait").count("step.retrying") == 1
+
+
+NOBODY = """
+name: nobody
+version: 1
+steps:
+  - id: orphan
+    type: unserved
+    timeout: 0.2s
+    schedule_to_start: 0.2s
+    retry: {max_retries: 1, initial_interval: 0.01s}
+    with: {n: 1}
+"""
+
+
+async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored(
+    steps_engine: Engine,
+) -> None:
+    await steps_engine.register(NOBODY)
+    run_id = await steps_engine.submit("nobody")
+    first = attempt_id(run_id, "orphan", 1)
+
+    async def second_dispatched() -> bool:
+        attempts = await store.run_attempts(steps_engine.conn, run_id)
+        return [a["attempt"] for a in attempts] == [1, 2]
+
+    await wait_for(second_dispatched, message="the first attempt never timed out")
+    attempts = await store.run_attempts(steps_engine.conn, run_id)
+    assert attempts[0]["status"] == "timed_out"
+    assert attempts[0]["error"]["category"] == "timeout"
+    # A worker reports the first attempt late: it is recorded, never applied.
+    late_at = attempts[1]["dispatched_at"]
+    assert await store.insert_result(
+        steps_engine.conn,
+        attempt_id=first,
+        run_id=run_id,
+        step_id="orphan",
+        outcome="succeeded",
+        output={"late": True},
+        error=None,
+        worker="late-worker",
+        started_at=late_at,
+        finished_at=late_at,
+    )
+    run = await steps_engine.finished(run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "timeout"
+    assert run["output"] is None
+    events = await steps_engine.events(run_id)
+    assert _types(events, "orphan") == [
+        "step.dispatched",
+        "step.retrying",
+        "step.dispatched",
+        "step.timed_out",
+    ]
+
+
+async def test_cancelling_a_running_run_aborts_its_steps_and_ends_it_cancelled(
+    steps_engine: Engine, steps: Steps
+) -> None:
+    await steps_engine.register(
+        """
+name: long
+version: 1
+steps:
+  - {id: busy, type: hold, with: {}}
+  - {id: next, type: echo, depends_on: [busy], with: {}}
+"""
+    )
+    run_id = await steps_engine.submit("long")
+    await wait_for(lambda: "busy" in steps.started, message="busy never started")
+
+    assert await store.request_cancel(steps_engine.conn, run_id) == (True, "running")
+    run = await steps_engine.finished(run_id)
+    assert run["status"] == "cancelled"
+    events = await steps_engine.events(run_id)
+    assert _types(events, "busy")[-1] == _types(events, "next")[-1] == "step.cancelled"
+    assert events[-1]["type"] == "workflow.cancelled"
+    await wait_for(lambda: steps.aborted == ["busy"], message="the worker was not told")
+    # A finished run is left as it is.
+    assert await store.request_cancel(steps_engine.conn, run_id) == (False, "cancelled")
+
+
+async def test_a_run_cancelled_while_pending_never_starts(settings: Settings, steps: Steps) -> None:
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    try:
+        engine = Engine(settings, conn)
+        await engine.register("name: once\nversion: 1\nsteps: [{id: a, type: echo, with: {}}]")
+        run_id = await engine.submit("once")
+        assert await store.request_cancel(conn, run_id) == (True, "pending")
+        stop, tasks = await start_engine(settings, {"echo": steps.echo})
+        try:
+            run = await engine.finished(run_id)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert run["status"] == "cancelled"
+        assert steps.started == []
+        assert [e["type"] for e in await engine.events(run_id)] == [
+            "step.cancelled",
+            "workflow.cancelled",
+        ]
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize("timeout", ["0.5s"])
+async def test_a_run_timeout_cancels_what_runs_and_fails_the_run(
+    steps_engine: Engine, steps: Steps, timeout: str
+) -> None:
+    await steps_engine.register(
+        f"""
+name: bounded
+version: 1
+timeout: {timeout}
+steps:
+  - {{id: busy, type: hold, with: {{}}}}
+"""
+    )
+    run_id = await steps_engine.submit("bounded")
+    run = await steps_engine.finished(run_id)
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "run_timeout"
+    events = await steps_engine.events(run_id)
+    assert _types(events, "busy")[-1] == "step.cancelled"
+    assert events[-1]["type"] == "workflow.failed"
+    assert events[-1]["data"]["error"]["category"] == "run_timeout"
