@@ -22,6 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 from uuid import uuid4
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.definitions import parse_definition
@@ -303,7 +304,10 @@ class Cluster:
             ["fsync", "synchronous_commit", "full_page_writes", "wal_level", "shared_buffers"],
         )
         info = await self.redis.info("server")
-        persistence = await self.redis.config_get("append*")
+        try:
+            persistence = await self.redis.config_get("append*")
+        except RedisError:  # a managed Redis may refuse CONFIG
+            persistence = {}
         return {
             "postgres": await self.conn.fetchval("SELECT version()"),
             "postgres_settings": {r["name"]: r["setting"] for r in settings},
