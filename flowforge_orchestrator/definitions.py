@@ -546,6 +546,11 @@ def parse_definition(
         checks.check_raw(data, problems, known_types=known_types, http_params=HttpParams)
     if problems.items or definition is None:
         raise DefinitionError(problems.items)
+    from flowforge_orchestrator.definition_reads import for_each_problems  # needs the model
+
+    late = for_each_problems(definition, source)
+    if late:
+        raise DefinitionError(late)
     return definition
 
 

@@ -117,6 +117,10 @@ class NotFound(FlowForgeError):
     """A run or definition that does not exist."""
 
 
+class RedriveError(FlowForgeError):
+    """A run cannot be run again as asked (not failed or cancelled, no such step, ...)."""
+
+
 class StepError(FlowForgeError):
     """One attempt of a step failed.
 

@@ -92,6 +92,7 @@ class RunState:
             "version": version,
         }
         self._seq = 0
+        self._generation = 0  # redrives so far: new attempts get fresh ids
         self._context_bytes = json_size(input)
         self._changes: RunChanges | None = None
         self._nodes: dict[str, Node] = {}
@@ -109,9 +110,11 @@ class RunState:
         steps = {
             key: encode(node)
             for key, node in self._nodes.items()
-            if node.status is not StepStatus.PENDING
+            if node.status is not StepStatus.PENDING or node.attempt  # redriven: "p<n>"
         }
         saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
+        if self._generation:
+            saved["g"] = self._generation
         deadline = self._timers.get(_RUN_TIMER)
         if deadline is not None:
             saved["deadline"] = deadline.isoformat()
@@ -135,7 +138,9 @@ class RunState:
         return [
             node.attempt_id
             for node in self._nodes.values()
-            if node.attempt_id is not None and node.status in _WITH_WORKER
+            if node.attempt_id is not None
+            and node.status in _WITH_WORKER
+            and isinstance(node.step, TaskStep)
         ]
 
     def step_status(self, key: str) -> StepStatus:
@@ -156,7 +161,8 @@ class RunState:
             "workflow.started",
             RunStatus.RUNNING,
             from_status=RunStatus.PENDING,
-            data={"workflow": self.workflow.definition.name, "version": self.version},
+            data={"workflow": self.workflow.definition.name, "version": self.version}
+            | ({"redrive": self._generation} if self._generation else {}),
         )
         self._pending().started_at = now
         timeout = self.workflow.definition.timeout
@@ -168,16 +174,15 @@ class RunState:
     def resume(self, now: datetime) -> None:
         """An adopted run: hand outstanding attempts to the queue again (same ids)."""
         changes = self._pending()
+        for node, error in self._broken:
+            self._fail(node, error, now)
+        self._broken.clear()
         for node in list(self._nodes.values()):
             if node.status is StepStatus.DISPATCHED and node.attempt_id is not None:
                 dispatch = self._dispatch_for(node, now)
                 if dispatch is not None:
                     changes.dispatches.append(dispatch)
                     self._set_deadline(node, dispatch, now)
-        for node, error in self._broken:
-            self._cancel_children(node, now)
-            self._fail(node, error, now)
-        self._broken.clear()
         # Everything a commit decided was committed with it; this only re-checks, so that
         # a run is never left waiting on a follow-up that was lost.
         self._queue.extend(("check", scope) for scope in self._open_scopes())
@@ -251,6 +256,8 @@ class RunState:
             kind, subject = self._queue.popleft()
             if kind == "finished":
                 self._after_finish(subject, now)
+            elif kind == "launch":
+                self._launch(subject, now)
             else:
                 self._check(subject, now)
 
@@ -307,12 +314,12 @@ class RunState:
 
     def _start_scope(self, scope: Scope, now: datetime) -> None:
         scope.started = True
-        if scope.done:  # an empty list
-            self._queue.append(("check", scope))
-            return
         for node in scope.nodes.values():
-            if not node.step.depends_on:
+            if not node.step.depends_on and node.status is StepStatus.PENDING:
                 self._start_node(node, now)
+        # Steps restored as finished (a redrive) count as done; the check starts what
+        # they unblock and closes a list with nothing left to run, an empty one too.
+        self._queue.append(("check", scope))
 
     def _scope_done(self, scope: Scope, now: datetime) -> None:
         """Every step of the list finished and none failed it."""
@@ -346,6 +353,10 @@ class RunState:
                 self._skip(node, now)
 
     def _cancel_scope(self, scope: Scope, now: datetime) -> None:
+        if scope.outcome is None and _succeeded(scope):
+            # It finished in the same move as what decided to cancel it; its follow-up
+            # is still queued. It succeeded: say so.
+            scope.outcome = "succeeded"
         scope.closed = True
         scope.outcome = scope.outcome or "cancelled"
         for node in scope.nodes.values():
@@ -356,6 +367,7 @@ class RunState:
         scopes += [
             child
             for node in self._nodes.values()
+            if node.status is StepStatus.RUNNING
             for child in node.children
             if child.started and not child.closed
         ]
@@ -383,8 +395,9 @@ class RunState:
             self._fail(node, _expression_error(exc), now)
 
     def _begin_inline(self, node: Node) -> None:
-        node.attempt = 1
-        node.attempt_id = attempt_id(self.run_id, node.key, 1)
+        node.attempt += 1
+        node.generation = self._generation
+        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
 
     def _start_delay(self, node: Node, step: DelayStep, now: datetime) -> None:
         if step.duration is not None:
@@ -477,20 +490,23 @@ class RunState:
         self._fail(node, error.to_dict(), now)
 
     def _launch(self, node: Node, now: datetime) -> None:
-        assert node.join is not None
+        """Start the next branch if the limit allows; the rest follow through the queue, so
+        a branch that finishes at once is judged before another is dispatched."""
+        if node.status is not StepStatus.RUNNING or node.join is None:
+            return
         limit = node.step.max_parallel or len(node.children)  # type: ignore[union-attr]
-        running = node.launched - node.join.finished
-        while node.launched < len(node.children) and running < limit:
+        if node.launched < len(node.children) and node.launched - node.join.finished < limit:
             scope = node.children[node.launched]
             node.launched += 1
-            running += 1
             self._start_scope(scope, now)
+            self._queue.append(("launch", node))
 
     # -- worker steps --------------------------------------------------------------------
 
     def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
         node.attempt += 1
-        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt)
+        node.generation = self._generation
+        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
         node.error = None
         dispatch = self._dispatch_for(node, now)
         if dispatch is None:  # the parameters could not be rendered: already failed
@@ -606,6 +622,7 @@ class RunState:
         status: StepStatus = StepStatus.FAILED,
     ) -> None:
         """The attempt failed: retry it if its policy says so, else the step fails."""
+        self._cancel_children(node, now)  # a control step that fails ends what it holds
         node.error = error
         with_worker = node.status in _WITH_WORKER and isinstance(node.step, TaskStep)
         self._clear_timer(node)
@@ -705,6 +722,7 @@ class RunState:
 
     def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
         self._seq = int(checkpoint.get("seq", 0))
+        self._generation = int(checkpoint.get("g", 0))
         if checkpoint.get("deadline"):
             self._timers[_RUN_TIMER] = datetime.fromisoformat(checkpoint["deadline"])
         saved = {key: decode(value) for key, value in checkpoint.get("steps", {}).items()}
@@ -733,10 +751,11 @@ class RunState:
     def _restore_node(self, node: Node, entry: Saved, results: Mapping[UUID, StepResult]) -> None:
         node.status, node.attempt, node.error = entry.status, entry.attempt, entry.error
         node.fire_at, node.branch = entry.fire_at, entry.branch
+        node.generation = entry.generation
         if entry.attempt_id is not None:
             node.attempt_id = entry.attempt_id
-        elif node.attempt:
-            node.attempt_id = attempt_id(self.run_id, node.key, node.attempt)
+        elif node.attempt and node.status is not StepStatus.PENDING:
+            node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
         if node.status.finished:
             node.scope.open -= 1
         result = results.get(node.attempt_id) if node.attempt_id else None
@@ -757,7 +776,9 @@ class RunState:
         if isinstance(items, list) and len(items) == entry.items:
             self._expand(node, [to_json_value(item) for item in items])
             return
-        node.items = []
+        # The saved elements still exist (some may be with workers): restore them, to
+        # cancel and abort them when the fan-out fails on resume.
+        self._expand(node, [None] * (entry.items or 0))
         if not node.status.finished:
             message = (
                 f"step '{node.key}': for_each gave {entry.items} elements when the step "
@@ -773,6 +794,8 @@ class RunState:
         if any(n.status is not StepStatus.PENDING for n in nodes):
             scope.started = True
         owner = scope.owner
+        if owner is None and self.status is RunStatus.PENDING:
+            return  # a redriven run: its top level opens when it starts again
         if owner is not None and owner.status.finished:
             scope.closed = True
             return

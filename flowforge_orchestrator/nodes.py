@@ -30,10 +30,12 @@ __all__ = ["Frame", "Node", "Scope", "StepsView", "attempt_id", "decode", "encod
 _NO_ITEM: Any = object()
 
 
-def attempt_id(run_id: UUID, key: str, attempt: int) -> UUID:
+def attempt_id(run_id: UUID, key: str, attempt: int, generation: int = 0) -> UUID:
     """Attempt ids are derived, not drawn: the checkpoint need not store them, and a node
-    restored after a crash re-dispatches under the very id arq may already hold."""
-    return uuid5(NAMESPACE_URL, f"flowforge:{run_id}/{key}/{attempt}")
+    restored after a crash re-dispatches under the very id arq may already hold. The
+    generation counts redrives: a re-run step never reuses an id whose result exists."""
+    suffix = f"/g{generation}" if generation else ""
+    return uuid5(NAMESPACE_URL, f"flowforge:{run_id}/{key}/{attempt}{suffix}")
 
 
 @dataclass(slots=True, eq=False)
@@ -125,6 +127,7 @@ class Node:
     status: StepStatus = StepStatus.PENDING
     attempt: int = 0
     attempt_id: UUID | None = None
+    generation: int = 0  # the run's redrive count when this attempt was made
     output: Any = None
     error: dict[str, Any] | None = None
     fire_at: datetime | None = None  # its timer: a delay's end, a deadline, a retry's start
@@ -175,6 +178,8 @@ def encode(node: Node) -> str | dict[str, Any]:
         extra["b"] = node.branch
     if node.items is not None:
         extra["x"] = len(node.items)
+    if node.generation:
+        extra["g"] = node.generation
     if not extra:
         return f"{letter}{node.attempt or ''}"
     return {"s": letter, "n": node.attempt, **extra}
@@ -191,6 +196,7 @@ class Saved:
     fire_at: datetime | None = None
     branch: str | None = None
     items: int | None = None
+    generation: int = 0
 
 
 def decode(saved: str | Mapping[str, Any]) -> Saved:
@@ -206,4 +212,5 @@ def decode(saved: str | Mapping[str, Any]) -> Saved:
         fire_at=datetime.fromisoformat(saved["t"]) if saved.get("t") else None,
         branch=saved.get("b"),
         items=saved.get("x"),
+        generation=int(saved.get("g", 0)),
     )

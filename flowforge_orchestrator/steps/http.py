@@ -179,12 +179,12 @@ def _status_error(where: str, safe_url: str, response: httpx.Response, snippet: 
     retry_after = parse_retry_after(response.headers.get("retry-after"), now=datetime.now(UTC))
     if retry_after is not None:
         details["retry_after"] = retry_after
-    # 3xx (redirects not followed) and most 4xx will answer the same way next time.
-    retryable = status >= 500 or status in (408, 429)
+    # Any status may be worth another attempt (a 404 before a record is replicated, a
+    # 409 while a lock is held): `retry_on` decides. Its default names 5xx and 429 only.
     return StepError(
         f"{where} returned HTTP {status}",
         category=f"http_{status}",
-        retryable=retryable,
+        retryable=True,
         details=details,
     )
 

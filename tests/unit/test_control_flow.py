@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from flowforge_orchestrator.changes import Dispatch, RunChanges, StepResult
+from flowforge_orchestrator.errors import DefinitionError
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.state import RunStatus, StepStatus
@@ -377,14 +378,10 @@ def test_an_if_that_is_not_a_bool_fails_the_condition_with_an_expression_error(
     assert changes.status is RunStatus.FAILED
     assert changes.error == {**error, "step_id": "c"}
     assert live.status("after") is StepStatus.CANCELLED
-    assert not any(e.step_id == "t" for e in changes.events)  # the condition never chose
+    # The condition never chose: its list never ran, and ends cancelled with it.
+    assert [e.type for e in changes.events if e.step_id == "t"] == ["step.cancelled"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a condition whose `if` fails leaves both its lists pending forever, "
-    "even once the run has ended (fail_run promises to cancel what is unfinished)",
-)
 @pytest.mark.parametrize("keep_going", [False, True])
 def test_no_step_of_a_condition_that_never_chose_is_left_pending(keep_going: bool) -> None:
     wf = workflow(
@@ -596,23 +593,24 @@ def test_wait_all_with_join_any_succeeds_when_one_branch_does() -> None:
     assert [b["status"] for b in changes.output["p"]] == ["failed", "succeeded", "failed"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a branch that finished in the same move as the winning one is reported "
-    "'cancelled' though all its steps succeeded and none got step.cancelled",
-)
 def test_a_branch_that_finished_with_the_winner_is_not_reported_cancelled() -> None:
-    live = Live.start(workflow(for_each("fe", "[1, 2]", transform("t", "${{ item }}"), join="any")))
+    twins = parallel("p", [delay("d1", duration="1m")], [delay("d2", duration="1m")], join="any")
+    live = Live.start(workflow(twins))
+    assert live.fire(60)  # both timers fire in the same move
     assert live.last is not None
     assert not any(e.type == "step.cancelled" for e in live.rec.events)
-    assert live.last.output == {"fe": [entry("succeeded", 1), entry("succeeded", 2)]}
+    assert [b["status"] for b in live.last.output["p"]] == ["succeeded", "succeeded"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="branches are all launched before an inline branch's finish is judged: a join "
-    "already satisfied still dispatches the other branches, and aborts them in the same commit",
-)
+def test_branches_start_one_by_one_so_an_inline_win_starts_no_other() -> None:
+    live = Live.start(workflow(for_each("fe", "[1, 2]", transform("t", "${{ item }}"), join="any")))
+    assert live.last is not None
+    assert live.event("step.cancelled", "t[1]").from_status == "pending"
+    assert live.last.output == {
+        "fe": [entry("succeeded", 1), {"status": "cancelled", "output": None}]
+    }
+
+
 def test_a_join_satisfied_inline_dispatches_no_other_branch() -> None:
     live = Live.start(workflow(parallel("p", [transform("t", 1)], [http("a")], join="any")))
     assert live.last is not None
@@ -627,11 +625,6 @@ def test_a_failed_step_with_continue_on_failure_does_not_fail_its_branch() -> No
     assert changes.output == {"p": [entry("succeeded", "failed"), entry("succeeded", "U")]}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="outstanding() also lists running inline steps (condition, parallel, delay), "
-    "whose attempts no worker holds",
-)
 def test_outstanding_lists_only_attempts_handed_to_workers() -> None:
     wf = workflow(condition("c", "true", [parallel("p", [http("a")], [delay("w", duration="1m")])]))
     live = Live.start(wf)
@@ -674,17 +667,17 @@ def test_inline_elements_finish_inside_the_move_that_starts_them() -> None:
     assert live.last.output == {"fe": [entry("succeeded", 10), entry("succeeded", 21)]}
 
 
-def test_for_each_items_are_evaluated_once_when_the_step_starts() -> None:
-    # `x` is no dependency: it finishes after the fan-out started, before element 1 starts.
+def test_for_each_may_read_only_steps_finished_before_it_starts() -> None:
+    # Elements are not stored: an adopting replica evaluates for_each again, so it must not
+    # read a step that may finish while the fan-out runs.
     el = http("el", params={"url": "https://svc.test/${{ item }}"})
-    wf = workflow(http("x"), for_each("fe", LATE, el, max_parallel=1))
-    live = Live.start(wf)
-    live.ok("x")
-    live.ok("el[0]")
-    assert [d.params["url"] for d in live.rec.dispatches[1:]] == [
-        "https://svc.test/early0",
-        "https://svc.test/early1",
-    ]
+    with pytest.raises(DefinitionError, match=r"step 'fe', field 'for_each': reads steps.x"):
+        workflow(http("x"), for_each("fe", LATE, el, max_parallel=1))
+    with pytest.raises(DefinitionError, match="must name the steps it reads"):
+        workflow(http("x"), for_each("fe", "steps['x'].output", el, "x"))
+    workflow(http("x"), for_each("fe", LATE, el, "x"))  # a dependency: fine
+    nested = condition("c", "true", [for_each("fe", "steps.x.output", el)], None, "x")
+    workflow(http("x"), nested)  # the condition waited for x
 
 
 def test_for_each_over_an_empty_list_succeeds_with_an_empty_output() -> None:
@@ -711,6 +704,7 @@ def test_a_join_needing_more_than_the_branches_fails_at_once(
     assert changes is not None
     assert kinds(changes.events)[1:] == [
         ("step.started", "fe"),
+        *[("step.cancelled", f"el[{i}]") for i in range(total)],  # never started
         ("step.failed", "fe"),
         ("workflow.failed", None),
     ]
@@ -1241,39 +1235,15 @@ def test_a_run_restored_after_a_fan_out_finished_has_no_element_nodes() -> None:
     assert changes.status is RunStatus.COMPLETED
 
 
-# A for_each may read a step that is not among its dependencies (validation allows it): if
-# that step finishes after the fan-out started, re-evaluating `for_each` on adoption gives
-# other items than the ones the elements were started with.
+# Should a for_each give another count on adoption all the same (a definition stored before
+# the validation of what for_each may read), the fan-out fails and ends its elements.
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="for_each is evaluated again on adoption: an outstanding element is re-dispatched "
-    "under the same attempt id with other params, and later elements see other items",
-)
-def test_for_each_items_do_not_change_on_adoption() -> None:
-    el = http("el", params={"url": "https://svc.test/${{ item }}"})
-    wf = workflow(http("x"), for_each("fe", LATE, el, max_parallel=1))
-    live = Live.start(wf)
-    first = live.dispatch("el[0]")
-    assert first.params == {"url": "https://svc.test/early0"}
-    live.ok("x")
-    live.run, resumed = adopt(live.run, live.rec, 20)
-    assert resumed.dispatches == [first]
-    live.ok("el[0]")
-    assert live.dispatch("el[1]").params == {"url": "https://svc.test/early1"}
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="when for_each gives another count on adoption the fan-out fails, but its "
-    "dispatched elements are neither cancelled nor aborted (left dispatched forever)",
-)
 def test_a_fan_out_failed_on_adoption_cancels_its_dispatched_elements() -> None:
-    wf = workflow(http("x"), for_each("fe", "has(steps.x) ? [1, 2, 3] : [1]", http("el")))
+    wf = workflow(for_each("fe", "[1, 2, 3]", http("el"), max_parallel=1))
     live = Live.start(wf)
     element = live.dispatch("el[0]").attempt_id
-    live.ok("x")
+    live.rec.checkpoint["steps"]["fe"]["x"] = 1  # as if the list had been [1]
     _, resumed = adopt(live.run, live.rec, 20)
     error = error_of(resumed, "fe")
     assert error["category"] == "internal_error"
