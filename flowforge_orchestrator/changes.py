@@ -127,6 +127,8 @@ class RunChanges:
     inline_results: list[InlineResult] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
     aborts: list[UUID] = field(default_factory=list)  # attempts to cancel on the workers
+    # Attempts whose schedule_to_start passed: is a worker on them? (key, attempt, type)
+    probes: list[tuple[str, UUID, str]] = field(default_factory=list)
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None

@@ -16,6 +16,7 @@ from uuid import UUID
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.constants import abort_jobs_ss
+from arq.jobs import Job, JobStatus
 from arq.utils import timestamp_ms
 
 from flowforge_orchestrator.changes import Dispatch
@@ -110,6 +111,11 @@ class Dispatcher:
         # What `Job.abort` does, without waiting for the job's result: a worker with
         # allow_abort_jobs cancels the task when it sees the id in this set.
         await self.redis.zadd(abort_jobs_ss, {str(attempt_id): timestamp_ms()})
+
+    async def waiting(self, attempt_id: UUID, step_type: str) -> bool:
+        """Whether the attempt's job is still in its queue, taken by no worker yet."""
+        job = Job(str(attempt_id), self.redis, _queue_name=queue_name(step_type))
+        return await job.status() in (JobStatus.queued, JobStatus.deferred)
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

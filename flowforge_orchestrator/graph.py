@@ -226,7 +226,16 @@ class RunState:
             if node.status is StepStatus.RETRYING:
                 self._dispatch_new_attempt(node, now)
             elif node.status in _WITH_WORKER and isinstance(node.step, TaskStep):
-                self._attempt_timed_out(node, now)
+                if node.probing:
+                    assert node.attempt_id is not None
+                    node.probing = False
+                    timeout = self.workflow.definition.effective_timeout(
+                        node.step, self.limits.default_timeout
+                    )
+                    self._set_timer(node, now + timedelta(seconds=timeout))
+                    self._pending().probes.append((key, node.attempt_id, node.step.type))
+                else:
+                    self._attempt_timed_out(node, now)
             elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
                 self._succeed(node, {"waited_until": _iso(now)}, now)
         self._drain(now)
@@ -527,9 +536,31 @@ class RunState:
 
     def _set_deadline(self, node: Node, dispatch: Dispatch, now: datetime) -> None:
         """The worker ends an attempt at its timeout, counted from when it starts; this
-        deadline is for the worker that died or never came: queue wait plus timeout."""
-        waiting = node.step.schedule_to_start or dispatch.timeout
-        self._set_timer(node, now + timedelta(seconds=waiting + dispatch.timeout))
+        deadline is for the worker that died or never came: queue wait plus timeout. With
+        `schedule_to_start`, the orchestrator first asks, at that time, whether a worker
+        took the attempt (`probes`), and times it out at once if none did."""
+        waiting = node.step.schedule_to_start
+        node.probing = waiting is not None
+        first = waiting if waiting is not None else 2 * dispatch.timeout
+        self._set_timer(node, now + timedelta(seconds=first))
+
+    def not_picked_up(self, key: str, attempt: UUID, now: datetime) -> bool:
+        """No worker took the attempt within its schedule_to_start: it times out (and is
+        retried per policy). False if the attempt is no longer current."""
+        node = self._nodes.get(key)
+        if node is None or node.attempt_id != attempt or node.status is not StepStatus.DISPATCHED:
+            return False
+        waited = node.step.schedule_to_start or 0
+        error = StepError(
+            f"step '{key}': no worker took attempt {node.attempt} within its "
+            f"schedule_to_start of {waited:g}s (is a worker serving '{node.step.type}'?)",
+            category="schedule_to_start_timeout",
+            details={"schedule_to_start": waited},
+        ).to_dict()
+        self._pending().aborts.append(attempt)
+        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
+        self._drain(now)
+        return True
 
     def _dispatch_for(self, node: Node, now: datetime) -> Dispatch | None:
         step = node.step
@@ -606,7 +637,8 @@ class RunState:
         waited = node.step.schedule_to_start or timeout
         error = StepError(
             f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "
-            f"after it was dispatched (timeout {timeout:g}s plus {waited:g}s to be picked up)",
+            f"after it was dispatched (timeout {timeout:g}s plus {waited:g}s to be picked up;"
+            " did its worker stop?)",
             category="timeout",
             details={"timeout": timeout, "schedule_to_start": waited},
         ).to_dict()
@@ -659,7 +691,7 @@ class RunState:
         self._timers[node.key] = at
 
     def _clear_timer(self, node: Node) -> None:
-        node.fire_at = None
+        node.fire_at, node.probing = None, False
         self._timers.pop(node.key, None)
 
     def _run_timed_out(self, now: datetime) -> None:

@@ -136,6 +136,7 @@ class Node:
     items: list[Any] | None = None  # a for_each's elements
     join: JoinState | None = None
     launched: int = 0  # parallel branches started so far (max_parallel)
+    probing: bool = False  # its timer is the schedule_to_start check, not the deadline
 
     def context_entry(self) -> dict[str, Any]:
         return {"output": self.output, "status": self.status.value, "error": self.error}
