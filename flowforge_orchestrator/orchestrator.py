@@ -31,10 +31,11 @@ from pydantic import ValidationError
 
 from flowforge_orchestrator import sdnotify, store, telemetry
 from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, StepResult, rejected_run
+from flowforge_orchestrator.concurrency import concurrency_keys
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.dispatch import Dispatcher
-from flowforge_orchestrator.errors import DefinitionError, FlowForgeError
+from flowforge_orchestrator.errors import DefinitionError, ExpressionError, FlowForgeError
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.state import RunStatus
@@ -269,9 +270,14 @@ class Orchestrator:
                 return False
             adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
             results = await store.fetch_run_results(conn, adopted) if adopted else {}
+            blocked, refused = await self._acquire_slots(conn, rows, now)
             for row in rows:
+                if row.id in blocked:
+                    continue  # waits for a concurrency slot: stays pending, not ours
                 try:
-                    owned, changes = await self._take_over(conn, row, results.get(row.id, {}), now)
+                    owned, changes = refused.get(row.id) or await self._take_over(
+                        conn, row, results.get(row.id, {}), now
+                    )
                 except Exception as exc:
                     if store.is_database_error(exc):
                         raise  # the transaction is gone: retry the whole claim
@@ -358,6 +364,39 @@ class Orchestrator:
         changes = state.take_changes()
         assert changes is not None
         return owned, changes
+
+    async def _acquire_slots(
+        self, conn: store.Connection, rows: list[store.ClaimedRun], now: datetime
+    ) -> tuple[set[UUID], dict[UUID, tuple[None, RunChanges]]]:
+        """Take the concurrency slots of the claimed pending runs that need them, for the
+        whole batch at once (its keys are locked in one order, so that claims and releases
+        never deadlock). Returns the runs left waiting, and the runs failed because their
+        concurrency key could not be evaluated."""
+        wanted: dict[UUID, dict[str, int]] = {}
+        refused: dict[UUID, tuple[None, RunChanges]] = {}
+        for row in rows:
+            if row.status != RunStatus.PENDING or row.cancel_requested:
+                continue  # adopted runs keep their slots; a cancelled run needs none
+            workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
+            if isinstance(workflow, str):
+                continue  # _take_over rejects it
+            assert row.workflow_version is not None
+            try:
+                keys = concurrency_keys(
+                    workflow.definition,
+                    run_id=row.id,
+                    version=row.workflow_version,
+                    input=row.input,
+                )
+            except ExpressionError as exc:
+                log.warning("run %s rejected: %s", row.id, exc)
+                failed = self._reject(row, str(exc), now, category="expression_error")
+                refused[row.id] = None, failed
+                continue
+            if keys:
+                wanted[row.id] = keys
+        admitted = await store.acquire_concurrency(conn, wanted)
+        return set(wanted) - admitted, refused
 
     @staticmethod
     def _reject(

@@ -54,11 +54,12 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
+# Runs blocked on a full concurrency key (`waiting`) are left out: they never fill a batch.
 SELECT_PENDING_RUNS = """
 SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent,
        cancel_requested
 FROM flowforge.runs
-WHERE status = 'pending'
+WHERE status = 'pending' AND NOT waiting
 ORDER BY created_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
@@ -88,6 +89,22 @@ RUN_STATUS = "SELECT status FROM flowforge.runs WHERE id = $1"
 
 CANCEL_REQUESTED = """
 SELECT id FROM flowforge.runs WHERE owner = $1 AND cancel_requested AND status = 'running'
+"""
+
+# -- concurrency limits (sql/0003_concurrency.sql) ----------------------------------------
+
+# One element per (run, key, limit); returns every pending run of the batch with its verdict.
+ACQUIRE_CONCURRENCY = """
+SELECT run_id, admitted
+FROM flowforge.acquire_concurrency($1::uuid[], $2::text[], $3::integer[])
+"""
+
+CONCURRENCY_SLOTS = """
+SELECT run_id FROM flowforge.concurrency_slots WHERE key = $1 ORDER BY run_id
+"""
+
+CONCURRENCY_QUEUE = """
+SELECT run_id FROM flowforge.concurrency_queue WHERE key = $1 ORDER BY created_at, run_id
 """
 
 # -- the group commit ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ Functions take a connection, not a pool, so a caller composes them into one tran
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -23,6 +23,7 @@ from flowforge_orchestrator.store.db import json_texts
 __all__ = [
     "ClaimedRun",
     "Definition",
+    "acquire_concurrency",
     "claim_runs",
     "definition_spec",
     "enqueue_run",
@@ -209,6 +210,40 @@ async def request_cancel(conn: asyncpg.Connection, run_id: UUID) -> tuple[bool, 
 async def cancel_requested(conn: asyncpg.Connection, owner: str) -> list[UUID]:
     """Running runs of this owner whose cancellation was asked for."""
     return [row["id"] for row in await conn.fetch(q.CANCEL_REQUESTED, owner)]
+
+
+# -- concurrency limits --------------------------------------------------------------------
+
+
+async def acquire_concurrency(
+    conn: asyncpg.Connection, wanted: Mapping[UUID, Mapping[str, int]]
+) -> set[UUID]:
+    """Take concurrency slots for claimed pending runs (run -> {key: limit}), in the claim
+    transaction that holds their rows; returns the runs that got all their keys.
+
+    Each run gets every key or none, oldest first; a refused run joins each key's FIFO queue
+    and is marked `waiting` until a slot frees up (sql/0003_concurrency.sql).
+    """
+    triples = [(run, key, limit) for run, keys in wanted.items() for key, limit in keys.items()]
+    if not triples:
+        return set()
+    rows = await conn.fetch(
+        q.ACQUIRE_CONCURRENCY,
+        [run for run, _, _ in triples],
+        [key for _, key, _ in triples],
+        [limit for _, _, limit in triples],
+    )
+    return {row["run_id"] for row in rows if row["admitted"]}
+
+
+async def concurrency_slots(conn: asyncpg.Connection, key: str) -> list[UUID]:
+    """The runs holding a slot of `key`."""
+    return [row["run_id"] for row in await conn.fetch(q.CONCURRENCY_SLOTS, key)]
+
+
+async def concurrency_queue(conn: asyncpg.Connection, key: str) -> list[UUID]:
+    """The runs queued for `key`, first in line first."""
+    return [row["run_id"] for row in await conn.fetch(q.CONCURRENCY_QUEUE, key)]
 
 
 # -- the group commit ----------------------------------------------------------------------

@@ -39,6 +39,8 @@ TABLES = {
     "outbox",
     "step_types",
     "schema_migrations",
+    "concurrency_slots",
+    "concurrency_queue",
 }
 WF = CompiledWorkflow(
     parse_definition(
