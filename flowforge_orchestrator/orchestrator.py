@@ -370,7 +370,7 @@ class Orchestrator:
     ) -> tuple[set[UUID], dict[UUID, tuple[None, RunChanges]]]:
         """Take the concurrency slots of the claimed pending runs that need them, for the
         whole batch at once (its keys are locked in one order, so that claims and releases
-        never deadlock). Returns the runs left waiting, and the runs failed because their
+        do not deadlock each other). Returns the runs left waiting, and the runs failed because their
         concurrency key could not be evaluated."""
         wanted: dict[UUID, dict[str, int]] = {}
         refused: dict[UUID, tuple[None, RunChanges]] = {}

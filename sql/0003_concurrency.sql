@@ -10,8 +10,9 @@
 -- now fit, in FIFO order, with a NOTIFY so that an orchestrator claims them at once.
 --
 -- Every change to a key's slots and queue happens under a transaction advisory lock on that
--- key, taken in one global order (by lock id), so two transactions never wait on each
--- other's keys, and a run never waits for a slot that was freed while it was being refused.
+-- key. A claim takes the locks of all its keys at once, and so does a statement that ends
+-- runs, in one global order (by lock id), so they do not deadlock each other; and a release
+-- waits for a claim holding its key, so a run refused a slot is always woken when it frees.
 --
 --   -- who holds a key, who waits for it:
 --   SELECT * FROM flowforge.concurrency_slots WHERE key = 'workflow:order-fulfilment';
@@ -147,7 +148,9 @@ BEGIN
     ELSE
         SELECT array_agg(f.id), array_agg(f.key) INTO ended_ids, ended_keys
         FROM (SELECT o.id, unnest(o.concurrency_keys) AS key
-              FROM old_runs o WHERE o.concurrency_keys IS NOT NULL) f;
+              FROM old_runs o
+              WHERE o.concurrency_keys IS NOT NULL
+                AND o.status NOT IN ('completed', 'failed', 'cancelled')) f;
     END IF;
     IF ended_ids IS NULL THEN
         RETURN NULL;
