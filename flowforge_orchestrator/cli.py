@@ -26,8 +26,8 @@ from flowforge_orchestrator.definitions import (
     definition_json_schema,
     load_definition,
 )
-from flowforge_orchestrator.enqueue import enqueue
-from flowforge_orchestrator.errors import ConfigError, FlowForgeError
+from flowforge_orchestrator.enqueue import enqueue, redrive
+from flowforge_orchestrator.errors import ConfigError, FlowForgeError, NotFound, RedriveError
 from flowforge_orchestrator.runs_view import follow_run, format_run, run_details
 
 __all__ = ["main"]
@@ -260,6 +260,18 @@ async def cmd_runs_cancel(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_runs_retry(settings: Settings, args: argparse.Namespace) -> int:
+    async with _connection(settings) as conn:
+        try:
+            count = await redrive(conn, args.run_id, from_step=args.from_step)
+        except (NotFound, RedriveError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
+    where = f"from step '{args.from_step}'" if args.from_step else "from its failed steps"
+    print(f"run {args.run_id}: runs again {where} (redrive {count})")
+    return 0
+
+
 async def cmd_runs_list(settings: Settings, args: argparse.Namespace) -> int:
     async with _connection(settings) as conn:
         rows = await store.list_runs(
@@ -364,6 +376,11 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     cancel = add("cancel", cmd_runs_cancel, "cancel a pending or running run", runs)
     cancel.add_argument("run_id", type=_uuid)
+    retry = add(
+        "retry", cmd_runs_retry, "run a failed or cancelled run again, keeping what succeeded", runs
+    )
+    retry.add_argument("run_id", type=_uuid)
+    retry.add_argument("--from", dest="from_step", default=None, help="run again from this step")
     lst = add("list", cmd_runs_list, "recent runs", runs)
     lst.add_argument("--workflow")
     lst.add_argument("--status", choices=["pending", "running", "completed", "failed", "cancelled"])

@@ -1,4 +1,4 @@
-"""Start a run from your own code, inside your own transaction.
+"""Start a run from your own code, inside your own transaction; run a failed one again.
 
     async with conn.transaction():
         order_id = await conn.fetchval("INSERT INTO orders ... RETURNING id")
@@ -15,8 +15,12 @@ from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.errors import NotFound, RedriveError
+from flowforge_orchestrator.plan import CompiledWorkflow
+from flowforge_orchestrator.redrive import redrive_checkpoint
 
-__all__ = ["EnqueuedRun", "enqueue"]
+__all__ = ["EnqueuedRun", "enqueue", "redrive"]
 
 
 @dataclass(frozen=True)
@@ -44,3 +48,24 @@ async def enqueue(
         idempotency_key=idempotency_key,
     )
     return EnqueuedRun(run, created)
+
+
+async def redrive(conn: store.Connection, run_id: UUID, *, from_step: str | None = None) -> int:
+    """Run a failed or cancelled run again from its failed steps (or from `from_step`),
+    keeping the outputs of the steps that succeeded; returns how many times it was redriven.
+    The run goes back to pending under its own id, and its history goes on."""
+    async with conn.transaction():
+        run = await store.lock_run(conn, run_id)
+        if run is None:
+            raise NotFound(f"there is no run {run_id}")
+        if run["status"] not in ("failed", "cancelled"):
+            raise RedriveError(
+                f"run {run_id} is {run['status']}: only a failed or cancelled run runs again"
+            )
+        name, version = run["workflow_name"], run["workflow_version"]
+        found = await store.get_definition(conn, name, version) if version else None
+        if found is None:
+            raise RedriveError(f"run {run_id}: workflow '{name}' v{version} is not registered")
+        workflow = CompiledWorkflow(parse_definition(found.spec, source=f"{name} v{version}"))
+        checkpoint = redrive_checkpoint(workflow, run["checkpoint"] or {}, from_step=from_step)
+        return await store.redrive_run(conn, run_id, checkpoint)

@@ -269,7 +269,9 @@ class Orchestrator:
             if not rows:
                 return False
             adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
-            results = await store.fetch_run_results(conn, adopted) if adopted else {}
+            # A redriven run is pending with a checkpoint: it reads earlier outputs too.
+            restored = adopted + [r.id for r in rows if r.status == "pending" and r.checkpoint]
+            results = await store.fetch_run_results(conn, restored) if restored else {}
             blocked, refused = await self._acquire_slots(conn, rows, now)
             for row in rows:
                 if row.id in blocked:
@@ -370,8 +372,8 @@ class Orchestrator:
     ) -> tuple[set[UUID], dict[UUID, tuple[None, RunChanges]]]:
         """Take the concurrency slots of the claimed pending runs that need them, for the
         whole batch at once (its keys are locked in one order, so that claims and releases
-        do not deadlock each other). Returns the runs left waiting, and the runs failed because their
-        concurrency key could not be evaluated."""
+        do not deadlock each other). Returns the runs left waiting, and the runs failed
+        because their concurrency key could not be evaluated."""
         wanted: dict[UUID, dict[str, int]] = {}
         refused: dict[UUID, tuple[None, RunChanges]] = {}
         for row in rows:
@@ -548,6 +550,8 @@ class Orchestrator:
             self._undelivered.append((dispatch, owned.traceparent))
         if changes.aborts:
             self._in_background(self._abort(changes.aborts))
+        if changes.probes:
+            self._in_background(self._probe(run_id, changes.probes))
         if changes.status.finished:
             self._forget_attempts(owned)
             if changes.status is RunStatus.FAILED:
@@ -568,6 +572,25 @@ class Orchestrator:
         task = asyncio.get_running_loop().create_task(coro)
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)
+
+    async def _probe(self, run_id: UUID, probes: list[tuple[str, UUID, str]]) -> None:
+        """schedule_to_start passed: time out the attempts no worker has taken."""
+        for key, attempt, step_type in probes:
+            try:
+                waiting = await self.dispatcher.waiting(attempt, step_type)
+            except Exception as exc:  # Redis away: the deadline still ends the attempt
+                log.warning("could not check attempt %s in Redis: %s", attempt, exc)
+                continue
+            owned = self.runs.get(run_id)
+            if not waiting or owned is None:
+                continue
+            try:
+                if owned.state.not_picked_up(key, attempt, self.clock()):
+                    self._dirty.add(run_id)
+                    self._wake_commit.set()
+            except Exception:  # a bug must not take the daemon down with it
+                log.exception("run %s: timing out attempt %s failed", run_id, attempt)
+                self._drop(run_id, "internal error while timing out an attempt", give_back=True)
 
     async def _abort(self, attempts: list[UUID]) -> None:
         """Ask workers to stop cancelled attempts; best effort, their results are ignored."""

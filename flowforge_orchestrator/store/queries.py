@@ -107,6 +107,24 @@ CONCURRENCY_QUEUE = """
 SELECT run_id FROM flowforge.concurrency_queue WHERE key = $1 ORDER BY created_at, run_id
 """
 
+# -- redrive -------------------------------------------------------------------------------
+
+LOCK_RUN = """
+SELECT id, workflow_name, workflow_version, status, checkpoint
+FROM flowforge.runs WHERE id = $1 FOR UPDATE
+"""
+
+REDRIVE_RUN = """
+UPDATE flowforge.runs SET
+    status = 'pending', checkpoint = $2, output = NULL, error = NULL, finished_at = NULL,
+    cancel_requested = false, owner = NULL, lease_expires_at = NULL,
+    redrives = redrives + 1, updated_at = now()
+WHERE id = $1 AND status IN ('failed', 'cancelled')
+RETURNING redrives
+"""
+
+NOTIFY_RUNS = "SELECT pg_notify('flowforge_runs', '')"
+
 # -- the group commit ----------------------------------------------------------------------
 
 # The epoch is the fence: a row is written only if it still has the epoch this orchestrator

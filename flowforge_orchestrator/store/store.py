@@ -246,6 +246,21 @@ async def concurrency_queue(conn: asyncpg.Connection, key: str) -> list[UUID]:
     return [row["run_id"] for row in await conn.fetch(q.CONCURRENCY_QUEUE, key)]
 
 
+# -- redrive -------------------------------------------------------------------------------
+
+
+async def lock_run(conn: asyncpg.Connection, run_id: UUID) -> asyncpg.Record | None:
+    """The run's row, locked until the caller's transaction ends."""
+    return await conn.fetchrow(q.LOCK_RUN, run_id)
+
+
+async def redrive_run(conn: asyncpg.Connection, run_id: UUID, checkpoint: dict[str, Any]) -> int:
+    """Make a failed or cancelled run pending again with `checkpoint`; its redrive count."""
+    redrives = await conn.fetchval(q.REDRIVE_RUN, run_id, checkpoint)
+    await conn.execute(q.NOTIFY_RUNS)
+    return int(redrives)
+
+
 # -- the group commit ----------------------------------------------------------------------
 
 

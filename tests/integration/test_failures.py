@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from datetime import timedelta
 from typing import Any
 
@@ -12,6 +13,8 @@ import respx
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.enqueue import redrive
+from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.nodes import attempt_id
 from tests.helpers import wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
@@ -171,7 +174,8 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
     await wait_for(second_dispatched, message="the first attempt never timed out")
     attempts = await store.run_attempts(steps_engine.conn, run_id)
     assert attempts[0]["status"] == "timed_out"
-    assert attempts[0]["error"]["category"] == "timeout"
+    assert attempts[0]["error"]["category"] == "schedule_to_start_timeout"
+    assert "no worker took attempt 1" in attempts[0]["error"]["message"]
     # A worker reports the first attempt late: it is recorded, never applied.
     late_at = attempts[1]["dispatched_at"]
     assert await store.insert_result(
@@ -188,7 +192,7 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
     )
     run = await steps_engine.finished(run_id)
     assert run["status"] == "failed"
-    assert run["error"]["category"] == "timeout"
+    assert run["error"]["category"] == "schedule_to_start_timeout"
     assert run["output"] is None
     events = await steps_engine.events(run_id)
     assert _types(events, "orphan") == [
@@ -270,3 +274,70 @@ steps:
     assert _types(events, "busy")[-1] == "step.cancelled"
     assert events[-1]["type"] == "workflow.failed"
     assert events[-1]["data"]["error"]["category"] == "run_timeout"
+
+
+CHAIN = """
+name: chain
+version: 1
+steps:
+  - {id: a, type: http, with: {url: "http://svc.test/a"}}
+  - id: b
+    type: http
+    depends_on: [a]
+    with: {url: "http://svc.test/b", json: "${{ steps.a.output.body }}"}
+  - {id: c, type: transform, depends_on: [b], output: "${{ steps.b.output.body.n + 1 }}"}
+"""
+
+
+async def test_redrive_runs_the_failed_step_again_and_reuses_earlier_outputs(
+    engine: Engine,
+) -> None:
+    with respx.mock() as router:
+        a = router.get("http://svc.test/a").respond(json={"n": 1})
+        b = router.get("http://svc.test/b").mock(
+            side_effect=[httpx.Response(500, text="down"), httpx.Response(200, json={"n": 41})]
+        )
+        await engine.register(CHAIN)
+        run_id = await engine.submit("chain")
+        failed = await engine.finished(run_id)
+        assert failed["status"] == "failed"
+        assert failed["error"]["step_id"] == "b"
+
+        assert await redrive(engine.conn, run_id) == 1
+        run = await engine.finished(run_id)
+
+        assert run["status"] == "completed", run["error"]
+        assert run["output"] == {"c": 42}
+        assert a.call_count == 1  # its output was reused
+        assert b.call_count == 2
+        assert b.calls[1].request.content == b'{"n":1}'
+        attempts = await store.run_attempts(engine.conn, run_id)
+        assert [(x["step_id"], x["attempt"], x["status"]) for x in attempts] == [
+            ("a", 1, "succeeded"),
+            ("b", 1, "failed"),
+            ("b", 2, "succeeded"),
+        ]
+        events = await engine.events(run_id)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["type"] for e in events if e["type"].startswith("workflow.")] == [
+            "workflow.started",
+            "workflow.failed",
+            "workflow.started",
+            "workflow.completed",
+        ]
+        assert events[-1]["data"]["output"] == {"c": 42}
+
+        with pytest.raises(RedriveError, match="completed"):
+            await redrive(engine.conn, run_id, from_step="a")
+
+
+async def test_redrive_refuses_what_it_cannot_do(engine: Engine) -> None:
+    with pytest.raises(NotFound):
+        await redrive(engine.conn, uuid.uuid4())
+    await engine.register(NOT_RETRIED)
+    with respx.mock() as router:
+        router.get("http://svc.test/bad").respond(400, text="no")
+        run_id = await engine.submit("bad_request")
+        assert (await engine.finished(run_id))["status"] == "failed"
+    with pytest.raises(RedriveError, match="no step 'nope'"):
+        await redrive(engine.conn, run_id, from_step="nope")
