@@ -195,6 +195,15 @@ SPECS: list[_Spec] = [
         at_most(16, "KiB"),
     ),
     _Spec("scale: claiming all runs", "s", "scale", _get("claim_s"), None, None),
+    _Spec("fan-out: WAL bytes per item", "B", "fanout", _get("wal_bytes_per_item"), None, None),
+    _Spec(
+        "fan-out: write transactions per item",
+        "",
+        "fanout",
+        _get("write_transactions_per_item"),
+        None,
+        None,
+    ),
     _Spec(
         "db: write transactions per step",
         "",

@@ -51,7 +51,8 @@ def test_a_failed_workload_is_a_failed_line_with_its_error() -> None:
             "baseline_error": None,
         }
     }
-    (fanout,) = figures(results)
+    fanout, *database = figures(results)  # the wall time, then the fan-out's database cost
+    assert all(f.error == error for f in database)
     assert fanout.engine is None and fanout.met is False and fanout.error == error
     line = format_table([fanout]).splitlines()[1]
     assert "FAILED" in line and "run x is failed: boom" in line and "more detail" not in line
