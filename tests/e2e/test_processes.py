@@ -456,3 +456,41 @@ async def test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time
     last = next(e for e in events if e["data"].get("step_id") == "last")
     assert last["time"] >= due
     assert_history(events, await cluster.transitions(run_id))
+
+
+DIES = """
+name: dies
+version: 1
+steps:
+  - id: hold
+    type: slow
+    timeout: 1.5s
+    retry: {max_retries: 1, initial_interval: 0.1s, retry_on: [timeout]}
+    with: {calls: "${{ input.calls }}", release: "${{ input.release }}"}
+"""
+
+
+async def test_a_worker_killed_mid_step_times_the_attempt_out_and_it_is_retried(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    slow = SlowFiles.under(tmp_path)
+    worker_a = await cluster.worker()
+    await cluster.orchestrator("a")
+    await cluster.register(DIES)
+    run_id = await cluster.submit("dies", slow.input())
+    await cluster.until(slow.started, "the worker never started the step")
+
+    assert worker_a.kill() == -signal.SIGKILL
+    slow.release_it()  # the next attempt finishes at once
+    await cluster.worker()
+    run = await cluster.finished(run_id)
+
+    assert run["status"] == "completed", run["error"]
+    attempts = await cluster.conn.fetch(
+        "SELECT attempt, status, error FROM flowforge.step_attempts WHERE run_id = $1"
+        " ORDER BY attempt",
+        run_id,
+    )
+    assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "timed_out"), (2, "succeeded")]
+    assert "did its worker stop?" in attempts[0]["error"]["message"]
+    assert slow.started() == 2

@@ -347,6 +347,30 @@ def test_submit_refuses_input_that_is_not_json(cli: Callable[..., Result], env: 
     assert sql(env, "SELECT count(*) FROM flowforge.runs")[0][0] == 0
 
 
+def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
+    cli: Callable[..., Result], env: str
+) -> None:
+    run_id = cli("submit", "greet", "--input", "{}").out.strip()
+
+    cancelled = cli("runs", "cancel", run_id)
+    assert cancelled.code == 0
+    assert cancelled.out.strip() == f"run {run_id}: cancellation requested (it was pending)"
+    assert sql(env, "SELECT cancel_requested FROM flowforge.runs")[0][0] is True
+
+    sql(env, "UPDATE flowforge.runs SET status = 'completed'")
+    again = cli("runs", "cancel", run_id)
+    assert (again.code, again.out.strip()) == (
+        0,
+        f"run {run_id} already ended (completed): nothing to cancel",
+    )
+    refused = cli("runs", "retry", run_id)
+    assert refused.code == 1
+    assert "completed: only a failed or cancelled run runs again" in refused.err
+
+    missing = cli("runs", "cancel", "00000000-0000-4000-8000-000000000000")
+    assert missing.code == 1 and "there is no run" in missing.err
+
+
 # -- a real engine: orchestrator and worker subprocesses ------------------------------------
 
 
