@@ -114,7 +114,9 @@ async def run_demo(settings: Settings, *, order_id: str = "A-1001") -> int:
         print(f"demo endpoints on {shop.base_url}")
         tasks = [
             asyncio.create_task(run_orchestrator(settings, stop, ready=ready)),
-            asyncio.create_task(run_worker(settings, load_step_types([]), stop=stop)),
+            asyncio.create_task(
+                run_worker(settings, load_step_types([]), stop=stop, serve_http=False)
+            ),
         ]
         try:
             await asyncio.wait_for(ready.wait(), timeout=30)

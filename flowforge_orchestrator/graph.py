@@ -146,6 +146,11 @@ class RunState:
     def step_status(self, key: str) -> StepStatus:
         return self._nodes[key].status
 
+    def step_type(self, key: str) -> str:
+        """The type of the step at `key` ("?" once a finished fan-out forgot it)."""
+        node = self._nodes.get(key)
+        return node.step.type if node is not None else "?"
+
     def next_timer(self) -> datetime | None:
         """When `fire_timers` next has something to do (None: no timer is set)."""
         return min(self._timers.values(), default=None)

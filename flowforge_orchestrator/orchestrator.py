@@ -17,10 +17,12 @@ Four loops share one event loop and never block each other:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import heapq
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -29,13 +31,18 @@ from uuid import UUID
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from flowforge_orchestrator import sdnotify, store, telemetry
+from flowforge_orchestrator import health, metrics, sdnotify, store, telemetry
 from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, StepResult, rejected_run
 from flowforge_orchestrator.concurrency import concurrency_keys
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.dispatch import Dispatcher
-from flowforge_orchestrator.errors import DefinitionError, ExpressionError, FlowForgeError
+from flowforge_orchestrator.errors import (
+    ConfigError,
+    DefinitionError,
+    ExpressionError,
+    FlowForgeError,
+)
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.state import RunStatus
@@ -86,6 +93,7 @@ class Orchestrator:
         dispatcher: Dispatcher,
         *,
         clock: Callable[[], datetime] = _utcnow,
+        measures: metrics.OrchestratorMetrics | None = None,
     ) -> None:
         assert settings.database_url is not None
         self.settings = settings
@@ -93,6 +101,8 @@ class Orchestrator:
         self.dispatcher = dispatcher
         self.clock = clock
         self.node = settings.node_id
+        self.metrics = measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False))
+        self.metrics.active_runs.set_function(lambda: len(self.runs))
         self.limits = Limits(
             max_output_bytes=settings.max_output_bytes,
             max_context_bytes=settings.max_context_bytes,
@@ -121,7 +131,7 @@ class Orchestrator:
                 "flowforge_results": self._on_result_notify,
                 "flowforge_cancel": self._on_cancel_notify,
             },
-            on_connect=self._catch_up,
+            on_connect=self._reconnected,
         )
         self.ready = asyncio.Event()
 
@@ -157,6 +167,10 @@ class Orchestrator:
         except Exception:  # a bug must not take the daemon down with it
             log.exception("run %s: cancelling failed", run_id)
             self._drop(run_id, "internal error while cancelling", give_back=True)
+
+    def _reconnected(self) -> None:
+        self.metrics.reconciled("caught_up")
+        self._catch_up()
 
     def _catch_up(self) -> None:
         """After (re)connecting LISTEN: look for everything we may have missed."""
@@ -231,6 +245,7 @@ class Orchestrator:
         while True:
             await asyncio.sleep(self.settings.poll_interval)
             self._catch_up()
+            self.metrics.reconciled("redelivered", len(self._undelivered))
             await self._redeliver()
             await self._missed_cancels()
 
@@ -264,6 +279,7 @@ class Orchestrator:
         now = self.clock()
         batch: list[store.OwnedChanges] = []
         claimed: dict[UUID, _Owned] = {}
+        started = time.perf_counter()
         async with store.transaction(self.pool) as conn:
             rows = await store.claim_runs(conn, self.settings.claim_batch)
             if not rows:
@@ -305,6 +321,14 @@ class Orchestrator:
                 for owned in claimed.values():  # these graphs never became ours
                     owned.span.end()
                 raise
+        self.metrics.observe_commit(
+            "claim", list(written.values()), seconds=time.perf_counter() - started, now=now
+        )
+        adopted_count = sum(1 for r in rows if r.status == RunStatus.RUNNING and r.id in claimed)
+        self.metrics.reconciled("adopted", adopted_count)
+        self.metrics.reconciled(
+            "rejected", sum(1 for r in rows if r.id not in claimed) - len(blocked)
+        )
         for row in rows:
             owned = claimed.get(row.id)
             if owned is None:
@@ -485,6 +509,7 @@ class Orchestrator:
                     continue
                 if applied:
                     self._dirty.add(run_id)
+                    self.metrics.observe_result(result, owned.state.step_type(result.step_id))
             if self._dirty:
                 self._wake_commit.set()
 
@@ -524,6 +549,7 @@ class Orchestrator:
                     conn, self.node, self.settings.lease_seconds, writes
                 )
 
+        started = time.perf_counter()
         try:
             owned_ids = await store.retrying(write, what="committing transitions")
         except FlowForgeError as exc:
@@ -533,6 +559,12 @@ class Orchestrator:
             for _, changes in batch:
                 self._drop(changes.run_id, "commit failed", give_back=True)
             return
+        self.metrics.observe_commit(
+            "commit",
+            [c for _, c in batch if c.run_id in owned_ids],
+            seconds=time.perf_counter() - started,
+            now=self.clock(),
+        )
         for owned, changes in batch:
             if changes.run_id in owned_ids:
                 self._after_commit(changes.run_id, owned, changes)
@@ -609,6 +641,12 @@ class Orchestrator:
         failed = [
             item for item, ok in zip(todo, outcomes, strict=True) if isinstance(ok, BaseException)
         ]
+        self.metrics.observe_enqueued(
+            d
+            for (d, _), ok in zip(todo, outcomes, strict=True)
+            if not isinstance(ok, BaseException)
+        )
+        self.metrics.dispatch_failures.inc(len(failed))
         if failed:
             log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
             self._undelivered.extend(failed)
@@ -621,6 +659,7 @@ class Orchestrator:
     def _drop(self, run_id: UUID, why: str, *, give_back: bool = False) -> None:
         """Forget a run. `give_back`: we still own it but cannot go on (an error); expire
         its lease so it is resumed from its last checkpoint, and count the strike."""
+        self.metrics.reconciled("released" if give_back else "dropped")
         if give_back:
             self._to_release.add(run_id)
             self._strikes[run_id] = self._strikes.get(run_id, 0) + 1
@@ -697,6 +736,7 @@ class Orchestrator:
             except FlowForgeError as exc:
                 log.error("renewing leases failed: %s", exc)
                 continue
+            self.metrics.leases_held.set(len(held))
             for run_id, epoch in before.items():
                 owned = self.runs.get(run_id)
                 if owned is not None and owned.epoch == epoch and held.get(run_id) != epoch:
@@ -714,11 +754,17 @@ class Orchestrator:
 
 
 async def run_orchestrator(
-    settings: Settings, stop: asyncio.Event, *, ready: asyncio.Event | None = None
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    ready: asyncio.Event | None = None,
+    measures: metrics.OrchestratorMetrics | None = None,
 ) -> None:
-    """Connect, serve until `stop` is set, release everything."""
+    """Connect, serve until `stop` is set, release everything. With an HTTP port set, also
+    serve /healthz, /readyz and /metrics (`measures`' registry, a new one by default)."""
     if not settings.database_url or not settings.redis_url:
         raise FlowForgeError("the orchestrator needs a database URL and a Redis URL")
+    measures = measures or metrics.OrchestratorMetrics(metrics.new_registry())
     pool = await store.retrying(
         lambda: store.create_pool(settings.database_url or "", size=settings.db_pool_size),
         what="connecting to PostgreSQL",
@@ -727,12 +773,43 @@ async def run_orchestrator(
     try:
         dispatcher = await Dispatcher.connect(settings.redis_url)
         try:
-            orchestrator = Orchestrator(settings, pool, dispatcher)
+            orchestrator = Orchestrator(settings, pool, dispatcher, measures=measures)
             if ready is not None:
                 waiter = asyncio.create_task(orchestrator.ready.wait())
                 waiter.add_done_callback(lambda _: ready.set())
-            await orchestrator.run(stop)
+            checks = {
+                "database": health.database_check(pool),
+                "redis": health.redis_check(dispatcher.ping),
+                "listen": health.listening_check(orchestrator.listener.connected),
+                "migrations": health.migrations_check(settings.database_url),
+            }
+            sampler = asyncio.create_task(metrics.run_sampler(pool, measures))
+            try:
+                async with _health_server(settings, measures.registry, checks):
+                    await orchestrator.run(stop)
+            finally:
+                sampler.cancel()
+                await asyncio.gather(sampler, return_exceptions=True)
         finally:
             await dispatcher.close()
     finally:
         await pool.close()
+
+
+@contextlib.asynccontextmanager
+async def _health_server(
+    settings: Settings, registry: Any, checks: dict[str, health.ReadinessCheck]
+) -> AsyncIterator[None]:
+    """The probes and metrics endpoint; a port that cannot be bound is logged, not fatal:
+    the engine's work matters more than its dashboard."""
+    try:
+        server = health.serve_health(settings, registry, checks)
+        await server.__aenter__()
+    except (OSError, ConfigError) as exc:  # the port is taken
+        log.error("%s", exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        await server.__aexit__(None, None, None)

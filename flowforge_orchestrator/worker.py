@@ -23,7 +23,7 @@ import httpx
 from arq.worker import Worker, func
 from opentelemetry import trace
 
-from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator import health, logs, metrics, store, telemetry
 from flowforge_orchestrator.changes import json_size
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import (
@@ -153,8 +153,10 @@ class WorkerRuntime:
         pool: store.Pool,
         types: Mapping[str, StepFunction],
         secrets: Mapping[str, str] | None = None,
+        measures: metrics.WorkerMetrics | None = None,
     ) -> None:
         self.settings = settings
+        self.metrics = measures or metrics.WorkerMetrics(metrics.new_registry(process=False))
         self.pool = pool
         self.types = dict(types)
         self.secrets = dict(secrets or {})
@@ -183,7 +185,17 @@ class WorkerRuntime:
                 "flowforge.attempt": int(payload["attempt"]),
             },
         ) as span:
-            outcome, output, error = await self._run(payload, run_id, step_id, attempt_id, timeout)
+            context = logs.log_context(
+                run_id=str(run_id),
+                step_id=step_id,
+                attempt=int(payload["attempt"]),
+                attempt_id=str(attempt_id),
+            )
+            with context, self.metrics.attempt(str(payload["type"])) as timer:
+                outcome, output, error = await self._run(
+                    payload, run_id, step_id, attempt_id, timeout
+                )
+                timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
         await self._report(
@@ -274,7 +286,28 @@ class WorkerRuntime:
 
 async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
     runtime: WorkerRuntime = ctx["flowforge"]
+    enqueued = ctx.get("enqueue_time")
+    if isinstance(enqueued, datetime):
+        runtime.metrics.observe_queue_wait(str(payload.get("type")), enqueued, _now())
     return await runtime.execute(payload)
+
+
+async def _serve_health(
+    settings: Settings, measures: metrics.WorkerMetrics, checks: dict[str, Any]
+) -> Any:
+    """The worker's probes and metrics, or None (port 0, or a port that is taken: logged,
+    not fatal, as for the orchestrator)."""
+    if settings.http_port == 0:
+        return None
+    server = health.HealthServer(
+        host=settings.http_host, port=settings.http_port, registry=measures.registry, checks=checks
+    )
+    try:
+        await server.__aenter__()
+    except (OSError, ConfigError) as exc:  # the port is taken
+        log.error("%s", exc)
+        return None
+    return server
 
 
 async def _close(worker: Worker) -> None:
@@ -297,8 +330,11 @@ async def run_worker(
     stop: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
     secrets: Mapping[str, str] | None = None,
+    measures: metrics.WorkerMetrics | None = None,
+    serve_http: bool = True,
 ) -> None:
-    """Serve the given step types until `stop` is set (or cancellation)."""
+    """Serve the given step types until `stop` is set (or cancellation); with an HTTP port
+    and `serve_http`, also /healthz, /readyz and /metrics."""
     if not settings.database_url or not settings.redis_url:
         raise ConfigError("the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL")
     served = sorted(queues or types)
@@ -308,7 +344,9 @@ async def run_worker(
     pool = await store.create_pool(
         settings.database_url, size=max(2, settings.worker_max_jobs // 10)
     )
-    runtime = WorkerRuntime(settings, pool, types, secrets)
+    measures = measures or metrics.WorkerMetrics(metrics.new_registry())
+    measures.serves(served)
+    runtime = WorkerRuntime(settings, pool, types, secrets, measures)
     try:
         async with pool.acquire() as conn:
             await store.register_step_types(conn, served, settings.node_id)
@@ -332,6 +370,12 @@ async def run_worker(
         ]
         stop = stop or asyncio.Event()
         tasks = [asyncio.create_task(w.main()) for w in workers]
+        checks = {
+            "database": health.database_check(pool),
+            "redis": health.redis_check(lambda: workers[0].pool.ping()),  # None until up
+            "migrations": health.migrations_check(settings.database_url),
+        }
+        served_http = await _serve_health(settings, measures, checks) if serve_http else None
         log.info("worker %s serving step types: %s", settings.node_id, ", ".join(served))
         if ready is not None:
             ready.set()
@@ -354,6 +398,8 @@ async def run_worker(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(_close(w) for w in workers), return_exceptions=True)
+            if served_http is not None:
+                await served_http.__aexit__(None, None, None)
     finally:
         await runtime.close()
         await pool.close()

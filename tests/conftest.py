@@ -133,4 +133,5 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         poll_interval=0.5,
         lease_seconds=5,
         worker_poll_delay=0.01,
+        http_port=0,  # no health server unless a test asks for one (on a free port)
     )

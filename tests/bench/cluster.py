@@ -179,6 +179,7 @@ class Cluster:
             PYTHONPATH=os.pathsep.join(path),
             FLOWFORGE_DATABASE_URL=self.db_url,
             FLOWFORGE_REDIS_URL=self.redis_url,
+            FLOWFORGE_HTTP_PORT="0",
             FLOWFORGE_WORKER_POLL_DELAY=repr(self.poll_delay),
             FLOWFORGE_WORKER_MAX_JOBS=str(self.max_jobs),
         )

@@ -107,6 +107,7 @@ class Cluster:
             PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
             FLOWFORGE_DATABASE_URL=self.db_url,
             FLOWFORGE_REDIS_URL=self.redis_url,
+            FLOWFORGE_HTTP_PORT="0",
             FLOWFORGE_POLL_INTERVAL="0.5",
             FLOWFORGE_WORKER_POLL_DELAY="0.01",
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="1",
