@@ -15,7 +15,12 @@ from typing import Any
 from uuid import UUID
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
-from arq.constants import abort_jobs_ss
+from arq.constants import (
+    abort_jobs_ss,
+    in_progress_key_prefix,
+    job_key_prefix,
+    result_key_prefix,
+)
 from arq.jobs import Job, JobStatus
 from arq.utils import timestamp_ms
 
@@ -116,6 +121,18 @@ class Dispatcher:
         """Whether the attempt's job is still in its queue, taken by no worker yet."""
         job = Job(str(attempt_id), self.redis, _queue_name=queue_name(step_type))
         return await job.status() in (JobStatus.queued, JobStatus.deferred)
+
+    async def missing(self, attempt_ids: Sequence[UUID]) -> list[UUID]:
+        """The attempts of which Redis knows nothing: no job, none in progress, no result."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for attempt in attempt_ids:
+                pipe.exists(
+                    job_key_prefix + str(attempt),
+                    in_progress_key_prefix + str(attempt),
+                    result_key_prefix + str(attempt),
+                )
+            found = await pipe.execute()
+        return [a for a, count in zip(attempt_ids, found, strict=True) if not count]
 
     async def ping(self) -> bool:
         return bool(await self.redis.ping())

@@ -79,7 +79,9 @@ class _Owned:
     span: trace.Span
     traceparent: str | None
     new_traceparent: str | None = None  # written with the next commit (fresh starts only)
-    attempts: set[UUID] = field(default_factory=set)  # dispatched, no result applied yet
+    # Dispatched, no result applied yet: what was sent, and when (monotonic), so that an
+    # attempt Redis lost can be sent again.
+    attempts: dict[UUID, tuple[Dispatch, float]] = field(default_factory=dict)
     timer_at: datetime | None = None  # the run's next timer, as pushed on the heap
 
 
@@ -248,6 +250,33 @@ class Orchestrator:
             self.metrics.reconciled("redelivered", len(self._undelivered))
             await self._redeliver()
             await self._missed_cancels()
+            await self._reconcile_jobs()
+
+    async def _reconcile_jobs(self) -> None:
+        """Every dispatched attempt has a result, a job in Redis, or is sent again: a Redis
+        that lost its data (restarted without persistence, failed over) loses no run."""
+        settled = time.monotonic() - self.settings.poll_interval  # leave fresh ones alone
+        sent = {
+            attempt: (dispatch, owned.traceparent)
+            for owned in self.runs.values()
+            for attempt, (dispatch, at) in owned.attempts.items()
+            if at < settled
+        }
+        if not sent:
+            return
+        try:
+            lost = await self.dispatcher.missing(list(sent))
+            if lost:
+                answered = {r.attempt_id for _, r in await self._fetch(lost)}
+                lost = [a for a in lost if a not in answered]
+        except Exception as exc:
+            log.warning("could not check the jobs of %d attempt(s): %s", len(sent), exc)
+            return
+        if lost:
+            log.warning("%d attempt(s) had no job in Redis: sending them again", len(lost))
+            self.metrics.reconciled("redelivered", len(lost))
+            self._undelivered.extend(sent[a] for a in lost)
+            await self._redeliver()
 
     async def _missed_cancels(self) -> None:
         """Cancellations whose notification we may have missed (LISTEN was down)."""
@@ -500,7 +529,7 @@ class Orchestrator:
                 if owned is None:
                     continue
                 self._attempts.pop(result.attempt_id, None)
-                owned.attempts.discard(result.attempt_id)
+                owned.attempts.pop(result.attempt_id, None)
                 try:
                     applied = owned.state.apply_result(result, now)
                 except Exception:  # a bug must not take the daemon down with it
@@ -575,10 +604,10 @@ class Orchestrator:
         """What may only happen once the transitions are durable: enqueue, abort, forget."""
         for finished in changes.attempts_finished:
             self._attempts.pop(finished.attempt_id, None)
-            owned.attempts.discard(finished.attempt_id)
+            owned.attempts.pop(finished.attempt_id, None)
         for dispatch in changes.dispatches:
             self._attempts[dispatch.attempt_id] = run_id
-            owned.attempts.add(dispatch.attempt_id)
+            owned.attempts[dispatch.attempt_id] = (dispatch, time.monotonic())
             self._undelivered.append((dispatch, owned.traceparent))
         if changes.aborts:
             self._in_background(self._abort(changes.aborts))

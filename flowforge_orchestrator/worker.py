@@ -22,6 +22,7 @@ from uuid import UUID
 import httpx
 from arq.worker import Worker, func
 from opentelemetry import trace
+from redis.exceptions import RedisError
 
 from flowforge_orchestrator import health, logs, metrics, store, telemetry
 from flowforge_orchestrator.changes import json_size
@@ -310,6 +311,23 @@ async def _serve_health(
     return server
 
 
+async def _serve_queue(worker: Worker) -> None:
+    """arq's poll loop, started again when Redis goes away (arq lets the error out): a
+    restarted or failed-over Redis must not end the worker. Attempts in flight go on; their
+    results go to PostgreSQL, which needs no Redis."""
+    delay = 0.1
+    while True:
+        try:
+            await worker.main()
+            return
+        except (OSError, RedisError) as exc:
+            log.warning(
+                "queue %s: Redis failed (%s); polling again in %.1fs", worker.queue_name, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
 async def _close(worker: Worker) -> None:
     """`Worker.close` without its deprecated redis `close()` call."""
     for task in worker.tasks.values():
@@ -369,7 +387,7 @@ async def run_worker(
             for t in served
         ]
         stop = stop or asyncio.Event()
-        tasks = [asyncio.create_task(w.main()) for w in workers]
+        tasks = [asyncio.create_task(_serve_queue(w)) for w in workers]
         checks = {
             "database": health.database_check(pool),
             "redis": health.redis_check(lambda: workers[0].pool.ping()),  # None until up

@@ -1,0 +1,139 @@
+"""Recovery in process: Redis losing its data, PostgreSQL dropping connections."""
+
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
+from flowforge_orchestrator.orchestrator import run_orchestrator
+from flowforge_orchestrator.worker import run_worker
+from tests.helpers import wait_for
+from tests.integration.conftest import Engine, Steps
+
+LATE = """
+name: late
+version: 1
+steps:
+  - {id: a, type: echo, with: {n: 1}}
+"""
+
+
+async def test_attempts_redis_lost_are_sent_again_and_runs_complete(
+    settings: Settings, steps: Steps
+) -> None:
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    stop = asyncio.Event()
+    orchestrator = asyncio.create_task(run_orchestrator(settings, stop))
+    worker: asyncio.Task[None] | None = None
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(LATE)
+        run_id = await engine.submit("late")
+
+        async def dispatched() -> bool:
+            return bool(await store.run_attempts(conn, run_id))
+
+        await wait_for(dispatched, message="the step was never dispatched")
+        # No worker took the job yet; now Redis loses everything it held.
+        client = aioredis.Redis.from_url(settings.redis_url or "")
+        await client.flushall()
+        await client.aclose()
+
+        worker = asyncio.create_task(run_worker(settings, {"echo": steps.echo}, stop=stop))
+        run = await engine.finished(run_id)
+        assert run["status"] == "completed", run["error"]
+        assert steps.started == ["a"]  # sent again under the same attempt id, run once
+        attempts = await store.run_attempts(conn, run_id)
+        assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "succeeded")]
+    finally:
+        stop.set()
+        await asyncio.gather(orchestrator, *([worker] if worker else []), return_exceptions=True)
+        await conn.close()
+
+
+async def test_a_redis_restart_that_loses_everything_loses_no_run(
+    settings: Settings, steps: Steps
+) -> None:
+    """Redis goes away and comes back empty while a step waits to be released: the
+    orchestrator and the worker reconnect, the attempt is sent again, both runs complete."""
+    own_redis = LocalRedis(durable=False).start()
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    stop = asyncio.Event()
+    types = {"echo": steps.echo, "hold": steps.hold}
+    tasks = [
+        asyncio.create_task(run_orchestrator(settings, stop)),
+        asyncio.create_task(run_worker(settings, types, stop=stop)),
+    ]
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(
+            "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
+            "  - {id: e, type: echo, depends_on: [h], with: {}}\n"
+        )
+        first = await engine.submit("held")
+        await wait_for(lambda: "h" in steps.started, message="hold never started")
+
+        own_redis.restart()  # not durable: it comes back empty
+        steps.release.set()
+        second = await engine.submit("held")
+        for run_id in (first, second):
+            run = await engine.finished(run_id, timeout=30)
+            assert run["status"] == "completed", run["error"]
+        assert all(not task.done() for task in tasks)  # neither process gave up
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await conn.close()
+        own_redis.stop()
+
+
+async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
+    settings: Settings, steps: Steps
+) -> None:
+    """PostgreSQL restarts while a step runs: the worker keeps its result and writes it
+    once the database is back, the orchestrator reconnects and LISTENs again, runs finish."""
+    own_pg = LocalPostgres(durable=False).start()
+    try:
+        dsn = own_pg.url
+        settings = settings.model_copy(update={"database_url": dsn})
+        await store.apply_migrations(dsn)
+        stop = asyncio.Event()
+        types = {"echo": steps.echo, "hold": steps.hold}
+        tasks = [
+            asyncio.create_task(run_orchestrator(settings, stop)),
+            asyncio.create_task(run_worker(settings, types, stop=stop)),
+        ]
+        try:
+            conn = await store.connect(dsn)
+            engine = Engine(settings, conn)
+            await engine.register(
+                "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
+                "  - {id: e, type: echo, depends_on: [h], with: {}}\n"
+            )
+            first = await engine.submit("held")
+            await wait_for(lambda: "h" in steps.started, message="hold never started")
+            await conn.close()
+
+            own_pg.restart()
+            steps.release.set()  # the result is written while connections are re-made
+
+            conn = await store.retrying(lambda: store.connect(dsn), what="reconnecting")
+            engine = Engine(settings, conn)
+            second = await engine.submit("held")
+            for run_id in (first, second):
+                run = await engine.finished(run_id, timeout=30)
+                assert run["status"] == "completed", run["error"]
+            assert all(not task.done() for task in tasks)
+            await conn.close()
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        own_pg.stop()
