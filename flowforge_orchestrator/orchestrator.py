@@ -124,6 +124,9 @@ class Orchestrator:
         self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
         self._wake_timers = asyncio.Event()
+        # The group commit and the lease renewal update the same run rows, each in its own
+        # order: run at once, they can deadlock each other. One at a time, they cannot.
+        self._owned_rows = asyncio.Lock()
         self._timers: list[tuple[datetime, int, UUID]] = []  # heap; stale entries skipped
         self._timer_seq = 0
         self.listener = Listener(
@@ -573,7 +576,7 @@ class Orchestrator:
         ]
 
         async def write() -> set[UUID]:
-            async with store.transaction(self.pool) as conn:
+            async with self._owned_rows, store.transaction(self.pool) as conn:
                 return await store.write_changes(
                     conn, self.node, self.settings.lease_seconds, writes
                 )
@@ -772,7 +775,7 @@ class Orchestrator:
                     self._drop(run_id, "lease lost")
 
     async def _renew(self) -> dict[UUID, int]:
-        async with self.pool.acquire() as conn:
+        async with self._owned_rows, self.pool.acquire() as conn:
             if self._to_release:
                 released = list(self._to_release)
                 await store.release_leases(conn, self.node, released)
