@@ -1,36 +1,95 @@
-"""Reading runs for people: `runs show`, and following a run for `submit --wait`."""
+"""Reading runs for people: `runs show` (with its step tree), and following a run for
+`submit --wait` and `runs watch`. The drawing itself is `run_render`'s (pure)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from datetime import datetime
 from typing import IO, Any
 from uuid import UUID
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.errors import FlowForgeError, NotFound
+from flowforge_orchestrator.plan import CompiledWorkflow
+from flowforge_orchestrator.run_render import MAX_ELEMENTS, StepNode, build_tree, render_tree
+from flowforge_orchestrator.store import reads
 
-__all__ = ["follow_run", "format_run", "run_details"]
+__all__ = [
+    "follow_run",
+    "format_run",
+    "load_workflow",
+    "run_details",
+    "run_steps",
+    "steps_json",
+]
 
 _FINAL = {"completed", "failed", "cancelled"}
 
 
 async def run_details(conn: store.Connection, run_id: UUID) -> dict[str, Any]:
-    """A run with its attempts and transitions, as plain JSON-able data."""
+    """A run with its checkpoint, attempts and transitions, as plain JSON-able data."""
     row = await store.get_run(conn, run_id)
     if row is None:
         raise NotFound(f"no run with id {run_id}")
     run = dict(row)
+    state = await reads.run_checkpoint(conn, run_id)
+    run["checkpoint"] = state["checkpoint"] if state else None
+    run["redrives"] = state["redrives"] if state else 0
     run["attempts"] = [dict(a) for a in await store.run_attempts(conn, run_id)]
     run["transitions"] = [dict(t) for t in await store.run_transitions(conn, run_id)]
     return run
+
+
+async def load_workflow(
+    conn: store.Connection, name: str, version: int | None
+) -> CompiledWorkflow | None:
+    """The run's definition, compiled; None when that version is not registered."""
+    found = await store.get_definition(conn, name, version) if version else None
+    if found is None:
+        return None
+    return CompiledWorkflow(parse_definition(found.spec, source=f"{name} v{version} (database)"))
+
+
+async def run_steps(
+    conn: store.Connection, run: dict[str, Any], *, max_elements: int = MAX_ELEMENTS
+) -> list[StepNode]:
+    """The step tree of a run read by `run_details`."""
+    workflow = await load_workflow(conn, run["workflow_name"], run["workflow_version"])
+    return build_tree(
+        workflow,
+        run["checkpoint"],
+        attempts=run["attempts"],
+        transitions=run["transitions"],
+        max_elements=max_elements,
+    )
+
+
+def steps_json(nodes: Sequence[StepNode]) -> list[dict[str, Any]]:
+    """The tree as JSON-able data (`runs show --json`)."""
+    return [_node_json(node) for node in nodes]
+
+
+def _node_json(node: StepNode) -> dict[str, Any]:
+    data = asdict(node)
+    data["lists"] = [
+        {"label": c.label, "taken": c.taken, "steps": steps_json(c.steps)} for c in node.lists
+    ]
+    data["hidden"] = dict(node.hidden) if node.hidden else None
+    return data
 
 
 def _seconds(start: Any, end: Any) -> str:
     return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
 
 
-def format_run(run: dict[str, Any]) -> str:
+def format_run(
+    run: dict[str, Any], steps: Sequence[StepNode] = (), *, now: datetime | None = None
+) -> str:
+    """The run's facts, its step tree (when given), then every attempt."""
     lines = [
         f"run       {run['id']}",
         f"workflow  {run['workflow_name']} v{run['workflow_version'] or '?'}",
@@ -43,6 +102,10 @@ def format_run(run: dict[str, Any]) -> str:
         lines.append(f"output    {json.dumps(run['output'])}")
     if run["error"] is not None:
         lines.append(f"error     {json.dumps(run['error'])}")
+    if steps:
+        lines.append("steps:")
+        tree = render_tree(steps, now or run["updated_at"])
+        lines += ["  " + line for line in tree.splitlines()]
     lines.append("attempts:")
     for a in run["attempts"]:
         waited = _seconds(a["dispatched_at"], a["started_at"])

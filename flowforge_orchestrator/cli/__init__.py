@@ -1,0 +1,76 @@
+"""`flowforge-orchestrator`: the daemon, the worker, migrations, definitions, runs, and the
+operator's tools (doctor, config, outbox).
+
+Settings are read here, once, from `FLOWFORGE_*` variables, and passed down. Each module of
+this package adds its commands to the parser:
+
+* `daemons`: migrate, run, worker, demo;
+* `definitions`: definitions apply|validate|schema|list|show|diff;
+* `runs`: submit, runs show|watch|list|cancel|retry;
+* `ops`: doctor, config, outbox tail.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from flowforge_orchestrator.cli import daemons, definitions, ops, runs
+from flowforge_orchestrator.cli.common import load_settings
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.errors import ConfigError, FlowForgeError
+from flowforge_orchestrator.logs import configure_logging
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flowforge-orchestrator", description="Durable workflow engine on PostgreSQL + arq."
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (FLOWFORGE_LOG_LEVEL=DEBUG)"
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    daemons.add_commands(sub)
+    definitions.add_commands(sub)
+    runs.add_commands(sub)
+    ops.add_commands(sub)
+    daemons.add_demo(sub)
+    return parser
+
+
+def _logging(settings: Settings, verbose: bool) -> logging.Handler:
+    as_json = {"json": True, "text": False}.get(settings.log_format)  # auto: by the terminal
+    return configure_logging("DEBUG" if verbose else settings.log_level, json=as_json)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already explained
+        return exc.code if isinstance(exc.code, int) else 2
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        on_bad_settings = getattr(args, "on_bad_settings", None)
+        if on_bad_settings is not None:  # doctor: a bad setting is one of its findings
+            return int(on_bad_settings(exc, args))
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    handler = _logging(settings, args.verbose)
+    try:
+        code: int = asyncio.run(args.fn(settings, args))
+        return code
+    except FlowForgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        # main() also runs in-process (tests, embedding): leave no handler on a stream that
+        # its caller may close.
+        handler.flush()
+        logging.getLogger().removeHandler(handler)
