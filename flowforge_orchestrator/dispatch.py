@@ -8,7 +8,6 @@ able to run code in a worker.
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -21,7 +20,7 @@ from arq.constants import (
     job_key_prefix,
     result_key_prefix,
 )
-from arq.jobs import Job, JobStatus
+from arq.jobs import Job, JobStatus, serialize_job
 from arq.utils import timestamp_ms
 
 from flowforge_orchestrator.changes import Dispatch
@@ -74,11 +73,33 @@ def job_payload(dispatch: Dispatch, traceparent: str | None) -> dict[str, Any]:
     }
 
 
+_BATCH = 500  # jobs per script call: bounded, so Redis is never blocked for long
+
+# KEYS: (job key, result key, queue) per job; ARGV: (job id, payload, score, expires ms).
+_ENQUEUE = """
+local created = {}
+for i = 0, #KEYS / 3 - 1 do
+    local job, result, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
+    local id, payload = ARGV[4 * i + 1], ARGV[4 * i + 2]
+    local score, expires = ARGV[4 * i + 3], ARGV[4 * i + 4]
+    if redis.call('EXISTS', job, result) == 0 then
+        redis.call('PSETEX', job, expires, payload)
+        redis.call('ZADD', queue, score, id)
+        created[i + 1] = 1
+    else
+        created[i + 1] = 0
+    end
+end
+return created
+"""
+
+
 class Dispatcher:
     """Enqueues attempts on arq; one Redis pool per process."""
 
     def __init__(self, redis: ArqRedis) -> None:
         self.redis = redis
+        self._script = redis.register_script(_ENQUEUE)
 
     @classmethod
     async def connect(cls, url: str) -> Dispatcher:
@@ -94,22 +115,53 @@ class Dispatcher:
 
     async def dispatch(self, dispatch: Dispatch, traceparent: str | None = None) -> bool:
         """Enqueue one attempt; False if arq already has a job or result with that id."""
-        job = await self.redis.enqueue_job(
-            JOB_FUNCTION,
-            job_payload(dispatch, traceparent),
-            _job_id=str(dispatch.attempt_id),
-            _queue_name=queue_name(dispatch.step_type),
-        )
-        return job is not None
+        (outcome,) = await self.dispatch_many([(dispatch, traceparent)])
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
 
     async def dispatch_many(
         self, dispatches: Sequence[tuple[Dispatch, str | None]]
     ) -> list[BaseException | bool]:
-        """Enqueue concurrently; failures are returned, not raised, so one bad job does not
-        hold back the others (they stay dispatched in PostgreSQL and are re-sent later)."""
-        return await asyncio.gather(
-            *(self.dispatch(d, tp) for d, tp in dispatches), return_exceptions=True
-        )
+        """Enqueue a batch in one round trip per `_BATCH` jobs; for each, whether it was new
+        (False: arq holds a job or a result with that id already). A batch Redis refuses is
+        returned as its exception for each of its jobs, not raised: they stay dispatched in
+        PostgreSQL and are sent again later."""
+        outcomes: list[BaseException | bool] = []
+        for start in range(0, len(dispatches), _BATCH):
+            chunk = dispatches[start : start + _BATCH]
+            try:
+                created = await self._enqueue(chunk)
+            except Exception as exc:
+                outcomes.extend(exc for _ in chunk)
+            else:
+                outcomes.extend(bool(flag) for flag in created)
+        return outcomes
+
+    async def _enqueue(self, chunk: Sequence[tuple[Dispatch, str | None]]) -> list[int]:
+        """What `ArqRedis.enqueue_job` does (a job key unless it or a result exists, and the
+        id on the queue), for many jobs in one script: arq's own takes three round trips and
+        a connection per job."""
+        now = timestamp_ms()
+        keys: list[str] = []
+        args: list[str | bytes | int] = []
+        for dispatch, traceparent in chunk:
+            job_id = str(dispatch.attempt_id)
+            keys += [
+                job_key_prefix + job_id,
+                result_key_prefix + job_id,
+                queue_name(dispatch.step_type),
+            ]
+            payload = serialize_job(
+                JOB_FUNCTION,
+                (job_payload(dispatch, traceparent),),
+                {},
+                None,
+                now,
+                serializer=json_serializer,
+            )
+            args += [job_id, payload, now, self.redis.expires_extra_ms]
+        return list(await self._script(keys=keys, args=args))
 
     async def abort(self, attempt_id: UUID) -> None:
         """Ask the worker running this attempt to cancel it (best effort)."""
