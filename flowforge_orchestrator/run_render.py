@@ -99,7 +99,9 @@ def _times(transitions: Sequence[Mapping[str, Any]]) -> dict[str, _Times]:
         to_status = str(row["to_status"])
         if to_status in _FINISHED:
             times.finished = row["at"]
-        elif to_status != "pending" and (times.started is None or times.status in _FINISHED):
+        elif to_status == "pending":  # a redrive: it starts again
+            times.started = times.finished = None
+        elif times.started is None or times.status in _FINISHED:
             times.started, times.finished = row["at"], None
         times.status = to_status
     return found
@@ -179,11 +181,10 @@ def _topological(steps: Sequence[Step]) -> list[Step]:
     ordered: list[Step] = []
     waiting = list(steps)
     while waiting:
-        ready = [s for s in waiting if all(d in placed for d in s.depends_on)] or waiting[:1]
-        for step in ready:
-            ordered.append(step)
-            placed.add(step.id)
-        waiting = [s for s in waiting if s.id not in placed]
+        step = next((s for s in waiting if placed.issuperset(s.depends_on)), waiting[0])
+        ordered.append(step)
+        placed.add(step.id)
+        waiting.remove(step)
     return ordered
 
 

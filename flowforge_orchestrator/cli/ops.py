@@ -8,6 +8,7 @@ import json
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -19,6 +20,7 @@ from flowforge_orchestrator.cli.common import add_command, connection, run_id_ar
 from flowforge_orchestrator.cli.config_view import (
     effective_settings,
     mask_url,
+    replace_settings_table,
     settings_table,
 )
 from flowforge_orchestrator.config import Settings
@@ -264,6 +266,17 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     if args.markdown:
         print(settings_table(), end="")
         return 0
+    if args.update_readme:
+        path = Path(args.update_readme)
+        try:
+            text = path.read_text(encoding="utf-8")
+            updated = replace_settings_table(text, settings_table())
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"{path}: {exc}") from exc
+        if updated != text:
+            path.write_text(updated, encoding="utf-8")
+        print(f"{path}: the settings table is {'updated' if updated != text else 'current'}")
+        return 0
     values = effective_settings(settings, os.environ)
     if args.json:
         print(json.dumps({v.env: {"value": v.value, "source": v.source} for v in values}, indent=2))
@@ -351,6 +364,9 @@ def add_commands(sub: Any) -> None:
     shape.add_argument("--json", action="store_true")
     shape.add_argument(
         "--markdown", action="store_true", help="the table of every setting (README)"
+    )
+    shape.add_argument(
+        "--update-readme", metavar="FILE", help="replace the settings table in this file"
     )
 
     outbox = sub.add_parser("outbox", help="the outbox of lifecycle events").add_subparsers(
