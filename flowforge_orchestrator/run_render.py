@@ -13,6 +13,7 @@ A fan-out with more elements than `max_elements` is summarised: the elements wor
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -140,7 +141,8 @@ class _Builder:
             key=key,
             step_id=step.id,
             kind=_kind(step),
-            status=entry.status.value if entry else "pending",
+            # A finished fan-out's elements leave the checkpoint: their transitions remain.
+            status=entry.status.value if entry else times.status or "pending",
             attempts=max(entry.attempt if entry else 0, self.tries[key]),
             started_at=times.started,
             finished_at=times.finished,
@@ -158,9 +160,17 @@ class _Builder:
                 node.lists.append(StepList(f"branch {number}", self.steps(plan, suffix)))
         elif isinstance(step, ParallelStep):
             (template,) = self.workflow.children[step.id]
-            node.elements = entry.items if entry else None
+            node.elements = entry.items if entry and entry.items is not None else None
+            if node.elements is None:
+                node.elements = self.seen_elements(template.steps[0].id + suffix)
             self.fan_out(node, template, suffix)
         return node
+
+    def seen_elements(self, prefix: str) -> int | None:
+        """How many elements the history shows (`charge[0]` ... `charge[n-1]`)."""
+        element = re.compile(re.escape(prefix) + r"\[(\d+)\]")
+        found = [int(m[1]) for key in (*self.times, *self.tries) if (m := element.fullmatch(key))]
+        return max(found) + 1 if found else None
 
     def fan_out(self, node: StepNode, template: ListPlan, suffix: str) -> None:
         count = node.elements or 0
