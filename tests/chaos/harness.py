@@ -1,0 +1,438 @@
+"""`python -m tests.chaos` (`just chaos`): kill the engine's processes while runs go through.
+
+    python -m tests.chaos                 # 300 runs, a 60 s chaos phase, 3 orchestrators
+    python -m tests.chaos --seed 1234     # replay the choices of an earlier run
+    python -m tests.chaos --smoke         # 40 runs, one fault of each kind (the test suite's)
+
+It starts a private durable PostgreSQL, a Redis that keeps nothing across a restart, the
+fault-injecting HTTP server (`tests.chaos.server`), and orchestrators and workers as real
+processes. It registers the workflows of `tests.chaos.workflows`, then during the chaos
+phase submits the runs of the plan (`tests.chaos.plan`) and carries out its faults, each at
+its time (they may overlap): SIGKILL an orchestrator (once all of them), SIGKILL a worker,
+restart Redis, restart PostgreSQL, each killed process started again after a random time
+down. Processes that exit on their own are crashes: recorded and replaced. After the phase
+it waits, at most `--drain-timeout` seconds, until every run has finished; a run still
+pending or running then is lost. It stops the processes (SIGTERM), audits the database
+(`tests.chaos.audit`) and prints one line of figures.
+
+Exit status 0 only when nothing was lost, duplicated, broken or wrong, no process crashed
+and every process stopped cleanly; 1 otherwise (the reasons follow the figures, on
+stderr, and the logs are kept); 2 when the chaos run itself could not run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.errors import FlowForgeError
+from tests.bench.cluster import REPO
+from tests.chaos.audit import Audit, audit, histories
+from tests.chaos.cluster import ChaosCluster, Crash, Kind, Slot
+from tests.chaos.plan import ALL, ChaosConfig, Fault, Submission, make_plan
+from tests.chaos.server import FaultServer
+from tests.chaos.workflows import BY_NAME, DESIGNED_TO_FAIL, WORKFLOWS, problem_of
+
+__all__ = ["ChaosConfig", "Figures", "main", "run"]
+
+
+SMOKE = {
+    "runs": 40,
+    "duration": 15.0,
+    "drain_timeout": 45.0,
+    "orchestrators": 2,
+    "workers": 2,
+    "orchestrator_kills": 1,
+    "worker_kills": 1,
+}
+
+
+@dataclass
+class Figures:
+    """The outcome; `line()` is what the chaos run prints."""
+
+    seed: int
+    submitted: int = 0
+    completed: int = 0
+    failed: int = 0
+    designed_failures: int = 0  # failed runs of a workflow designed to fail
+    wrong: list[str] = field(default_factory=list)  # unexpected status or output
+    lost: int = 0
+    duplicate_transitions: int = 0
+    duplicate_events: int = 0
+    broken_histories: int = 0
+    extra_executions: int = 0
+    phantom_executions: int = 0  # of attempts the engine never recorded
+    drain_s: float | None = None  # None: the deadline passed
+    timed_out_attempts: int = 0  # evidence that faults hit work in flight
+    adopted_runs: int = 0  # runs claimed more than once (epoch > 1)
+    faults: Counter[str] = field(default_factory=Counter)
+    crashes: list[Crash] = field(default_factory=list)
+    unclean_stops: list[str] = field(default_factory=list)
+    details: list[str] = field(default_factory=list)
+    suspects: list[UUID] = field(default_factory=list)  # runs whose history goes to findings
+
+    @property
+    def ok(self) -> bool:
+        bad = self.lost + self.duplicate_transitions + self.duplicate_events
+        bad += self.broken_histories + self.phantom_executions
+        return not (bad or self.wrong or self.crashes or self.unclean_stops)
+
+    def line(self) -> str:
+        drain = f"{self.drain_s:.1f}s" if self.drain_s is not None else "timeout"
+        designed = ",".join(DESIGNED_TO_FAIL)
+        faults = " ".join(f"{k}={self.faults[k]}" for k in sorted(self.faults))
+        return (
+            f"chaos seed={self.seed} submitted={self.submitted} completed={self.completed} "
+            f"failed={self.failed} (designed {self.designed_failures}: {designed}) "
+            f"wrong={len(self.wrong)} lost={self.lost} "
+            f"dup_transitions={self.duplicate_transitions} "
+            f"dup_events={self.duplicate_events} broken_histories={self.broken_histories} "
+            f"extra_executions={self.extra_executions} "
+            f"phantom_executions={self.phantom_executions} drain={drain} "
+            f"| faults: {faults} crashes={len(self.crashes)} "
+            f"timed_out_attempts={self.timed_out_attempts} adopted_runs={self.adopted_runs} "
+            f"unclean_stops={len(self.unclean_stops)}"
+        )
+
+
+class Journal:
+    """What happened when, in `chaos.log`; on stderr too with --verbose."""
+
+    def __init__(self, path: Path, verbose: bool) -> None:
+        self.path = path
+        self.verbose = verbose
+        self.t0 = time.monotonic()
+
+    def __call__(self, message: str) -> None:
+        line = f"[{time.monotonic() - self.t0:7.2f}s] {message}"
+        with self.path.open("a", encoding="utf-8") as out:
+            out.write(line + "\n")
+        if self.verbose:
+            print(line, file=sys.stderr, flush=True)
+
+
+# -- the chaos phase ---------------------------------------------------------------------------
+
+
+async def _register(cluster: ChaosCluster) -> None:
+    async with cluster.pool.acquire() as conn:
+        for workflow in WORKFLOWS:
+            definition = parse_definition(
+                workflow.spec, source=workflow.name, known_types={"tracked_http"}
+            )
+            await store.register_definition(conn, definition)
+
+
+async def _submit(
+    cluster: ChaosCluster, server: FaultServer, submissions: list[Submission], t0: float
+) -> None:
+    loop = asyncio.get_running_loop()
+    for sub in submissions:
+        await asyncio.sleep(max(0.0, t0 + sub.at - loop.time()))
+
+        async def one(sub: Submission = sub) -> None:
+            async with cluster.pool.acquire() as conn:
+                # The idempotency key makes a retry after a lost commit reply harmless.
+                await enqueue(
+                    conn,
+                    sub.workflow,
+                    {**sub.input, "base": server.url},
+                    run_id=sub.run_id,
+                    idempotency_key=f"chaos-{sub.run_id}",
+                )
+
+        await store.retrying(one, what=f"submitting run {sub.index}")
+
+
+async def _live(cluster: ChaosCluster, kind: Kind, wait: float = 15.0) -> list[Slot]:
+    """The live slots of `kind`, waiting a little when all are down (another fault)."""
+    deadline = time.monotonic() + wait
+    while not (live := cluster.live(kind)) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    return live
+
+
+async def _fault(cluster: ChaosCluster, fault: Fault, counts: Counter[str], note: Any) -> None:
+    """Carry out one fault; a process fault takes the planned slot, or another live one of
+    its kind when that one is down already."""
+    if fault.kind in ("redis", "postgres"):
+        note(f"fault: restart {fault.kind}")
+        restart = cluster.restart_redis if fault.kind == "redis" else cluster.restart_postgres
+        await restart(fault.down)
+        counts[f"{fault.kind}_restarts"] += 1
+        return
+    live = await _live(cluster, fault.kind)
+    planned = cluster.of_kind(fault.kind)[0 if fault.target == ALL else fault.target]
+    targets = live if fault.target == ALL else [planned] if planned in live else live[:1]
+    if not targets:
+        note(f"fault: no live {fault.kind} to kill")
+        counts["skipped"] += 1
+        return
+    note(f"fault: kill {', '.join(s.node for s in targets)} for {fault.down:.1f}s")
+    for slot in targets:
+        slot.held = True
+    try:
+        await asyncio.gather(*(cluster.kill(s) for s in targets))
+        counts[f"{fault.kind}_kills"] += len(targets)
+        counts["all_orchestrators_at_once"] += fault.target == ALL
+        await asyncio.sleep(fault.down)
+        await asyncio.gather(*(cluster.start_slot(s) for s in targets))
+    finally:
+        for slot in targets:
+            slot.held = False
+
+
+async def _faults(
+    cluster: ChaosCluster, faults: list[Fault], t0: float, counts: Counter[str], note: Any
+) -> None:
+    """Each fault at its time, whether or not the previous ones are over."""
+    loop = asyncio.get_running_loop()
+    tasks = []
+    try:
+        for fault in faults:
+            await asyncio.sleep(max(0.0, t0 + fault.at - loop.time()))
+            tasks.append(asyncio.create_task(_fault(cluster, fault, counts, note)))
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _open_runs(cluster: ChaosCluster) -> int:
+    async def count() -> int:
+        async with cluster.pool.acquire() as conn:
+            return sum((await store.count_open_runs(conn)).values())
+
+    return await store.retrying(count, what="counting open runs")
+
+
+async def _drain(cluster: ChaosCluster, timeout: float) -> float | None:
+    """Seconds until no run is pending or running; None if `timeout` passed first."""
+    began = time.monotonic()
+    while True:
+        if not await _open_runs(cluster):
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout:
+            return None
+        await asyncio.sleep(0.2)
+
+
+# -- figures -------------------------------------------------------------------------------------
+
+
+def _executions(figures: Figures, found: Audit, server: FaultServer) -> None:
+    """Executions beyond one per attempt, from what the server served."""
+    recorded = {str(a["id"]) for a in found.attempts}
+    figures.extra_executions = server.extra_executions()
+    phantoms = [a for a in server.tracked if a not in recorded]
+    figures.phantom_executions = len(phantoms)
+    figures.details += [f"execution of an unrecorded attempt {a}" for a in phantoms[:10]]
+    attempts = Counter((str(a["run_id"]), a["step_id"]) for a in found.attempts)
+    for where, served in server.plain.items():
+        figures.extra_executions += max(0, served - attempts[where])
+
+
+def _outcomes(figures: Figures, found: Audit, server: FaultServer) -> None:
+    forbidden = {
+        (str(t.run_id), t.step_id)
+        for t in server.tracked.values()
+        if t.step_id in BY_NAME.get(_workflow_of(found, t.run_id), WORKFLOWS[0]).forbidden_steps
+    }
+    for run in found.runs:
+        if run["status"] == "completed":
+            figures.completed += 1
+        elif run["status"] == "failed":
+            figures.failed += 1
+            figures.designed_failures += run["workflow_name"] in DESIGNED_TO_FAIL
+        if run["status"] in ("pending", "running"):
+            continue
+        problem = problem_of(run["workflow_name"], run["status"], run["input"], run["output"])
+        ran = sorted(step for r, step in forbidden if r == str(run["id"]))
+        if ran:
+            problem = f"step(s) {', '.join(ran)} ran but must not"
+        if problem is not None:
+            figures.suspects.append(run["id"])
+            message = (run["error"] or {}).get("message", "")
+            figures.wrong.append(f"run {run['id']} ({run['workflow_name']}): {problem} {message}")
+
+
+def _workflow_of(found: Audit, run_id: str) -> str:
+    return next((r["workflow_name"] for r in found.runs if str(r["id"]) == run_id), "")
+
+
+def _details(figures: Figures, found: Audit) -> None:
+    flawed = [*found.lost, *found.dup_transitions, *found.dup_events, *found.gaps, *found.ends]
+    for row in flawed:
+        run_id = row.get("run_id", row.get("id"))
+        if run_id not in figures.suspects:
+            figures.suspects.append(run_id)
+    for run in found.lost[:10]:
+        figures.details.append(
+            f"lost run {run['id']} ({run['workflow_name']}): {run['status']}, owner "
+            f"{run['owner']}, epoch {run['epoch']}, lease until {run['lease_expires_at']}"
+        )
+    for row in found.dup_transitions[:10]:
+        figures.details.append(f"duplicate transition {row}")
+    for row in found.dup_events[:10]:
+        figures.details.append(f"duplicate event {row}")
+    for row in found.gaps[:10]:
+        figures.details.append(f"broken history {row}")
+    for row in found.ends[:10]:
+        figures.details.append(f"start/end events {row}")
+    figures.details += figures.wrong[:10]
+    figures.details += [f"crash: {c.node} {c.what} (log {c.log})" for c in figures.crashes]
+    figures.details += [f"unclean stop: {s}" for s in figures.unclean_stops]
+
+
+def figures_of(found: Audit, server: FaultServer, figures: Figures) -> Figures:
+    figures.submitted = len(found.runs)
+    figures.lost = len(found.lost)
+    figures.duplicate_transitions = found.duplicate_transitions
+    figures.duplicate_events = found.duplicate_events
+    figures.broken_histories = found.broken_histories
+    figures.timed_out_attempts = sum(a["status"] == "timed_out" for a in found.attempts)
+    figures.adopted_runs = sum(r["epoch"] > 1 for r in found.runs)
+    _executions(figures, found, server)
+    _outcomes(figures, found, server)
+    _details(figures, found)
+    return figures
+
+
+# -- the whole run -------------------------------------------------------------------------------
+
+
+def _work_dir(config: ChaosConfig) -> Path:
+    if config.work_dir is not None:
+        return config.work_dir
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    return REPO / ".flowforge" / "chaos" / f"{stamp}-{config.seed}"
+
+
+async def run(config: ChaosConfig, work: Path) -> Figures:
+    """Set up, break things while runs go through, drain, audit."""
+    note = Journal(work / "chaos.log", config.verbose)
+    plan = make_plan(config)
+    figures = Figures(config.seed)
+    servers_and_processes = ChaosCluster.running(
+        work,
+        orchestrators=config.orchestrators,
+        workers=config.workers,
+        lease_seconds=config.lease_seconds,
+        note=note,
+    )
+    async with servers_and_processes as cluster, FaultServer(config.seed) as server:
+        await _register(cluster)
+        await cluster.start_all()
+        supervisor = asyncio.create_task(cluster.supervise())
+        try:
+            t0 = asyncio.get_running_loop().time()
+            note(f"chaos phase: {len(plan.submissions)} runs, {len(plan.faults)} faults")
+            await asyncio.gather(
+                _submit(cluster, server, plan.submissions, t0),
+                _faults(cluster, plan.faults, t0, figures.faults, note),
+            )
+            note("chaos phase over; draining")
+            figures.drain_s = await _drain(cluster, config.drain_timeout)
+            note(f"drained in {figures.drain_s}s" if figures.drain_s is not None else "deadline")
+        finally:
+            supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await supervisor
+        await cluster.stop_processes()
+        figures.crashes, figures.unclean_stops = cluster.crashes, cluster.unclean_stops
+        async with cluster.pool.acquire() as conn:
+            found = await audit(conn)
+            figures_of(found, server, figures)
+            if figures.suspects:
+                found_runs = await histories(conn, figures.suspects[:20])
+                text = json.dumps(found_runs, indent=1, default=str)
+                (work / "findings.json").write_text(text, encoding="utf-8")
+    note(f"HTTP answers by status: {dict(server.answered)}")
+    return figures
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m tests.chaos", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--seed", type=int, help="replay the choices of an earlier run")
+    parser.add_argument("--smoke", action="store_true", help="the small version of the tests")
+    defaults = ChaosConfig(seed=0)
+    for name in (
+        "runs",
+        "duration",
+        "drain_timeout",
+        "orchestrators",
+        "workers",
+        "orchestrator_kills",
+        "worker_kills",
+        "redis_restarts",
+        "postgres_restarts",
+        "lease_seconds",
+    ):
+        value = getattr(defaults, name)
+        flag = "--" + name.replace("_", "-")
+        parser.add_argument(
+            flag, type=type(value), help=f"default {value} ({SMOKE.get(name)} with --smoke)"
+        )
+    parser.add_argument(
+        "--work-dir", type=Path, help="servers' data and logs (default .flowforge/chaos/...)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the work dir when all went well")
+    parser.add_argument("-v", "--verbose", action="store_true", help="each fault on stderr")
+    return parser
+
+
+def config_from(argv: list[str] | None) -> ChaosConfig:
+    args = _parser().parse_args(argv)
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
+    config = ChaosConfig(seed=seed, work_dir=args.work_dir, keep=args.keep, verbose=args.verbose)
+    if args.smoke:
+        config = replace(config, **SMOKE)  # type: ignore[arg-type]
+    given = {k: v for k, v in vars(args).items() if k in ChaosConfig.__dataclass_fields__}
+    given = {k: v for k, v in given.items() if v is not None and k not in ("seed", "work_dir")}
+    return replace(config, **given)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = config_from(argv)
+    work = _work_dir(config)
+    work.mkdir(parents=True, exist_ok=True)
+    print(
+        f"chaos: seed {config.seed} (replay: python -m tests.chaos --seed {config.seed}"
+        f"{' --smoke' if config.runs == SMOKE['runs'] else ''}); work dir {work}",
+        flush=True,
+    )
+    # The harness's own pool complains while PostgreSQL is down: into a file, not the terminal.
+    logging.basicConfig(filename=work / "harness.log", level=logging.WARNING)
+    try:
+        figures = asyncio.run(run(config, work))
+    except (FlowForgeError, OSError) as exc:
+        print(f"chaos: could not run: {exc} (logs in {work})", file=sys.stderr)
+        return 2
+    print(figures.line(), flush=True)
+    for detail in figures.details:
+        print(f"  {detail}", file=sys.stderr)
+    if figures.ok and not config.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    elif not figures.ok:
+        print(f"chaos: FAILED; logs (and findings.json) kept in {work}", file=sys.stderr)
+    return 0 if figures.ok else 1

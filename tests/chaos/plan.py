@@ -1,0 +1,107 @@
+"""The chaos run's plan: every random choice, drawn from the seed before anything starts.
+
+What is submitted when (workflow, input, run id), and which fault happens when (which
+process, how long it stays down). Timing still varies between two runs of one seed, so a
+replay makes the same choices, not the same interleaving.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from uuid import UUID
+
+from tests.chaos.workflows import WORKFLOWS
+
+__all__ = ["ALL", "ChaosConfig", "Fault", "Plan", "Submission", "make_plan"]
+
+ALL = -1  # a fault target: every process of the kind at once
+FaultKind = Literal["orchestrator", "worker", "redis", "postgres"]
+
+
+@dataclass(frozen=True)
+class Submission:
+    at: float  # seconds after the start of the chaos phase
+    index: int
+    run_id: UUID
+    workflow: str
+    input: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Fault:
+    at: float
+    kind: FaultKind
+    target: int  # slot index among its kind, or ALL (servers: 0)
+    down: float  # seconds before the process or server is started again
+
+
+@dataclass(frozen=True)
+class Plan:
+    submissions: list[Submission]
+    faults: list[Fault]
+
+
+@dataclass(frozen=True)
+class ChaosConfig:
+    """The size of a chaos run and of its faults; the seed decides everything random."""
+
+    seed: int
+    runs: int = 300
+    duration: float = 60.0  # the chaos phase: submissions and faults
+    drain_timeout: float = 120.0  # after it, until every run has finished
+    orchestrators: int = 3
+    workers: int = 2
+    orchestrator_kills: int = 6
+    worker_kills: int = 6
+    redis_restarts: int = 1
+    postgres_restarts: int = 1
+    lease_seconds: float = 3.0
+    work_dir: Path | None = None  # None: .flowforge/chaos/<time>-<seed>
+    keep: bool = False  # keep the logs even when all went well
+    verbose: bool = False
+
+
+def make_plan(config: ChaosConfig) -> Plan:
+    """Runs are submitted over the first 85% of `duration`, 60% of them one by one and the
+    rest in five bursts (a claim batch, a group commit of many runs); faults land in
+    10%..90% of it."""
+    rng = random.Random(config.seed)
+    runs, duration = config.runs, config.duration
+    weights = [w.weight for w in WORKFLOWS]
+    bursts = [rng.uniform(0, 0.85 * duration) for _ in range(5)]
+    times = [
+        rng.uniform(0, 0.85 * duration) if rng.random() < 0.6 else rng.choice(bursts)
+        for _ in range(runs)
+    ]
+    submissions = []
+    for index, at in enumerate(sorted(times)):
+        workflow = rng.choices(WORKFLOWS, weights)[0]
+        run_id = UUID(int=rng.getrandbits(128), version=4)
+        submissions.append(Submission(at, index, run_id, workflow.name, workflow.make_input(rng)))
+
+    kinds: list[FaultKind] = ["orchestrator"] * config.orchestrator_kills
+    kinds += ["worker"] * config.worker_kills + ["redis"] * config.redis_restarts
+    kinds += ["postgres"] * config.postgres_restarts
+    rng.shuffle(kinds)
+    times = sorted(rng.uniform(0.1 * duration, 0.9 * duration) for _ in kinds)
+    # With three kills or more, one takes every orchestrator down at once: results then
+    # arrive while no orchestrator runs.
+    kills = config.orchestrator_kills
+    everyone = rng.randrange(kills) if kills >= 3 else None
+    faults = []
+    seen = 0
+    for at, kind in zip(times, kinds, strict=True):
+        if kind == "orchestrator":
+            target = ALL if seen == everyone else rng.randrange(config.orchestrators)
+            seen += 1
+            faults.append(Fault(at, kind, target, rng.uniform(0, 1.5 * config.lease_seconds)))
+        elif kind == "worker":
+            faults.append(Fault(at, kind, rng.randrange(config.workers), rng.uniform(0, 2)))
+        elif kind == "redis":
+            faults.append(Fault(at, kind, 0, rng.uniform(0.5, 2)))
+        else:
+            faults.append(Fault(at, kind, 0, rng.uniform(1, 3)))
+    return Plan(submissions, faults)
