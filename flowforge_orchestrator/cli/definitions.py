@@ -13,15 +13,23 @@ import yaml
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import add_command, connection
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.definitions import definition_json_schema, load_definition
-from flowforge_orchestrator.errors import ConfigError, NotFound
+from flowforge_orchestrator.definitions import (
+    definition_json_schema,
+    load_definition,
+    parse_definition,
+)
+from flowforge_orchestrator.errors import ConfigError, FlowForgeError, NotFound
 from flowforge_orchestrator.store import reads
 
 __all__ = ["add_commands", "spec_yaml"]
 
 
 def spec_yaml(spec: Any) -> str:
-    """A stored spec as YAML, its keys in the order the model gives them."""
+    """A stored spec as YAML, its keys in the model's order (`jsonb` keeps its own)."""
+    try:
+        spec = store.definition_spec(parse_definition(spec))
+    except FlowForgeError:
+        pass  # a spec this version cannot read: shown as stored
     text: str = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
     return text
 

@@ -5,23 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import warnings
-from dataclasses import dataclass
 from uuid import UUID
 
-import pytest
-
-from flowforge_orchestrator.cli import main
-from flowforge_orchestrator.config import Settings
 from tests.helpers import wait_for
+from tests.integration.cli_helpers import Cli, cli
 from tests.integration.conftest import Engine, Steps
 
 with warnings.catch_warnings():  # pydot's grammar still uses pyparsing's old method names
     warnings.simplefilter("ignore", DeprecationWarning)
     import pydot
     import pydot.dot_parser
+
+__all__ = ["cli"]  # the fixture
 
 TREE = """
 name: tree
@@ -57,48 +54,6 @@ steps:
   - {id: wait, type: hold}
   - {id: boom, type: fail, depends_on: [wait]}
 """
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-
-class Cli:
-    """Runs one command at a time in a thread; `seen()` is what it printed so far."""
-
-    def __init__(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self.capsys = capsys
-        self.out: list[str] = []
-        self.err: list[str] = []
-
-    def seen(self) -> str:
-        captured = self.capsys.readouterr()
-        self.out.append(captured.out)
-        self.err.append(captured.err)
-        return "".join(self.out)
-
-    async def __call__(self, *argv: str) -> Result:
-        self.capsys.readouterr()
-        self.out, self.err = [], []
-        code = await asyncio.to_thread(main, list(argv))
-        self.seen()
-        return Result(code, "".join(self.out), "".join(self.err))
-
-
-@pytest.fixture
-def cli(
-    settings: Settings, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> Cli:
-    """The CLI pointed at this test's database and Redis, and nothing else of the environment."""
-    for name in list(os.environ):
-        if name.startswith("FLOWFORGE_"):
-            monkeypatch.delenv(name)
-    monkeypatch.setenv("FLOWFORGE_DATABASE_URL", settings.database_url or "")
-    monkeypatch.setenv("FLOWFORGE_REDIS_URL", settings.redis_url or "")
-    return Cli(capsys)
 
 
 async def completed_tree_run(engine: Engine, total: int = 5) -> UUID:
@@ -194,7 +149,7 @@ async def test_runs_show_pictures_are_mermaid_and_dot(steps_engine: Engine, cli:
 
 
 async def test_runs_watch_follows_a_run_until_it_ends(
-    steps_engine: Engine, steps: Steps, cli: Cli, capsys: pytest.CaptureFixture[str]
+    steps_engine: Engine, steps: Steps, cli: Cli
 ) -> None:
     await steps_engine.register(SLOW)
     run_id = await steps_engine.submit("slow")

@@ -302,3 +302,28 @@ def test_pictures_summarise_a_large_fan_out(render: Any) -> None:
 
     assert "… 497 more: 497 succeeded" in text
     assert "charge[2]" in text and "charge[3]" not in text
+
+
+def test_a_finished_fan_outs_elements_come_from_the_history() -> None:
+    # The checkpoint forgets a finished fan-out's elements; the transitions keep them.
+    saved = checkpoint(elements=0, charge_all="S1")
+    transitions = [
+        {"step_id": key, "to_status": status, "at": at(t)}
+        for key, status, t in [
+            ("charge[0]", "dispatched", 1),
+            ("charge[1]", "dispatched", 1),
+            ("charge[0]", "succeeded", 1.5),
+            ("charge[1]", "failed", 2),
+            ("charge[1]", "dispatched", 3),
+            ("charge[1]", "succeeded", 3.25),
+            ("charge[1][0]", "succeeded", 3.5),  # a deeper key is not an element of this list
+        ]
+    ]
+
+    nodes = by_key(build_tree(workflow(), saved, transitions=transitions))
+
+    assert nodes["charge_all"].elements == 2
+    assert [(n.key, n.status, timing(n, NOW)) for n in walk([nodes["charge_all"]])][1:] == [
+        ("charge[0]", "succeeded", "0.500s"),
+        ("charge[1]", "succeeded", "0.250s"),
+    ]
