@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from flowforge_orchestrator.cli import daemons, definitions, ops, runs
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             return int(on_bad_settings(exc, args))
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    root = logging.getLogger()
+    level = root.level
     handler = _logging(settings, args.verbose)
     try:
         code: int = asyncio.run(args.fn(settings, args))
@@ -69,8 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `... | head`: the reader has gone, which is not an error
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the interpreter's final flush is silent
+        return 141
     finally:
         # main() also runs in-process (tests, embedding): leave no handler on a stream that
-        # its caller may close.
+        # its caller may close, and the root level as it was.
         handler.flush()
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)

@@ -58,15 +58,19 @@ class _Doctor:
     def add(self, check: str, status: str, detail: str) -> None:
         self.findings.append(Finding(check, status, detail))
 
-    async def guarded(self, check: str, probe: Callable[[], Awaitable[None]]) -> None:
-        """Run one check under the timeout; an exception is the check's failure, in words."""
+    async def guarded(
+        self, check: str, probe: Callable[[], Awaitable[None]], where: str | None = None
+    ) -> None:
+        """Run one check under the timeout; an exception is the check's failure, in words
+        (after `where`: the server it could not reach)."""
+        prefix = f"{mask_url(where)}: " if where else ""
         try:
             async with asyncio.timeout(self.timeout):
                 await probe()
         except TimeoutError:
-            self.add(check, "FAIL", f"no answer within {self.timeout:g}s")
+            self.add(check, "FAIL", f"{prefix}no answer within {self.timeout:g}s")
         except Exception as exc:
-            self.add(check, "FAIL", _reason(exc))
+            self.add(check, "FAIL", prefix + _reason(exc))
 
     async def run(self) -> None:
         names = {k.upper() for k in os.environ}
@@ -76,9 +80,9 @@ class _Doctor:
         if not self.settings.database_url:
             self.add("postgresql", "FAIL", "FLOWFORGE_DATABASE_URL is not set")
         else:
-            await self.guarded("postgresql", self.postgresql)
+            await self.guarded("postgresql", self.postgresql, self.settings.database_url)
             database = self.findings[-1].status == "ok"
-        await self.guarded("redis", self.redis)
+        await self.guarded("redis", self.redis, self.settings.redis_url)
         if not database:
             for check in ("migrations", "roles", "workers"):
                 self.add(check, "skip", "needs PostgreSQL")

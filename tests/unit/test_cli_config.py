@@ -98,3 +98,44 @@ def test_replacing_the_table_keeps_the_text_around_it() -> None:
     )
     with pytest.raises(ValueError, match="no settings table markers"):
         replace_settings_table("no table here", "| new |\n")
+
+
+@pytest.mark.parametrize(
+    ("environ", "argv", "expected"),
+    [
+        ({}, [], ("INFO", None)),  # auto: text on a terminal, JSON lines otherwise
+        ({"FLOWFORGE_LOG_FORMAT": "json", "FLOWFORGE_LOG_LEVEL": "warning"}, [], ("WARNING", True)),
+        ({"FLOWFORGE_LOG_FORMAT": "text"}, ["-v"], ("DEBUG", False)),
+    ],
+)
+def test_main_configures_logging_from_the_settings_and_removes_its_handler(
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    environ: dict[str, str],
+    argv: list[str],
+    expected: tuple[str, bool | None],
+) -> None:
+    import logging
+
+    from flowforge_orchestrator import cli
+
+    for name in ("FLOWFORGE_LOG_FORMAT", "FLOWFORGE_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environ.items():
+        monkeypatch.setenv(name, value)
+    seen: list[tuple[str, bool | None]] = []
+    configure = cli.configure_logging
+
+    def recording(level: str, *, json: bool | None = None) -> logging.Handler:
+        seen.append((level, json))
+        return configure(level, json=json)
+
+    monkeypatch.setattr(cli, "configure_logging", recording)
+    root = logging.getLogger()
+    before = (list(root.handlers), root.level)
+
+    assert cli.main([*argv, "config", "--markdown"]) == 0
+
+    assert seen == [expected]
+    assert (root.handlers, root.level) == before
+    assert capsys.readouterr().out == settings_table()
