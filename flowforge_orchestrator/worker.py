@@ -42,6 +42,7 @@ from flowforge_orchestrator.errors import (
     StoreError,
 )
 from flowforge_orchestrator.expressions import render_at
+from flowforge_orchestrator.result_writer import Result, ResultWriter
 from flowforge_orchestrator.steps.http import run_http_step
 
 __all__ = [
@@ -163,8 +164,10 @@ class WorkerRuntime:
         self.secrets = dict(secrets or {})
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.node = settings.node_id
+        self.results = ResultWriter(pool, settings.node_id)
 
     async def close(self) -> None:
+        await self.results.close()
         await self.http.aclose()
 
     async def execute(self, payload: Mapping[str, Any]) -> str:
@@ -276,13 +279,9 @@ class WorkerRuntime:
             )
 
     async def _write(self, result: dict[str, Any]) -> None:
-        async def write() -> None:
-            async with self.pool.acquire() as conn:
-                await store.insert_result(conn, worker=self.node, finished_at=_now(), **result)
-
-        # Transient failures: forever, with capped backoff; the result is the only copy of
-        # finished work. A refusal comes out as a StoreError.
-        await store.retrying(write, what=f"writing the result of attempt {result['attempt_id']}")
+        """Stored with the results that finish at the same time, in one transaction; a
+        refusal of this result comes out as a StoreError."""
+        await self.results.write(Result(finished_at=_now(), **result))
 
 
 async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
@@ -360,7 +359,7 @@ async def run_worker(
     if unknown:
         raise ConfigError(f"no step function for type(s): {', '.join(unknown)}")
     pool = await store.create_pool(
-        settings.database_url, size=max(2, settings.worker_max_jobs // 10)
+        settings.database_url, size=max(2, settings.worker_max_jobs // 2)
     )
     measures = measures or metrics.WorkerMetrics(metrics.new_registry())
     measures.serves(served)

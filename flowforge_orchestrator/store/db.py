@@ -34,6 +34,7 @@ T = TypeVar("T")
 _TRANSIENT = (
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,  # connection closed under us
+    asyncpg.InternalClientError,  # a connection left mid-operation by a server restart
     asyncpg.SerializationError,
     asyncpg.DeadlockDetectedError,
     asyncpg.CannotConnectNowError,

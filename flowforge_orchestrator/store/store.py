@@ -350,17 +350,22 @@ async def _write_attempts(conn: asyncpg.Connection, changes: Iterable[RunChanges
             json_texts(a.error for a in finished),
         )
     if inline:
-        await conn.execute(
-            q.INSERT_RESULTS,
-            [r.attempt_id for _, r in inline],
-            [run_id for run_id, _ in inline],
-            [r.step_id for _, r in inline],
-            [r.outcome for _, r in inline],
-            json_texts(r.output for _, r in inline),
-            json_texts(r.error for _, r in inline),
-            ["orchestrator"] * len(inline),
-            [r.at for _, r in inline],
-            [r.at for _, r in inline],
+        await insert_results(
+            conn,
+            [
+                (
+                    r.attempt_id,
+                    run_id,
+                    r.step_id,
+                    r.outcome,
+                    r.output,
+                    r.error,
+                    "orchestrator",
+                    r.at,
+                    r.at,
+                )
+                for run_id, r in inline
+            ],
         )
 
 
@@ -396,6 +401,28 @@ async def fetch_run_results(
     for row in await conn.fetch(q.RESULTS_BY_RUN, list(run_ids)):
         out.setdefault(row["run_id"], {})[row["attempt_id"]] = _result(row)
     return out
+
+
+ResultRow = tuple[UUID, UUID, str, str, Any, Any, str, datetime, datetime]
+"""attempt id, run id, step id, outcome, output, error, worker, started at, finished at"""
+
+
+async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) -> None:
+    """Many results in one statement (a duplicate attempt id is skipped); each row's
+    trigger NOTIFYs its attempt id when the transaction commits."""
+    columns = list(zip(*rows, strict=True))
+    await conn.execute(
+        q.INSERT_RESULTS,
+        list(columns[0]),
+        list(columns[1]),
+        list(columns[2]),
+        list(columns[3]),
+        json_texts(columns[4]),
+        json_texts(columns[5]),
+        list(columns[6]),
+        list(columns[7]),
+        list(columns[8]),
+    )
 
 
 async def insert_result(

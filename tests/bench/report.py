@@ -246,14 +246,6 @@ SPECS: list[_Spec] = [
         None,
     ),
     _Spec(
-        "db: orchestrator transactions per step",
-        "",
-        "throughput",
-        _get("orchestrator_transactions_per_step"),
-        None,
-        None,
-    ),
-    _Spec(
         "CPU per step: worker vs raw arq worker",
         "ms",
         "throughput",

@@ -20,7 +20,6 @@ def test_figures_take_medians_ratios_and_targets() -> None:
                 {
                     "steps_per_s": s,
                     "write_transactions_per_step": 1.2,
-                    "orchestrator_transactions_per_step": 0.2,
                     "wal_bytes_per_step": 900,
                     "cpu_ms_per_step": {"orchestrator": 1.0, "worker": 1.0},
                 }

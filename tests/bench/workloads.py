@@ -166,7 +166,6 @@ async def throughput(cluster: Cluster, runs: int, timeout: float) -> dict[str, A
     wall = await _last_finish(cluster) - committed
     steps = runs * 5
     writes = after["xid"] - before["xid"] - 1
-    results = int(await cluster.conn.fetchval("SELECT count(*) FROM flowforge.step_results"))
     wal = after["lsn"] - before["lsn"]
     return {
         "runs": runs,
@@ -175,8 +174,6 @@ async def throughput(cluster: Cluster, runs: int, timeout: float) -> dict[str, A
         "steps_per_s": steps / wall,
         "write_transactions": writes,
         "write_transactions_per_step": writes / steps,
-        "worker_result_transactions": results,
-        "orchestrator_transactions_per_step": (writes - results) / steps,
         "wal_bytes": wal,
         "wal_bytes_per_step": wal / steps,
         "cpu_ms_per_step": {name: seconds * 1000 / steps for name, seconds in cpu.items()},

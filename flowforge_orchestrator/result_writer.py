@@ -1,0 +1,126 @@
+"""A worker's results, written in batches: the worker's half of the group commit.
+
+Every attempt still waits until its own result is durable before its arq job completes
+(at-least-once: a result is never acknowledged before it is stored). But the results of
+the attempts that finish together share one transaction, so the database commit rate is
+not the ceiling of the worker's throughput, and there are fewer write transactions than
+steps.
+
+A batch the database refuses (a value JSONB cannot hold) is written row by row, so only
+the result at fault is refused; transient failures are retried forever, since a result is
+the only copy of finished work.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.errors import StoreError
+
+__all__ = ["Result", "ResultWriter"]
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 500
+
+
+@dataclass
+class Result:
+    attempt_id: UUID
+    run_id: UUID
+    step_id: str
+    outcome: str
+    output: Any
+    error: dict[str, Any] | None
+    started_at: datetime
+    finished_at: datetime
+    done: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class ResultWriter:
+    """`await write(result)` returns once the result is stored (or raises StoreError if the
+    database refuses that result)."""
+
+    def __init__(self, pool: store.Pool, worker: str) -> None:
+        self.pool = pool
+        self.worker = worker
+        self._queue: list[Result] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def write(self, result: Result) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        self._queue.append(result)
+        self._wake.set()
+        await asyncio.shield(result.done)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for result in self._queue:
+            if not result.done.done():
+                result.done.set_exception(StoreError("the worker stopped before writing it"))
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await self._flush(batch)
+                except asyncio.CancelledError:
+                    self._queue[:0] = batch  # close() fails them: nothing is left waiting
+                    raise
+                except Exception:  # a bug, or a driver error nobody foresaw: keep them
+                    log.exception("writing %d result(s) failed; trying again", len(batch))
+                    self._queue[:0] = batch
+                    await asyncio.sleep(1.0)
+
+    async def _flush(self, batch: list[Result]) -> None:
+        try:
+            await self._store(batch)
+        except StoreError as exc:
+            if len(batch) == 1:
+                batch[0].done.set_exception(exc)
+                return
+            for result in batch:  # find the one the database refuses
+                await self._flush([result])
+            return
+        for result in batch:
+            if not result.done.done():
+                result.done.set_result(None)
+
+    async def _store(self, batch: list[Result]) -> None:
+        async def write() -> None:
+            async with self.pool.acquire() as conn:
+                await store.insert_results(
+                    conn,
+                    [
+                        (
+                            r.attempt_id,
+                            r.run_id,
+                            r.step_id,
+                            r.outcome,
+                            r.output,
+                            r.error,
+                            self.worker,
+                            r.started_at,
+                            r.finished_at,
+                        )
+                        for r in batch
+                    ],
+                )
+
+        what = f"writing {len(batch)} result(s)"
+        await store.retrying(write, what=what)

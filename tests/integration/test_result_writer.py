@@ -1,0 +1,73 @@
+"""The worker's batched result writes against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+from uuid import uuid4
+
+import pytest
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.errors import StoreError
+from flowforge_orchestrator.result_writer import Result, ResultWriter
+
+NOW = datetime(2024, 5, 1, tzinfo=UTC)
+
+
+def result(output: object = None) -> Result:
+    return Result(uuid4(), uuid4(), "s", "succeeded", output, None, NOW, NOW)
+
+
+async def test_results_finishing_together_share_transactions_and_each_waits_for_its_own(
+    db_url: str,
+) -> None:
+    pool = await store.create_pool(db_url, size=4)
+    writer = ResultWriter(pool, "w-1")
+    try:
+        async with pool.acquire() as conn:
+            before = await conn.fetchval(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            )
+        results = [result({"n": i}) for i in range(200)]
+        await asyncio.gather(*(writer.write(r) for r in results))
+        async with pool.acquire() as conn:
+            stored = await conn.fetchval("SELECT count(*) FROM flowforge.step_results")
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            after = await conn.fetchval(
+                "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+            )
+        assert stored == 200
+        assert after - before < 100  # far fewer commits than results (statistics lag: a bound)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+async def test_a_result_the_database_refuses_is_refused_alone(db_url: str) -> None:
+    pool = await store.create_pool(db_url, size=4)
+    writer = ResultWriter(pool, "w-1")
+    try:
+        good = [result({"ok": i}) for i in range(5)]
+        bad = result({"text": "nul \u0000 byte"})  # JSONB cannot hold a NUL character
+        outcomes = await asyncio.gather(
+            *(writer.write(r) for r in [*good, bad]), return_exceptions=True
+        )
+        assert outcomes[:5] == [None] * 5
+        assert isinstance(outcomes[5], StoreError)
+        async with pool.acquire() as conn:
+            assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 5
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+async def test_closing_fails_what_was_never_written(db_url: str) -> None:
+    pool = await store.create_pool(db_url, size=2)
+    writer = ResultWriter(pool, "w-1")
+    pending = result()
+    writer._queue.append(pending)  # queued, never flushed: the writer task never started
+    await writer.close()
+    with pytest.raises(StoreError, match="stopped before writing"):
+        await pending.done
+    await pool.close()
