@@ -76,8 +76,9 @@ def job_payload(dispatch: Dispatch, traceparent: str | None) -> dict[str, Any]:
 _BATCH = 500  # jobs per script call: bounded, so Redis is never blocked for long
 
 # KEYS: (job key, result key, queue) per job; ARGV: (job id, payload, score, expires ms).
+# Each queue that got a job is told on its wake channel (queue_worker.wake_channel).
 _ENQUEUE = """
-local created = {}
+local created, woken = {}, {}
 for i = 0, #KEYS / 3 - 1 do
     local job, result, queue = KEYS[3 * i + 1], KEYS[3 * i + 2], KEYS[3 * i + 3]
     local id, payload = ARGV[4 * i + 1], ARGV[4 * i + 2]
@@ -86,9 +87,13 @@ for i = 0, #KEYS / 3 - 1 do
         redis.call('PSETEX', job, expires, payload)
         redis.call('ZADD', queue, score, id)
         created[i + 1] = 1
+        woken[queue] = true
     else
         created[i + 1] = 0
     end
+end
+for queue in pairs(woken) do
+    redis.call('PUBLISH', 'flowforge:wake:' .. queue, '')
 end
 return created
 """

@@ -42,6 +42,7 @@ from flowforge_orchestrator.errors import (
     StoreError,
 )
 from flowforge_orchestrator.expressions import render_at
+from flowforge_orchestrator.queue_worker import WakeableWorker
 from flowforge_orchestrator.result_writer import Result, ResultWriter
 from flowforge_orchestrator.steps.http import run_http_step
 
@@ -368,7 +369,7 @@ async def run_worker(
         async with pool.acquire() as conn:
             await store.register_step_types(conn, served, settings.node_id)
         workers = [
-            Worker(
+            WakeableWorker(
                 [func(_job, name=JOB_FUNCTION, max_tries=1)],
                 queue_name=queue_name(t),
                 redis_settings=redis_settings(settings.redis_url),
