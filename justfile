@@ -25,6 +25,10 @@ test *ARGS:
 bench *ARGS:
     python -m tests.bench {{ARGS}}
 
+# Chaos: kill orchestrators and workers, restart Redis and PostgreSQL while runs go through.
+chaos *ARGS:
+    python -m tests.chaos {{ARGS}}
+
 lint:
     ruff check flowforge_orchestrator tests
     ruff format --check flowforge_orchestrator tests

@@ -34,6 +34,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -78,6 +79,7 @@ class Figures:
     duplicate_events: int = 0
     broken_histories: int = 0
     extra_executions: int = 0
+    extra_after_redis_loss: int = 0  # of those, after Redis lost the job (at-least-once)
     phantom_executions: int = 0  # of attempts the engine never recorded
     drain_s: float | None = None  # None: the deadline passed
     timed_out_attempts: int = 0  # evidence that faults hit work in flight
@@ -105,6 +107,7 @@ class Figures:
             f"dup_transitions={self.duplicate_transitions} "
             f"dup_events={self.duplicate_events} broken_histories={self.broken_histories} "
             f"extra_executions={self.extra_executions} "
+            f"(after_redis_loss={self.extra_after_redis_loss}) "
             f"phantom_executions={self.phantom_executions} drain={drain} "
             f"| faults: {faults} crashes={len(self.crashes)} "
             f"timed_out_attempts={self.timed_out_attempts} adopted_runs={self.adopted_runs} "
@@ -161,10 +164,11 @@ async def _submit(
         await store.retrying(one, what=f"submitting run {sub.index}")
 
 
-async def _live(cluster: ChaosCluster, kind: Kind, wait: float = 15.0) -> list[Slot]:
-    """The live slots of `kind`, waiting a little when all are down (another fault)."""
+async def _live(cluster: ChaosCluster, kind: Kind, needed: int, wait: float = 15.0) -> list[Slot]:
+    """The live slots of `kind`, waiting a little for `needed` of them (other faults hold
+    some down); fewer if the wait ends first."""
     deadline = time.monotonic() + wait
-    while not (live := cluster.live(kind)) and time.monotonic() < deadline:
+    while len(live := cluster.live(kind)) < needed and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     return live
 
@@ -178,8 +182,14 @@ async def _fault(cluster: ChaosCluster, fault: Fault, counts: Counter[str], note
         await restart(fault.down)
         counts[f"{fault.kind}_restarts"] += 1
         return
-    live = await _live(cluster, fault.kind)
-    planned = cluster.of_kind(fault.kind)[0 if fault.target == ALL else fault.target]
+    # One process is killed only while another of its kind serves (the planned "all at
+    # once" aside): with every worker gone for long, retries run out by design.
+    slots = cluster.of_kind(fault.kind)
+    needed = 1 if fault.target == ALL or len(slots) == 1 else 2
+    live = await _live(cluster, fault.kind, needed)
+    planned = slots[0 if fault.target == ALL else fault.target]
+    if len(live) < needed:
+        live = []
     targets = live if fault.target == ALL else [planned] if planned in live else live[:1]
     if not targets:
         note(f"fault: no live {fault.kind} to kill")
@@ -238,16 +248,42 @@ async def _drain(cluster: ChaosCluster, timeout: float) -> float | None:
 # -- figures -------------------------------------------------------------------------------------
 
 
-def _executions(figures: Figures, found: Audit, server: FaultServer) -> None:
-    """Executions beyond one per attempt, from what the server served."""
+def _extra(served: list[float], attempts: int, losses: list[float]) -> tuple[int, int]:
+    """Executions beyond one per attempt, and how many of them came after a Redis data loss
+    (the job was gone, so the attempt was sent again: at-least-once, as designed)."""
+    extra = max(0, len(served) - attempts)
+    after_loss = sum(any(a < t < b for t in losses) for a, b in pairwise(sorted(served)))
+    return extra, min(extra, after_loss)
+
+
+def _executions(
+    figures: Figures, found: Audit, server: FaultServer, losses: list[float], t0: float
+) -> None:
+    """Executions beyond one per attempt, from what the server served; the runs of those
+    no Redis loss explains are suspects (their history goes to findings.json)."""
     recorded = {str(a["id"]) for a in found.attempts}
-    figures.extra_executions = server.extra_executions()
     phantoms = [a for a in server.tracked if a not in recorded]
     figures.phantom_executions = len(phantoms)
     figures.details += [f"execution of an unrecorded attempt {a}" for a in phantoms[:10]]
     attempts = Counter((str(a["run_id"]), a["step_id"]) for a in found.attempts)
-    for where, served in server.plain.items():
-        figures.extra_executions += max(0, served - attempts[where])
+    counted = [
+        (t.run_id, f"attempt {a} ({t.step_id} #{t.attempt})", t.served, 1)
+        for a, t in server.tracked.items()
+    ]
+    counted += [
+        (run, f"{step} (http, {attempts[(run, step)]} attempts)", served, attempts[(run, step)])
+        for (run, step), served in server.plain.items()
+    ]
+    unexplained = []
+    for run_id, what, served, expected in counted:
+        extra, after_loss = _extra(served, expected, losses)
+        figures.extra_executions += extra
+        figures.extra_after_redis_loss += after_loss
+        if extra > after_loss:
+            times = ", ".join(f"{t - t0:.2f}s" for t in served)
+            unexplained.append(f"run {run_id} {what} served at {times}")
+            figures.suspects.append(UUID(run_id))
+    figures.details += [f"extra execution: {u}" for u in unexplained[:10]]
 
 
 def _outcomes(figures: Figures, found: Audit, server: FaultServer) -> None:
@@ -302,7 +338,9 @@ def _details(figures: Figures, found: Audit) -> None:
     figures.details += [f"unclean stop: {s}" for s in figures.unclean_stops]
 
 
-def figures_of(found: Audit, server: FaultServer, figures: Figures) -> Figures:
+def figures_of(
+    found: Audit, server: FaultServer, figures: Figures, losses: list[float], t0: float
+) -> Figures:
     figures.submitted = len(found.runs)
     figures.lost = len(found.lost)
     figures.duplicate_transitions = found.duplicate_transitions
@@ -310,7 +348,7 @@ def figures_of(found: Audit, server: FaultServer, figures: Figures) -> Figures:
     figures.broken_histories = found.broken_histories
     figures.timed_out_attempts = sum(a["status"] == "timed_out" for a in found.attempts)
     figures.adopted_runs = sum(r["epoch"] > 1 for r in found.runs)
-    _executions(figures, found, server)
+    _executions(figures, found, server, losses, t0)
     _outcomes(figures, found, server)
     _details(figures, found)
     return figures
@@ -360,7 +398,7 @@ async def run(config: ChaosConfig, work: Path) -> Figures:
         figures.crashes, figures.unclean_stops = cluster.crashes, cluster.unclean_stops
         async with cluster.pool.acquire() as conn:
             found = await audit(conn)
-            figures_of(found, server, figures)
+            figures_of(found, server, figures, cluster.redis_losses, note.t0)
             if figures.suspects:
                 found_runs = await histories(conn, figures.suspects[:20])
                 text = json.dumps(found_runs, indent=1, default=str)
@@ -412,15 +450,20 @@ def config_from(argv: list[str] | None) -> ChaosConfig:
     return replace(config, **given)
 
 
+def _replay(argv: list[str], seed: int) -> str:
+    """The command line that makes the same choices: these arguments with this seed."""
+    kept = [
+        a for i, a in enumerate(argv) if "--seed" not in (a.split("=")[0], argv[i - 1] if i else "")
+    ]
+    return " ".join(["python -m tests.chaos", *kept, "--seed", str(seed)])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     config = config_from(argv)
     work = _work_dir(config)
     work.mkdir(parents=True, exist_ok=True)
-    print(
-        f"chaos: seed {config.seed} (replay: python -m tests.chaos --seed {config.seed}"
-        f"{' --smoke' if config.runs == SMOKE['runs'] else ''}); work dir {work}",
-        flush=True,
-    )
+    print(f"chaos: seed {config.seed} (replay: {_replay(argv, config.seed)}); work dir {work}")
     # The harness's own pool complains while PostgreSQL is down: into a file, not the terminal.
     logging.basicConfig(filename=work / "harness.log", level=logging.WARNING)
     try:
@@ -431,8 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     print(figures.line(), flush=True)
     for detail in figures.details:
         print(f"  {detail}", file=sys.stderr)
-    if figures.ok and not config.keep:
-        shutil.rmtree(work, ignore_errors=True)
-    elif not figures.ok:
+    if not figures.ok:
         print(f"chaos: FAILED; logs (and findings.json) kept in {work}", file=sys.stderr)
+    elif figures.suspects:
+        print(f"chaos: extra executions to look at: findings.json in {work}", file=sys.stderr)
+    elif not config.keep:
+        shutil.rmtree(work, ignore_errors=True)
     return 0 if figures.ok else 1

@@ -53,7 +53,7 @@ class Tracked:
     run_id: str
     step_id: str
     attempt: int
-    served: int = 0
+    served: list[float] = field(default_factory=list)  # loop time of each request
 
 
 @dataclass
@@ -63,7 +63,8 @@ class FaultServer:
     seed: int
     faults: Faults = field(default_factory=Faults)
     tracked: dict[str, Tracked] = field(default_factory=dict)  # by attempt id
-    plain: Counter[tuple[str, str]] = field(default_factory=Counter)  # (run id, step key)
+    # (run id, step key) -> loop time of each request
+    plain: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     answered: Counter[int] = field(default_factory=Counter)  # by status
     url: str = ""
     _server: asyncio.Server | None = None
@@ -85,10 +86,6 @@ class FaultServer:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._server is not None:
             await self._server.wait_closed()
-
-    def extra_executions(self) -> int:
-        """Executions of an attempt beyond its first."""
-        return sum(max(0, t.served - 1) for t in self.tracked.values())
 
     # -- HTTP/1.1, just enough for httpx (keep-alive, Content-Length bodies) -----------------
 
@@ -160,7 +157,7 @@ class FaultServer:
             if seen is None:
                 seen = Tracked(headers[RUN_HEADER], headers[STEP_HEADER], int(headers[TRY_HEADER]))
                 self.tracked[attempt_id] = seen
-            seen.served += 1
+            seen.served.append(asyncio.get_running_loop().time())
             return f"{seen.run_id}:{seen.step_id}:{seen.attempt}"
         if parts[0] == "http" and len(parts) == 3:
             where = (parts[1], parts[2])
@@ -168,5 +165,6 @@ class FaultServer:
             where = (parts[1], "items")
         else:
             return "/".join(parts)
-        self.plain[where] += 1
-        return f"{where[0]}:{where[1]}:{self.plain[where]}"
+        served = self.plain.setdefault(where, [])
+        served.append(asyncio.get_running_loop().time())
+        return f"{where[0]}:{where[1]}:{len(served)}"

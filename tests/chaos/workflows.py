@@ -150,7 +150,7 @@ steps:
     depends_on: [race, optional]
     output:
       branch: "${{ steps.route.output.branch }}"
-      optional: "${{ steps.optional.status }}"
+      optional_failed: "${{ steps.optional.status in ['failed', 'timed_out'] }}"
 output: "${{ steps.finish.output }}"
 """
 )
@@ -206,7 +206,7 @@ def _x(rng: random.Random) -> dict[str, Any]:
 
 
 def _branch_output(input: dict[str, Any]) -> dict[str, Any]:
-    return {"branch": "then" if input["x"] % 2 == 0 else "else", "optional": "failed"}
+    return {"branch": "then" if input["x"] % 2 == 0 else "else", "optional_failed": True}
 
 
 WORKFLOWS = [
