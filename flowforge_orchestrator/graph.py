@@ -51,6 +51,9 @@ from flowforge_orchestrator.nodes import (
     attempt_id,
     decode,
     encode,
+    pack,
+    packable,
+    unpack,
 )
 from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
 from flowforge_orchestrator.retry import decide
@@ -97,6 +100,8 @@ class RunState:
         self._changes: RunChanges | None = None
         self._nodes: dict[str, Node] = {}
         self._timers: dict[str, datetime] = {}  # node key -> when its timer fires
+        # Running fan-outs of one worker step: their elements are saved packed (nodes.pack).
+        self._packed: dict[str, Node] = {}
         self._queue: deque[tuple[str, Any]] = deque()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
         self._root = self._new_scope(workflow.root, Frame(None), None)
@@ -110,8 +115,16 @@ class RunState:
         steps = {
             key: encode(node)
             for key, node in self._nodes.items()
-            if node.status is not StepStatus.PENDING or node.attempt  # redriven: "p<n>"
+            if (node.status is not StepStatus.PENDING or node.attempt)  # redriven: "p<n>"
+            and not (node.packed and packable(node))
         }
+        for key, fan_out in self._packed.items():
+            saved_entry = encode(fan_out, full=True)
+            assert isinstance(saved_entry, dict)
+            saved_entry["i"], attempts = pack(fan_out)
+            if attempts:
+                saved_entry["na"] = attempts
+            steps[key] = saved_entry
         saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
         if self._generation:
             saved["g"] = self._generation
@@ -470,6 +483,11 @@ class RunState:
             )
             for index, item in enumerate(items)
         ]
+        if len(template.steps) == 1 and isinstance(template.steps[0], TaskStep):
+            self._packed[node.key] = node
+            for scope in node.children:
+                for element in scope.nodes.values():
+                    element.packed = True
 
     def _branch_finished(self, node: Node, scope: Scope, now: datetime) -> None:
         if node.status is not StepStatus.RUNNING or node.join is None:
@@ -779,7 +797,7 @@ class RunState:
                     scopes.extend(node.children)
             else:
                 node = fan_outs.popleft()
-                self._restore_fan_out(node, saved[node.key])
+                self._restore_fan_out(node, saved[node.key], saved, results)
                 scopes.extend(node.children)
         self._root.started = self.status is RunStatus.RUNNING
         for scope in reversed(scopes):  # children before their owners
@@ -802,7 +820,33 @@ class RunState:
         if not node.status.finished and node.fire_at is not None:
             self._timers[node.key] = node.fire_at
 
-    def _restore_fan_out(self, node: Node, entry: Saved) -> None:
+    def _unpack(
+        self,
+        node: Node,
+        entry: Saved,
+        saved: Mapping[str, Saved],
+        results: Mapping[UUID, StepResult],
+    ) -> None:
+        """Element states saved packed in the fan-out's entry (those saved on their own, with
+        an error or a retry timer, are restored with the rest)."""
+        # A count that changed (see _restore_fan_out) restores what both sides have.
+        pairs = zip(entry.elements or "", node.children, strict=False)
+        for index, (letter, scope) in enumerate(pairs):
+            (element,) = scope.nodes.values()
+            if element.key in saved:
+                continue
+            attempt = entry.element_attempts.get(str(index))
+            state = unpack(letter, attempt, node.generation)
+            if state is not None:
+                self._restore_node(element, state, results)
+
+    def _restore_fan_out(
+        self,
+        node: Node,
+        entry: Saved,
+        saved: Mapping[str, Saved],
+        results: Mapping[UUID, StepResult],
+    ) -> None:
         """Re-evaluate `for_each` (its inputs are restored); the element count must agree."""
         try:
             items = self._evaluate(node, "for_each")
@@ -812,10 +856,12 @@ class RunState:
             problem = f"it now gives {len(items)} elements" if isinstance(items, list) else ""
         if isinstance(items, list) and len(items) == entry.items:
             self._expand(node, [to_json_value(item) for item in items])
+            self._unpack(node, entry, saved, results)
             return
         # The saved elements still exist (some may be with workers): restore them, to
         # cancel and abort them when the fan-out fails on resume.
         self._expand(node, [None] * (entry.items or 0))
+        self._unpack(node, entry, saved, results)
         if not node.status.finished:
             message = (
                 f"step '{node.key}': for_each gave {entry.items} elements when the step "
@@ -935,6 +981,7 @@ class RunState:
                     self._context_bytes -= json_size(inner.output)
                 stack.extend(inner.children)
         node.children, node.items = [], None
+        self._packed.pop(node.key, None)
 
     def _emit(
         self,

@@ -25,7 +25,18 @@ from flowforge_orchestrator.joins import JoinState
 from flowforge_orchestrator.plan import ListPlan
 from flowforge_orchestrator.state import StepStatus
 
-__all__ = ["Frame", "Node", "Scope", "StepsView", "attempt_id", "decode", "encode"]
+__all__ = [
+    "Frame",
+    "Node",
+    "Scope",
+    "StepsView",
+    "attempt_id",
+    "decode",
+    "encode",
+    "pack",
+    "packable",
+    "unpack",
+]
 
 _NO_ITEM: Any = object()
 
@@ -137,6 +148,7 @@ class Node:
     join: JoinState | None = None
     launched: int = 0  # parallel branches started so far (max_parallel)
     probing: bool = False  # its timer is the schedule_to_start check, not the deadline
+    packed: bool = False  # a fan-out element whose state its fan-out's entry carries
 
     def context_entry(self) -> dict[str, Any]:
         return {"output": self.output, "status": self.status.value, "error": self.error}
@@ -163,7 +175,7 @@ _LETTERS = {
 _STATUSES = {letter: status for status, letter in _LETTERS.items()}
 
 
-def encode(node: Node) -> str | dict[str, Any]:
+def encode(node: Node, *, full: bool = False) -> str | dict[str, Any]:
     letter = _LETTERS[node.status]
     extra: dict[str, Any] = {}
     if node.error is not None:
@@ -181,7 +193,7 @@ def encode(node: Node) -> str | dict[str, Any]:
         extra["x"] = len(node.items)
     if node.generation:
         extra["g"] = node.generation
-    if not extra:
+    if not extra and not full:
         return f"{letter}{node.attempt or ''}"
     return {"s": letter, "n": node.attempt, **extra}
 
@@ -198,6 +210,36 @@ class Saved:
     branch: str | None = None
     items: int | None = None
     generation: int = 0
+    elements: str | None = None  # a packed fan-out: one letter per element
+    element_attempts: dict[str, int] = field(default_factory=dict)  # those past attempt 1
+
+
+def packable(node: Node) -> bool:
+    """Whether an element's state fits in one letter (and its attempt number)."""
+    return node.error is None and node.status is not StepStatus.RETRYING
+
+
+def pack(fan_out: Node) -> tuple[str, dict[str, int]]:
+    """A fan-out's element states as one letter each ('p' pending or kept elsewhere), and
+    the attempt numbers past 1 ("na"). A 1,000-element fan-out saves ~1 KB, not ~20 KB, at each of
+    the many commits it takes."""
+    letters: list[str] = []
+    attempts: dict[str, int] = {}
+    for index, scope in enumerate(fan_out.children):
+        (element,) = scope.nodes.values()
+        if element.status is StepStatus.PENDING or not packable(element):
+            letters.append("p")
+            continue
+        letters.append(_LETTERS[element.status])
+        if element.attempt != 1:
+            attempts[str(index)] = element.attempt
+    return "".join(letters), attempts
+
+
+def unpack(letter: str, attempt: int | None, generation: int) -> Saved | None:
+    if letter == "p":
+        return None
+    return Saved(_STATUSES[letter], attempt if attempt is not None else 1, generation=generation)
 
 
 def decode(saved: str | Mapping[str, Any]) -> Saved:
@@ -214,4 +256,6 @@ def decode(saved: str | Mapping[str, Any]) -> Saved:
         branch=saved.get("b"),
         items=saved.get("x"),
         generation=int(saved.get("g", 0)),
+        elements=saved.get("i"),
+        element_attempts=dict(saved.get("na", {})),
     )

@@ -150,3 +150,42 @@ def test_cancel_ends_the_run_and_aborts_what_workers_hold() -> None:
     ]
     assert changes.events[-1].data == {"reason": "asked"}
     assert not run.cancel(at(6))  # already over
+
+
+def test_a_fan_out_packs_its_elements_and_restores_them_with_their_retries() -> None:
+    each = {
+        "id": "fe",
+        "type": "parallel",
+        "for_each": "[1, 2, 3]",
+        "step": http("el", retry=RETRY),
+    }
+    run, rec = start(each)
+    by_key = {d.step_id: d for d in rec.dispatches}
+    rec.apply(run, ok(by_key["el[0]"], "zero"), at(1))
+    busy = {"message": "busy", "category": "http_503", "retryable": True}
+    rec.apply(run, failed(by_key["el[1]"], busy), at(2))
+    saved = rec.checkpoint["steps"]
+    assert saved["fe"]["i"] == "Spd"  # el[1] waits out its backoff: saved on its own
+    assert saved["el[1]"]["s"] == "w"
+    fire(run, rec, 12)
+    saved = rec.checkpoint["steps"]
+    assert (saved["fe"]["i"], saved["fe"]["na"]) == ("Sdd", {"1": 2})
+    assert "el[1]" not in saved
+
+    adopted = RunState(
+        run_id=RUN_ID,
+        workflow=run.workflow,
+        version=3,
+        input={},
+        limits=LIMITS,
+        status=RunStatus.RUNNING,
+        checkpoint=rec.checkpoint,
+        results=rec.results,
+    )
+    assert [adopted.step_status(f"el[{i}]") for i in range(3)] == [
+        StepStatus.SUCCEEDED,
+        StepStatus.DISPATCHED,
+        StepStatus.DISPATCHED,
+    ]
+    assert sorted(adopted.outstanding()) == sorted(run.outstanding())
+    assert adopted.checkpoint() == rec.checkpoint
