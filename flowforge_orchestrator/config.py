@@ -67,7 +67,10 @@ class Settings(BaseSettings):
 
     # Workers.
     worker_poll_delay: float = Field(
-        default=0.05, gt=0, description="arq poll_delay: how often an idle worker checks Redis."
+        default=0.5,
+        gt=0,
+        description="arq poll_delay: how often an idle worker checks Redis (a new job wakes "
+        "it at once; this bounds the wait when a wake-up is lost).",
     )
     worker_max_jobs: int = Field(default=100, gt=0, description="Concurrent jobs per worker.")
     worker_shutdown_grace: float = Field(

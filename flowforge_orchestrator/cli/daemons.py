@@ -82,7 +82,9 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
         tasks = [asyncio.create_task(run_orchestrator(live, stop))]
         if args.with_worker:
             types = load_step_types(args.types_module)
-            tasks.append(asyncio.create_task(run_worker(live, types, stop=stop, secrets=secrets())))
+            # One process, one health server: the orchestrator's.
+            worker = run_worker(live, types, stop=stop, secrets=secrets(), serve_http=False)
+            tasks.append(asyncio.create_task(worker))
         try:
             await asyncio.gather(*tasks)
         finally:
