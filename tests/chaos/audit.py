@@ -99,7 +99,7 @@ FROM flowforge.runs ORDER BY created_at
 """
 
 _ATTEMPTS = """
-SELECT id, run_id, step_id, attempt, status FROM flowforge.step_attempts
+SELECT id, run_id, step_id, attempt, status, dispatched_at FROM flowforge.step_attempts
 """
 
 

@@ -76,7 +76,7 @@ class ChaosCluster:
     db_url: str = ""
     # Set while both servers run; processes are started only then.
     servers_up: asyncio.Event = field(default_factory=asyncio.Event)
-    redis_losses: list[float] = field(default_factory=list)  # loop times Redis went away
+    redis_losses: list[float] = field(default_factory=list)  # wall-clock times Redis went
     _outages: int = 0  # server restarts begun so far
     _restarts: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -246,7 +246,7 @@ class ChaosCluster:
 
     async def restart_redis(self, downtime: float) -> None:
         """Stop Redis (its data is gone), wait, start it again on the same port."""
-        self.redis_losses.append(asyncio.get_running_loop().time())
+        self.redis_losses.append(time.time())
         await self._outage(self.redis, "Redis", downtime)
 
     async def restart_postgres(self, downtime: float) -> None:

@@ -34,7 +34,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -122,6 +121,7 @@ class Journal:
         self.path = path
         self.verbose = verbose
         self.t0 = time.monotonic()
+        self.wall0 = time.time()  # the same moment, on the clock the server's times use
 
     def __call__(self, message: str) -> None:
         line = f"[{time.monotonic() - self.t0:7.2f}s] {message}"
@@ -248,12 +248,15 @@ async def _drain(cluster: ChaosCluster, timeout: float) -> float | None:
 # -- figures -------------------------------------------------------------------------------------
 
 
-def _extra(served: list[float], attempts: int, losses: list[float]) -> tuple[int, int]:
-    """Executions beyond one per attempt, and how many of them came after a Redis data loss
-    (the job was gone, so the attempt was sent again: at-least-once, as designed)."""
+def _extra(
+    served: list[float], attempts: int, since: float, losses: list[float]
+) -> tuple[int, int]:
+    """Executions beyond one per attempt, and how many of them a Redis data loss explains:
+    one between the dispatch (`since`) and the last execution means the job, or the mark
+    that a worker had it, was gone, and the attempt was sent again (at-least-once)."""
     extra = max(0, len(served) - attempts)
-    after_loss = sum(any(a < t < b for t in losses) for a, b in pairwise(sorted(served)))
-    return extra, min(extra, after_loss)
+    lost = any(since < t < max(served) for t in losses) if served else False
+    return extra, extra if lost else 0
 
 
 def _executions(
@@ -261,22 +264,24 @@ def _executions(
 ) -> None:
     """Executions beyond one per attempt, from what the server served; the runs of those
     no Redis loss explains are suspects (their history goes to findings.json)."""
-    recorded = {str(a["id"]) for a in found.attempts}
-    phantoms = [a for a in server.tracked if a not in recorded]
+    dispatched = {str(a["id"]): a["dispatched_at"].timestamp() for a in found.attempts}
+    phantoms = [a for a in server.tracked if a not in dispatched]
     figures.phantom_executions = len(phantoms)
     figures.details += [f"execution of an unrecorded attempt {a}" for a in phantoms[:10]]
-    attempts = Counter((str(a["run_id"]), a["step_id"]) for a in found.attempts)
+    attempts: dict[tuple[str, str], list[float]] = {}
+    for a in found.attempts:
+        attempts.setdefault((str(a["run_id"]), a["step_id"]), []).append(dispatched[str(a["id"])])
     counted = [
-        (t.run_id, f"attempt {a} ({t.step_id} #{t.attempt})", t.served, 1)
+        (t.run_id, f"attempt {a} ({t.step_id} #{t.attempt})", t.served, 1, dispatched.get(a))
         for a, t in server.tracked.items()
     ]
-    counted += [
-        (run, f"{step} (http, {attempts[(run, step)]} attempts)", served, attempts[(run, step)])
-        for (run, step), served in server.plain.items()
-    ]
+    for (run, step), served in server.plain.items():
+        sent = attempts.get((run, step), [])
+        what = f"{step} (http, {len(sent)} attempts)"
+        counted.append((run, what, served, len(sent), min(sent, default=None)))
     unexplained = []
-    for run_id, what, served, expected in counted:
-        extra, after_loss = _extra(served, expected, losses)
+    for run_id, what, served, expected, since in counted:
+        extra, after_loss = _extra(served, expected, since or min(served), losses)
         figures.extra_executions += extra
         figures.extra_after_redis_loss += after_loss
         if extra > after_loss:
@@ -398,7 +403,7 @@ async def run(config: ChaosConfig, work: Path) -> Figures:
         figures.crashes, figures.unclean_stops = cluster.crashes, cluster.unclean_stops
         async with cluster.pool.acquire() as conn:
             found = await audit(conn)
-            figures_of(found, server, figures, cluster.redis_losses, note.t0)
+            figures_of(found, server, figures, cluster.redis_losses, note.wall0)
             if figures.suspects:
                 found_runs = await histories(conn, figures.suspects[:20])
                 text = json.dumps(found_runs, indent=1, default=str)

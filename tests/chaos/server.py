@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -53,7 +54,7 @@ class Tracked:
     run_id: str
     step_id: str
     attempt: int
-    served: list[float] = field(default_factory=list)  # loop time of each request
+    served: list[float] = field(default_factory=list)  # wall-clock time of each request
 
 
 @dataclass
@@ -63,7 +64,7 @@ class FaultServer:
     seed: int
     faults: Faults = field(default_factory=Faults)
     tracked: dict[str, Tracked] = field(default_factory=dict)  # by attempt id
-    # (run id, step key) -> loop time of each request
+    # (run id, step key) -> wall-clock time of each request
     plain: dict[tuple[str, str], list[float]] = field(default_factory=dict)
     answered: Counter[int] = field(default_factory=Counter)  # by status
     url: str = ""
@@ -157,7 +158,7 @@ class FaultServer:
             if seen is None:
                 seen = Tracked(headers[RUN_HEADER], headers[STEP_HEADER], int(headers[TRY_HEADER]))
                 self.tracked[attempt_id] = seen
-            seen.served.append(asyncio.get_running_loop().time())
+            seen.served.append(time.time())
             return f"{seen.run_id}:{seen.step_id}:{seen.attempt}"
         if parts[0] == "http" and len(parts) == 3:
             where = (parts[1], parts[2])
@@ -166,5 +167,5 @@ class FaultServer:
         else:
             return "/".join(parts)
         served = self.plain.setdefault(where, [])
-        served.append(asyncio.get_running_loop().time())
+        served.append(time.time())
         return f"{where[0]}:{where[1]}:{len(served)}"
