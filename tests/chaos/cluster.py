@@ -44,6 +44,7 @@ class Slot:
     held: bool = False  # down on purpose, by a fault
     incarnation: int = 0
     retry_at: float = 0.0  # after a failed start, the supervisor waits until then
+    failed_starts: int = 0  # in a row: the wait doubles with each, up to 30 s
 
     @property
     def ready_line(self) -> str:
@@ -133,7 +134,6 @@ class ChaosCluster:
             FLOWFORGE_LEASE_SECONDS=repr(self.lease_seconds),
             FLOWFORGE_POLL_INTERVAL="1",
             FLOWFORGE_SHUTDOWN_TIMEOUT="5",
-            FLOWFORGE_WORKER_POLL_DELAY="0.05",
             FLOWFORGE_WORKER_MAX_JOBS="50",
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="2",
             FLOWFORGE_HTTP_PORT="0",  # several processes share the host
@@ -166,11 +166,13 @@ class ChaosCluster:
             )
         except WorkloadFailed as exc:
             slot.proc = None
-            slot.retry_at = time.monotonic() + 1.0
+            slot.failed_starts += 1
+            slot.retry_at = time.monotonic() + min(30.0, 2.0 ** (slot.failed_starts - 1))
             if self._outages == outages and self.servers_up.is_set():
                 self.crashes.append(Crash(slot.node, f"did not start: {exc}", log))
             self.note(f"{slot.node} did not start (see {log})")
             return
+        slot.failed_starts = 0
         self.note(f"{slot.node} started (pid {slot.proc.pid})")
 
     async def start_all(self) -> None:

@@ -339,7 +339,9 @@ def _details(figures: Figures, found: Audit) -> None:
     for row in found.ends[:10]:
         figures.details.append(f"start/end events {row}")
     figures.details += figures.wrong[:10]
-    figures.details += [f"crash: {c.node} {c.what} (log {c.log})" for c in figures.crashes]
+    crashes = [f"crash: {c.node} {c.what} (log {c.log})" for c in figures.crashes]
+    more = [f"... and {len(crashes) - 5} more crashes"] if len(crashes) > 5 else []
+    figures.details += crashes[:5] + more
     figures.details += [f"unclean stop: {s}" for s in figures.unclean_stops]
 
 
