@@ -154,17 +154,16 @@ WHERE r.id = u.id AND r.epoch = u.epoch
 RETURNING r.id
 """
 
-INSERT_TRANSITIONS = """
-INSERT INTO flowforge.transitions (run_id, seq, step_id, attempt_id, from_status, to_status, at)
-SELECT * FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::uuid[], $5::text[],
-                     $6::text[], $7::timestamptz[])
-"""
-
-INSERT_OUTBOX = """
-INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent)
-SELECT run_id, seq, type, time, data::jsonb, traceparent
-FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[], $6::text[])
-    AS e(run_id, seq, type, time, data, traceparent)
+# One row per transition: the history and the relay's outbox at once (sql/0006).
+INSERT_EVENTS = """
+INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent, step_id, attempt_id,
+                              from_status, to_status)
+SELECT run_id, seq, type, time, data::jsonb, traceparent, step_id, attempt_id, from_status,
+       to_status
+FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
+            $7::text[], $8::uuid[], $9::text[], $10::text[])
+    AS e(run_id, seq, type, time, data, traceparent, step_id, attempt_id, from_status,
+         to_status)
 """
 
 INSERT_ATTEMPTS = """

@@ -303,27 +303,18 @@ async def _insert_events(conn: asyncpg.Connection, batch: Sequence[OwnedChanges]
     rows = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
     if not rows:
         return
-    run_ids = [r for r, _, _ in rows]
-    seqs = [e.seq for _, _, e in rows]
-    ats = [e.at for _, _, e in rows]
     await conn.execute(
-        q.INSERT_TRANSITIONS,
-        run_ids,
-        seqs,
+        q.INSERT_EVENTS,
+        [run_id for run_id, _, _ in rows],
+        [e.seq for _, _, e in rows],
+        [e.type for _, _, e in rows],
+        [e.at for _, _, e in rows],
+        json_texts(e.data for _, _, e in rows),
+        [tp for _, tp, _ in rows],
         [e.step_id for _, _, e in rows],
         [e.attempt_id for _, _, e in rows],
         [e.from_status for _, _, e in rows],
         [e.to_status for _, _, e in rows],
-        ats,
-    )
-    await conn.execute(
-        q.INSERT_OUTBOX,
-        run_ids,
-        seqs,
-        [e.type for _, _, e in rows],
-        ats,
-        json_texts(e.data for _, _, e in rows),
-        [tp for _, tp, _ in rows],
     )
 
 

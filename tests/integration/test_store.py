@@ -35,7 +35,6 @@ TABLES = {
     "runs",
     "step_attempts",
     "step_results",
-    "transitions",
     "outbox",
     "step_types",
     "schema_migrations",
@@ -518,8 +517,8 @@ async def test_a_duplicate_event_sequence_is_rejected(conn: asyncpg.Connection) 
             await store.write_changes(conn, "orch-a", 30, [OwnedChanges(changes, 1, 1)])
     with pytest.raises(asyncpg.UniqueViolationError, match="outbox"):
         await conn.execute(
-            "INSERT INTO flowforge.outbox (run_id, seq, type, time, data)"
-            " VALUES ($1, 1, 'workflow.started', now(), '{}')",
+            "INSERT INTO flowforge.outbox (run_id, seq, type, time, data, to_status)"
+            " VALUES ($1, 1, 'workflow.started', now(), '{}', 'running')",
             run_id,
         )
     assert await _count(conn, "transitions", run_id) == 2
