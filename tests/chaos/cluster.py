@@ -197,6 +197,20 @@ class ChaosCluster:
         await asyncio.to_thread(proc.popen.wait)
         self.note(f"{slot.node} killed (pid {proc.pid})")
 
+    async def pause(self, slot: Slot, seconds: float) -> None:
+        """SIGSTOP, then SIGCONT after `seconds`: a process that stalls (GC, a full disk, a
+        partition) and comes back believing it still owns what it owned."""
+        proc = slot.proc
+        if proc is None:
+            return
+        proc.popen.send_signal(signal.SIGSTOP)
+        self.note(f"{slot.node} paused (pid {proc.pid})")
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            proc.popen.send_signal(signal.SIGCONT)
+            self.note(f"{slot.node} resumed")
+
     async def supervise(self) -> None:
         """Replace processes that exited on their own, and slots that failed to start."""
         try:

@@ -9,7 +9,8 @@ fault-injecting HTTP server (`tests.chaos.server`), and orchestrators and worker
 processes. It registers the workflows of `tests.chaos.workflows`, then during the chaos
 phase submits the runs of the plan (`tests.chaos.plan`) and carries out its faults, each at
 its time (they may overlap): SIGKILL an orchestrator (once all of them), SIGKILL a worker,
-restart Redis, restart PostgreSQL, each killed process started again after a random time
+restart Redis, restart PostgreSQL, SIGSTOP an orchestrator past its lease or a worker past
+the step deadline (then SIGCONT), each killed process started again after a random time
 down. Processes that exit on their own are crashes: recorded and replaced. After the phase
 it waits, at most `--drain-timeout` seconds, until every run has finished; a run still
 pending or running then is lost. It stops the processes (SIGTERM), audits the database
@@ -60,6 +61,7 @@ SMOKE = {
     "workers": 2,
     "orchestrator_kills": 1,
     "worker_kills": 1,
+    "pauses": 1,
 }
 
 
@@ -182,31 +184,44 @@ async def _fault(cluster: ChaosCluster, fault: Fault, counts: Counter[str], note
         await restart(fault.down)
         counts[f"{fault.kind}_restarts"] += 1
         return
-    # One process is killed only while another of its kind serves (the planned "all at
-    # once" aside): with every worker gone for long, retries run out by design.
-    slots = cluster.of_kind(fault.kind)
-    needed = 1 if fault.target == ALL or len(slots) == 1 else 2
-    live = await _live(cluster, fault.kind, needed)
-    planned = slots[0 if fault.target == ALL else fault.target]
-    if len(live) < needed:
-        live = []
-    targets = live if fault.target == ALL else [planned] if planned in live else live[:1]
+    pause = fault.kind.endswith("_pause")
+    kind: Kind = "worker" if fault.kind.startswith("worker") else "orchestrator"
+    targets = await _targets(cluster, kind, fault.target)
     if not targets:
-        note(f"fault: no live {fault.kind} to kill")
+        note(f"fault: no live {kind} to {'pause' if pause else 'kill'}")
         counts["skipped"] += 1
         return
-    note(f"fault: kill {', '.join(s.node for s in targets)} for {fault.down:.1f}s")
+    names = ", ".join(s.node for s in targets)
+    note(f"fault: {'pause' if pause else 'kill'} {names} for {fault.down:.1f}s")
     for slot in targets:
         slot.held = True
     try:
+        if pause:
+            await asyncio.gather(*(cluster.pause(s, fault.down) for s in targets))
+            counts[f"{kind}_pauses"] += len(targets)
+            return
         await asyncio.gather(*(cluster.kill(s) for s in targets))
-        counts[f"{fault.kind}_kills"] += len(targets)
+        counts[f"{kind}_kills"] += len(targets)
         counts["all_orchestrators_at_once"] += fault.target == ALL
         await asyncio.sleep(fault.down)
         await asyncio.gather(*(cluster.start_slot(s) for s in targets))
     finally:
         for slot in targets:
             slot.held = False
+
+
+async def _targets(cluster: ChaosCluster, kind: Kind, target: int) -> list[Slot]:
+    """The planned slot, another live one if it is down, or all (ALL). One process is
+    taken down only while another of its kind serves (the planned "all at once" aside):
+    with every worker gone for long, retries run out by design."""
+    slots = cluster.of_kind(kind)
+    needed = 1 if target == ALL or len(slots) == 1 else 2
+    live = await _live(cluster, kind, needed)
+    if len(live) < needed:
+        return []
+    if target == ALL:
+        return live
+    return [slots[target]] if slots[target] in live else live[:1]
 
 
 async def _faults(
@@ -431,6 +446,7 @@ def _parser() -> argparse.ArgumentParser:
         "worker_kills",
         "redis_restarts",
         "postgres_restarts",
+        "pauses",
         "lease_seconds",
     ):
         value = getattr(defaults, name)

@@ -18,7 +18,9 @@ from tests.chaos.workflows import WORKFLOWS
 __all__ = ["ALL", "ChaosConfig", "Fault", "Plan", "Submission", "make_plan"]
 
 ALL = -1  # a fault target: every process of the kind at once
-FaultKind = Literal["orchestrator", "worker", "redis", "postgres"]
+FaultKind = Literal[
+    "orchestrator", "worker", "redis", "postgres", "orchestrator_pause", "worker_pause"
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class ChaosConfig:
     worker_kills: int = 6
     redis_restarts: int = 1
     postgres_restarts: int = 1
+    pauses: int = 4  # SIGSTOP an orchestrator or a worker past its lease or timeout, SIGCONT
     lease_seconds: float = 3.0
     work_dir: Path | None = None  # None: .flowforge/chaos/<time>-<seed>
     keep: bool = False  # keep the logs even when all went well
@@ -85,6 +88,7 @@ def make_plan(config: ChaosConfig) -> Plan:
     kinds: list[FaultKind] = ["orchestrator"] * config.orchestrator_kills
     kinds += ["worker"] * config.worker_kills + ["redis"] * config.redis_restarts
     kinds += ["postgres"] * config.postgres_restarts
+    kinds += [rng.choice(["orchestrator_pause", "worker_pause"]) for _ in range(config.pauses)]
     rng.shuffle(kinds)
     times = sorted(rng.uniform(0.1 * duration, 0.9 * duration) for _ in kinds)
     # With three kills or more, one takes every orchestrator down at once: results then
@@ -92,16 +96,30 @@ def make_plan(config: ChaosConfig) -> Plan:
     kills = config.orchestrator_kills
     everyone = rng.randrange(kills) if kills >= 3 else None
     faults = []
-    seen = 0
+    orchestrator_kills = 0
     for at, kind in zip(times, kinds, strict=True):
-        if kind == "orchestrator":
-            target = ALL if seen == everyone else rng.randrange(config.orchestrators)
-            seen += 1
-            faults.append(Fault(at, kind, target, rng.uniform(0, 1.5 * config.lease_seconds)))
-        elif kind == "worker":
-            faults.append(Fault(at, kind, rng.randrange(config.workers), rng.uniform(0, 2)))
-        elif kind == "redis":
-            faults.append(Fault(at, kind, 0, rng.uniform(0.5, 2)))
-        else:
-            faults.append(Fault(at, kind, 0, rng.uniform(1, 3)))
+        faults.append(
+            _fault(rng, config, at, kind, kind == "orchestrator" and orchestrator_kills == everyone)
+        )
+        orchestrator_kills += kind == "orchestrator"
     return Plan(submissions, faults)
+
+
+def _fault(
+    rng: random.Random, config: ChaosConfig, at: float, kind: FaultKind, everyone: bool
+) -> Fault:
+    """One fault: its target, and how long the process or server stays down (a paused
+    orchestrator past its lease, a paused worker past the step deadline)."""
+    lease = config.lease_seconds
+    if kind == "orchestrator":
+        target = ALL if everyone else rng.randrange(config.orchestrators)
+        return Fault(at, kind, target, rng.uniform(0, 1.5 * lease))
+    if kind == "orchestrator_pause":
+        return Fault(at, kind, rng.randrange(config.orchestrators), rng.uniform(1.5, 2.5) * lease)
+    if kind == "worker":
+        return Fault(at, kind, rng.randrange(config.workers), rng.uniform(0, 2))
+    if kind == "worker_pause":
+        return Fault(at, kind, rng.randrange(config.workers), rng.uniform(3, 6))
+    if kind == "redis":
+        return Fault(at, kind, 0, rng.uniform(0.5, 2))
+    return Fault(at, kind, 0, rng.uniform(1, 3))
