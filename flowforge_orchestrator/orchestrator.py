@@ -170,7 +170,7 @@ class Orchestrator:
                 self._dirty.add(run_id)
                 self._wake_commit.set()
         except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: cancelling failed", run_id)
+            log.exception("run %s: cancelling failed", run_id, extra={"run_id": str(run_id)})
             self._drop(run_id, "internal error while cancelling", give_back=True)
 
     def _reconnected(self) -> None:
@@ -333,7 +333,9 @@ class Orchestrator:
                         raise  # the transaction is gone: retry the whole claim
                     # A bug on this run's path must not stop the claiming of every other
                     # run: fail this one, with the reason, and go on.
-                    log.exception("run %s could not be started", row.id)
+                    log.exception(
+                        "run %s could not be started", row.id, extra={"run_id": str(row.id)}
+                    )
                     owned, changes = None, self._reject(row, f"internal error: {exc}", now)
                 if owned is not None:
                     claimed[row.id] = owned
@@ -389,7 +391,7 @@ class Orchestrator:
             )
         workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
         if isinstance(workflow, str):
-            log.warning("run %s rejected: %s", row.id, workflow)
+            log.warning("run %s rejected: %s", row.id, workflow, extra={"run_id": str(row.id)})
             return None, self._reject(row, workflow, now, category="definition_error")
         assert row.workflow_version is not None
         state = RunState(
@@ -447,7 +449,7 @@ class Orchestrator:
                     input=row.input,
                 )
             except ExpressionError as exc:
-                log.warning("run %s rejected: %s", row.id, exc)
+                log.warning("run %s rejected: %s", row.id, exc, extra={"run_id": str(row.id)})
                 failed = self._reject(row, str(exc), now, category="expression_error")
                 refused[row.id] = None, failed
                 continue
@@ -536,7 +538,9 @@ class Orchestrator:
                 try:
                     applied = owned.state.apply_result(result, now)
                 except Exception:  # a bug must not take the daemon down with it
-                    log.exception("run %s: applying a result failed", run_id)
+                    log.exception(
+                        "run %s: applying a result failed", run_id, extra={"run_id": str(run_id)}
+                    )
                     self._drop(run_id, "internal error while applying a result", give_back=True)
                     continue
                 if applied:
@@ -625,7 +629,7 @@ class Orchestrator:
             owned.span.set_attribute("flowforge.status", changes.status.value)
             owned.span.end()
             self.runs.pop(run_id, None)
-            log.debug("run %s %s", run_id, changes.status.value)
+            log.debug("run %s %s", run_id, changes.status.value, extra={"run_id": str(run_id)})
         else:
             self.runs[run_id] = owned
             self._schedule(run_id, owned)
@@ -653,7 +657,12 @@ class Orchestrator:
                     self._dirty.add(run_id)
                     self._wake_commit.set()
             except Exception:  # a bug must not take the daemon down with it
-                log.exception("run %s: timing out attempt %s failed", run_id, attempt)
+                log.exception(
+                    "run %s: timing out attempt %s failed",
+                    run_id,
+                    attempt,
+                    extra={"run_id": str(run_id)},
+                )
                 self._drop(run_id, "internal error while timing out an attempt", give_back=True)
 
     async def _abort(self, attempts: list[UUID]) -> None:
@@ -700,7 +709,12 @@ class Orchestrator:
         if owned is not None:
             self._forget_attempts(owned)
             owned.span.end()
-            log.warning("run %s dropped from this orchestrator: %s", run_id, why)
+            log.warning(
+                "run %s dropped from this orchestrator: %s",
+                run_id,
+                why,
+                extra={"run_id": str(run_id)},
+            )
 
     # -- timers --------------------------------------------------------------------------
 
@@ -751,7 +765,7 @@ class Orchestrator:
                 self._dirty.add(run_id)
             self._schedule(run_id, owned)
         except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: firing a timer failed", run_id)
+            log.exception("run %s: firing a timer failed", run_id, extra={"run_id": str(run_id)})
             self._drop(run_id, "internal error while firing a timer", give_back=True)
 
     # -- leases --------------------------------------------------------------------------

@@ -58,9 +58,12 @@ async def require_schema(dsn: str) -> None:
         )
 
 
-async def cmd_migrate(settings: Settings, _args: argparse.Namespace) -> int:
+async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     applied = await store.apply_migrations(need_db(settings))
     print("applied: " + ", ".join(applied) if applied else "the schema is up to date")
+    if args.roles:
+        await store.apply_roles(need_db(settings))
+        print("roles: flowforge_orchestrator, flowforge_worker, flowforge_api granted")
     return 0
 
 
@@ -126,7 +129,12 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def add_commands(sub: Any) -> None:
-    add_command(sub, "migrate", cmd_migrate, "apply the missing SQL migrations")
+    migrate = add_command(sub, "migrate", cmd_migrate, "apply the missing SQL migrations")
+    migrate.add_argument(
+        "--roles",
+        action="store_true",
+        help="then (re)apply sql/roles.sql: the three least-privilege roles (needs a superuser)",
+    )
     run = add_command(sub, "run", cmd_run, "run the orchestrator daemon")
     run.add_argument("--migrate", action="store_true", help="apply migrations first")
     run.add_argument("--with-worker", action="store_true", help="also run a worker in-process")

@@ -159,6 +159,12 @@ def test_migrate_applies_every_migration_once(
     assert [tuple(r) for r in rows] == [(int(f[:4]), f[5:]) for f in files]
     assert sql(empty_db, "SELECT to_regclass('flowforge.outbox_cloudevents') IS NOT NULL")[0][0]
 
+    roles = cli("migrate", "--roles")
+    assert roles.code == 0, roles.err
+    assert "roles: flowforge_orchestrator, flowforge_worker, flowforge_api" in roles.out
+    owner = "SELECT tableowner FROM pg_tables WHERE schemaname = 'flowforge' AND tablename = 'runs'"
+    assert sql(empty_db, owner)[0][0] == "flowforge_orchestrator"
+
 
 @pytest.mark.parametrize("command", ["run", "worker"])
 def test_run_and_worker_refuse_a_database_without_the_schema(
