@@ -31,6 +31,10 @@ from tests.bench.processes import Proc, WorkloadFailed, start
 __all__ = ["ChaosCluster", "Crash", "Slot"]
 
 STEP_MODULE = "tests.chaos.steps"
+_TERMINATE_ALL = """
+SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+WHERE datname = current_database() AND pid <> pg_backend_pid() AND backend_type = 'client backend'
+"""
 Kind = Literal["orchestrator", "worker"]
 
 
@@ -196,6 +200,30 @@ class ChaosCluster:
             proc.popen.send_signal(signal.SIGKILL)
         await asyncio.to_thread(proc.popen.wait)
         self.note(f"{slot.node} killed (pid {proc.pid})")
+
+    async def terminate(self, slot: Slot) -> None:
+        """SIGTERM, as a deployment would: the process must finish what it holds, release
+        its leases and exit 0 (else an unclean stop); SIGKILL after a grace."""
+        proc, slot.proc = slot.proc, None
+        if proc is None:
+            return
+        began = time.monotonic()
+        await proc.stop(grace=15.0)
+        code = proc.popen.returncode
+        if code != 0:
+            self.unclean_stops.append(f"{slot.node} exited with {code} on SIGTERM (under load)")
+        self.note(f"{slot.node} stopped ({code}) in {time.monotonic() - began:.1f}s")
+
+    async def drop_connections(self) -> None:
+        """Terminate every connection of the engine's processes (and of our own pool) to the
+        database; the server stays up."""
+
+        async def drop() -> int:
+            async with self.pool.acquire() as conn:
+                return int(await conn.fetchval(_TERMINATE_ALL))
+
+        dropped = await store.retrying(drop, what="dropping connections")
+        self.note(f"{dropped} connections terminated")
 
     async def pause(self, slot: Slot, seconds: float) -> None:
         """SIGSTOP, then SIGCONT after `seconds`: a process that stalls (GC, a full disk, a

@@ -9,11 +9,12 @@ fault-injecting HTTP server (`tests.chaos.server`), and orchestrators and worker
 processes. It registers the workflows of `tests.chaos.workflows`, then during the chaos
 phase submits the runs of the plan (`tests.chaos.plan`) and carries out its faults, each at
 its time (they may overlap): SIGKILL an orchestrator (once all of them), SIGKILL a worker,
-restart Redis, restart PostgreSQL, SIGSTOP an orchestrator past its lease or a worker past
-the step deadline (then SIGCONT), each killed process started again after a random time
-down. Processes that exit on their own are crashes: recorded and replaced. After the phase
-it waits, at most `--drain-timeout` seconds, until every run has finished; a run still
-pending or running then is lost. It stops the processes (SIGTERM), audits the database
+restart Redis, restart PostgreSQL, terminate every engine connection to PostgreSQL, SIGSTOP
+an orchestrator past its lease or a worker past the step deadline (then SIGCONT), SIGTERM an
+orchestrator or a worker under load (it must exit 0), each process started again after a
+random time down. Processes that exit on their own are crashes: recorded and replaced. After
+the phase it waits, at most `--drain-timeout` seconds, until every run has finished; a run
+still pending or running then is lost. It stops the processes (SIGTERM), audits the database
 (`tests.chaos.audit`) and prints one line of figures.
 
 Exit status 0 only when nothing was lost, duplicated, broken or wrong, no process crashed
@@ -62,6 +63,7 @@ SMOKE = {
     "orchestrator_kills": 1,
     "worker_kills": 1,
     "pauses": 1,
+    "graceful_restarts": 1,
 }
 
 
@@ -178,36 +180,44 @@ async def _live(cluster: ChaosCluster, kind: Kind, needed: int, wait: float = 15
 async def _fault(cluster: ChaosCluster, fault: Fault, counts: Counter[str], note: Any) -> None:
     """Carry out one fault; a process fault takes the planned slot, or another live one of
     its kind when that one is down already."""
-    if fault.kind in ("redis", "postgres"):
-        note(f"fault: restart {fault.kind}")
-        restart = cluster.restart_redis if fault.kind == "redis" else cluster.restart_postgres
-        await restart(fault.down)
-        counts[f"{fault.kind}_restarts"] += 1
+    if fault.kind in ("redis", "postgres", "connections"):
+        note(f"fault: {fault.kind}")
+        if fault.kind == "connections":
+            await cluster.drop_connections()
+        else:
+            restart = cluster.restart_redis if fault.kind == "redis" else cluster.restart_postgres
+            await restart(fault.down)
+        counts["connection_drops" if fault.kind == "connections" else f"{fault.kind}_restarts"] += 1
         return
-    pause = fault.kind.endswith("_pause")
     kind: Kind = "worker" if fault.kind.startswith("worker") else "orchestrator"
+    action = fault.kind.partition("_")[2] or "kill"
     targets = await _targets(cluster, kind, fault.target)
     if not targets:
-        note(f"fault: no live {kind} to {'pause' if pause else 'kill'}")
+        note(f"fault: no live {kind} to {action}")
         counts["skipped"] += 1
         return
-    names = ", ".join(s.node for s in targets)
-    note(f"fault: {'pause' if pause else 'kill'} {names} for {fault.down:.1f}s")
+    note(f"fault: {action} {', '.join(s.node for s in targets)} for {fault.down:.1f}s")
     for slot in targets:
         slot.held = True
     try:
-        if pause:
-            await asyncio.gather(*(cluster.pause(s, fault.down) for s in targets))
-            counts[f"{kind}_pauses"] += len(targets)
-            return
-        await asyncio.gather(*(cluster.kill(s) for s in targets))
-        counts[f"{kind}_kills"] += len(targets)
+        await asyncio.gather(*(_act(cluster, action, s, fault.down) for s in targets))
+        counts[f"{kind}_{action}s"] += len(targets)
         counts["all_orchestrators_at_once"] += fault.target == ALL
-        await asyncio.sleep(fault.down)
-        await asyncio.gather(*(cluster.start_slot(s) for s in targets))
     finally:
         for slot in targets:
             slot.held = False
+
+
+async def _act(cluster: ChaosCluster, action: str, slot: Slot, down: float) -> None:
+    if action == "pause":
+        await cluster.pause(slot, down)
+        return
+    if action == "restart":
+        await cluster.terminate(slot)
+    else:
+        await cluster.kill(slot)
+    await asyncio.sleep(down)
+    await cluster.start_slot(slot)
 
 
 async def _targets(cluster: ChaosCluster, kind: Kind, target: int) -> list[Slot]:
@@ -447,6 +457,8 @@ def _parser() -> argparse.ArgumentParser:
         "redis_restarts",
         "postgres_restarts",
         "pauses",
+        "graceful_restarts",
+        "connection_drops",
         "lease_seconds",
     ):
         value = getattr(defaults, name)

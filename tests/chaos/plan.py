@@ -19,7 +19,15 @@ __all__ = ["ALL", "ChaosConfig", "Fault", "Plan", "Submission", "make_plan"]
 
 ALL = -1  # a fault target: every process of the kind at once
 FaultKind = Literal[
-    "orchestrator", "worker", "redis", "postgres", "orchestrator_pause", "worker_pause"
+    "orchestrator",  # SIGKILL, then a new process
+    "worker",
+    "orchestrator_pause",  # SIGSTOP, then SIGCONT
+    "worker_pause",
+    "orchestrator_restart",  # SIGTERM (graceful), then a new process
+    "worker_restart",
+    "redis",  # a restart that loses every key
+    "postgres",  # a restart: every connection drops, nothing is lost
+    "connections",  # every engine connection to PostgreSQL terminated, the server stays up
 ]
 
 
@@ -61,6 +69,8 @@ class ChaosConfig:
     redis_restarts: int = 1
     postgres_restarts: int = 1
     pauses: int = 4  # SIGSTOP an orchestrator or a worker past its lease or timeout, SIGCONT
+    graceful_restarts: int = 3  # SIGTERM an orchestrator or a worker under load, start anew
+    connection_drops: int = 1
     lease_seconds: float = 3.0
     work_dir: Path | None = None  # None: .flowforge/chaos/<time>-<seed>
     keep: bool = False  # keep the logs even when all went well
@@ -88,7 +98,10 @@ def make_plan(config: ChaosConfig) -> Plan:
     kinds: list[FaultKind] = ["orchestrator"] * config.orchestrator_kills
     kinds += ["worker"] * config.worker_kills + ["redis"] * config.redis_restarts
     kinds += ["postgres"] * config.postgres_restarts
+    kinds += ["connections"] * config.connection_drops
     kinds += [rng.choice(["orchestrator_pause", "worker_pause"]) for _ in range(config.pauses)]
+    restarts: list[FaultKind] = ["orchestrator_restart", "worker_restart"]
+    kinds += [rng.choice(restarts) for _ in range(config.graceful_restarts)]
     rng.shuffle(kinds)
     times = sorted(rng.uniform(0.1 * duration, 0.9 * duration) for _ in kinds)
     # With three kills or more, one takes every orchestrator down at once: results then
@@ -120,6 +133,11 @@ def _fault(
         return Fault(at, kind, rng.randrange(config.workers), rng.uniform(0, 2))
     if kind == "worker_pause":
         return Fault(at, kind, rng.randrange(config.workers), rng.uniform(3, 6))
+    if kind in ("orchestrator_restart", "worker_restart"):
+        slots = config.orchestrators if kind == "orchestrator_restart" else config.workers
+        return Fault(at, kind, rng.randrange(slots), 0.0)
     if kind == "redis":
         return Fault(at, kind, 0, rng.uniform(0.5, 2))
-    return Fault(at, kind, 0, rng.uniform(1, 3))
+    if kind == "postgres":
+        return Fault(at, kind, 0, rng.uniform(1, 3))
+    return Fault(at, kind, 0, 0.0)
