@@ -290,7 +290,6 @@ class ChaosCluster:
 
     async def restart_redis(self, downtime: float) -> None:
         """Stop Redis (its data is gone), wait, start it again on the same port."""
-        self.redis_losses.append(time.time())
         await self._outage(self.redis, "Redis", downtime)
 
     async def restart_postgres(self, downtime: float) -> None:
@@ -304,6 +303,8 @@ class ChaosCluster:
             # `restart()` would keep it down for no time at all; `stop()` would drop the
             # temporary data. Stopping only the process keeps the data and the port.
             await asyncio.to_thread(server._stop_process)
+            if server is self.redis:  # from now on, what Redis held is gone
+                self.redis_losses.append(time.time())
             self.note(f"{name} stopped for {downtime:.1f}s")
             await asyncio.sleep(downtime)
             await asyncio.to_thread(server.start)
