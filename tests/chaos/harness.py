@@ -51,20 +51,23 @@ from tests.chaos.plan import ALL, ChaosConfig, Fault, Submission, make_plan
 from tests.chaos.server import FaultServer
 from tests.chaos.workflows import BY_NAME, DESIGNED_TO_FAIL, WORKFLOWS, problem_of
 
-__all__ = ["ChaosConfig", "Figures", "main", "run"]
+__all__ = ["ChaosConfig", "Figures", "main", "run", "smoke"]
 
 
-SMOKE = {
-    "runs": 40,
-    "duration": 15.0,
-    "drain_timeout": 45.0,
-    "orchestrators": 2,
-    "workers": 2,
-    "orchestrator_kills": 1,
-    "worker_kills": 1,
-    "pauses": 1,
-    "graceful_restarts": 1,
-}
+def smoke(config: ChaosConfig) -> ChaosConfig:
+    """The small version, in the test suite: 40 runs, 2 orchestrators, one fault of each kind."""
+    return replace(
+        config,
+        runs=40,
+        duration=15.0,
+        drain_timeout=45.0,
+        orchestrators=2,
+        workers=2,
+        orchestrator_kills=1,
+        worker_kills=1,
+        pauses=1,
+        graceful_restarts=1,
+    )
 
 
 @dataclass
@@ -347,7 +350,7 @@ def _workflow_of(found: Audit, run_id: str) -> str:
 def _details(figures: Figures, found: Audit) -> None:
     flawed = [*found.lost, *found.dup_transitions, *found.dup_events, *found.gaps, *found.ends]
     for row in flawed:
-        run_id = row.get("run_id", row.get("id"))
+        run_id = row.get("run_id") or row["id"]
         if run_id not in figures.suspects:
             figures.suspects.append(run_id)
     for run in found.lost[:10]:
@@ -446,6 +449,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="replay the choices of an earlier run")
     parser.add_argument("--smoke", action="store_true", help="the small version of the tests")
     defaults = ChaosConfig(seed=0)
+    small = smoke(defaults)
     for name in (
         "runs",
         "duration",
@@ -464,7 +468,7 @@ def _parser() -> argparse.ArgumentParser:
         value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")
         parser.add_argument(
-            flag, type=type(value), help=f"default {value} ({SMOKE.get(name)} with --smoke)"
+            flag, type=type(value), help=f"default {value} ({getattr(small, name)} with --smoke)"
         )
     parser.add_argument(
         "--work-dir", type=Path, help="servers' data and logs (default .flowforge/chaos/...)"
@@ -479,7 +483,7 @@ def config_from(argv: list[str] | None) -> ChaosConfig:
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "big")
     config = ChaosConfig(seed=seed, work_dir=args.work_dir, keep=args.keep, verbose=args.verbose)
     if args.smoke:
-        config = replace(config, **SMOKE)  # type: ignore[arg-type]
+        config = smoke(config)
     given = {k: v for k, v in vars(args).items() if k in ChaosConfig.__dataclass_fields__}
     given = {k: v for k, v in given.items() if v is not None and k not in ("seed", "work_dir")}
     return replace(config, **given)

@@ -95,11 +95,16 @@ def make_plan(config: ChaosConfig) -> Plan:
         run_id = UUID(int=rng.getrandbits(128), version=4)
         submissions.append(Submission(at, index, run_id, workflow.name, workflow.make_input(rng)))
 
-    kinds: list[FaultKind] = ["orchestrator"] * config.orchestrator_kills
-    kinds += ["worker"] * config.worker_kills + ["redis"] * config.redis_restarts
-    kinds += ["postgres"] * config.postgres_restarts
-    kinds += ["connections"] * config.connection_drops
-    kinds += [rng.choice(["orchestrator_pause", "worker_pause"]) for _ in range(config.pauses)]
+    counts: dict[FaultKind, int] = {
+        "orchestrator": config.orchestrator_kills,
+        "worker": config.worker_kills,
+        "redis": config.redis_restarts,
+        "postgres": config.postgres_restarts,
+        "connections": config.connection_drops,
+    }
+    kinds = [kind for kind, n in counts.items() for _ in range(n)]
+    pauses: list[FaultKind] = ["orchestrator_pause", "worker_pause"]
+    kinds += [rng.choice(pauses) for _ in range(config.pauses)]
     restarts: list[FaultKind] = ["orchestrator_restart", "worker_restart"]
     kinds += [rng.choice(restarts) for _ in range(config.graceful_restarts)]
     rng.shuffle(kinds)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-from dataclasses import replace
 from pathlib import Path
 
-from tests.chaos.harness import SMOKE, ChaosConfig, run
+from tests.chaos.harness import ChaosConfig, run, smoke
 
 
 def test_nothing_is_lost_or_duplicated_when_processes_and_servers_die(tmp_path: Path) -> None:
@@ -22,13 +21,13 @@ def test_nothing_is_lost_or_duplicated_when_processes_and_servers_die(tmp_path: 
         f"chaos seed {seed} (replay: CHAOS_SEED={seed}, or python -m tests.chaos --smoke "
         f"--seed {seed})"
     )
-    config = replace(ChaosConfig(seed=seed, work_dir=tmp_path), **SMOKE)
+    config = smoke(ChaosConfig(seed=seed, work_dir=tmp_path))
     figures = asyncio.run(run(config, tmp_path))
 
     print(figures.line())
     report = "\n".join([figures.line(), *figures.details, f"logs: {tmp_path}"])
     assert figures.ok, report
-    assert figures.submitted == SMOKE["runs"], report
+    assert figures.submitted == config.runs, report
     assert figures.lost == 0 and figures.duplicate_transitions == 0, report
     assert figures.duplicate_events == 0 and figures.broken_histories == 0, report
     assert figures.completed + figures.designed_failures == figures.submitted, report
