@@ -34,24 +34,24 @@ import shutil
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from uuid import UUID
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
 from flowforge_orchestrator.errors import FlowForgeError
 from tests.bench.cluster import REPO
-from tests.chaos.audit import Audit, audit, histories
-from tests.chaos.cluster import ChaosCluster, Crash, Kind, Slot
+from tests.chaos.audit import audit, histories
+from tests.chaos.cluster import ChaosCluster, Kind, Slot
+from tests.chaos.figures import Figures, figures_of
 from tests.chaos.plan import ALL, ChaosConfig, Fault, Submission, make_plan
 from tests.chaos.server import FaultServer
-from tests.chaos.workflows import BY_NAME, DESIGNED_TO_FAIL, WORKFLOWS, problem_of
+from tests.chaos.workflows import WORKFLOWS
 
-__all__ = ["ChaosConfig", "Figures", "main", "run", "smoke"]
+__all__ = ["ChaosConfig", "main", "run", "smoke"]
 
 
 def smoke(config: ChaosConfig) -> ChaosConfig:
@@ -68,57 +68,6 @@ def smoke(config: ChaosConfig) -> ChaosConfig:
         pauses=1,
         graceful_restarts=1,
     )
-
-
-@dataclass
-class Figures:
-    """The outcome; `line()` is what the chaos run prints."""
-
-    seed: int
-    submitted: int = 0
-    completed: int = 0
-    failed: int = 0
-    designed_failures: int = 0  # failed runs of a workflow designed to fail
-    wrong: list[str] = field(default_factory=list)  # unexpected status or output
-    lost: int = 0
-    duplicate_transitions: int = 0
-    duplicate_events: int = 0
-    broken_histories: int = 0
-    extra_executions: int = 0
-    extra_after_redis_loss: int = 0  # of those, after Redis lost the job (at-least-once)
-    phantom_executions: int = 0  # of attempts the engine never recorded
-    drain_s: float | None = None  # None: the deadline passed
-    timed_out_attempts: int = 0  # evidence that faults hit work in flight
-    adopted_runs: int = 0  # runs claimed more than once (epoch > 1)
-    faults: Counter[str] = field(default_factory=Counter)
-    crashes: list[Crash] = field(default_factory=list)
-    unclean_stops: list[str] = field(default_factory=list)
-    details: list[str] = field(default_factory=list)
-    suspects: list[UUID] = field(default_factory=list)  # runs whose history goes to findings
-
-    @property
-    def ok(self) -> bool:
-        bad = self.lost + self.duplicate_transitions + self.duplicate_events
-        bad += self.broken_histories + self.phantom_executions
-        return not (bad or self.wrong or self.crashes or self.unclean_stops)
-
-    def line(self) -> str:
-        drain = f"{self.drain_s:.1f}s" if self.drain_s is not None else "timeout"
-        designed = ",".join(DESIGNED_TO_FAIL)
-        faults = " ".join(f"{k}={self.faults[k]}" for k in sorted(self.faults))
-        return (
-            f"chaos seed={self.seed} submitted={self.submitted} completed={self.completed} "
-            f"failed={self.failed} (designed {self.designed_failures}: {designed}) "
-            f"wrong={len(self.wrong)} lost={self.lost} "
-            f"dup_transitions={self.duplicate_transitions} "
-            f"dup_events={self.duplicate_events} broken_histories={self.broken_histories} "
-            f"extra_executions={self.extra_executions} "
-            f"(after_redis_loss={self.extra_after_redis_loss}) "
-            f"phantom_executions={self.phantom_executions} drain={drain} "
-            f"| faults: {faults} crashes={len(self.crashes)} "
-            f"timed_out_attempts={self.timed_out_attempts} adopted_runs={self.adopted_runs} "
-            f"unclean_stops={len(self.unclean_stops)}"
-        )
 
 
 class Journal:
@@ -274,119 +223,6 @@ async def _drain(cluster: ChaosCluster, timeout: float) -> float | None:
 
 
 # -- figures -------------------------------------------------------------------------------------
-
-
-def _extra(
-    served: list[float], attempts: int, since: float, losses: list[float]
-) -> tuple[int, int]:
-    """Executions beyond one per attempt, and how many of them a Redis data loss explains:
-    one between the dispatch (`since`) and the last execution means the job, or the mark
-    that a worker had it, was gone, and the attempt was sent again (at-least-once)."""
-    extra = max(0, len(served) - attempts)
-    lost = any(since < t < max(served) for t in losses) if served else False
-    return extra, extra if lost else 0
-
-
-def _executions(
-    figures: Figures, found: Audit, server: FaultServer, losses: list[float], t0: float
-) -> None:
-    """Executions beyond one per attempt, from what the server served; the runs of those
-    no Redis loss explains are suspects (their history goes to findings.json)."""
-    dispatched = {str(a["id"]): a["dispatched_at"].timestamp() for a in found.attempts}
-    phantoms = [a for a in server.tracked if a not in dispatched]
-    figures.phantom_executions = len(phantoms)
-    figures.details += [f"execution of an unrecorded attempt {a}" for a in phantoms[:10]]
-    attempts: dict[tuple[str, str], list[float]] = {}
-    for a in found.attempts:
-        attempts.setdefault((str(a["run_id"]), a["step_id"]), []).append(dispatched[str(a["id"])])
-    counted = [
-        (t.run_id, f"attempt {a} ({t.step_id} #{t.attempt})", t.served, 1, dispatched.get(a))
-        for a, t in server.tracked.items()
-    ]
-    for (run, step), served in server.plain.items():
-        sent = attempts.get((run, step), [])
-        what = f"{step} (http, {len(sent)} attempts)"
-        counted.append((run, what, served, len(sent), min(sent, default=None)))
-    unexplained = []
-    for run_id, what, served, expected, since in counted:
-        extra, after_loss = _extra(served, expected, since or min(served), losses)
-        figures.extra_executions += extra
-        figures.extra_after_redis_loss += after_loss
-        if extra > after_loss:
-            times = ", ".join(f"{t - t0:.2f}s" for t in served)
-            unexplained.append(f"run {run_id} {what} served at {times}")
-            figures.suspects.append(UUID(run_id))
-    figures.details += [f"extra execution: {u}" for u in unexplained[:10]]
-
-
-def _outcomes(figures: Figures, found: Audit, server: FaultServer) -> None:
-    forbidden = {
-        (str(t.run_id), t.step_id)
-        for t in server.tracked.values()
-        if t.step_id in BY_NAME.get(_workflow_of(found, t.run_id), WORKFLOWS[0]).forbidden_steps
-    }
-    for run in found.runs:
-        if run["status"] == "completed":
-            figures.completed += 1
-        elif run["status"] == "failed":
-            figures.failed += 1
-            figures.designed_failures += run["workflow_name"] in DESIGNED_TO_FAIL
-        if run["status"] in ("pending", "running"):
-            continue
-        problem = problem_of(run["workflow_name"], run["status"], run["input"], run["output"])
-        ran = sorted(step for r, step in forbidden if r == str(run["id"]))
-        if ran:
-            problem = f"step(s) {', '.join(ran)} ran but must not"
-        if problem is not None:
-            figures.suspects.append(run["id"])
-            message = (run["error"] or {}).get("message", "")
-            figures.wrong.append(f"run {run['id']} ({run['workflow_name']}): {problem} {message}")
-
-
-def _workflow_of(found: Audit, run_id: str) -> str:
-    return next((r["workflow_name"] for r in found.runs if str(r["id"]) == run_id), "")
-
-
-def _details(figures: Figures, found: Audit) -> None:
-    flawed = [*found.lost, *found.dup_transitions, *found.dup_events, *found.gaps, *found.ends]
-    for row in flawed:
-        run_id = row.get("run_id") or row["id"]
-        if run_id not in figures.suspects:
-            figures.suspects.append(run_id)
-    for run in found.lost[:10]:
-        figures.details.append(
-            f"lost run {run['id']} ({run['workflow_name']}): {run['status']}, owner "
-            f"{run['owner']}, epoch {run['epoch']}, lease until {run['lease_expires_at']}"
-        )
-    for row in found.dup_transitions[:10]:
-        figures.details.append(f"duplicate transition {row}")
-    for row in found.dup_events[:10]:
-        figures.details.append(f"duplicate event {row}")
-    for row in found.gaps[:10]:
-        figures.details.append(f"broken history {row}")
-    for row in found.ends[:10]:
-        figures.details.append(f"start/end events {row}")
-    figures.details += figures.wrong[:10]
-    crashes = [f"crash: {c.node} {c.what} (log {c.log})" for c in figures.crashes]
-    more = [f"... and {len(crashes) - 5} more crashes"] if len(crashes) > 5 else []
-    figures.details += crashes[:5] + more
-    figures.details += [f"unclean stop: {s}" for s in figures.unclean_stops]
-
-
-def figures_of(
-    found: Audit, server: FaultServer, figures: Figures, losses: list[float], t0: float
-) -> Figures:
-    figures.submitted = len(found.runs)
-    figures.lost = len(found.lost)
-    figures.duplicate_transitions = found.duplicate_transitions
-    figures.duplicate_events = found.duplicate_events
-    figures.broken_histories = found.broken_histories
-    figures.timed_out_attempts = sum(a["status"] == "timed_out" for a in found.attempts)
-    figures.adopted_runs = sum(r["epoch"] > 1 for r in found.runs)
-    _executions(figures, found, server, losses, t0)
-    _outcomes(figures, found, server)
-    _details(figures, found)
-    return figures
 
 
 # -- the whole run -------------------------------------------------------------------------------
