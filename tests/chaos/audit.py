@@ -4,7 +4,9 @@ The primary keys make a literal double write of (run, seq) impossible, so the au
 for what a double write would really look like:
 
 * a run's transitions and outbox events are numbered 1..n without a gap, match row for row
-  (same seq, same step), and the checkpoint's `seq` is the last one written (`gaps`);
+  (same seq, same step; since sql/0006 `transitions` is a view over the outbox, so this
+  checks that an event's columns agree with its `data`), and the checkpoint's `seq` is the
+  last one written (`gaps`);
 * no (run, step key, attempt, status) appears twice in the transitions, and no (run, step
   key, attempt, type) twice in the outbox: each is reported once per attempt
   (`dup_transitions`, `dup_events`: the extra rows);
