@@ -23,8 +23,6 @@ from uuid import UUID
 from flowforge_orchestrator.changes import (
     CHECKPOINT_VERSION,
     AttemptFinished,
-    AttemptStarted,
-    Dispatch,
     Event,
     InlineResult,
     Limits,
@@ -40,33 +38,32 @@ from flowforge_orchestrator.definitions import (
     TransformStep,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.expressions import Expression, to_json_value
-from flowforge_orchestrator.joins import JoinState, JoinVerdict, needed
+from flowforge_orchestrator.expressions import Expression
+from flowforge_orchestrator.graph_attempts import Attempts, expression_error, iso
+from flowforge_orchestrator.graph_parallel import Fanning
+from flowforge_orchestrator.graph_restore import RUN_TIMER, Restoring
 from flowforge_orchestrator.nodes import (
+    FAILED,
     Frame,
     Node,
-    Saved,
     Scope,
     StepsView,
     attempt_id,
-    decode,
     encode,
+    kind_of,
+    list_output,
     pack,
     packable,
-    unpack,
 )
 from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
-from flowforge_orchestrator.retry import decide
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "RunState"]
 
-_FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)
 _WITH_WORKER = (StepStatus.DISPATCHED, StepStatus.RUNNING)
-_RUN_TIMER = ""  # the run's own deadline, among the step timers (no step key is empty)
 
 
-class RunState:
+class RunState(Fanning, Attempts, Restoring):
     """The live state of one run, owned by exactly one orchestrator at a time."""
 
     def __init__(
@@ -128,7 +125,7 @@ class RunState:
         saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
         if self._generation:
             saved["g"] = self._generation
-        deadline = self._timers.get(_RUN_TIMER)
+        deadline = self._timers.get(RUN_TIMER)
         if deadline is not None:
             saved["deadline"] = deadline.isoformat()
         return saved
@@ -185,7 +182,7 @@ class RunState:
         self._pending().started_at = now
         timeout = self.workflow.definition.timeout
         if timeout is not None:
-            self._timers[_RUN_TIMER] = now + timedelta(seconds=timeout)
+            self._timers[RUN_TIMER] = now + timedelta(seconds=timeout)
         self._start_scope(self._root, now)
         self._drain(now)
 
@@ -236,7 +233,7 @@ class RunState:
         for _, key in due:
             if self.status is not RunStatus.RUNNING or self._timers.pop(key, None) is None:
                 continue
-            if key == _RUN_TIMER:
+            if key == RUN_TIMER:
                 self._run_timed_out(now)
                 continue
             node = self._nodes[key]
@@ -255,7 +252,7 @@ class RunState:
                 else:
                     self._attempt_timed_out(node, now)
             elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
-                self._succeed(node, {"waited_until": _iso(now)}, now)
+                self._succeed(node, {"waited_until": iso(now)}, now)
         self._drain(now)
         return bool(due)
 
@@ -292,7 +289,7 @@ class RunState:
         scope = node.scope
         if scope.closed:
             return
-        if node.status in _FAILED and not node.step.continue_on_failure:
+        if node.status in FAILED and not node.step.continue_on_failure:
             self._fail_scope(scope, node, now)
             return
         for dependent in scope.plan.dependents[node.step.id]:
@@ -314,7 +311,7 @@ class RunState:
         deps = [node.scope.nodes[d] for d in node.step.depends_on]
         if not all(d.status.finished for d in deps):
             return
-        if any(d.status in _FAILED and not d.step.continue_on_failure for d in deps):
+        if any(d.status in FAILED and not d.step.continue_on_failure for d in deps):
             return  # the failure closes the list; this guards a restored checkpoint
         if deps and all(d.status is StepStatus.SKIPPED for d in deps):
             self._skip(node, now)
@@ -355,7 +352,7 @@ class RunState:
         if owner is None:
             self._complete(now)
         elif isinstance(owner.step, ConditionStep):
-            self._succeed(owner, {"branch": owner.branch, "output": _list_output(scope)}, now)
+            self._succeed(owner, {"branch": owner.branch, "output": list_output(scope)}, now)
         else:
             self._branch_finished(owner, scope, now)
 
@@ -419,7 +416,7 @@ class RunState:
                 assert isinstance(step, ParallelStep)
                 self._start_parallel(node, step, now)
         except ExpressionError as exc:
-            self._fail(node, _expression_error(exc), now)
+            self._fail(node, expression_error(exc), now)
 
     def _begin_inline(self, node: Node) -> None:
         node.attempt += 1
@@ -432,9 +429,9 @@ class RunState:
         else:
             value = self._evaluate(node, "until")
             fire_at = _timestamp(value, self.workflow.expression(step.id, "until"))
-        self._to(node, StepStatus.RUNNING, now, "step.started", data={"until": _iso(fire_at)})
+        self._to(node, StepStatus.RUNNING, now, "step.started", data={"until": iso(fire_at)})
         if fire_at <= now:
-            self._succeed(node, {"waited_until": _iso(now)}, now)
+            self._succeed(node, {"waited_until": iso(now)}, now)
         else:
             self._set_timer(node, fire_at)
 
@@ -442,178 +439,12 @@ class RunState:
         expression = self.workflow.expression(node.step.id, "if")
         value = self._evaluate(node, "if")
         if not isinstance(value, bool):
-            raise expression.error(f"`if` must give true or false, got {_kind(value)}")
+            raise expression.error(f"`if` must give true or false, got {kind_of(value)}")
         node.branch = "then" if value else "else"
         chosen, other = node.children if value else reversed(node.children)
         self._to(node, StepStatus.RUNNING, now, "step.started", data={"branch": node.branch})
         self._skip_scope(other, now)
         self._start_scope(chosen, now)
-
-    def _start_parallel(self, node: Node, step: ParallelStep, now: datetime) -> None:
-        if step.for_each is not None:
-            items = self._evaluate(node, "for_each")
-            if not isinstance(items, list):
-                expression = self.workflow.expression(step.id, "for_each")
-                raise expression.error(f"`for_each` must give a list, got {_kind(items)}")
-            self._expand(node, [to_json_value(item) for item in items])
-        total = len(node.children)
-        node.join = JoinState(total, needed(step.join, total), step.fail_fast)
-        self._to(node, StepStatus.RUNNING, now, "step.started", data={"branches": total})
-        if node.join.need > total:
-            message = (
-                f"step '{node.key}': the join needs {node.join.need} successful branches "
-                f"but there are only {total}"
-            )
-            self._fail(
-                node, StepError(message, category="join_failed", retryable=False).to_dict(), now
-            )
-            return
-        self._judge(node, now)
-
-    def _expand(self, node: Node, items: list[Any]) -> None:
-        """One list instance per element, each with its own frame (`item`, `index`)."""
-        node.items = items
-        (template,) = self.workflow.children[node.step.id]
-        outer = node.scope.frame
-        node.children = [
-            self._new_scope(
-                template,
-                Frame(outer, f"{outer.suffix}[{index}]", item=item, index=index),
-                node,
-            )
-            for index, item in enumerate(items)
-        ]
-        if len(template.steps) == 1 and isinstance(template.steps[0], TaskStep):
-            self._packed[node.key] = node
-            for scope in node.children:
-                for element in scope.nodes.values():
-                    element.packed = True
-
-    def _branch_finished(self, node: Node, scope: Scope, now: datetime) -> None:
-        if node.status is not StepStatus.RUNNING or node.join is None:
-            return
-        if scope.outcome == "succeeded":
-            node.join.succeeded += 1
-        else:
-            node.join.failed += 1
-        self._judge(node, now)
-
-    def _judge(self, node: Node, now: datetime) -> None:
-        """Apply the join policy; start more branches while it waits."""
-        assert node.join is not None
-        verdict = node.join.verdict()
-        if verdict is JoinVerdict.WAIT:
-            self._launch(node, now)
-            return
-        self._cancel_children(node, now)
-        output = [_branch_entry(scope) for scope in node.children]
-        if verdict is JoinVerdict.SUCCEED:
-            self._succeed(node, output, now)
-            return
-        failed = [s for s in node.children if s.outcome == "failed"]
-        message = (
-            f"step '{node.key}': {len(failed)} of {node.join.total} branches failed; "
-            f"the join needs {node.join.need} to succeed"
-        )
-        details: dict[str, Any] = {"branches": output}
-        if failed:
-            details["first_error"] = failed[0].failure
-        error = StepError(message, category="join_failed", retryable=False, details=details)
-        self._fail(node, error.to_dict(), now)
-
-    def _launch(self, node: Node, now: datetime) -> None:
-        """Start the next branch if the limit allows; the rest follow through the queue, so
-        a branch that finishes at once is judged before another is dispatched."""
-        if node.status is not StepStatus.RUNNING or node.join is None:
-            return
-        limit = node.step.max_parallel or len(node.children)  # type: ignore[union-attr]
-        if node.launched < len(node.children) and node.launched - node.join.finished < limit:
-            scope = node.children[node.launched]
-            node.launched += 1
-            self._start_scope(scope, now)
-            self._queue.append(("launch", node))
-
-    # -- worker steps --------------------------------------------------------------------
-
-    def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
-        node.attempt += 1
-        node.generation = self._generation
-        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
-        node.error = None
-        dispatch = self._dispatch_for(node, now)
-        if dispatch is None:  # the parameters could not be rendered: already failed
-            return
-        self._set_deadline(node, dispatch, now)
-        self._to(
-            node,
-            StepStatus.DISPATCHED,
-            now,
-            "step.dispatched",
-            data={"type": node.step.type, "attempt": node.attempt},
-        )
-        changes = self._pending()
-        changes.attempts_started.append(
-            AttemptStarted(node.attempt_id, node.key, node.attempt, node.step.type, now)
-        )
-        changes.dispatches.append(dispatch)
-
-    def _set_deadline(self, node: Node, dispatch: Dispatch, now: datetime) -> None:
-        """The worker ends an attempt at its timeout, counted from when it starts; this
-        deadline is for the worker that died or never came: queue wait plus timeout. With
-        `schedule_to_start`, the orchestrator first asks, at that time, whether a worker
-        took the attempt (`probes`), and times it out at once if none did."""
-        waiting = node.step.schedule_to_start
-        node.probing = waiting is not None
-        first = waiting if waiting is not None else 2 * dispatch.timeout
-        self._set_timer(node, now + timedelta(seconds=first))
-
-    def not_picked_up(self, key: str, attempt: UUID, now: datetime) -> bool:
-        """No worker took the attempt within its schedule_to_start: it times out (and is
-        retried per policy). False if the attempt is no longer current."""
-        node = self._nodes.get(key)
-        if node is None or node.attempt_id != attempt or node.status is not StepStatus.DISPATCHED:
-            return False
-        waited = node.step.schedule_to_start or 0
-        error = StepError(
-            f"step '{key}': no worker took attempt {node.attempt} within its "
-            f"schedule_to_start of {waited:g}s (is a worker serving '{node.step.type}'?)",
-            category="schedule_to_start_timeout",
-            details={"schedule_to_start": waited},
-        ).to_dict()
-        self._pending().aborts.append(attempt)
-        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
-        self._drain(now)
-        return True
-
-    def _dispatch_for(self, node: Node, now: datetime) -> Dispatch | None:
-        step = node.step
-        assert node.attempt_id is not None
-        try:
-            params = self.workflow.params[step.id].render(
-                self._context(node), skip_roots=SECRET_ROOTS
-            )
-        except ExpressionError as exc:
-            self._fail(node, _expression_error(exc), now)
-            return None
-        size = json_size(params)
-        if size > self.limits.max_context_bytes:
-            what = "the rendered parameters"
-            error = PayloadTooLarge(
-                step_id=node.key, what=what, size=size, limit=self.limits.max_context_bytes
-            )
-            self._fail(node, error.to_dict(), now)
-            return None
-        timeout = self.workflow.definition.effective_timeout(step, self.limits.default_timeout)
-        return Dispatch(
-            attempt_id=node.attempt_id,
-            run_id=self.run_id,
-            step_id=node.key,
-            step_type=step.type,
-            attempt=node.attempt,
-            params=params,
-            timeout=timeout,
-            secret_paths=self.workflow.secret_paths.get(step.id, []),
-        )
 
     # -- ending steps ----------------------------------------------------------------------
 
@@ -654,20 +485,6 @@ class RunState:
             ).to_dict()
         return None
 
-    def _attempt_timed_out(self, node: Node, now: datetime) -> None:
-        assert node.attempt_id is not None
-        timeout = self.workflow.definition.effective_timeout(node.step, self.limits.default_timeout)
-        waited = node.step.schedule_to_start or timeout
-        error = StepError(
-            f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "
-            f"after it was dispatched (timeout {timeout:g}s plus {waited:g}s to be picked up;"
-            " did its worker stop?)",
-            category="timeout",
-            details={"timeout": timeout, "schedule_to_start": waited},
-        ).to_dict()
-        self._pending().aborts.append(node.attempt_id)
-        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
-
     def _fail(
         self,
         node: Node,
@@ -694,38 +511,6 @@ class RunState:
             self._pending().inline_results.append(
                 InlineResult(node.attempt_id, node.key, "failed", None, error, now)
             )
-
-    def _retry(self, node: Node, error: dict[str, Any], now: datetime) -> bool:
-        assert node.attempt_id is not None
-        policy = self.workflow.definition.effective_retry(node.step)
-        # The jitter comes from the attempt id: a replay after a crash waits the same.
-        rand = node.attempt_id.int / 2**128
-        decision = decide(policy, error, node.attempt, rand=rand, now=now)
-        if not decision.retry:
-            return False
-        at = now + timedelta(seconds=decision.delay)
-        data = {"error": error, "next_attempt": node.attempt + 1, "next_attempt_at": _iso(at)}
-        self._to(node, StepStatus.RETRYING, now, "step.retrying", data=data)
-        self._set_timer(node, at)
-        return True
-
-    def _set_timer(self, node: Node, at: datetime) -> None:
-        node.fire_at = at
-        self._timers[node.key] = at
-
-    def _clear_timer(self, node: Node) -> None:
-        node.fire_at, node.probing = None, False
-        self._timers.pop(node.key, None)
-
-    def _run_timed_out(self, now: datetime) -> None:
-        timeout = self.workflow.definition.timeout or 0
-        error = StepError(
-            f"the run did not finish within its timeout of {timeout:g}s",
-            category="run_timeout",
-            retryable=False,
-            details={"timeout": timeout},
-        ).to_dict()
-        self.fail_run(error, now)
 
     def _skip(self, node: Node, now: datetime) -> None:
         self._to(node, StepStatus.SKIPPED, now, "step.skipped")
@@ -757,7 +542,7 @@ class RunState:
             try:
                 output = template.render(self._context(None))
             except ExpressionError as exc:
-                self.fail_run(_expression_error(exc), now)
+                self.fail_run(expression_error(exc), now)
                 return
         else:
             output = {sid: self._root.nodes[sid].output for sid in self._root.plan.sinks}
@@ -772,146 +557,6 @@ class RunState:
         self._queue.clear()
         self._emit(now, event, status, from_status=previous, data=data)
         self._pending().finished_at = now
-
-    # -- restoring ---------------------------------------------------------------------------
-
-    def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
-        self._seq = int(checkpoint.get("seq", 0))
-        self._generation = int(checkpoint.get("g", 0))
-        if checkpoint.get("deadline"):
-            self._timers[_RUN_TIMER] = datetime.fromisoformat(checkpoint["deadline"])
-        saved = {key: decode(value) for key, value in checkpoint.get("steps", {}).items()}
-        scopes = [self._root]
-        fan_outs: deque[Node] = deque()
-        index = 0
-        while index < len(scopes) or fan_outs:
-            if index < len(scopes):
-                scope = scopes[index]
-                index += 1
-                for node in scope.nodes.values():
-                    entry = saved.get(node.key)
-                    if entry is not None:
-                        self._restore_node(node, entry, results)
-                        if entry.items is not None:
-                            fan_outs.append(node)
-                    scopes.extend(node.children)
-            else:
-                node = fan_outs.popleft()
-                self._restore_fan_out(node, saved[node.key], saved, results)
-                scopes.extend(node.children)
-        self._root.started = self.status is RunStatus.RUNNING
-        for scope in reversed(scopes):  # children before their owners
-            self._restore_scope_state(scope)
-
-    def _restore_node(self, node: Node, entry: Saved, results: Mapping[UUID, StepResult]) -> None:
-        node.status, node.attempt, node.error = entry.status, entry.attempt, entry.error
-        node.fire_at, node.branch = entry.fire_at, entry.branch
-        node.generation = entry.generation
-        if entry.attempt_id is not None:
-            node.attempt_id = entry.attempt_id
-        elif node.attempt and node.status is not StepStatus.PENDING:
-            node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
-        if node.status.finished:
-            node.scope.open -= 1
-        result = results.get(node.attempt_id) if node.attempt_id else None
-        if result is not None and node.status is StepStatus.SUCCEEDED:
-            node.output = result.output
-            self._context_bytes += json_size(result.output)
-        if not node.status.finished and node.fire_at is not None:
-            self._timers[node.key] = node.fire_at
-
-    def _unpack(
-        self,
-        node: Node,
-        entry: Saved,
-        saved: Mapping[str, Saved],
-        results: Mapping[UUID, StepResult],
-    ) -> None:
-        """Element states saved packed in the fan-out's entry (those saved on their own, with
-        an error or a retry timer, are restored with the rest)."""
-        # A count that changed (see _restore_fan_out) restores what both sides have.
-        pairs = zip(entry.elements or "", node.children, strict=False)
-        for index, (letter, scope) in enumerate(pairs):
-            (element,) = scope.nodes.values()
-            if element.key in saved:
-                continue
-            attempt = entry.element_attempts.get(str(index))
-            state = unpack(letter, attempt, node.generation)
-            if state is not None:
-                self._restore_node(element, state, results)
-
-    def _restore_fan_out(
-        self,
-        node: Node,
-        entry: Saved,
-        saved: Mapping[str, Saved],
-        results: Mapping[UUID, StepResult],
-    ) -> None:
-        """Re-evaluate `for_each` (its inputs are restored); the element count must agree."""
-        try:
-            items = self._evaluate(node, "for_each")
-        except ExpressionError as exc:
-            items, problem = None, str(exc)
-        else:
-            problem = f"it now gives {len(items)} elements" if isinstance(items, list) else ""
-        if isinstance(items, list) and len(items) == entry.items:
-            self._expand(node, [to_json_value(item) for item in items])
-            self._unpack(node, entry, saved, results)
-            return
-        # The saved elements still exist (some may be with workers): restore them, to
-        # cancel and abort them when the fan-out fails on resume.
-        self._expand(node, [None] * (entry.items or 0))
-        self._unpack(node, entry, saved, results)
-        if not node.status.finished:
-            message = (
-                f"step '{node.key}': for_each gave {entry.items} elements when the step "
-                f"started, but {problem or 'not a list'} on resume; it must read only the "
-                "step's dependencies"
-            )
-            self._broken.append(
-                (node, StepError(message, category="internal_error", retryable=False).to_dict())
-            )
-
-    def _restore_scope_state(self, scope: Scope) -> None:
-        nodes = scope.nodes.values()
-        if any(n.status is not StepStatus.PENDING for n in nodes):
-            scope.started = True
-        owner = scope.owner
-        if owner is None and self.status is RunStatus.PENDING:
-            return  # a redriven run: its top level opens when it starts again
-        if owner is not None and owner.status.finished:
-            scope.closed = True
-            return
-        if owner is not None and owner.status is StepStatus.PENDING:
-            return
-        culprit = next(
-            (n for n in nodes if n.status in _FAILED and not n.step.continue_on_failure), None
-        )
-        if culprit is not None:
-            scope.closed, scope.outcome, scope.failure = True, "failed", culprit.error
-        elif scope.started and scope.done:
-            scope.closed, scope.outcome = True, "succeeded"
-        if owner is None:
-            return
-        if isinstance(owner.step, ConditionStep):
-            if owner.branch is not None and scope is not owner.children[owner.branch == "else"]:
-                scope.closed, scope.outcome = True, "skipped"
-            return
-        self._restore_join(owner, scope)
-
-    def _restore_join(self, owner: Node, scope: Scope) -> None:
-        """Count a restored branch into its parallel step's join."""
-        if owner.join is None:
-            step = owner.step
-            assert isinstance(step, ParallelStep)
-            total = len(owner.children)
-            owner.join = JoinState(total, needed(step.join, total), step.fail_fast)
-        if scope.started:
-            owner.launched = max(owner.launched, owner.children.index(scope) + 1)
-        if scope.outcome == "succeeded":
-            owner.join.succeeded += 1
-        elif scope.outcome == "failed":
-            owner.join.failed += 1
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -968,21 +613,6 @@ class RunState:
             if node.items is not None:
                 self._forget_elements(node)
 
-    def _forget_elements(self, node: Node) -> None:
-        """A finished fan-out keeps only its own output: its elements leave memory and the
-        checkpoint (their history stays in the transitions)."""
-        stack = list(node.children)
-        while stack:
-            scope = stack.pop()
-            for inner in scope.nodes.values():
-                self._nodes.pop(inner.key, None)
-                self._timers.pop(inner.key, None)
-                if inner.status is StepStatus.SUCCEEDED:
-                    self._context_bytes -= json_size(inner.output)
-                stack.extend(inner.children)
-        node.children, node.items = [], None
-        self._packed.pop(node.key, None)
-
     def _emit(
         self,
         at: datetime,
@@ -1016,28 +646,9 @@ def _succeeded(scope: Scope) -> bool:
         not scope.closed
         and scope.done
         and not any(
-            n.status in _FAILED and not n.step.continue_on_failure for n in scope.nodes.values()
+            n.status in FAILED and not n.step.continue_on_failure for n in scope.nodes.values()
         )
     )
-
-
-def _list_output(scope: Scope) -> Any:
-    """A list's output: its one final step's, or its final steps' by id."""
-    sinks = scope.plan.sinks
-    if not sinks:
-        return None
-    if len(sinks) == 1:
-        return scope.nodes[sinks[0]].output
-    return {sid: scope.nodes[sid].output for sid in sinks}
-
-
-def _branch_entry(scope: Scope) -> dict[str, Any]:
-    entry: dict[str, Any] = {"status": scope.outcome or "cancelled", "output": None}
-    if scope.outcome == "succeeded":
-        entry["output"] = _list_output(scope)
-    elif scope.outcome == "failed":
-        entry["error"] = scope.failure
-    return entry
 
 
 def _nested_error(owner: Node, message: str, culprit: str, cause: dict[str, Any]) -> dict[str, Any]:
@@ -1049,23 +660,6 @@ def _nested_error(owner: Node, message: str, culprit: str, cause: dict[str, Any]
     ).to_dict()
 
 
-def _expression_error(exc: ExpressionError) -> dict[str, Any]:
-    return StepError(
-        str(exc),
-        category="expression_error",
-        retryable=False,
-        details={"expression": exc.expression, "field": exc.field},
-    ).to_dict()
-
-
-def _kind(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
-
-
 def _timestamp(value: Any, expression: Expression) -> datetime:
     """`until` gives a CEL timestamp or an RFC 3339 string; naive means UTC."""
     if isinstance(value, str):
@@ -1074,5 +668,5 @@ def _timestamp(value: Any, expression: Expression) -> datetime:
         except ValueError:
             raise expression.error(f"`until` gave {value!r}, not an RFC 3339 timestamp") from None
     if not isinstance(value, datetime):
-        raise expression.error(f"`until` must give a timestamp, got {_kind(value)}")
+        raise expression.error(f"`until` must give a timestamp, got {kind_of(value)}")
     return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

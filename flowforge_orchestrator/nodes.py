@@ -26,6 +26,7 @@ from flowforge_orchestrator.plan import ListPlan
 from flowforge_orchestrator.state import StepStatus
 
 __all__ = [
+    "FAILED",
     "Frame",
     "Node",
     "Scope",
@@ -33,12 +34,15 @@ __all__ = [
     "attempt_id",
     "decode",
     "encode",
+    "kind_of",
+    "list_output",
     "pack",
     "packable",
     "unpack",
 ]
 
 _NO_ITEM: Any = object()
+FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)  # ends that fail a list (unless tolerated)
 
 
 def attempt_id(run_id: UUID, key: str, attempt: int, generation: int = 0) -> UUID:
@@ -259,3 +263,18 @@ def decode(saved: str | Mapping[str, Any]) -> Saved:
         elements=saved.get("i"),
         element_attempts=dict(saved.get("na", {})),
     )
+
+
+def list_output(scope: Scope) -> Any:
+    """A list's output: its one final step's, or its final steps' by id."""
+    sinks = scope.plan.sinks
+    if not sinks:
+        return None
+    if len(sinks) == 1:
+        return scope.nodes[sinks[0]].output
+    return {sid: scope.nodes[sid].output for sid in sinks}
+
+
+def kind_of(value: Any) -> str:
+    """A value's type as error messages name it."""
+    return "null" if value is None else type(value).__name__

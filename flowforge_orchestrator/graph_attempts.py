@@ -1,0 +1,205 @@
+"""Attempts of worker steps: dispatch, deadlines, schedule-to-start, retries, the run's
+timeout (mixed into RunState).
+
+An attempt is dispatched with its parameters rendered (secrets left to the worker), gets a
+deadline timer, and ends with a result, a timeout or a cancellation. A failed or timed-out
+attempt is retried when its policy says so (`retry.decide`), after a backoff timer; the
+jitter comes from the attempt id, so a replay waits the same.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from flowforge_orchestrator.changes import (
+    AttemptStarted,
+    Dispatch,
+    Limits,
+    RunChanges,
+    json_size,
+)
+from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
+from flowforge_orchestrator.nodes import Node, attempt_id
+from flowforge_orchestrator.plan import SECRET_ROOTS
+from flowforge_orchestrator.retry import decide
+from flowforge_orchestrator.state import StepStatus
+
+if TYPE_CHECKING:
+    from flowforge_orchestrator.plan import CompiledWorkflow
+
+__all__ = ["Attempts", "expression_error", "iso"]
+
+
+class Attempts:
+    """The attempts half of RunState; the attributes below are RunState's."""
+
+    if TYPE_CHECKING:
+        run_id: UUID
+        workflow: CompiledWorkflow
+        limits: Limits
+        _generation: int
+        _timers: dict[str, datetime]
+        _nodes: dict[str, Node]
+
+        def _pending(self) -> RunChanges: ...
+        def _context(self, node: Node | None) -> dict[str, Any]: ...
+        def _drain(self, now: datetime) -> None: ...
+        def fail_run(self, error: dict[str, Any], now: datetime) -> None: ...
+        def _to(
+            self,
+            node: Node,
+            target: StepStatus,
+            at: datetime,
+            event: str,
+            *,
+            data: dict[str, Any] | None = None,
+        ) -> None: ...
+        def _fail(
+            self,
+            node: Node,
+            error: dict[str, Any],
+            now: datetime,
+            *,
+            status: StepStatus = StepStatus.FAILED,
+        ) -> None: ...
+
+    def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
+        node.attempt += 1
+        node.generation = self._generation
+        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
+        node.error = None
+        dispatch = self._dispatch_for(node, now)
+        if dispatch is None:  # the parameters could not be rendered: already failed
+            return
+        self._set_deadline(node, dispatch, now)
+        self._to(
+            node,
+            StepStatus.DISPATCHED,
+            now,
+            "step.dispatched",
+            data={"type": node.step.type, "attempt": node.attempt},
+        )
+        changes = self._pending()
+        changes.attempts_started.append(
+            AttemptStarted(node.attempt_id, node.key, node.attempt, node.step.type, now)
+        )
+        changes.dispatches.append(dispatch)
+
+    def _set_deadline(self, node: Node, dispatch: Dispatch, now: datetime) -> None:
+        """The worker ends an attempt at its timeout, counted from when it starts; this
+        deadline is for the worker that died or never came: queue wait plus timeout. With
+        `schedule_to_start`, the orchestrator first asks, at that time, whether a worker
+        took the attempt (`probes`), and times it out at once if none did."""
+        waiting = node.step.schedule_to_start
+        node.probing = waiting is not None
+        first = waiting if waiting is not None else 2 * dispatch.timeout
+        self._set_timer(node, now + timedelta(seconds=first))
+
+    def not_picked_up(self, key: str, attempt: UUID, now: datetime) -> bool:
+        """No worker took the attempt within its schedule_to_start: it times out (and is
+        retried per policy). False if the attempt is no longer current."""
+        node = self._nodes.get(key)
+        if node is None or node.attempt_id != attempt or node.status is not StepStatus.DISPATCHED:
+            return False
+        waited = node.step.schedule_to_start or 0
+        error = StepError(
+            f"step '{key}': no worker took attempt {node.attempt} within its "
+            f"schedule_to_start of {waited:g}s (is a worker serving '{node.step.type}'?)",
+            category="schedule_to_start_timeout",
+            details={"schedule_to_start": waited},
+        ).to_dict()
+        self._pending().aborts.append(attempt)
+        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
+        self._drain(now)
+        return True
+
+    def _dispatch_for(self, node: Node, now: datetime) -> Dispatch | None:
+        step = node.step
+        assert node.attempt_id is not None
+        try:
+            params = self.workflow.params[step.id].render(
+                self._context(node), skip_roots=SECRET_ROOTS
+            )
+        except ExpressionError as exc:
+            self._fail(node, expression_error(exc), now)
+            return None
+        size = json_size(params)
+        if size > self.limits.max_context_bytes:
+            what = "the rendered parameters"
+            error = PayloadTooLarge(
+                step_id=node.key, what=what, size=size, limit=self.limits.max_context_bytes
+            )
+            self._fail(node, error.to_dict(), now)
+            return None
+        timeout = self.workflow.definition.effective_timeout(step, self.limits.default_timeout)
+        return Dispatch(
+            attempt_id=node.attempt_id,
+            run_id=self.run_id,
+            step_id=node.key,
+            step_type=step.type,
+            attempt=node.attempt,
+            params=params,
+            timeout=timeout,
+            secret_paths=self.workflow.secret_paths.get(step.id, []),
+        )
+
+    def _attempt_timed_out(self, node: Node, now: datetime) -> None:
+        assert node.attempt_id is not None
+        timeout = self.workflow.definition.effective_timeout(node.step, self.limits.default_timeout)
+        waited = node.step.schedule_to_start or timeout
+        error = StepError(
+            f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "
+            f"after it was dispatched (timeout {timeout:g}s plus {waited:g}s to be picked up;"
+            " did its worker stop?)",
+            category="timeout",
+            details={"timeout": timeout, "schedule_to_start": waited},
+        ).to_dict()
+        self._pending().aborts.append(node.attempt_id)
+        self._fail(node, error, now, status=StepStatus.TIMED_OUT)
+
+    def _retry(self, node: Node, error: dict[str, Any], now: datetime) -> bool:
+        assert node.attempt_id is not None
+        policy = self.workflow.definition.effective_retry(node.step)
+        # The jitter comes from the attempt id: a replay after a crash waits the same.
+        rand = node.attempt_id.int / 2**128
+        decision = decide(policy, error, node.attempt, rand=rand, now=now)
+        if not decision.retry:
+            return False
+        at = now + timedelta(seconds=decision.delay)
+        data = {"error": error, "next_attempt": node.attempt + 1, "next_attempt_at": iso(at)}
+        self._to(node, StepStatus.RETRYING, now, "step.retrying", data=data)
+        self._set_timer(node, at)
+        return True
+
+    def _set_timer(self, node: Node, at: datetime) -> None:
+        node.fire_at = at
+        self._timers[node.key] = at
+
+    def _clear_timer(self, node: Node) -> None:
+        node.fire_at, node.probing = None, False
+        self._timers.pop(node.key, None)
+
+    def _run_timed_out(self, now: datetime) -> None:
+        timeout = self.workflow.definition.timeout or 0
+        error = StepError(
+            f"the run did not finish within its timeout of {timeout:g}s",
+            category="run_timeout",
+            retryable=False,
+            details={"timeout": timeout},
+        ).to_dict()
+        self.fail_run(error, now)
+
+
+def expression_error(exc: ExpressionError) -> dict[str, Any]:
+    return StepError(
+        str(exc),
+        category="expression_error",
+        retryable=False,
+        details={"expression": exc.expression, "field": exc.field},
+    ).to_dict()
+
+
+def iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
