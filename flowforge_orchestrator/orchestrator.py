@@ -1,6 +1,6 @@
 """The orchestrator daemon: claims runs, drives their graphs, group-commits, dispatches.
 
-Four loops share one event loop and never block each other:
+Its loops share one event loop and never block each other:
 
 * claim:   NOTIFY on `flowforge_runs` or the slow poll -> lock runs, build their graphs,
            write their first transitions and take the lease, all in one transaction;
@@ -8,10 +8,9 @@ Four loops share one event loop and never block each other:
            those results, apply them to the in-memory graphs (stale ones are ignored);
 * commit:  whatever the graphs changed since the last commit goes out in ONE transaction
            (group commit); only after it commits are the new attempts enqueued on arq;
-* leases:  one statement renews every lease we hold; runs that are no longer ours are
-           dropped from memory at once (another replica has them);
-* timers:  one heap of the runs' next timers (delays); the loop sleeps until the earliest,
-           so thousands of parked runs cost no query and no task each.
+* leases, timers, cancellations and the reconciler: `orchestrator_upkeep`.
+
+`run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
 """
 
 from __future__ import annotations
@@ -19,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import heapq
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -45,6 +42,7 @@ from flowforge_orchestrator.errors import (
 )
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
+from flowforge_orchestrator.orchestrator_upkeep import Owned, Upkeep
 from flowforge_orchestrator.state import RunStatus
 
 __all__ = ["Orchestrator"]
@@ -70,22 +68,7 @@ async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
             await asyncio.sleep(1.0)
 
 
-@dataclass
-class _Owned:
-    """A run this orchestrator owns, with the fence its writes carry."""
-
-    state: RunState
-    epoch: int
-    span: trace.Span
-    traceparent: str | None
-    new_traceparent: str | None = None  # written with the next commit (fresh starts only)
-    # Dispatched, no result applied yet: what was sent, and when (monotonic), so that an
-    # attempt Redis lost can be sent again.
-    attempts: dict[UUID, tuple[Dispatch, float]] = field(default_factory=dict)
-    timer_at: datetime | None = None  # the run's next timer, as pushed on the heap
-
-
-class Orchestrator:
+class Orchestrator(Upkeep):
     """One replica. `run()` until `stop` is set; every run it owns is in `self.runs`."""
 
     def __init__(
@@ -110,7 +93,7 @@ class Orchestrator:
             max_context_bytes=settings.max_context_bytes,
             default_timeout=settings.step_timeout,
         )
-        self.runs: dict[UUID, _Owned] = {}
+        self.runs: dict[UUID, Owned] = {}
         self._attempts: dict[UUID, UUID] = {}  # outstanding attempt id -> run id
         self._workflows: dict[tuple[str, int], CompiledWorkflow | str] = {}
         self._dirty: set[UUID] = set()
@@ -153,25 +136,6 @@ class Orchestrator:
         if attempt_id in self._attempts:
             self._notified.add(attempt_id)
             self._wake_results.set()
-
-    def _on_cancel_notify(self, payload: str) -> None:
-        try:
-            run_id = UUID(payload)
-        except ValueError:
-            return
-        self._cancel(run_id)
-
-    def _cancel(self, run_id: UUID) -> None:
-        owned = self.runs.get(run_id)
-        if owned is None:
-            return  # pending (the claim cancels it) or another replica's
-        try:
-            if owned.state.cancel(self.clock(), "cancel requested"):
-                self._dirty.add(run_id)
-                self._wake_commit.set()
-        except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: cancelling failed", run_id, extra={"run_id": str(run_id)})
-            self._drop(run_id, "internal error while cancelling", give_back=True)
 
     def _reconnected(self) -> None:
         self.metrics.reconciled("caught_up")
@@ -255,45 +219,6 @@ class Orchestrator:
             await self._missed_cancels()
             await self._reconcile_jobs()
 
-    async def _reconcile_jobs(self) -> None:
-        """Every dispatched attempt has a result, a job in Redis, or is sent again: a Redis
-        that lost its data (restarted without persistence, failed over) loses no run."""
-        settled = time.monotonic() - self.settings.poll_interval  # leave fresh ones alone
-        sent = {
-            attempt: (dispatch, owned.traceparent)
-            for owned in self.runs.values()
-            for attempt, (dispatch, at) in owned.attempts.items()
-            if at < settled
-        }
-        if not sent:
-            return
-        try:
-            lost = await self.dispatcher.missing(list(sent))
-            if lost:
-                answered = {r.attempt_id for _, r in await self._fetch(lost)}
-                lost = [a for a in lost if a not in answered]
-        except Exception as exc:
-            log.warning("could not check the jobs of %d attempt(s): %s", len(sent), exc)
-            return
-        if lost:
-            log.warning("%d attempt(s) had no job in Redis: sending them again", len(lost))
-            self.metrics.reconciled("redelivered", len(lost))
-            self._undelivered.extend(sent[a] for a in lost)
-            await self._redeliver()
-
-    async def _missed_cancels(self) -> None:
-        """Cancellations whose notification we may have missed (LISTEN was down)."""
-        if not self.runs:
-            return
-        try:
-            async with self.pool.acquire() as conn:
-                wanted = await store.cancel_requested(conn, self.node)
-        except Exception as exc:
-            log.warning("could not look for cancellations: %s", exc)
-            return
-        for run_id in wanted:
-            self._cancel(run_id)
-
     # -- claiming ------------------------------------------------------------------------
 
     async def _claim_loop(self) -> None:
@@ -310,7 +235,7 @@ class Orchestrator:
         """Claim one batch; True if the batch was full (there may be more)."""
         now = self.clock()
         batch: list[store.OwnedChanges] = []
-        claimed: dict[UUID, _Owned] = {}
+        claimed: dict[UUID, Owned] = {}
         started = time.perf_counter()
         async with store.transaction(self.pool) as conn:
             rows = await store.claim_runs(conn, self.settings.claim_batch)
@@ -382,7 +307,7 @@ class Orchestrator:
         row: store.ClaimedRun,
         results: dict[UUID, StepResult],
         now: datetime,
-    ) -> tuple[_Owned | None, RunChanges]:
+    ) -> tuple[Owned | None, RunChanges]:
         """Build the graph of a claimed run; a run that cannot be built is failed instead."""
         status = RunStatus(row.status)
         if self._strikes.get(row.id, 0) >= MAX_STRIKES:
@@ -412,7 +337,7 @@ class Orchestrator:
         span, traceparent, new_tp = self._run_span(
             row, workflow, resumed=status is not RunStatus.PENDING
         )
-        owned = _Owned(state, row.epoch, span, traceparent, new_traceparent=new_tp)
+        owned = Owned(state, row.epoch, span, traceparent, new_traceparent=new_tp)
         try:
             if status is RunStatus.PENDING:
                 state.start(now)
@@ -559,7 +484,7 @@ class Orchestrator:
         while True:
             await self._wake_commit.wait()
             self._wake_commit.clear()
-            batch: list[tuple[_Owned, RunChanges]] = []
+            batch: list[tuple[Owned, RunChanges]] = []
             for run_id in list(self._dirty):
                 owned = self.runs.get(run_id)
                 changes = owned.state.take_changes() if owned else None
@@ -573,7 +498,7 @@ class Orchestrator:
                 finally:
                     self._committing = False
 
-    async def _commit(self, batch: list[tuple[_Owned, RunChanges]]) -> None:
+    async def _commit(self, batch: list[tuple[Owned, RunChanges]]) -> None:
         writes = [
             store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch, traceparent=None)
             for o, changes in batch
@@ -607,7 +532,7 @@ class Orchestrator:
             else:
                 self._drop(changes.run_id, "lost ownership (epoch moved on)")
 
-    def _after_commit(self, run_id: UUID, owned: _Owned, changes: RunChanges) -> None:
+    def _after_commit(self, run_id: UUID, owned: Owned, changes: RunChanges) -> None:
         """What may only happen once the transitions are durable: enqueue, abort, forget."""
         for finished in changes.attempts_finished:
             self._attempts.pop(finished.attempt_id, None)
@@ -641,37 +566,6 @@ class Orchestrator:
         self._background.add(task)  # keep a reference until it is done
         task.add_done_callback(self._background.discard)
 
-    async def _probe(self, run_id: UUID, probes: list[tuple[str, UUID, str]]) -> None:
-        """schedule_to_start passed: time out the attempts no worker has taken."""
-        for key, attempt, step_type in probes:
-            try:
-                waiting = await self.dispatcher.waiting(attempt, step_type)
-            except Exception as exc:  # Redis away: the deadline still ends the attempt
-                log.warning("could not check attempt %s in Redis: %s", attempt, exc)
-                continue
-            owned = self.runs.get(run_id)
-            if not waiting or owned is None:
-                continue
-            try:
-                if owned.state.not_picked_up(key, attempt, self.clock()):
-                    self._dirty.add(run_id)
-                    self._wake_commit.set()
-            except Exception:  # a bug must not take the daemon down with it
-                log.exception(
-                    "run %s: timing out attempt %s failed",
-                    run_id,
-                    attempt,
-                    extra={"run_id": str(run_id)},
-                )
-                self._drop(run_id, "internal error while timing out an attempt", give_back=True)
-
-    async def _abort(self, attempts: list[UUID]) -> None:
-        """Ask workers to stop cancelled attempts; best effort, their results are ignored."""
-        try:
-            await asyncio.gather(*(self.dispatcher.abort(a) for a in attempts))
-        except Exception as exc:
-            log.warning("could not abort %d attempt(s): %s", len(attempts), exc)
-
     async def _redeliver(self) -> None:
         """Enqueue committed dispatches; what Redis refuses is kept and tried again."""
         todo, self._undelivered = self._undelivered, []
@@ -692,7 +586,7 @@ class Orchestrator:
             log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
             self._undelivered.extend(failed)
 
-    def _forget_attempts(self, owned: _Owned) -> None:
+    def _forget_attempts(self, owned: Owned) -> None:
         for attempt_id in owned.attempts:
             self._attempts.pop(attempt_id, None)
         owned.attempts.clear()
@@ -714,88 +608,6 @@ class Orchestrator:
                 run_id,
                 why,
                 extra={"run_id": str(run_id)},
-            )
-
-    # -- timers --------------------------------------------------------------------------
-
-    def _schedule(self, run_id: UUID, owned: _Owned) -> None:
-        """Push the run's next timer if it changed; the loop wakes if it is the earliest."""
-        when = owned.state.next_timer()
-        if when is None or when == owned.timer_at:
-            owned.timer_at = when
-            return
-        owned.timer_at = when
-        self._timer_seq += 1
-        heapq.heappush(self._timers, (when, self._timer_seq, run_id))
-        if self._timers[0][2] == run_id:
-            self._wake_timers.set()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            self._wake_timers.clear()
-            now = self.clock()
-            due: list[UUID] = []
-            while self._timers:
-                when, _, run_id = self._timers[0]
-                owned = self.runs.get(run_id)
-                if owned is None or owned.timer_at != when:
-                    heapq.heappop(self._timers)  # stale: the run moved on or left
-                elif when <= now:
-                    heapq.heappop(self._timers)
-                    owned.timer_at = None
-                    due.append(run_id)
-                else:
-                    break
-            for run_id in due:
-                self._fire(run_id, now)
-            if due:
-                self._wake_commit.set()
-            delay = (self._timers[0][0] - now).total_seconds() if self._timers else None
-            try:
-                await asyncio.wait_for(self._wake_timers.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-
-    def _fire(self, run_id: UUID, now: datetime) -> None:
-        owned = self.runs.get(run_id)
-        if owned is None:
-            return
-        try:
-            if owned.state.fire_timers(now):
-                self._dirty.add(run_id)
-            self._schedule(run_id, owned)
-        except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: firing a timer failed", run_id, extra={"run_id": str(run_id)})
-            self._drop(run_id, "internal error while firing a timer", give_back=True)
-
-    # -- leases --------------------------------------------------------------------------
-
-    async def _lease_loop(self) -> None:
-        interval = self.settings.lease_seconds / 3
-        while True:
-            await asyncio.sleep(interval)
-            # Only runs owned before the renewal started can be judged by its answer; one
-            # claimed meanwhile is ours even though the statement did not see it.
-            before = {run_id: owned.epoch for run_id, owned in self.runs.items()}
-            try:
-                held = await store.retrying(self._renew, what="renewing leases", attempts=3)
-            except FlowForgeError as exc:
-                log.error("renewing leases failed: %s", exc)
-                continue
-            self.metrics.leases_held.set(len(held))
-            for run_id, epoch in before.items():
-                owned = self.runs.get(run_id)
-                if owned is not None and owned.epoch == epoch and held.get(run_id) != epoch:
-                    self._drop(run_id, "lease lost")
-
-    async def _renew(self) -> dict[UUID, int]:
-        async with self._owned_rows, self.pool.acquire() as conn:
-            if self._to_release:
-                released = list(self._to_release)
-                await store.release_leases(conn, self.node, released)
-                self._to_release.difference_update(released)
-            return await store.renew_leases(
-                conn, self.node, self.settings.lease_seconds, list(self.runs)
             )
 
 
