@@ -78,20 +78,24 @@ def _install_provider(service_name: str) -> TracerProvider:
     return installed
 
 
-def setup_tracing(*, service_name: str, console: bool = False) -> TracerProvider:
+def setup_tracing(*, service_name: str, console: bool = False) -> TracerProvider | None:
     """Configure the process's tracer provider; safe to call again (nothing is added twice).
 
-    Exports nothing unless `OTEL_EXPORTER_OTLP_ENDPOINT` or
-    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set (OTLP/HTTP, batched) or `console` is true
-    (stderr). `OTEL_SDK_DISABLED=true` yields a provider whose tracers record nothing.
+    Exports to OTLP/HTTP (batched) when `OTEL_EXPORTER_OTLP_ENDPOINT` or
+    `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, and to stderr when `console` is true. With
+    neither (and no SDK provider installed already), nothing is installed: spans stay
+    non-recording, which costs next to nothing per step, and a traceparent received from
+    an API still flows through. `OTEL_SDK_DISABLED=true` records nothing either.
     """
+    otlp = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
     with _lock:
+        if not (otlp or console) and _sdk_provider() is None:
+            return None
         provider = _install_provider(service_name)
         if _env_true("OTEL_SDK_DISABLED"):
             return provider
-        otlp = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get(
-            "OTEL_EXPORTER_OTLP_ENDPOINT"
-        )
         if otlp and "otlp" not in _attached:
             # Imported lazily: it pulls in requests and protobuf, which most tests never need.
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
