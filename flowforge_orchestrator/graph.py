@@ -53,7 +53,6 @@ from flowforge_orchestrator.nodes import (
     kind_of,
     list_output,
     pack,
-    packable,
 )
 from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
@@ -99,6 +98,9 @@ class RunState(Fanning, Attempts, Restoring):
         self._timers: dict[str, datetime] = {}  # node key -> when its timer fires
         # Running fan-outs of one worker step: their elements are saved packed (nodes.pack).
         self._packed: dict[str, Node] = {}
+        # The nodes the checkpoint saves one by one: all but the packed fan-out elements
+        # (so a checkpoint does not even visit those).
+        self._saved_alone: dict[str, Node] = {}
         self._queue: deque[tuple[str, Any]] = deque()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
         self._root = self._new_scope(workflow.root, Frame(None), None)
@@ -111,17 +113,17 @@ class RunState(Fanning, Attempts, Restoring):
         """The graph state as stored in `runs.checkpoint` (outputs live in step_results)."""
         steps = {
             key: encode(node)
-            for key, node in self._nodes.items()
-            if (node.status is not StepStatus.PENDING or node.attempt)  # redriven: "p<n>"
-            and not (node.packed and packable(node))
+            for key, node in self._saved_alone.items()
+            if node.status is not StepStatus.PENDING or node.attempt  # redriven: "p<n>"
         }
         for key, fan_out in self._packed.items():
             saved_entry = encode(fan_out, full=True)
             assert isinstance(saved_entry, dict)
-            saved_entry["i"], attempts = pack(fan_out)
+            saved_entry["i"], attempts, alone = pack(fan_out)
             if attempts:
                 saved_entry["na"] = attempts
             steps[key] = saved_entry
+            steps.update(alone)
         saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
         if self._generation:
             saved["g"] = self._generation
@@ -327,6 +329,7 @@ class RunState(Fanning, Attempts, Restoring):
             scope.nodes[step.id] = node
             frame.names[step.id] = node
             self._nodes[node.key] = node
+            self._saved_alone[node.key] = node
             scope.open += 1
             if isinstance(step, ConditionStep) or (
                 isinstance(step, ParallelStep) and step.for_each is None

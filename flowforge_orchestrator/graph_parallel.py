@@ -35,6 +35,7 @@ class Fanning:
         _nodes: dict[str, Node]
         _timers: dict[str, datetime]
         _packed: dict[str, Node]
+        _saved_alone: dict[str, Node]
         _context_bytes: int
         _queue: deque[tuple[str, Any]]
 
@@ -97,9 +98,10 @@ class Fanning:
         ]
         if len(template.steps) == 1 and isinstance(template.steps[0], TaskStep):
             self._packed[node.key] = node
-            for scope in node.children:
-                for element in scope.nodes.values():
-                    element.packed = True
+            node.elements = [next(iter(scope.nodes.values())) for scope in node.children]
+            for element in node.elements:
+                element.packed = True
+                del self._saved_alone[element.key]
 
     def _branch_finished(self, node: Node, scope: Scope, now: datetime) -> None:
         if node.status is not StepStatus.RUNNING or node.join is None:
@@ -153,11 +155,12 @@ class Fanning:
             scope = stack.pop()
             for inner in scope.nodes.values():
                 self._nodes.pop(inner.key, None)
+                self._saved_alone.pop(inner.key, None)
                 self._timers.pop(inner.key, None)
                 if inner.status is StepStatus.SUCCEEDED:
                     self._context_bytes -= json_size(inner.output)
                 stack.extend(inner.children)
-        node.children, node.items = [], None
+        node.children, node.items, node.elements = [], None, []
         self._packed.pop(node.key, None)
 
 
