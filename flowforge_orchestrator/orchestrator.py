@@ -20,7 +20,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -294,7 +294,7 @@ class Orchestrator(Upkeep):
                 continue
             owned.epoch = row.epoch + 1
             owned.new_traceparent = None
-            self._after_commit(row.id, owned, written[row.id])
+            self._after_commit(row.id, owned, written[row.id], results.get(row.id, {}))
             if row.status == RunStatus.RUNNING:  # results may have arrived while unowned
                 self._notified.update(owned.state.outstanding())
                 self._wake_results.set()
@@ -532,15 +532,24 @@ class Orchestrator(Upkeep):
             else:
                 self._drop(changes.run_id, "lost ownership (epoch moved on)")
 
-    def _after_commit(self, run_id: UUID, owned: Owned, changes: RunChanges) -> None:
-        """What may only happen once the transitions are durable: enqueue, abort, forget."""
+    def _after_commit(
+        self,
+        run_id: UUID,
+        owned: Owned,
+        changes: RunChanges,
+        answered: Collection[UUID] = (),
+    ) -> None:
+        """What may only happen once the transitions are durable: enqueue, abort, forget.
+        `answered`: attempts of an adopted run whose result is stored already; they are
+        applied by the results loop, not sent to a worker a second time."""
         for finished in changes.attempts_finished:
             self._attempts.pop(finished.attempt_id, None)
             owned.attempts.pop(finished.attempt_id, None)
         for dispatch in changes.dispatches:
             self._attempts[dispatch.attempt_id] = run_id
             owned.attempts[dispatch.attempt_id] = (dispatch, time.monotonic())
-            self._undelivered.append((dispatch, owned.traceparent))
+            if dispatch.attempt_id not in answered:
+                self._undelivered.append((dispatch, owned.traceparent))
         if changes.aborts:
             self._in_background(self._abort(changes.aborts))
         if changes.probes:

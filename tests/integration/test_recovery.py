@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
+from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import run_worker
 from tests.helpers import wait_for
-from tests.integration.conftest import Engine, Steps
+from tests.integration.conftest import Engine, Steps, start_engine
 
 LATE = """
 name: late
@@ -137,3 +139,52 @@ async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
             await asyncio.gather(*tasks, return_exceptions=True)
     finally:
         own_pg.stop()
+
+
+async def test_an_adopted_attempt_that_already_has_a_result_is_not_sent_again(
+    settings: Settings, steps: Steps
+) -> None:
+    """A worker finished the attempt while no orchestrator ran, and Redis no longer knows
+    the job (its result key expired, or Redis lost it): the adopting orchestrator applies
+    the stored result instead of having the step run a second time."""
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(
+            "name: done_offline\nversion: 1\nsteps:\n  - {id: a, type: echo, with: {n: 1}}\n"
+            "  - {id: b, type: echo, depends_on: [a], with: {n: 2}}\n"
+        )
+        run_id = await engine.submit("done_offline")
+        # As a dead orchestrator left it: running, "a" dispatched, the lease expired.
+        await conn.execute(
+            "UPDATE flowforge.runs SET status = 'running', owner = 'dead', epoch = 1,"
+            " lease_expires_at = now() - interval '1 minute', started_at = now(),"
+            " checkpoint = $2 WHERE id = $1",
+            run_id,
+            {"v": 2, "seq": 2, "steps": {"a": "d1"}},
+        )
+        now = datetime.now(UTC)
+        await store.insert_result(
+            conn,
+            attempt_id=attempt_id(run_id, "a", 1),
+            run_id=run_id,
+            step_id="a",
+            outcome="succeeded",
+            output={"n": 1, "from": "the offline worker"},
+            error=None,
+            worker="w-gone",
+            started_at=now,
+            finished_at=now,
+        )
+        stop, tasks = await start_engine(settings, {"echo": steps.echo})
+        try:
+            run = await engine.finished(run_id)
+        finally:
+            stop.set()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        assert run["status"] == "completed", run["error"]
+        assert steps.started == ["b"]  # "a" ran once, before the crash
+        assert run["output"] == {"b": {"n": 2}}
+    finally:
+        await conn.close()
