@@ -10,6 +10,7 @@ rarely. A lost message only costs the poll delay: the poll still runs.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -26,6 +27,17 @@ def wake_channel(queue: str) -> str:
 
 
 class WakeableWorker(Worker):
+    _last_abort_check = 0.0
+
+    async def _cancel_aborted_jobs(self) -> None:
+        """arq looks for aborted jobs at every poll; woken polls come many times a second
+        under load, so look at most once per poll delay (aborts are best effort anyway)."""
+        now = asyncio.get_running_loop().time()
+        if now - self._last_abort_check < self.poll_delay_s:
+            return
+        self._last_abort_check = now
+        await super()._cancel_aborted_jobs()
+
     async def main(self) -> None:
         """arq's `Worker.main`, with the wait between polls cut short by a wake message."""
         if self._pool is None:
