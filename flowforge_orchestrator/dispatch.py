@@ -20,7 +20,7 @@ from arq.constants import (
     job_key_prefix,
     result_key_prefix,
 )
-from arq.jobs import Job, JobStatus, serialize_job
+from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
 from flowforge_orchestrator.changes import Dispatch
@@ -168,16 +168,25 @@ class Dispatcher:
             args += [job_id, payload, now, self.redis.expires_extra_ms]
         return list(await self._script(keys=keys, args=args))
 
-    async def abort(self, attempt_id: UUID) -> None:
-        """Ask the worker running this attempt to cancel it (best effort)."""
-        # What `Job.abort` does, without waiting for the job's result: a worker with
+    async def abort(self, *attempt_ids: UUID) -> None:
+        """Ask the workers running these attempts to cancel them (best effort)."""
+        # What `Job.abort` does, without waiting for the jobs' results: a worker with
         # allow_abort_jobs cancels the task when it sees the id in this set.
-        await self.redis.zadd(abort_jobs_ss, {str(attempt_id): timestamp_ms()})
+        now = timestamp_ms()
+        await self.redis.zadd(abort_jobs_ss, {str(a): now for a in attempt_ids})
 
-    async def waiting(self, attempt_id: UUID, step_type: str) -> bool:
-        """Whether the attempt's job is still in its queue, taken by no worker yet."""
-        job = Job(str(attempt_id), self.redis, _queue_name=queue_name(step_type))
-        return await job.status() in (JobStatus.queued, JobStatus.deferred)
+    async def waiting(self, attempts: Sequence[tuple[UUID, str]]) -> list[bool]:
+        """For each (attempt, step type): whether its job is still in its queue, taken by
+        no worker yet (arq's `Job.status` queued or deferred, for all in one round trip)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for attempt, step_type in attempts:
+                pipe.exists(result_key_prefix + str(attempt), in_progress_key_prefix + str(attempt))
+                pipe.zscore(queue_name(step_type), str(attempt))
+            found = await pipe.execute()
+        return [
+            not taken and score is not None
+            for taken, score in zip(found[0::2], found[1::2], strict=True)
+        ]
 
     async def missing(self, attempt_ids: Sequence[UUID]) -> list[UUID]:
         """The attempts of which Redis knows nothing: no job, none in progress, no result."""

@@ -10,60 +10,26 @@ jitter comes from the attempt id, so a replay waits the same.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.changes import (
     AttemptStarted,
     Dispatch,
-    Limits,
-    RunChanges,
     json_size,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
+from flowforge_orchestrator.graph_base import GraphParts
 from flowforge_orchestrator.nodes import Node, attempt_id
 from flowforge_orchestrator.plan import SECRET_ROOTS
 from flowforge_orchestrator.retry import decide
 from flowforge_orchestrator.state import StepStatus
 
-if TYPE_CHECKING:
-    from flowforge_orchestrator.plan import CompiledWorkflow
-
 __all__ = ["Attempts", "expression_error", "iso"]
 
 
-class Attempts:
-    """The attempts half of RunState; the attributes below are RunState's."""
-
-    if TYPE_CHECKING:
-        run_id: UUID
-        workflow: CompiledWorkflow
-        limits: Limits
-        _generation: int
-        _timers: dict[str, datetime]
-        _nodes: dict[str, Node]
-
-        def _pending(self) -> RunChanges: ...
-        def _context(self, node: Node | None) -> dict[str, Any]: ...
-        def _drain(self, now: datetime) -> None: ...
-        def fail_run(self, error: dict[str, Any], now: datetime) -> None: ...
-        def _to(
-            self,
-            node: Node,
-            target: StepStatus,
-            at: datetime,
-            event: str,
-            *,
-            data: dict[str, Any] | None = None,
-        ) -> None: ...
-        def _fail(
-            self,
-            node: Node,
-            error: dict[str, Any],
-            now: datetime,
-            *,
-            status: StepStatus = StepStatus.FAILED,
-        ) -> None: ...
+class Attempts(GraphParts):
+    """The attempts half of RunState (what it uses of RunState: graph_base)."""
 
     def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
         node.attempt += 1

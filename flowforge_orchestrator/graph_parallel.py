@@ -8,59 +8,23 @@ frame (`item`, `index`); once it finishes they leave memory and the checkpoint.
 
 from __future__ import annotations
 
-from collections import deque
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flowforge_orchestrator.changes import json_size
 from flowforge_orchestrator.definitions import ParallelStep, TaskStep
 from flowforge_orchestrator.errors import StepError
 from flowforge_orchestrator.expressions import to_json_value
+from flowforge_orchestrator.graph_base import GraphParts
 from flowforge_orchestrator.joins import JoinState, JoinVerdict, needed
 from flowforge_orchestrator.nodes import Frame, Node, Scope, kind_of, list_output
-from flowforge_orchestrator.plan import ListPlan
 from flowforge_orchestrator.state import StepStatus
-
-if TYPE_CHECKING:
-    from flowforge_orchestrator.plan import CompiledWorkflow
 
 __all__ = ["Fanning"]
 
 
-class Fanning:
-    """The parallel half of RunState; the attributes below are RunState's."""
-
-    if TYPE_CHECKING:
-        workflow: CompiledWorkflow
-        _nodes: dict[str, Node]
-        _timers: dict[str, datetime]
-        _packed: dict[str, Node]
-        _saved_alone: dict[str, Node]
-        _context_bytes: int
-        _queue: deque[tuple[str, Any]]
-
-        def _evaluate(self, node: Node, field: str) -> Any: ...
-        def _new_scope(self, plan: ListPlan, frame: Frame, owner: Node | None) -> Scope: ...
-        def _start_scope(self, scope: Scope, now: datetime) -> None: ...
-        def _cancel_children(self, node: Node, now: datetime) -> None: ...
-        def _succeed(self, node: Node, output: Any, now: datetime) -> None: ...
-        def _fail(
-            self,
-            node: Node,
-            error: dict[str, Any],
-            now: datetime,
-            *,
-            status: StepStatus = StepStatus.FAILED,
-        ) -> None: ...
-        def _to(
-            self,
-            node: Node,
-            target: StepStatus,
-            at: datetime,
-            event: str,
-            *,
-            data: dict[str, Any] | None = None,
-        ) -> None: ...
+class Fanning(GraphParts):
+    """The parallel half of RunState (what it uses of RunState: graph_base)."""
 
     def _start_parallel(self, node: Node, step: ParallelStep, now: datetime) -> None:
         if step.for_each is not None:

@@ -11,42 +11,25 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.changes import StepResult, json_size
 from flowforge_orchestrator.definitions import ConditionStep, ParallelStep
 from flowforge_orchestrator.errors import ExpressionError, StepError
 from flowforge_orchestrator.expressions import to_json_value
+from flowforge_orchestrator.graph_base import GraphParts
 from flowforge_orchestrator.joins import JoinState, needed
 from flowforge_orchestrator.nodes import FAILED, Node, Saved, Scope, attempt_id, decode, unpack
 from flowforge_orchestrator.state import RunStatus, StepStatus
-
-if TYPE_CHECKING:
-    from flowforge_orchestrator.plan import CompiledWorkflow
 
 __all__ = ["RUN_TIMER", "Restoring"]
 
 RUN_TIMER = ""  # the run's own deadline, among the step timers (no step key is empty)
 
 
-class Restoring:
-    """The restoring half of RunState; the attributes below are RunState's."""
-
-    if TYPE_CHECKING:
-        run_id: UUID
-        status: RunStatus
-        workflow: CompiledWorkflow
-        _seq: int
-        _generation: int
-        _context_bytes: int
-        _timers: dict[str, datetime]
-        _nodes: dict[str, Node]
-        _root: Scope
-        _broken: list[tuple[Node, dict[str, Any]]]
-
-        def _evaluate(self, node: Node, field: str) -> Any: ...
-        def _expand(self, node: Node, items: list[Any]) -> None: ...
+class Restoring(GraphParts):
+    """The restoring half of RunState (what it uses of RunState: graph_base)."""
 
     def _restore(self, checkpoint: Mapping[str, Any], results: Mapping[UUID, StepResult]) -> None:
         self._seq = int(checkpoint.get("seq", 0))

@@ -137,32 +137,30 @@ class Upkeep:
 
     async def _probe(self, run_id: UUID, probes: list[tuple[str, UUID, str]]) -> None:
         """schedule_to_start passed: time out the attempts no worker has taken."""
-        for key, attempt, step_type in probes:
-            try:
-                waiting = await self.dispatcher.waiting(attempt, step_type)
-            except Exception as exc:  # Redis away: the deadline still ends the attempt
-                log.warning("could not check attempt %s in Redis: %s", attempt, exc)
-                continue
-            owned = self.runs.get(run_id)
-            if not waiting or owned is None:
-                continue
-            try:
-                if owned.state.not_picked_up(key, attempt, self.clock()):
+        try:
+            waiting = await self.dispatcher.waiting([(a, t) for _, a, t in probes])
+        except Exception as exc:  # Redis away: the deadline still ends the attempts
+            log.warning("could not check %d attempt(s) in Redis: %s", len(probes), exc)
+            return
+        owned = self.runs.get(run_id)
+        if owned is None:
+            return
+        now = self.clock()
+        try:
+            for (key, attempt, _), untaken in zip(probes, waiting, strict=True):
+                if untaken and owned.state.not_picked_up(key, attempt, now):
                     self._dirty.add(run_id)
                     self._wake_commit.set()
-            except Exception:  # a bug must not take the daemon down with it
-                log.exception(
-                    "run %s: timing out attempt %s failed",
-                    run_id,
-                    attempt,
-                    extra={"run_id": str(run_id)},
-                )
-                self._drop(run_id, "internal error while timing out an attempt", give_back=True)
+        except Exception:  # a bug must not take the daemon down with it
+            log.exception(
+                "run %s: timing out attempts failed", run_id, extra={"run_id": str(run_id)}
+            )
+            self._drop(run_id, "internal error while timing out an attempt", give_back=True)
 
     async def _abort(self, attempts: list[UUID]) -> None:
         """Ask workers to stop cancelled attempts; best effort, their results are ignored."""
         try:
-            await asyncio.gather(*(self.dispatcher.abort(a) for a in attempts))
+            await self.dispatcher.abort(*attempts)
         except Exception as exc:
             log.warning("could not abort %d attempt(s): %s", len(attempts), exc)
 

@@ -206,12 +206,6 @@ SELECT {RESULT_COLUMNS} FROM flowforge.step_results WHERE run_id = ANY($1::uuid[
 """
 
 # Written by workers: the trigger NOTIFYs in the same transaction.
-INSERT_RESULT = f"""
-INSERT INTO flowforge.step_results ({RESULT_COLUMNS})
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-ON CONFLICT (attempt_id) DO NOTHING
-"""
-
 REGISTER_STEP_TYPES = """
 INSERT INTO flowforge.step_types (name, worker, last_seen)
 SELECT unnest($1::text[]), $2, now()

@@ -398,11 +398,11 @@ ResultRow = tuple[UUID, UUID, str, str, Any, Any, str, datetime, datetime]
 """attempt id, run id, step id, outcome, output, error, worker, started at, finished at"""
 
 
-async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) -> None:
+async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) -> int:
     """Many results in one statement (a duplicate attempt id is skipped); each row's
-    trigger NOTIFYs its attempt id when the transaction commits."""
+    trigger NOTIFYs its attempt id when the transaction commits. Returns the rows new."""
     columns = list(zip(*rows, strict=True))
-    await conn.execute(
+    status = await conn.execute(
         q.INSERT_RESULTS,
         list(columns[0]),
         list(columns[1]),
@@ -414,6 +414,7 @@ async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) ->
         list(columns[7]),
         list(columns[8]),
     )
+    return int(status.rsplit(" ", 1)[-1])
 
 
 async def insert_result(
@@ -429,20 +430,9 @@ async def insert_result(
     started_at: datetime,
     finished_at: datetime,
 ) -> bool:
-    """A worker's report; False if this attempt already had one (a duplicate delivery)."""
-    status = await conn.execute(
-        q.INSERT_RESULT,
-        attempt_id,
-        run_id,
-        step_id,
-        outcome,
-        output,
-        error,
-        worker,
-        started_at,
-        finished_at,
-    )
-    return bool(status.endswith(" 1"))
+    """One result; False if this attempt already had one (a duplicate delivery)."""
+    row = (attempt_id, run_id, step_id, outcome, output, error, worker, started_at, finished_at)
+    return await insert_results(conn, [row]) == 1
 
 
 async def register_step_types(conn: asyncpg.Connection, types: Sequence[str], worker: str) -> None:

@@ -52,7 +52,7 @@ async def test_a_batch_is_enqueued_once_and_arq_reads_it_as_its_own(redis_url: s
         assert info is not None
         assert info.function == "flowforge_step"
         assert list(info.args) == [job_payload(first, "00-tp")]
-        assert await dispatcher.waiting(second.attempt_id, "sms")
+        assert await dispatcher.waiting([(second.attempt_id, "sms")]) == [True]
 
         await dispatcher.abort(first.attempt_id)
         assert await dispatcher.redis.zscore(abort_jobs_ss, str(first.attempt_id)) is not None
