@@ -79,8 +79,10 @@ def build_context(
     item: Any = _UNSET,
     index: int | None = None,
 ) -> dict[str, Any]:
-    """The evaluation context; pass `item`/`index` when evaluating inside a for_each step."""
-    context: dict[str, Any] = {"input": input, "steps": dict(steps), "run": dict(run)}
+    """The evaluation context; pass `item`/`index` when evaluating inside a for_each step.
+    `steps` is kept as given (the graph passes a lazy view: an expression reads only the
+    steps it names)."""
+    context: dict[str, Any] = {"input": input, "steps": steps, "run": run}
     if item is not _UNSET:
         context["item"] = item
         context["index"] = index

@@ -38,7 +38,7 @@ from flowforge_orchestrator.definitions import (
     TransformStep,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.expressions import Expression
+from flowforge_orchestrator.expressions import Expression, build_context
 from flowforge_orchestrator.graph_attempts import Attempts, expression_error, iso
 from flowforge_orchestrator.graph_parallel import Fanning
 from flowforge_orchestrator.graph_restore import RUN_TIMER, Restoring
@@ -565,15 +565,16 @@ class RunState(Fanning, Attempts, Restoring):
 
     def _context(self, node: Node | None) -> dict[str, Any]:
         frame = node.scope.frame if node is not None else self._root.frame
-        context: dict[str, Any] = {
-            "input": self.input,
-            "steps": StepsView(frame),
-            "run": self._run_info,
-        }
         element = frame.item_frame()
-        if element is not None:
-            context["item"], context["index"] = element.item, element.index
-        return context
+        if element is None:
+            return build_context(self.input, StepsView(frame), self._run_info)
+        return build_context(
+            self.input,
+            StepsView(frame),
+            self._run_info,
+            item=element.item,
+            index=element.index,
+        )
 
     def _evaluate(self, node: Node, field: str) -> Any:
         return self.workflow.expression(node.step.id, field).evaluate(self._context(node))
