@@ -359,15 +359,22 @@ async def run_worker(
     unknown = [t for t in served if t not in types]
     if unknown:
         raise ConfigError(f"no step function for type(s): {', '.join(unknown)}")
-    pool = await store.create_pool(
-        settings.database_url, size=max(2, settings.worker_max_jobs // 2)
+    # A worker (re)started while PostgreSQL restarts waits for it, as the orchestrator does,
+    # rather than exiting and leaving its restart to the supervisor's backoff.
+    dsn, size = settings.database_url, max(2, settings.worker_max_jobs // 2)
+    pool = await store.retrying(
+        lambda: store.create_pool(dsn, size=size), what="connecting to PostgreSQL", attempts=30
     )
     measures = measures or metrics.WorkerMetrics(metrics.new_registry())
     measures.serves(served)
     runtime = WorkerRuntime(settings, pool, types, secrets, measures)
     try:
-        async with pool.acquire() as conn:
-            await store.register_step_types(conn, served, settings.node_id)
+
+        async def register() -> None:
+            async with pool.acquire() as conn:
+                await store.register_step_types(conn, served, settings.node_id)
+
+        await store.retrying(register, what="registering step types", attempts=30)
         workers = [
             WakeableWorker(
                 [func(_job, name=JOB_FUNCTION, max_tries=1)],
