@@ -17,7 +17,6 @@ from flowforge_orchestrator.state import RunStatus, StepStatus, check_run
 __all__ = [
     "CHECKPOINT_VERSION",
     "AttemptFinished",
-    "AttemptStarted",
     "Dispatch",
     "Event",
     "InlineResult",
@@ -72,15 +71,6 @@ class Dispatch:
 
 
 @dataclass(frozen=True)
-class AttemptStarted:
-    attempt_id: UUID
-    step_id: str
-    attempt: int
-    step_type: str
-    at: datetime
-
-
-@dataclass(frozen=True)
 class AttemptFinished:
     attempt_id: UUID
     status: StepStatus
@@ -122,7 +112,6 @@ class RunChanges:
     status: RunStatus
     checkpoint: dict[str, Any]
     events: list[Event] = field(default_factory=list)
-    attempts_started: list[AttemptStarted] = field(default_factory=list)
     attempts_finished: list[AttemptFinished] = field(default_factory=list)
     inline_results: list[InlineResult] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)

@@ -506,7 +506,7 @@ class RunState(Fanning, Attempts, Restoring):
             self._pending().attempts_finished.append(
                 AttemptFinished(node.attempt_id, status, now, error)
             )
-            if self._retry(node, error, now):
+            if self._retry(node, error, now, status):
                 return
         event = "step.timed_out" if status is StepStatus.TIMED_OUT else "step.failed"
         self._to(node, status, now, event, data={"error": error})

@@ -14,7 +14,6 @@ from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.changes import (
-    AttemptStarted,
     Dispatch,
     json_size,
 )
@@ -47,11 +46,7 @@ class Attempts(GraphParts):
             "step.dispatched",
             data={"type": node.step.type, "attempt": node.attempt},
         )
-        changes = self._pending()
-        changes.attempts_started.append(
-            AttemptStarted(node.attempt_id, node.key, node.attempt, node.step.type, now)
-        )
-        changes.dispatches.append(dispatch)
+        self._pending().dispatches.append(dispatch)
 
     def _set_deadline(self, node: Node, dispatch: Dispatch, now: datetime) -> None:
         """The worker ends an attempt at its timeout, counted from when it starts; this
@@ -125,7 +120,9 @@ class Attempts(GraphParts):
         self._pending().aborts.append(node.attempt_id)
         self._fail(node, error, now, status=StepStatus.TIMED_OUT)
 
-    def _retry(self, node: Node, error: dict[str, Any], now: datetime) -> bool:
+    def _retry(self, node: Node, error: dict[str, Any], now: datetime, outcome: StepStatus) -> bool:
+        """`outcome`: how the attempt ended (failed or timed_out). The retrying event says
+        it, because that event is what ends the attempt in `step_attempts` (sql/0007)."""
         assert node.attempt_id is not None
         policy = self.workflow.definition.effective_retry(node.step)
         # The jitter comes from the attempt id: a replay after a crash waits the same.
@@ -134,7 +131,12 @@ class Attempts(GraphParts):
         if not decision.retry:
             return False
         at = now + timedelta(seconds=decision.delay)
-        data = {"error": error, "next_attempt": node.attempt + 1, "next_attempt_at": iso(at)}
+        data = {
+            "error": error,
+            "outcome": outcome.value,
+            "next_attempt": node.attempt + 1,
+            "next_attempt_at": iso(at),
+        }
         self._to(node, StepStatus.RETRYING, now, "step.retrying", data=data)
         self._set_timer(node, at)
         return True

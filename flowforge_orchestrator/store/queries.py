@@ -166,21 +166,6 @@ FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[]
          to_status)
 """
 
-INSERT_ATTEMPTS = """
-INSERT INTO flowforge.step_attempts (id, run_id, step_id, attempt, step_type, status,
-                                     dispatched_at)
-SELECT a.id, a.run_id, a.step_id, a.attempt, a.step_type, 'dispatched', a.at
-FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::integer[], $5::text[], $6::timestamptz[])
-    AS a(id, run_id, step_id, attempt, step_type, at)
-"""
-
-FINISH_ATTEMPTS = """
-UPDATE flowforge.step_attempts AS s
-SET status = f.status, finished_at = f.at, error = f.error::jsonb
-FROM unnest($1::uuid[], $2::text[], $3::timestamptz[], $4::text[]) AS f(id, status, at, error)
-WHERE s.id = f.id
-"""
-
 INSERT_RESULTS = """
 INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
                                     worker, started_at, finished_at)

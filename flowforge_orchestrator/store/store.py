@@ -295,7 +295,7 @@ async def write_changes(
     owned_ids = {row["id"] for row in owned}
     mine = [o for o in batch if o.changes.run_id in owned_ids]
     await _insert_events(conn, mine)
-    await _write_attempts(conn, [o.changes for o in mine])
+    await _insert_inline_results(conn, [o.changes for o in mine])
     return owned_ids
 
 
@@ -318,28 +318,10 @@ async def _insert_events(conn: asyncpg.Connection, batch: Sequence[OwnedChanges]
     )
 
 
-async def _write_attempts(conn: asyncpg.Connection, changes: Iterable[RunChanges]) -> None:
-    started = [(c.run_id, a) for c in changes for a in c.attempts_started]
-    finished = [a for c in changes for a in c.attempts_finished]
+async def _insert_inline_results(conn: asyncpg.Connection, changes: Iterable[RunChanges]) -> None:
+    """Outputs of the steps the orchestrator ran itself. Attempts need no write of their
+    own: `step_attempts` is a view over their outbox events (sql/0007)."""
     inline = [(c.run_id, r) for c in changes for r in c.inline_results]
-    if started:
-        await conn.execute(
-            q.INSERT_ATTEMPTS,
-            [a.attempt_id for _, a in started],
-            [run_id for run_id, _ in started],
-            [a.step_id for _, a in started],
-            [a.attempt for _, a in started],
-            [a.step_type for _, a in started],
-            [a.at for _, a in started],
-        )
-    if finished:
-        await conn.execute(
-            q.FINISH_ATTEMPTS,
-            [a.attempt_id for a in finished],
-            [a.status.value for a in finished],
-            [a.at for a in finished],
-            json_texts(a.error for a in finished),
-        )
     if inline:
         await insert_results(
             conn,

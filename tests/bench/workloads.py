@@ -206,7 +206,8 @@ async def latency(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]
     await _expect(cluster, "completed")
     rows = await cluster.conn.fetch(
         "SELECT r.run_id, r.step_id, r.started_at, r.finished_at, a.dispatched_at "
-        "FROM flowforge.step_results r JOIN flowforge.step_attempts a ON a.id = r.attempt_id "
+        "FROM flowforge.step_results r JOIN flowforge.step_attempts a "
+        "ON a.run_id = r.run_id AND a.id = r.attempt_id "
         "WHERE r.outcome = 'succeeded' ORDER BY r.run_id, r.step_id"
     )
     by_run: dict[Any, list[Any]] = defaultdict(list)

@@ -49,7 +49,7 @@ WORKER_REFUSED = [
     "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('x', 1, '{}')",
     "UPDATE flowforge.workflow_definitions SET spec = '{}'",
     "SELECT spec FROM flowforge.workflow_definitions",
-    "UPDATE flowforge.step_attempts SET status = 'succeeded'",
+    "SELECT * FROM flowforge.step_attempts",
     "INSERT INTO flowforge.transitions (run_id, seq, to_status, at)"
     " VALUES (gen_random_uuid(), 1, 'running', now())",
     "SELECT output FROM flowforge.step_results",
@@ -244,10 +244,14 @@ async def test_api_enqueues_reads_and_cancels_only(logins: Logins) -> None:
         await asyncio.wait_for(woken.wait(), 5)  # the statement trigger's NOTIFY
         run = await store.get_run(conn, first.id)
         assert run is not None and run["workflow_version"] == 1  # pinned by the trigger
+        # As if a concurrency limit held it back: the cancel must still un-block it.
+        await listener.execute("UPDATE flowforge.runs SET waiting = true WHERE id = $1", first.id)
         updated = await conn.execute(
             "UPDATE flowforge.runs SET cancel_requested = true WHERE id = $1", first.id
         )
         assert updated == "UPDATE 1"
+        query = "SELECT waiting FROM flowforge.runs WHERE id = $1"
+        assert await listener.fetchval(query, first.id) is False
         assert [d["name"] for d in await store.list_definitions(conn)] == ["roles-check"]
     finally:
         await conn.close()

@@ -33,7 +33,6 @@ TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TABLES = {
     "workflow_definitions",
     "runs",
-    "step_attempts",
     "step_results",
     "outbox",
     "step_types",
@@ -119,7 +118,8 @@ async def test_migrations_create_the_schema_on_an_empty_database(
             )
         }
         assert tables == TABLES
-        assert await c.fetchval("SELECT to_regclass('flowforge.outbox_cloudevents') IS NOT NULL")
+        for view in ("outbox_cloudevents", "transitions", "step_attempts"):
+            assert await c.fetchval(f"SELECT to_regclass('flowforge.{view}') IS NOT NULL")
         rows = await c.fetch(
             "SELECT version, name, checksum FROM flowforge.schema_migrations ORDER BY version"
         )

@@ -179,7 +179,8 @@ def test_start_emits_workflow_started_and_dispatches_every_root() -> None:
         assert (ev.from_status, ev.to_status) == ("pending", "dispatched")
         assert ev.data == {"step_id": ev.step_id, "attempt": 1, "type": "http"}
         assert (dispatch.run_id, dispatch.step_type, dispatch.attempt) == (RUN_ID, "http", 1)
-    assert [(a.attempt_id, a.step_id, a.attempt) for a in changes.attempts_started] == [
+    dispatched = [e for e in changes.events if e.type == "step.dispatched"]
+    assert [(e.attempt_id, e.step_id, e.data["attempt"]) for e in dispatched] == [
         (d["user"].attempt_id, "user", 1),
         (d["order"].attempt_id, "order", 1),
     ]
@@ -567,7 +568,7 @@ def test_transform_steps_run_inline_and_keep_types() -> None:
         ("u", "succeeded", 106, at(4)),
     ]
     assert all(r.attempt_id is not None for r in changes.inline_results)
-    assert changes.dispatches == [] and changes.attempts_started == []
+    assert changes.dispatches == []
     inline = [e for e in changes.events if e.step_id in ("t", "u")]
     assert [(e.type, e.from_status) for e in inline] == [
         ("step.succeeded", "pending"),
@@ -667,7 +668,7 @@ def test_a_template_that_fails_at_render_time_is_an_expression_error() -> None:
     assert "input.missing.x" in error["message"]
     assert "step 'a'" in error["message"]
     assert error["details"] == {"expression": "input.missing.x", "field": "with.url"}
-    assert changes.dispatches == [] and changes.attempts_started == []
+    assert changes.dispatches == []
     assert changes.status is RunStatus.FAILED
     assert changes.error == {**error, "step_id": "a"}
 
@@ -751,7 +752,6 @@ def test_a_checkpoint_and_stored_results_resume_the_run_where_it_was() -> None:
     resumed = drain(adopted)
 
     assert resumed.events == []  # nothing new happened: only the queue is fed again
-    assert resumed.attempts_started == []
     assert {d.step_id: d for d in resumed.dispatches} == outstanding  # same ids, same params
     assert resumed.checkpoint == checkpoint
     assert adopted.seq == seq
@@ -902,7 +902,7 @@ def test_rejected_run_is_a_single_workflow_failed_event() -> None:
     assert changes.finished_at == at(7)
     assert changes.checkpoint == {"v": 2, "seq": 1, "steps": {}}
     assert changes.dispatches == []
-    assert changes.attempts_started == []
+    assert not [e for e in changes.events if e.type == "step.dispatched"]
     assert changes.inline_results == []
 
     adopted = rejected_run(RUN_ID, RunStatus.RUNNING, 6, error, at(8))
