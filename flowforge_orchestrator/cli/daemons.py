@@ -72,8 +72,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.worker import load_step_types, run_worker
 
     console = settings.otel_console or args.otel_console
-    telemetry.setup_tracing(service_name="flowforge-orchestrator", console=console)
-    telemetry.instrument_asyncpg()
+    telemetry.configure(service_name="flowforge-orchestrator", console=console)
     local = not (settings.database_url and settings.redis_url)
     async with _services(settings) as live:
         if args.migrate or local:
@@ -108,8 +107,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "(`flowforge-orchestrator run` prints them when it starts private servers)"
         )
     console = settings.otel_console or args.otel_console
-    telemetry.setup_tracing(service_name="flowforge-worker", console=console)
-    telemetry.instrument_asyncpg()
+    telemetry.configure(service_name="flowforge-worker", console=console)
     types = load_step_types(args.types_module)
     await require_schema(settings.database_url)
     stop = asyncio.Event()

@@ -208,3 +208,27 @@ def test_otlp_exporter_when_endpoint_is_set_and_flushed_at_shutdown() -> None:
     path, content_type, length = _Collector.received[0]
     assert (path, content_type) == ("/v1/traces", "application/x-protobuf")
     assert length > 0
+
+
+_CONFIGURE = """
+import sys
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
+from flowforge_orchestrator import telemetry
+telemetry.configure(service_name="daemon", console=sys.argv[1] == "console")
+print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
+"""
+
+
+@pytest.mark.parametrize(("console", "instrumented"), [(False, "False"), (True, "True")])
+def test_queries_are_traced_only_where_spans_are_recorded(console: bool, instrumented: str) -> None:
+    # Without an exporter every query would still build a span that nobody records.
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONFIGURE, "console" if console else "none"],
+        env=clean,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert proc.stdout.strip() == instrumented
