@@ -505,7 +505,8 @@ class Orchestrator(Upkeep):
         ]
 
         async def write() -> set[UUID]:
-            async with self._owned_rows, store.transaction(self.pool) as conn:
+            # One statement, atomic on its own: no BEGIN/COMMIT round trips.
+            async with self._owned_rows, self.pool.acquire() as conn:
                 return await store.write_changes(
                     conn, self.node, self.settings.lease_seconds, writes
                 )

@@ -129,41 +129,58 @@ NOTIFY_RUNS = "SELECT pg_notify('flowforge_runs', '')"
 
 # The epoch is the fence: a row is written only if it still has the epoch this orchestrator
 # read when it claimed the run. A claim moves the epoch on (new_epoch = epoch + 1) and takes
-# the lease in the same statement.
-UPDATE_RUNS = """
-UPDATE flowforge.runs AS r SET
-    status = u.status,
-    checkpoint = u.checkpoint::jsonb,
-    output = u.output::jsonb,
-    error = u.error::jsonb,
-    epoch = u.new_epoch,
-    owner = $1,
-    lease_expires_at = CASE
-        WHEN u.status IN ('completed', 'failed', 'cancelled') THEN NULL
-        WHEN u.claimed THEN now() + make_interval(secs => $2)
-        ELSE r.lease_expires_at END,
-    traceparent = coalesce(u.traceparent, r.traceparent),
-    started_at = coalesce(r.started_at, u.started_at),
-    finished_at = u.finished_at,
-    updated_at = now()
-FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[], $8::text[],
-            $9::text[], $10::text[], $11::timestamptz[], $12::text[], $13::timestamptz[])
-    AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
-         traceparent, started_at)
-WHERE r.id = u.id AND r.epoch = u.epoch
-RETURNING r.id
-"""
-
-# One row per transition: the history and the relay's outbox at once (sql/0006).
-INSERT_EVENTS = """
-INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent, step_id, attempt_id,
-                              from_status, to_status)
-SELECT run_id, seq, type, time, data::jsonb, traceparent, step_id, attempt_id, from_status,
-       to_status
-FROM unnest($1::uuid[], $2::integer[], $3::text[], $4::timestamptz[], $5::text[], $6::text[],
-            $7::text[], $8::uuid[], $9::text[], $10::text[])
-    AS e(run_id, seq, type, time, data, traceparent, step_id, attempt_id, from_status,
-         to_status)
+# the lease in the same statement. One statement, so one round trip and atomic without a
+# transaction of its own: events and inline results are written only for the runs whose
+# update matched.
+WRITE_CHANGES = """
+WITH owned AS (
+    UPDATE flowforge.runs AS r SET
+        status = u.status,
+        checkpoint = u.checkpoint::jsonb,
+        output = u.output::jsonb,
+        error = u.error::jsonb,
+        epoch = u.new_epoch,
+        owner = $1,
+        lease_expires_at = CASE
+            WHEN u.status IN ('completed', 'failed', 'cancelled') THEN NULL
+            WHEN u.claimed THEN now() + make_interval(secs => $2)
+            ELSE r.lease_expires_at END,
+        traceparent = coalesce(u.traceparent, r.traceparent),
+        started_at = coalesce(r.started_at, u.started_at),
+        finished_at = u.finished_at,
+        updated_at = now()
+    FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[],
+                $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
+                $13::timestamptz[])
+        AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
+             traceparent, started_at)
+    WHERE r.id = u.id AND r.epoch = u.epoch
+    RETURNING r.id
+),
+-- One row per transition: the history and the relay's outbox at once (sql/0006).
+events AS (
+    INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent, step_id,
+                                  attempt_id, from_status, to_status)
+    SELECT run_id, seq, type, time, data::jsonb, traceparent, step_id, attempt_id,
+           from_status, to_status
+    FROM unnest($14::uuid[], $15::integer[], $16::text[], $17::timestamptz[], $18::text[],
+                $19::text[], $20::text[], $21::uuid[], $22::text[], $23::text[])
+        AS e(run_id, seq, type, time, data, traceparent, step_id, attempt_id, from_status,
+             to_status)
+    WHERE run_id IN (SELECT id FROM owned)
+),
+-- Outputs of the steps the orchestrator ran itself, stored like a worker's result.
+inline AS (
+    INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
+                                        worker, started_at, finished_at)
+    SELECT a, r, s, o, output::jsonb, error::jsonb, 'orchestrator', at, at
+    FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::text[], $28::text[],
+                $29::text[], $30::timestamptz[])
+        AS x(a, r, s, o, output, error, at)
+    WHERE r IN (SELECT id FROM owned)
+    ON CONFLICT (attempt_id) DO NOTHING
+)
+SELECT id FROM owned
 """
 
 INSERT_RESULTS = """

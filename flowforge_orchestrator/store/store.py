@@ -7,7 +7,7 @@ Functions take a connection, not a pool, so a caller composes them into one tran
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -267,79 +267,51 @@ async def redrive_run(conn: asyncpg.Connection, run_id: UUID, checkpoint: dict[s
 async def write_changes(
     conn: asyncpg.Connection, owner: str, lease_seconds: float, batch: Sequence[OwnedChanges]
 ) -> set[UUID]:
-    """Write many runs' changes in the caller's transaction; returns the runs still ours.
+    """Write many runs' changes in one statement; returns the runs still ours.
 
-    The run rows are updated first under the epoch fence; history, outbox, attempts and
-    inline results are written only for the runs whose update matched.
+    The run rows are updated under the epoch fence; events and inline results are written
+    only for the runs whose update matched. Atomic on its own (no BEGIN/COMMIT round trips),
+    or part of the caller's transaction. Attempts need no write of their own:
+    `step_attempts` is a view over their outbox events (sql/0007).
     """
     if not batch:
         return set()
-    owned = set(
-        await conn.fetch(
-            q.UPDATE_RUNS,
-            owner,
-            lease_seconds,
-            [o.changes.run_id for o in batch],
-            [o.epoch for o in batch],
-            [o.new_epoch for o in batch],
-            [o.claimed for o in batch],
-            [o.changes.status.value for o in batch],
-            json_texts(o.changes.checkpoint for o in batch),
-            json_texts(o.changes.output for o in batch),
-            json_texts(o.changes.error for o in batch),
-            [o.changes.finished_at for o in batch],
-            [o.traceparent for o in batch],
-            [o.changes.started_at for o in batch],
-        )
+    events = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
+    inline = [(o.changes.run_id, r) for o in batch for r in o.changes.inline_results]
+    rows = await conn.fetch(
+        q.WRITE_CHANGES,
+        owner,
+        lease_seconds,
+        [o.changes.run_id for o in batch],
+        [o.epoch for o in batch],
+        [o.new_epoch for o in batch],
+        [o.claimed for o in batch],
+        [o.changes.status.value for o in batch],
+        json_texts(o.changes.checkpoint for o in batch),
+        json_texts(o.changes.output for o in batch),
+        json_texts(o.changes.error for o in batch),
+        [o.changes.finished_at for o in batch],
+        [o.traceparent for o in batch],
+        [o.changes.started_at for o in batch],
+        [run_id for run_id, _, _ in events],
+        [e.seq for _, _, e in events],
+        [e.type for _, _, e in events],
+        [e.at for _, _, e in events],
+        json_texts(e.data for _, _, e in events),
+        [tp for _, tp, _ in events],
+        [e.step_id for _, _, e in events],
+        [e.attempt_id for _, _, e in events],
+        [e.from_status for _, _, e in events],
+        [e.to_status for _, _, e in events],
+        [r.attempt_id for _, r in inline],
+        [run_id for run_id, _ in inline],
+        [r.step_id for _, r in inline],
+        [r.outcome for _, r in inline],
+        json_texts(r.output for _, r in inline),
+        json_texts(r.error for _, r in inline),
+        [r.at for _, r in inline],
     )
-    owned_ids = {row["id"] for row in owned}
-    mine = [o for o in batch if o.changes.run_id in owned_ids]
-    await _insert_events(conn, mine)
-    await _insert_inline_results(conn, [o.changes for o in mine])
-    return owned_ids
-
-
-async def _insert_events(conn: asyncpg.Connection, batch: Sequence[OwnedChanges]) -> None:
-    rows = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
-    if not rows:
-        return
-    await conn.execute(
-        q.INSERT_EVENTS,
-        [run_id for run_id, _, _ in rows],
-        [e.seq for _, _, e in rows],
-        [e.type for _, _, e in rows],
-        [e.at for _, _, e in rows],
-        json_texts(e.data for _, _, e in rows),
-        [tp for _, tp, _ in rows],
-        [e.step_id for _, _, e in rows],
-        [e.attempt_id for _, _, e in rows],
-        [e.from_status for _, _, e in rows],
-        [e.to_status for _, _, e in rows],
-    )
-
-
-async def _insert_inline_results(conn: asyncpg.Connection, changes: Iterable[RunChanges]) -> None:
-    """Outputs of the steps the orchestrator ran itself. Attempts need no write of their
-    own: `step_attempts` is a view over their outbox events (sql/0007)."""
-    inline = [(c.run_id, r) for c in changes for r in c.inline_results]
-    if inline:
-        await insert_results(
-            conn,
-            [
-                (
-                    r.attempt_id,
-                    run_id,
-                    r.step_id,
-                    r.outcome,
-                    r.output,
-                    r.error,
-                    "orchestrator",
-                    r.at,
-                    r.at,
-                )
-                for run_id, r in inline
-            ],
-        )
+    return {row["id"] for row in rows}
 
 
 # -- results -------------------------------------------------------------------------------

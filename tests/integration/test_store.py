@@ -525,6 +525,25 @@ async def test_a_duplicate_event_sequence_is_rejected(conn: asyncpg.Connection) 
     assert await _count(conn, "outbox", run_id) == 2
 
 
+async def test_a_group_commit_is_one_statement_all_or_nothing(conn: asyncpg.Connection) -> None:
+    # No BEGIN/COMMIT of its own (one round trip): a refused event must still undo the
+    # run row's update made by the same call.
+    [run_id] = await _pending_runs(conn, 1)
+    _, changes = _start(run_id)
+    await store.write_changes(conn, "orch-a", 30, [OwnedChanges(changes, 0, 1, True)])
+    assert await _count(conn, "outbox", run_id) == 2
+    replay = RunChanges(
+        run_id=run_id,
+        status=RunStatus.FAILED,
+        checkpoint={"v": 2, "seq": 2, "steps": {}},
+        events=changes.events,  # seq 1 and 2 again: refused
+    )
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await store.write_changes(conn, "orch-a", 30, [OwnedChanges(replay, 1, 1)])
+    row = await store.get_run(conn, run_id)
+    assert row is not None and row["status"] == "running"
+
+
 async def test_the_outbox_view_renders_cloudevents(conn: asyncpg.Connection) -> None:
     [run_id] = await _pending_runs(conn, 1)
     _, changes = _start(run_id)
@@ -710,3 +729,19 @@ async def test_a_result_is_stored_once_per_attempt(conn: asyncpg.Connection) -> 
     assert (result.outcome, result.output, result.worker) == ("succeeded", {"n": 1}, "w-1")
     assert (result.started_at, result.finished_at) == (T0, T0 + timedelta(seconds=1))
     assert await store.fetch_run_results(conn, [run_id]) == {run_id: {attempt_id: result}}
+
+
+async def test_a_pooled_connection_comes_back_without_the_transaction_left_open(
+    db_url: str,
+) -> None:
+    # Releases skip asyncpg's reset query; an open transaction must still be rolled back.
+    pool = await store.create_pool(db_url, size=1)
+    try:
+        async with pool.acquire() as conn:
+            await conn.execute("BEGIN")
+            await conn.execute("CREATE TEMP TABLE left_open (x int)")
+        async with pool.acquire() as conn:
+            assert not conn.is_in_transaction()
+            assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+    finally:
+        await pool.close()
