@@ -6,6 +6,10 @@ the attempts that finish together share one transaction, so the database commit 
 not the ceiling of the worker's throughput, and there are fewer write transactions than
 steps.
 
+A first result waits up to `COALESCE` for others, but only while the worker holds jobs
+whose results are not handed over yet: a result no one else can join (a quiet system, a
+chain of steps) is written at once, and a busy worker fills its batches.
+
 A batch the database refuses (a value JSONB cannot hold) is written row by row, so only
 the result at fault is refused; transient failures are retried forever, since a result is
 the only copy of finished work.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -28,7 +33,9 @@ __all__ = ["Result", "ResultWriter"]
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 500
-COALESCE = 0.002  # seconds a first result waits for others (a handoff costs ~7 ms)
+# Seconds a first result may wait for attempts still executing. Measured under the
+# throughput benchmark: 2 ms gave ~1.7 results per commit, 5 ms ... (BENCHMARKS.md).
+COALESCE = 0.005
 
 
 @dataclass
@@ -50,9 +57,15 @@ class ResultWriter:
     """`await write(result)` returns once the result is stored (or raises StoreError if the
     database refuses that result)."""
 
-    def __init__(self, pool: store.Pool, worker: str) -> None:
+    def __init__(
+        self, pool: store.Pool, worker: str, *, in_progress: Callable[[], int] = lambda: 0
+    ) -> None:
+        """`in_progress`: how many jobs the worker holds (taken, not finished), counting
+        those waiting in `write`; the others may still join a batch."""
         self.pool = pool
         self.worker = worker
+        self._in_progress = in_progress
+        self._handed = 0  # write() calls not returned yet
         self._queue: list[Result] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -62,7 +75,11 @@ class ResultWriter:
             self._task = asyncio.get_running_loop().create_task(self._run())
         self._queue.append(result)
         self._wake.set()
-        await asyncio.shield(result.done)
+        self._handed += 1
+        try:
+            await asyncio.shield(result.done)
+        finally:
+            self._handed -= 1
 
     async def close(self) -> None:
         if self._task is not None:
@@ -75,11 +92,7 @@ class ResultWriter:
     async def _run(self) -> None:
         while True:
             await self._wake.wait()
-            self._wake.clear()
-            if len(self._queue) < MAX_BATCH:
-                # Attempts that end within the next moment share this commit: what
-                # PostgreSQL's commit_delay does, paid only while results are arriving.
-                await asyncio.sleep(COALESCE)
+            await self._gather()
             while self._queue:
                 batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
                 try:
@@ -91,6 +104,22 @@ class ResultWriter:
                     log.exception("writing %d result(s) failed; trying again", len(batch))
                     self._queue[:0] = batch
                     await asyncio.sleep(1.0)
+
+    async def _gather(self) -> None:
+        """Let the attempts still executing join this commit, for at most COALESCE: what
+        PostgreSQL's commit_delay does, paid only when someone may come."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + COALESCE
+        while len(self._queue) < MAX_BATCH and self._in_progress() > self._handed:
+            self._wake.clear()
+            left = deadline - loop.time()
+            if left <= 0:
+                break
+            try:
+                await asyncio.wait_for(self._wake.wait(), left)
+            except TimeoutError:
+                break
+        self._wake.clear()
 
     async def _flush(self, batch: list[Result]) -> None:
         try:

@@ -22,6 +22,7 @@ from uuid import UUID
 import httpx
 from arq.worker import Worker, func
 from opentelemetry import trace
+from opentelemetry.context import Context
 from redis.exceptions import RedisError
 
 from flowforge_orchestrator import health, logs, metrics, store, telemetry
@@ -165,7 +166,13 @@ class WorkerRuntime:
         self.secrets = dict(secrets or {})
         self.http = httpx.AsyncClient(follow_redirects=False)
         self.node = settings.node_id
-        self.results = ResultWriter(pool, settings.node_id)
+        self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
+        self.results = ResultWriter(pool, settings.node_id, in_progress=self._in_progress)
+
+    def _in_progress(self) -> int:
+        """Jobs the arq workers took and have not finished: those whose results may join
+        a batch."""
+        return sum(not t.done() for w in self.queues for t in w.tasks.values())
 
     async def close(self) -> None:
         await self.results.close()
@@ -179,6 +186,29 @@ class WorkerRuntime:
         timeout = float(payload.get("timeout") or self.settings.step_timeout)
         started = _now()
         parent = telemetry.context_from_traceparent(payload.get("traceparent"))
+        outcome, output, error = await self._attempt(
+            payload, parent, run_id, step_id, attempt_id, timeout
+        )
+        await self._report(
+            attempt_id=attempt_id,
+            run_id=run_id,
+            step_id=step_id,
+            outcome=outcome,
+            output=output,
+            error=error,
+            started_at=started,
+        )
+        return outcome
+
+    async def _attempt(
+        self,
+        payload: Mapping[str, Any],
+        parent: Context,
+        run_id: UUID,
+        step_id: str,
+        attempt_id: UUID,
+        timeout: float,
+    ) -> tuple[str, Any, dict[str, Any] | None]:
         with telemetry.tracer().start_as_current_span(
             f"step {step_id}",
             context=parent,
@@ -203,16 +233,7 @@ class WorkerRuntime:
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
-        await self._report(
-            attempt_id=attempt_id,
-            run_id=run_id,
-            step_id=step_id,
-            outcome=outcome,
-            output=output,
-            error=error,
-            started_at=started,
-        )
-        return outcome
+        return outcome, output, error
 
     async def _run(
         self,
@@ -393,6 +414,7 @@ async def run_worker(
             )
             for t in served
         ]
+        runtime.queues = list(workers)
         stop = stop or asyncio.Event()
         tasks = [asyncio.create_task(_serve_queue(w)) for w in workers]
         checks = {

@@ -71,3 +71,39 @@ async def test_closing_fails_what_was_never_written(db_url: str) -> None:
     with pytest.raises(StoreError, match="stopped before writing"):
         await pending.done
     await pool.close()
+
+
+async def test_a_result_nobody_else_can_join_is_written_at_once(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window far longer than the test's deadline: only "nothing else is executing" can
+    # explain a prompt write.
+    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
+    pool = await store.create_pool(db_url, size=2)
+    writer = ResultWriter(pool, "w-1", in_progress=lambda: 1)  # its own job only
+    try:
+        await asyncio.wait_for(writer.write(result()), 10)
+    finally:
+        await writer.close()
+        await pool.close()
+
+
+async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_commit(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
+    pool = await store.create_pool(db_url, size=2)
+    jobs = [2]  # this result's job, and another one still executing
+    writer = ResultWriter(pool, "w-1", in_progress=lambda: jobs[0])
+    try:
+        first = asyncio.ensure_future(writer.write(result()))
+        async with pool.acquire() as conn:  # a round trip: the writer had its chance
+            assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 0
+        assert not first.done()  # the other attempt may still join
+        await asyncio.wait_for(asyncio.gather(first, writer.write(result())), 10)
+        async with pool.acquire() as conn:
+            commits = await conn.fetch("SELECT DISTINCT xmin::text FROM flowforge.step_results")
+        assert len(commits) == 1  # one transaction for both
+    finally:
+        await writer.close()
+        await pool.close()
