@@ -38,6 +38,26 @@ class WakeableWorker(Worker):
         self._last_abort_check = now
         await super()._cancel_aborted_jobs()
 
+    async def start_jobs(self, job_ids: list[bytes]) -> None:
+        """arq asks Redis (WATCH, EXISTS, ZSCORE) about every id its poll read, even a job
+        this worker is running: a job stays in the queue until it ends, so each woken poll
+        re-checked up to `max_jobs` of them. Those are skipped here without a round trip."""
+        running = self.tasks
+        await super().start_jobs(
+            [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
+        )
+
+    async def aclose(self) -> None:
+        """`Worker.close` without its deprecated redis `close()` call."""
+        for task in self.tasks.values():
+            task.cancel()
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        pool = self._pool
+        if pool is not None:
+            await pool.delete(self.health_check_key)
+            await pool.aclose(close_connection_pool=True)
+            self._pool = None
+
     async def main(self) -> None:
         """arq's `Worker.main`, with the wait between polls cut short by a wake message."""
         if self._pool is None:

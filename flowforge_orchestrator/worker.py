@@ -349,18 +349,6 @@ async def _serve_queue(worker: Worker) -> None:
             delay = min(delay * 2, 5.0)
 
 
-async def _close(worker: Worker) -> None:
-    """`Worker.close` without its deprecated redis `close()` call."""
-    for task in worker.tasks.values():
-        task.cancel()
-    await asyncio.gather(*worker.tasks.values(), return_exceptions=True)
-    pool = worker._pool
-    if pool is not None:
-        await pool.delete(worker.health_check_key)
-        await pool.aclose(close_connection_pool=True)
-        worker._pool = None
-
-
 async def run_worker(
     settings: Settings,
     types: Mapping[str, StepFunction],
@@ -444,7 +432,7 @@ async def run_worker(
             for task in tasks:  # the poll loops first, so nothing reopens a connection
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await asyncio.gather(*(_close(w) for w in workers), return_exceptions=True)
+            await asyncio.gather(*(w.aclose() for w in workers), return_exceptions=True)
             if served_http is not None:
                 await served_http.__aexit__(None, None, None)
     finally:

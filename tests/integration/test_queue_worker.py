@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
+
+import redis.asyncio
+from arq import create_pool
+from arq.worker import func
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.dispatch import redis_settings
+from flowforge_orchestrator.queue_worker import WakeableWorker, wake_channel
+from tests.helpers import wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -30,3 +38,58 @@ async def test_a_worker_with_a_long_poll_delay_still_starts_a_step_at_once(
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await conn.close()
+
+
+async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_runs(
+    redis_url: str,
+) -> None:
+    # arq checks every id its poll reads (WATCH, EXISTS, ZSCORE) even when it runs that
+    # job itself; a job stays in the queue until it ends, and wakes make polls frequent.
+    release = asyncio.Event()
+
+    async def hold(ctx: dict[str, Any]) -> None:
+        await release.wait()
+
+    worker = WakeableWorker(
+        [func(hold, name="hold")],
+        queue_name="test-hold",
+        redis_settings=redis_settings(redis_url),
+        handle_signals=False,
+        poll_delay=30,  # only wake messages make it poll
+    )
+    client = redis.asyncio.Redis.from_url(redis_url)
+    serving = asyncio.create_task(worker.main())
+    try:
+        await client.config_resetstat()
+        pool = await create_pool(redis_settings(redis_url), default_queue_name="test-hold")
+        await pool.enqueue_job("hold", _job_id="held")
+        await pool.aclose()
+
+        async def calls(command: str) -> int:
+            stats = await client.info("commandstats")
+            return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+        async def poll() -> None:
+            before = await calls("zrangebyscore")
+            await client.publish(wake_channel("test-hold"), "1")
+            await wait_for(lambda: _more(calls("zrangebyscore"), before), message="no poll")
+
+        await poll()
+        await wait_for(lambda: "held" in worker.tasks, message="the job never started")
+        watched = await calls("watch")
+        for _ in range(5):
+            await poll()
+        assert await calls("watch") == watched
+    finally:
+        release.set()
+        running = [t for t in worker.tasks.values() if not t.done()]
+        if running:
+            await asyncio.wait(running, timeout=10)
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+        await worker.aclose()
+        await client.aclose()
+
+
+async def _more(count: Any, before: int) -> bool:
+    return bool(await count > before)
