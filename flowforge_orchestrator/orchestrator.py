@@ -4,7 +4,7 @@ Its loops share one event loop and never block each other:
 
 * claim:   NOTIFY on `flowforge_runs` or the slow poll -> lock runs, build their graphs,
            write their first transitions and take the lease, all in one transaction;
-* results: NOTIFY on `flowforge_results` (payload: attempt id) or the slow poll -> fetch
+* results: NOTIFY on `flowforge_results` (payload: attempt ids) or the slow poll -> fetch
            those results, apply them to the in-memory graphs (stale ones are ignored);
 * commit:  whatever the graphs changed since the last commit goes out in ONE transaction
            (group commit); only after it commits are the new attempts enqueued on arq;
@@ -129,12 +129,17 @@ class Orchestrator(Upkeep):
         self._wake_claim.set()
 
     def _on_result_notify(self, payload: str) -> None:
-        try:
-            attempt_id = UUID(payload)
-        except ValueError:
-            return
-        if attempt_id in self._attempts:
-            self._notified.add(attempt_id)
+        """Payload: the attempt ids of one statement's results, comma-separated (sql/0009)."""
+        mine = False
+        for text in payload.split(","):
+            try:
+                attempt_id = UUID(text)
+            except ValueError:
+                continue
+            if attempt_id in self._attempts:
+                self._notified.add(attempt_id)
+                mine = True
+        if mine:
             self._wake_results.set()
 
     def _reconnected(self) -> None:

@@ -356,6 +356,29 @@ async def test_a_stored_result_notifies_its_attempt_id(
         await listener.close()
 
 
+async def test_results_stored_together_are_notified_together_in_bounded_payloads(
+    db_url: str, conn: asyncpg.Connection
+) -> None:
+    # One notification per 200 results of a statement, not one each: a payload stays under
+    # PostgreSQL's 8000-byte limit, and the listener wakes once per batch.
+    listener = await store.connect(db_url)
+    try:
+        received = await _listen(listener, "flowforge_results")
+        run_id = uuid.uuid4()
+        rows = [
+            (uuid.uuid4(), run_id, f"s{i}", "succeeded", i, None, "w", T0, T0) for i in range(450)
+        ]
+        assert await store.insert_results(conn, rows) == 450
+        payloads = [await asyncio.wait_for(received.get(), 5) for _ in range(3)]
+        await conn.execute("SELECT pg_notify('flowforge_results', 'marker')")
+        assert await asyncio.wait_for(received.get(), 5) == "marker"  # and nothing else
+        assert all(len(p) < 8000 for p in payloads)
+        notified = [UUID(i) for p in payloads for i in p.split(",")]
+        assert sorted(notified) == sorted(r[0] for r in rows)
+    finally:
+        await listener.close()
+
+
 # -- claims and the fenced group commit ----------------------------------------------------
 
 
