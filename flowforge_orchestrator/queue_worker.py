@@ -6,6 +6,13 @@ long one). The dispatcher publishes on the queue's wake channel in the same scri
 enqueues (see `dispatch`), and this worker waits for that message or its poll delay,
 whichever comes first: a handoff costs one Redis round trip, and an idle worker polls
 rarely. A lost message only costs the poll delay: the poll still runs.
+
+It also claims the jobs a poll read in one script call (`_CLAIM`: for each id, the
+in-progress key is set unless it exists, and only for a job still due in the queue), where
+arq spends WATCH, EXISTS, ZSCORE and MULTI/EXEC round trips on each job in turn; the keys
+and their meaning are arq's own, so plain arq workers can share the queue. A worker at
+`max_jobs` that frees a slot wakes its own poll, since it no longer waits on a semaphore
+in the middle of one.
 """
 
 from __future__ import annotations
@@ -15,7 +22,10 @@ import logging
 from typing import Any
 
 from arq.connections import create_pool
+from arq.constants import in_progress_key_prefix
+from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.commands.core import AsyncScript
 
 __all__ = ["WakeableWorker", "wake_channel"]
 
@@ -26,8 +36,34 @@ def wake_channel(queue: str) -> str:
     return f"flowforge:wake:{queue}"
 
 
+# KEYS[1]: the queue. ARGV: in-progress key prefix, now (ms), in-progress ttl (ms), how many
+# to claim at most, then the job ids in queue order. Returns [id, score, id, score, ...].
+_CLAIM = """
+local queue, prefix = KEYS[1], ARGV[1]
+local now, ttl, wanted = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local claimed, count = {}, 0
+for i = 5, #ARGV do
+    if count >= wanted then break end
+    local id = ARGV[i]
+    local key = prefix .. id
+    if redis.call('EXISTS', key) == 0 then
+        local score = redis.call('ZSCORE', queue, id)
+        if score and tonumber(score) <= now then
+            redis.call('PSETEX', key, ttl, '1')
+            claimed[#claimed + 1] = id
+            claimed[#claimed + 1] = score
+            count = count + 1
+        end
+    end
+end
+return claimed
+"""
+
+
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
+    _waking = False  # a wake of our own poll is on its way
+    _claim: AsyncScript | None = None
 
     async def _cancel_aborted_jobs(self) -> None:
         """arq looks for aborted jobs at every poll; woken polls come many times a second
@@ -39,13 +75,44 @@ class WakeableWorker(Worker):
         await super()._cancel_aborted_jobs()
 
     async def start_jobs(self, job_ids: list[bytes]) -> None:
-        """arq asks Redis (WATCH, EXISTS, ZSCORE) about every id its poll read, even a job
-        this worker is running: a job stays in the queue until it ends, so each woken poll
-        re-checked up to `max_jobs` of them. Those are skipped here without a round trip."""
+        """Claim as many of `job_ids` as there are free slots, in one round trip, and run
+        them. Jobs this worker runs already (they stay in the queue until they end) are not
+        even sent."""
+        free = self.max_jobs - self.job_counter
         running = self.tasks
-        await super().start_jobs(
-            [j for j in job_ids if (t := running.get(j.decode())) is None or t.done()]
+        ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
+        if free <= 0 or not ids:
+            return
+        if self._claim is None:  # EVALSHA from then on; redis-py reloads it if Redis lost it
+            self._claim = self.pool.register_script(_CLAIM)
+        ttl = int(self.in_progress_timeout_s * 1000)
+        claimed = await self._claim(
+            keys=[self.queue_name],
+            args=[in_progress_key_prefix, timestamp_ms(), ttl, free, *ids],
         )
+        for job_id, score in zip(claimed[0::2], claimed[1::2], strict=True):
+            await self.sem.acquire()  # a permit per running job, as arq's own start takes
+            self.job_counter += 1
+            job = job_id.decode()
+            task = self.loop.create_task(self.run_job(job, int(float(score))))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job] = task
+
+    def _release_sem_dec_counter_on_complete(self) -> None:
+        full = self.job_counter >= self.max_jobs
+        super()._release_sem_dec_counter_on_complete()
+        if full and not self._waking and self._pool is not None:
+            # The poll that found us full will not come back before its delay: call it now.
+            self._waking = True
+            self.loop.create_task(self._wake_own_poll())
+
+    async def _wake_own_poll(self) -> None:
+        try:
+            await self.pool.publish(wake_channel(self.queue_name), "slot")
+        except Exception as exc:  # the poll delay still brings it round
+            log.debug("waking the poll of %s failed: %s", self.queue_name, exc)
+        finally:
+            self._waking = False
 
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call."""

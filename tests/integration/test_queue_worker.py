@@ -93,3 +93,79 @@ async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_ru
 
 async def _more(count: Any, before: int) -> bool:
     return bool(await count > before)
+
+
+def _worker(redis_url: str, functions: list[Any], **kw: Any) -> WakeableWorker:
+    options: dict[str, Any] = {"poll_delay": 30, "handle_signals": False}  # wakes only
+    return WakeableWorker(
+        functions,
+        queue_name="test-claims",
+        redis_settings=redis_settings(redis_url),
+        **{**options, **kw},
+    )
+
+
+async def _enqueue(redis_url: str, function: str, ids: list[str]) -> None:
+    pool = await create_pool(redis_settings(redis_url), default_queue_name="test-claims")
+    try:
+        for job_id in ids:
+            await pool.enqueue_job(function, job_id, _job_id=job_id)
+        await pool.publish(wake_channel("test-claims"), "1")
+    finally:
+        await pool.aclose()
+
+
+async def _stop(*workers: WakeableWorker, serving: list[asyncio.Task[None]]) -> None:
+    for task in serving:
+        task.cancel()
+    await asyncio.gather(*serving, return_exceptions=True)
+    for worker in workers:
+        await worker.aclose()
+
+
+async def test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one(
+    redis_url: str,
+) -> None:
+    ran: list[str] = []
+
+    async def quick(ctx: dict[str, Any], job_id: str) -> None:
+        ran.append(job_id)
+
+    client = redis.asyncio.Redis.from_url(redis_url)
+    ids = [f"job-{i}" for i in range(60)]
+    await _enqueue(redis_url, "quick", ids)  # before the workers: only theirs is counted
+    await client.config_resetstat()
+    workers = [_worker(redis_url, [func(quick, name="quick")]) for _ in range(2)]
+    serving = [asyncio.create_task(w.main()) for w in workers]
+    try:
+        await wait_for(lambda: len(ran) >= len(ids), message="not every job ran")
+        stats = await client.info("commandstats")
+        assert sorted(ran) == sorted(ids)  # each once, across both workers
+        assert "cmdstat_watch" not in stats  # arq's per-job WATCH/EXISTS/ZSCORE is gone
+    finally:
+        await _stop(*workers, serving=serving)
+        await client.aclose()
+
+
+async def test_a_full_worker_takes_the_next_job_when_a_slot_frees_not_at_its_next_poll(
+    redis_url: str,
+) -> None:
+    gates = {f"job-{i}": asyncio.Event() for i in range(3)}
+    started: list[str] = []
+
+    async def hold(ctx: dict[str, Any], job_id: str) -> None:
+        started.append(job_id)
+        await gates[job_id].wait()
+
+    worker = _worker(redis_url, [func(hold, name="hold")], max_jobs=2)
+    serving = [asyncio.create_task(worker.main())]
+    try:
+        await _enqueue(redis_url, "hold", list(gates))
+        await wait_for(lambda: len(started) == 2, message="the first two never started")
+        gates[started[0]].set()
+        # The poll delay is 30 s: only the freed slot can start the third one in time.
+        await wait_for(lambda: len(started) == 3, message="the third job waited for a poll")
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await _stop(worker, serving=serving)
