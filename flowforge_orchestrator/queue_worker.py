@@ -62,7 +62,7 @@ return claimed
 
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
-    _waking = False  # a wake of our own poll is on its way
+    _waking: asyncio.Task[None] | None = None  # a wake of our own poll on its way
     _claim: AsyncScript | None = None
 
     async def _cancel_aborted_jobs(self) -> None:
@@ -101,10 +101,10 @@ class WakeableWorker(Worker):
     def _release_sem_dec_counter_on_complete(self) -> None:
         full = self.job_counter >= self.max_jobs
         super()._release_sem_dec_counter_on_complete()
-        if full and not self._waking and self._pool is not None:
+        if full and self._waking is None and self._pool is not None:
             # The poll that found us full will not come back before its delay: call it now.
-            self._waking = True
-            self.loop.create_task(self._wake_own_poll())
+            # (Held in `_waking`: the loop keeps only a weak reference to a task.)
+            self._waking = self.loop.create_task(self._wake_own_poll())
 
     async def _wake_own_poll(self) -> None:
         try:
@@ -112,7 +112,7 @@ class WakeableWorker(Worker):
         except Exception as exc:  # the poll delay still brings it round
             log.debug("waking the poll of %s failed: %s", self.queue_name, exc)
         finally:
-            self._waking = False
+            self._waking = None
 
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call."""
