@@ -83,7 +83,8 @@ class WakeableWorker(Worker):
         ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
         if free <= 0 or not ids:
             return
-        if self._claim is None:  # EVALSHA from then on; redis-py reloads it if Redis lost it
+        if self._claim is None or self._claim.registered_client is not self.pool:
+            # EVALSHA from then on; redis-py loads the script again if Redis lost it.
             self._claim = self.pool.register_script(_CLAIM)
         ttl = int(self.in_progress_timeout_s * 1000)
         claimed = await self._claim(
