@@ -8,13 +8,13 @@ from flowforge_orchestrator.graph import RunState
 from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.state import RunStatus, StepStatus
 from tests.unit.test_graph import (
-    LIMITS,
     RUN_ID,
     Recorder,
     at,
     failed,
     http,
     kinds,
+    new_run,
     ok,
     workflow,
 )
@@ -23,10 +23,7 @@ RETRY = {"max_retries": 2, "initial_interval": "10s", "backoff_factor": 2, "jitt
 
 
 def start(*steps: dict[str, Any], **extra: Any) -> tuple[RunState, Recorder]:
-    run = RunState(
-        run_id=RUN_ID, workflow=workflow(*steps, **extra), version=3, input={}, limits=LIMITS
-    )
-    rec = Recorder()
+    run, rec = new_run(workflow(*steps, **extra)), Recorder()
     run.start(at(0))
     rec.drain(run)
     return run, rec
@@ -121,15 +118,7 @@ def test_schedule_to_start_asks_whether_a_worker_took_the_attempt() -> None:
 def test_a_run_timeout_fails_the_run_and_cancels_its_steps() -> None:
     run, rec = start(http("a"), timeout="1m")
     assert rec.checkpoint["deadline"] == "2024-05-01T12:01:00+00:00"
-    restored = RunState(
-        run_id=RUN_ID,
-        workflow=run.workflow,
-        version=3,
-        input={},
-        limits=LIMITS,
-        status=RunStatus.RUNNING,
-        checkpoint=rec.checkpoint,
-    )
+    restored = rec.restore(run)
     assert restored.next_timer() == at(60)  # the deadline survives a restart
     fire(run, rec, 60)
     assert rec.status is RunStatus.FAILED
@@ -172,16 +161,7 @@ def test_a_fan_out_packs_its_elements_and_restores_them_with_their_retries() -> 
     assert (saved["fe"]["i"], saved["fe"]["na"]) == ("Sdd", {"1": 2})
     assert "el[1]" not in saved
 
-    adopted = RunState(
-        run_id=RUN_ID,
-        workflow=run.workflow,
-        version=3,
-        input={},
-        limits=LIMITS,
-        status=RunStatus.RUNNING,
-        checkpoint=rec.checkpoint,
-        results=rec.results,
-    )
+    adopted = rec.restore(run)
     assert [adopted.step_status(f"el[{i}]") for i in range(3)] == [
         StepStatus.SUCCEEDED,
         StepStatus.DISPATCHED,

@@ -124,23 +124,9 @@ class Live:
         return found
 
 
-def restored(run: RunState, rec: Recorder) -> RunState:
-    """The run as another orchestrator builds it from its checkpoint and stored results."""
-    return RunState(
-        run_id=RUN_ID,
-        workflow=run.workflow,
-        version=3,
-        input=run.input,
-        limits=run.limits,
-        status=RunStatus.RUNNING,
-        checkpoint=rec.checkpoint,
-        results=dict(rec.results),
-    )
-
-
 def adopt(run: RunState, rec: Recorder, now: float) -> tuple[RunState, RunChanges]:
     """Another orchestrator takes the run over and resumes it."""
-    adopted = restored(run, rec)
+    adopted = rec.restore(run)
     adopted.resume(at(now))
     changes = rec.drain(adopted)
     assert changes is not None

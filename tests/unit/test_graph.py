@@ -134,6 +134,20 @@ class Recorder:
         self.drain(run)
         return applied
 
+    def restore(self, run: RunState, *, with_results: bool = True) -> RunState:
+        """`run` as another orchestrator rebuilds it from the last checkpoint and, unless
+        told otherwise, the stored results."""
+        return RunState(
+            run_id=run.run_id,
+            workflow=run.workflow,
+            version=run.version,
+            input=run.input,
+            limits=run.limits,
+            status=RunStatus.RUNNING,
+            checkpoint=self.checkpoint,
+            results=dict(self.results) if with_results else {},
+        )
+
 
 # -- start ---------------------------------------------------------------------------------
 
@@ -730,16 +744,7 @@ def test_a_checkpoint_and_stored_results_resume_the_run_where_it_was() -> None:
     checkpoint, seq = rec.checkpoint, run.seq
     assert checkpoint["seq"] == seq
 
-    adopted = RunState(
-        run_id=RUN_ID,
-        workflow=WF_DIAMOND,
-        version=3,
-        input={"k": 9},
-        limits=LIMITS,
-        status=RunStatus.RUNNING,
-        checkpoint=checkpoint,
-        results=dict(rec.results),
-    )
+    adopted = rec.restore(run)
     assert adopted.seq == seq
     assert {s: adopted.step_status(s) for s in "abcd"} | {"t": adopted.step_status("t")} == {
         "a": StepStatus.SUCCEEDED,
@@ -773,16 +778,7 @@ def test_resume_of_a_run_that_lost_nothing_dispatches_nothing() -> None:
     run, rec = new_run(workflow(http("a"), http("b", "a"))), Recorder()
     run.start(at(0))
     rec.drain(run)
-    adopted = RunState(
-        run_id=RUN_ID,
-        workflow=run.workflow,
-        version=3,
-        input={},
-        limits=LIMITS,
-        status=RunStatus.RUNNING,
-        checkpoint=rec.checkpoint,
-        results={},
-    )
+    adopted = rec.restore(run, with_results=False)
     adopted.resume(at(1))
     changes = adopted.take_changes()
     assert changes is not None
@@ -796,16 +792,7 @@ def test_restored_outputs_count_toward_the_context_limit() -> None:
     run.start(at(0))
     rec.drain(run)
     rec.apply(run, ok(rec.dispatches[0], "y" * 50), at(1))
-    adopted = RunState(
-        run_id=RUN_ID,
-        workflow=run.workflow,
-        version=3,
-        input={},
-        limits=limits,
-        status=RunStatus.RUNNING,
-        checkpoint=rec.checkpoint,
-        results=rec.results,
-    )
+    adopted = rec.restore(run)
     adopted.resume(at(2))
     b = drain(adopted).dispatches[0]
     adopted.apply_result(ok(b, "y" * 50), at(3))
@@ -842,16 +829,7 @@ def test_an_orchestrator_decided_failure_survives_adoption(cause: str) -> None:
             rec.apply(run, ok(d["big"], {"blob": "x" * 100}), at(1))
         assert run.step_status("big") is StepStatus.FAILED
         if adopt:
-            run = RunState(
-                run_id=RUN_ID,
-                workflow=wf,
-                version=3,
-                input={},
-                limits=limits,
-                status=RunStatus.RUNNING,
-                checkpoint=rec.checkpoint,
-                results=rec.results,
-            )
+            run = rec.restore(run)
             run.resume(at(2))
             rec.drain(run)
         rec.apply(run, ok(d["slow"], 1), at(3))
@@ -952,16 +930,7 @@ def test_random_dags_always_complete_in_dependency_order(seed: int) -> None:
         outstanding = run.outstanding()
         assert outstanding, "a running run with nothing outstanding is stuck"
         if rng.random() < 0.1:  # now and then, another orchestrator adopts the run
-            run = RunState(
-                run_id=RUN_ID,
-                workflow=wf,
-                version=3,
-                input={},
-                limits=LIMITS,
-                status=RunStatus.RUNNING,
-                checkpoint=rec.checkpoint,
-                results=rec.results,
-            )
+            run = rec.restore(run)
             run.resume(at(now))
             resumed = drain(run)
             assert resumed.events == []

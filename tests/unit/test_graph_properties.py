@@ -24,7 +24,6 @@ from hypothesis import strategies as st
 from flowforge_orchestrator.changes import Dispatch, Event, Limits, RunChanges
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.state import RunStatus, StepStatus
-from tests.unit.test_control_flow import restored
 from tests.unit.test_graph import Recorder, at, failed, new_run, ok, workflow
 
 # No example database: nothing is written to the working tree, and every run is the same.
@@ -169,7 +168,7 @@ def adopt(run: RunState, trace: Trace, now: float) -> RunState:
     sent = {d.attempt_id for d in trace.sent}
     outstanding = sorted(a for a in run.outstanding() if a in sent)
     checkpoint, timer, seq = trace.rec.checkpoint, next_timer(run), run.seq
-    adopted = restored(run, trace.rec)
+    adopted = trace.rec.restore(run)
     assert adopted.seq == seq
     adopted.resume(at(now))
     changes = adopted.take_changes()
