@@ -171,8 +171,8 @@ class WorkerRuntime:
 
     def _in_progress(self) -> int:
         """Jobs the arq workers took and have not finished: those whose results may join
-        a batch."""
-        return sum(not t.done() for w in self.queues for t in w.tasks.values())
+        a batch. arq's own count, kept as jobs start and end: this runs at every result."""
+        return sum(w.job_counter for w in self.queues)
 
     async def close(self) -> None:
         await self.results.close()

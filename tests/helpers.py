@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar, cast
 
-__all__ = ["migration_names", "wait_for"]
+__all__ = ["migration_names", "poll", "wait_for"]
 
 T = TypeVar("T")
 
@@ -20,6 +20,22 @@ def migration_names() -> list[str]:
     return sorted(p.stem for p in SQL_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
 
 
+async def poll(
+    predicate: Callable[[], T | Awaitable[T]], *, timeout: float, interval: float = 0.02
+) -> T:
+    """Call `predicate` (sync or async) until it returns something truthy or `timeout`
+    seconds pass; returns its last value either way. An exception it raises propagates."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if inspect.isawaitable(value):
+            value = await value
+        if value or loop.time() >= deadline:
+            return cast(T, value)
+        await asyncio.sleep(interval)
+
+
 async def wait_for(
     predicate: Callable[[], T | Awaitable[T]],
     *,
@@ -27,19 +43,8 @@ async def wait_for(
     interval: float = 0.02,
     message: str = "condition was not met",
 ) -> T:
-    """Call `predicate` (sync or async) until it returns something truthy, and return that.
-
-    Raises AssertionError with `message` and the last value after `timeout` seconds. An
-    exception raised by the predicate propagates at once.
-    """
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        value = predicate()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return cast(T, value)
-        if loop.time() >= deadline:
-            raise AssertionError(f"{message} (waited {timeout:g} s; last value: {value!r})")
-        await asyncio.sleep(interval)
+    """`poll`, and AssertionError with `message` and the last value if it never held."""
+    value = await poll(predicate, timeout=timeout, interval=interval)
+    if not value:
+        raise AssertionError(f"{message} (waited {timeout:g} s; last value: {value!r})")
+    return value

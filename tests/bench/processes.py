@@ -11,12 +11,12 @@ import inspect
 import os
 import signal
 import subprocess
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from flowforge_orchestrator.errors import FlowForgeError
+from tests.helpers import poll
 
 __all__ = ["Proc", "WorkloadFailed", "start", "until"]
 
@@ -39,17 +39,14 @@ async def until(
 
     `alive` is called each round and raises if a process the wait depends on died.
     """
-    deadline = time.monotonic() + timeout
-    while True:
+
+    async def check() -> bool:
         alive()
         value = done()
-        if inspect.isawaitable(value):
-            value = await value
-        if value:
-            return
-        if time.monotonic() > deadline:
-            raise WorkloadFailed(f"{what} after {timeout:g} s")
-        await asyncio.sleep(interval)
+        return bool(await value if inspect.isawaitable(value) else value)
+
+    if not await poll(check, timeout=timeout, interval=interval):
+        raise WorkloadFailed(f"{what} after {timeout:g} s")
 
 
 @dataclass

@@ -50,6 +50,7 @@ from tests.chaos.figures import Figures, figures_of
 from tests.chaos.plan import ALL, ChaosConfig, Fault, Submission, make_plan
 from tests.chaos.server import FaultServer
 from tests.chaos.workflows import WORKFLOWS
+from tests.helpers import poll
 
 __all__ = ["ChaosConfig", "main", "run", "smoke"]
 
@@ -123,10 +124,8 @@ async def _submit(
 async def _live(cluster: ChaosCluster, kind: Kind, needed: int, wait: float = 15.0) -> list[Slot]:
     """The live slots of `kind`, waiting a little for `needed` of them (other faults hold
     some down); fewer if the wait ends first."""
-    deadline = time.monotonic() + wait
-    while len(live := cluster.live(kind)) < needed and time.monotonic() < deadline:
-        await asyncio.sleep(0.1)
-    return live
+    await poll(lambda: len(cluster.live(kind)) >= needed, timeout=wait, interval=0.1)
+    return cluster.live(kind)
 
 
 async def _fault(cluster: ChaosCluster, fault: Fault, counts: Counter[str], note: Any) -> None:
@@ -214,12 +213,13 @@ async def _open_runs(cluster: ChaosCluster) -> int:
 async def _drain(cluster: ChaosCluster, timeout: float) -> float | None:
     """Seconds until no run is pending or running; None if `timeout` passed first."""
     began = time.monotonic()
-    while True:
-        if not await _open_runs(cluster):
-            return time.monotonic() - began
-        if time.monotonic() - began > timeout:
-            return None
-        await asyncio.sleep(0.2)
+
+    async def drained() -> bool:
+        return not await _open_runs(cluster)
+
+    if await poll(drained, timeout=timeout, interval=0.2):
+        return time.monotonic() - began
+    return None
 
 
 # -- figures -------------------------------------------------------------------------------------

@@ -12,11 +12,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from flowforge_orchestrator.worker import StepContext, step_type
+from tests.helpers import poll
 
 __all__ = ["echo", "slow"]
 
@@ -33,10 +33,6 @@ async def slow(params: dict[str, Any], ctx: StepContext) -> Any:
     with Path(params["calls"]).open("a", encoding="utf-8") as calls:
         calls.write(f"{ctx.attempt_id}\n")
     release = Path(params["release"])
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + float(params.get("limit", RELEASE_LIMIT))
-    while not release.exists():
-        if loop.time() > deadline:
-            raise TimeoutError(f"{release} was not created in time")
-        await asyncio.sleep(0.02)
+    if not await poll(release.exists, timeout=float(params.get("limit", RELEASE_LIMIT))):
+        raise TimeoutError(f"{release} was not created in time")
     return params

@@ -16,6 +16,12 @@ from flowforge_orchestrator.worker import run_worker
 from tests.helpers import wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
+# A step that waits to be released, then one after it.
+HELD = (
+    "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
+    "  - {id: e, type: echo, depends_on: [h], with: {}}\n"
+)
+
 LATE = """
 name: late
 version: 1
@@ -67,18 +73,10 @@ async def test_a_redis_restart_that_loses_everything_loses_no_run(
     settings = settings.model_copy(update={"redis_url": own_redis.url})
     await store.apply_migrations(settings.database_url or "")
     conn = await store.connect(settings.database_url or "")
-    stop = asyncio.Event()
-    types = {"echo": steps.echo, "hold": steps.hold}
-    tasks = [
-        asyncio.create_task(run_orchestrator(settings, stop)),
-        asyncio.create_task(run_worker(settings, types, stop=stop)),
-    ]
+    stop, tasks = await start_engine(settings, {"echo": steps.echo, "hold": steps.hold})
     try:
         engine = Engine(settings, conn)
-        await engine.register(
-            "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
-            "  - {id: e, type: echo, depends_on: [h], with: {}}\n"
-        )
+        await engine.register(HELD)
         first = await engine.submit("held")
         await wait_for(lambda: "h" in steps.started, message="hold never started")
 
@@ -106,19 +104,11 @@ async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
         dsn = own_pg.url
         settings = settings.model_copy(update={"database_url": dsn})
         await store.apply_migrations(dsn)
-        stop = asyncio.Event()
-        types = {"echo": steps.echo, "hold": steps.hold}
-        tasks = [
-            asyncio.create_task(run_orchestrator(settings, stop)),
-            asyncio.create_task(run_worker(settings, types, stop=stop)),
-        ]
+        stop, tasks = await start_engine(settings, {"echo": steps.echo, "hold": steps.hold})
         try:
             conn = await store.connect(dsn)
             engine = Engine(settings, conn)
-            await engine.register(
-                "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
-                "  - {id: e, type: echo, depends_on: [h], with: {}}\n"
-            )
+            await engine.register(HELD)
             first = await engine.submit("held")
             await wait_for(lambda: "h" in steps.started, message="hold never started")
             await conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from uuid import uuid4
 
@@ -19,10 +20,22 @@ def result(output: object = None) -> Result:
     return Result(uuid4(), uuid4(), "s", "succeeded", output, None, NOW, NOW)
 
 
-async def test_results_finishing_together_share_transactions_and_each_waits_for_its_own(
-    db_url: str,
-) -> None:
+@pytest.fixture
+async def pool(db_url: str) -> AsyncIterator[store.Pool]:
     pool = await store.create_pool(db_url, size=4)
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+def long_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A coalescing window far longer than any test's deadline."""
+    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
+
+
+async def test_results_finishing_together_share_transactions_and_each_waits_for_its_own(
+    pool: store.Pool,
+) -> None:
     writer = ResultWriter(pool, "w-1")
     try:
         async with pool.acquire() as conn:
@@ -41,11 +54,9 @@ async def test_results_finishing_together_share_transactions_and_each_waits_for_
         assert after - before < 100  # far fewer commits than results (statistics lag: a bound)
     finally:
         await writer.close()
-        await pool.close()
 
 
-async def test_a_result_the_database_refuses_is_refused_alone(db_url: str) -> None:
-    pool = await store.create_pool(db_url, size=4)
+async def test_a_result_the_database_refuses_is_refused_alone(pool: store.Pool) -> None:
     writer = ResultWriter(pool, "w-1")
     try:
         good = [result({"ok": i}) for i in range(5)]
@@ -59,42 +70,33 @@ async def test_a_result_the_database_refuses_is_refused_alone(db_url: str) -> No
             assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 5
     finally:
         await writer.close()
-        await pool.close()
 
 
-async def test_closing_fails_what_was_never_written(db_url: str) -> None:
-    pool = await store.create_pool(db_url, size=2)
+async def test_closing_fails_what_was_never_written(pool: store.Pool) -> None:
     writer = ResultWriter(pool, "w-1")
     pending = result()
     writer._queue.append(pending)  # queued, never flushed: the writer task never started
     await writer.close()
     with pytest.raises(StoreError, match="stopped before writing"):
         await pending.done
-    await pool.close()
 
 
 async def test_a_result_nobody_else_can_join_is_written_at_once(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+    pool: store.Pool, long_window: None
 ) -> None:
-    # A window far longer than the test's deadline: only "nothing else is executing" can
-    # explain a prompt write.
-    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
-    pool = await store.create_pool(db_url, size=2)
+    # Only "nothing else is executing" can explain a prompt write.
     writer = ResultWriter(pool, "w-1", in_progress=lambda: 1)  # its own job only
     try:
         await asyncio.wait_for(writer.write(result()), 10)
     finally:
         await writer.close()
-        await pool.close()
 
 
 async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_commit(
-    db_url: str, monkeypatch: pytest.MonkeyPatch
+    pool: store.Pool, long_window: None
 ) -> None:
-    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
-    pool = await store.create_pool(db_url, size=2)
-    jobs = [2]  # this result's job, and another one still executing
-    writer = ResultWriter(pool, "w-1", in_progress=lambda: jobs[0])
+    # Two jobs held: this result's, and another one still executing.
+    writer = ResultWriter(pool, "w-1", in_progress=lambda: 2)
     try:
         first = asyncio.ensure_future(writer.write(result()))
         async with pool.acquire() as conn:  # a round trip: the writer had its chance
@@ -106,4 +108,3 @@ async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_
         assert len(commits) == 1  # one transaction for both
     finally:
         await writer.close()
-        await pool.close()
