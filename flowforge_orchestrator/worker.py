@@ -22,7 +22,6 @@ from uuid import UUID
 import httpx
 from arq.worker import Worker, func
 from opentelemetry import trace
-from opentelemetry.context import Context
 from redis.exceptions import RedisError
 
 from flowforge_orchestrator import health, logs, metrics, store, telemetry
@@ -186,29 +185,6 @@ class WorkerRuntime:
         timeout = float(payload.get("timeout") or self.settings.step_timeout)
         started = _now()
         parent = telemetry.context_from_traceparent(payload.get("traceparent"))
-        outcome, output, error = await self._attempt(
-            payload, parent, run_id, step_id, attempt_id, timeout
-        )
-        await self._report(
-            attempt_id=attempt_id,
-            run_id=run_id,
-            step_id=step_id,
-            outcome=outcome,
-            output=output,
-            error=error,
-            started_at=started,
-        )
-        return outcome
-
-    async def _attempt(
-        self,
-        payload: Mapping[str, Any],
-        parent: Context,
-        run_id: UUID,
-        step_id: str,
-        attempt_id: UUID,
-        timeout: float,
-    ) -> tuple[str, Any, dict[str, Any] | None]:
         with telemetry.tracer().start_as_current_span(
             f"step {step_id}",
             context=parent,
@@ -233,7 +209,16 @@ class WorkerRuntime:
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
-        return outcome, output, error
+        await self._report(
+            attempt_id=attempt_id,
+            run_id=run_id,
+            step_id=step_id,
+            outcome=outcome,
+            output=output,
+            error=error,
+            started_at=started,
+        )
+        return outcome
 
     async def _run(
         self,
