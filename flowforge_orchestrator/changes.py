@@ -123,6 +123,29 @@ class RunChanges:
     started_at: datetime | None = None
     finished_at: datetime | None = None
 
+    def then(self, later: RunChanges | None) -> RunChanges:
+        """These changes (not written yet) followed by `later`, as one commit: the events
+        of both in order, the state of the later. A dispatch whose attempt `later` already
+        ends is dropped: it was never sent, and must not be."""
+        if later is None:
+            return self
+        ended = {a.attempt_id for a in later.attempts_finished}
+        return RunChanges(
+            run_id=self.run_id,
+            status=later.status,
+            checkpoint=later.checkpoint,
+            events=self.events + later.events,
+            attempts_finished=self.attempts_finished + later.attempts_finished,
+            inline_results=self.inline_results + later.inline_results,
+            dispatches=[d for d in self.dispatches if d.attempt_id not in ended] + later.dispatches,
+            aborts=self.aborts + later.aborts,
+            probes=self.probes + later.probes,
+            output=later.output,
+            error=later.error,
+            started_at=self.started_at or later.started_at,
+            finished_at=later.finished_at or self.finished_at,
+        )
+
 
 def rejected_run(
     run_id: UUID, status: RunStatus, seq: int, error: dict[str, Any], now: datetime

@@ -53,6 +53,12 @@ class Settings(BaseSettings):
         description="On SIGTERM, how long the orchestrator may take to commit what it holds.",
     )
     claim_batch: int = Field(default=100, gt=0, description="Runs claimed per statement.")
+    lock_timeout: float = Field(
+        default=1.0,
+        gt=0,
+        description="Longest the orchestrator waits for a row or key locked by another "
+        "session before it writes the other runs and retries that one later (seconds).",
+    )
     db_pool_size: int = Field(default=10, gt=1, description="Connections per process.")
 
     # Payload limits.

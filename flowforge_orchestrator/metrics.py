@@ -67,6 +67,9 @@ RECONCILER_ACTIONS = (
     "dropped",  # a run this replica no longer owns (epoch moved on, lease lost)
     "rejected",  # a run failed because it could not be built (no or bad definition)
     "caught_up",  # LISTEN reconnected: looked for what notifications may have missed
+    "deferred",  # a run's changes waited: its row was locked by another session
+    "unstorable",  # a run failed because the database refused to store its changes
+    "set_apart",  # not even a run's failure could be stored: this replica leaves it alone
 )
 _RUN_STATUSES = ("running", "completed", "failed", "cancelled")
 _OPEN_STATUSES = ("pending", "running")

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Coroutine
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -28,8 +30,15 @@ from uuid import UUID
 from opentelemetry import trace
 from pydantic import ValidationError
 
-from flowforge_orchestrator import health, metrics, sdnotify, store, telemetry
-from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges, StepResult, rejected_run
+from flowforge_orchestrator import health, jsonb, metrics, sdnotify, store, telemetry
+from flowforge_orchestrator.changes import (
+    Dispatch,
+    Limits,
+    RunChanges,
+    StepResult,
+    json_size,
+    rejected_run,
+)
 from flowforge_orchestrator.concurrency import concurrency_keys
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
@@ -39,6 +48,8 @@ from flowforge_orchestrator.errors import (
     DefinitionError,
     ExpressionError,
     FlowForgeError,
+    StepError,
+    StoreError,
 )
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
@@ -54,6 +65,30 @@ MAX_STRIKES = 3  # errors on one run before it is failed rather than resumed aga
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _cause(exc: BaseException) -> str:
+    """The driver's message behind a store error (what the database said)."""
+    cause = exc.__cause__ or exc
+    return str(cause) or type(cause).__name__
+
+
+@dataclass
+class _Verdict:
+    """What became of each run of a group commit."""
+
+    written: list[tuple[Owned, RunChanges]] = field(default_factory=list)
+    lost: list[tuple[Owned, RunChanges]] = field(default_factory=list)  # epoch moved on, gone
+    deferred: list[tuple[Owned, RunChanges]] = field(default_factory=list)  # row locked
+    failed: list[tuple[tuple[Owned, RunChanges], StoreError]] = field(default_factory=list)
+
+    def __add__(self, other: _Verdict) -> _Verdict:
+        return _Verdict(
+            self.written + other.written,
+            self.lost + other.lost,
+            self.deferred + other.deferred,
+            self.failed + other.failed,
+        )
 
 
 async def _supervised(name: str, loop: Callable[[], Awaitable[None]]) -> None:
@@ -103,6 +138,7 @@ class Orchestrator(Upkeep):
         self._to_release: set[UUID] = set()
         self._committing = False
         self._strikes: dict[UUID, int] = {}  # runs given back after an error, by count
+        self._set_apart: set[UUID] = set()  # runs whose failure could not even be written
         self._wake_claim = asyncio.Event()
         self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
@@ -231,32 +267,62 @@ class Orchestrator(Upkeep):
             await self._wake_claim.wait()
             self._wake_claim.clear()
             try:
-                while await store.retrying(self._claim_once, what="claiming runs", attempts=3):
+                while await self._claim_isolating():
                     pass
             except FlowForgeError as exc:
                 log.error("claiming runs failed: %s", exc)
 
-    async def _claim_once(self) -> bool:
-        """Claim one batch; True if the batch was full (there may be more)."""
+    async def _claim_isolating(self, among: list[UUID] | None = None) -> bool:
+        """Claim a batch (or the runs `among`). When the database refuses the batch, the run
+        at fault is found by claiming each half on its own, and is failed alone: one run's
+        data never stops the claiming of the others. True if there may be more to claim."""
+        tried: list[UUID] = []
+        try:
+            return await store.retrying(
+                functools.partial(self._claim_once, among, tried),
+                what="claiming runs",
+                attempts=3,
+            )
+        except StoreError as exc:
+            if not store.is_member_fault(exc) or not tried:
+                raise
+            fault = exc
+        if len(tried) == 1:
+            await self._reject_alone(tried[0], fault)
+        else:
+            log.debug("a claim of %d runs was refused (%s); halving it", len(tried), fault)
+            half = len(tried) // 2
+            for part in (tried[:half], tried[half:]):
+                await self._claim_isolating(part)
+        return among is None
+
+    async def _claim_once(self, among: list[UUID] | None, tried: list[UUID]) -> bool:
+        """Claim one batch; True if the batch was full (there may be more). The ids of the
+        rows read go to `tried` (for `_claim_isolating`, should the write be refused)."""
         now = self.clock()
+        tried.clear()
         batch: list[store.OwnedChanges] = []
         claimed: dict[UUID, Owned] = {}
         started = time.perf_counter()
         async with store.transaction(self.pool) as conn:
-            rows = await store.claim_runs(conn, self.settings.claim_batch)
+            rows = await store.claim_runs(
+                conn, self.settings.claim_batch, among=among, set_apart=list(self._set_apart)
+            )
             if not rows:
                 return False
+            tried.extend(row.id for row in rows)
+            inputs, refused = self._read_inputs(rows, now)
             adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
             # A redriven run is pending with a checkpoint: it reads earlier outputs too.
             restored = adopted + [r.id for r in rows if r.status == "pending" and r.checkpoint]
             results = await store.fetch_run_results(conn, restored) if restored else {}
-            blocked, refused = await self._acquire_slots(conn, rows, now)
+            blocked = await self._acquire_slots(conn, rows, inputs, refused, now)
             for row in rows:
                 if row.id in blocked:
                     continue  # waits for a concurrency slot: stays pending, not ours
                 try:
                     owned, changes = refused.get(row.id) or await self._take_over(
-                        conn, row, results.get(row.id, {}), now
+                        conn, row, inputs[row.id], results.get(row.id, {}), now
                     )
                 except Exception as exc:
                     if store.is_database_error(exc):
@@ -299,17 +365,85 @@ class Orchestrator(Upkeep):
                 continue
             owned.epoch = row.epoch + 1
             owned.new_traceparent = None
+            owned.seq = int(written[row.id].checkpoint.get("seq", 0))
             self._after_commit(row.id, owned, written[row.id], results.get(row.id, {}))
             if row.status == RunStatus.RUNNING:  # results may have arrived while unowned
                 self._notified.update(owned.state.outstanding())
                 self._wake_results.set()
         log.debug("claimed %d run(s)", len(rows))
-        return len(rows) == self.settings.claim_batch
+        return among is None and len(rows) == self.settings.claim_batch
+
+    def _read_inputs(
+        self, rows: list[store.ClaimedRun], now: datetime
+    ) -> tuple[dict[UUID, Any], dict[UUID, tuple[None, RunChanges]]]:
+        """Each claimed run's input, decoded and checked before any step runs: a run whose
+        input is over the context limit, nested too deep or not JSON is failed at once."""
+        inputs: dict[UUID, Any] = {}
+        refused: dict[UUID, tuple[None, RunChanges]] = {}
+        limit = self.settings.max_context_bytes
+        for row in rows:
+            text = row.input_text
+            problem, category = None, "invalid_input"
+            if len(text.encode()) > 2 * limit:  # jsonb's text has a space after each , and :
+                problem, category = f"the input is over {limit} bytes", "payload_too_large"
+            else:
+                try:
+                    value = json.loads(text)
+                except (ValueError, RecursionError):
+                    problem = "the input is not JSON this engine can read (nested too deep?)"
+                else:
+                    problem = jsonb.depth_problem(value)
+                    size = json_size(value) if problem is None else 0
+                    if size > limit:
+                        problem, category = (
+                            f"the input is {size} bytes, over the run context limit of "
+                            f"{limit} bytes (FLOWFORGE_MAX_CONTEXT_BYTES)",
+                            "payload_too_large",
+                        )
+                    elif problem is not None:
+                        problem = f"the input cannot be used: {problem}"
+                    else:
+                        inputs[row.id] = value
+            if problem is not None:
+                log.warning("run %s rejected: %s", row.id, problem, extra={"run_id": str(row.id)})
+                refused[row.id] = None, self._reject(row, problem, now, category=category)
+        return inputs, refused
+
+    async def _reject_alone(self, run_id: UUID, cause: StoreError) -> None:
+        """Fail a run the database refused to claim, in a transaction of its own; if not even
+        that can be written, set it apart: this replica never claims it again."""
+        message = f"the database refused to store this run: {_cause(cause)}"
+        log.error("run %s failed: %s", run_id, message, extra={"run_id": str(run_id)})
+        try:
+            async with store.transaction(self.pool) as conn:
+                rows = await store.claim_runs(conn, 1, among=[run_id])
+                if not rows:
+                    return  # claimed meanwhile, or no longer claimable
+                row = rows[0]
+                failed = self._reject(row, message, self.clock(), category="storage_error")
+                write = store.OwnedChanges(
+                    failed, epoch=row.epoch, new_epoch=row.epoch + 1, claimed=True
+                )
+                await store.write_changes(conn, self.node, self.settings.lease_seconds, [write])
+            self.metrics.reconciled("unstorable")
+        except Exception as exc:
+            self._set_aside(run_id, exc)
+
+    def _set_aside(self, run_id: UUID, exc: BaseException) -> None:
+        self._set_apart.add(run_id)
+        self.metrics.reconciled("set_apart")
+        log.error(
+            "run %s cannot be written at all (%s); this orchestrator leaves it as it is",
+            run_id,
+            _cause(exc),
+            extra={"run_id": str(run_id)},
+        )
 
     async def _take_over(
         self,
         conn: store.Connection,
         row: store.ClaimedRun,
+        input: Any,
         results: dict[UUID, StepResult],
         now: datetime,
     ) -> tuple[Owned | None, RunChanges]:
@@ -328,7 +462,7 @@ class Orchestrator(Upkeep):
             run_id=row.id,
             workflow=workflow,
             version=row.workflow_version,
-            input=row.input,
+            input=input,
             limits=self.limits,
             status=status,
             checkpoint=row.checkpoint,
@@ -356,16 +490,20 @@ class Orchestrator(Upkeep):
         return owned, changes
 
     async def _acquire_slots(
-        self, conn: store.Connection, rows: list[store.ClaimedRun], now: datetime
-    ) -> tuple[set[UUID], dict[UUID, tuple[None, RunChanges]]]:
+        self,
+        conn: store.Connection,
+        rows: list[store.ClaimedRun],
+        inputs: dict[UUID, Any],
+        refused: dict[UUID, tuple[None, RunChanges]],
+        now: datetime,
+    ) -> set[UUID]:
         """Take the concurrency slots of the claimed pending runs that need them, for the
         whole batch at once (its keys are locked in one order, so that claims and releases
-        do not deadlock each other). Returns the runs left waiting, and the runs failed
-        because their concurrency key could not be evaluated."""
+        do not deadlock each other). Returns the runs left waiting; a run whose concurrency
+        key cannot be evaluated joins `refused`, failed."""
         wanted: dict[UUID, dict[str, int]] = {}
-        refused: dict[UUID, tuple[None, RunChanges]] = {}
         for row in rows:
-            if row.status != RunStatus.PENDING or row.cancel_requested:
+            if row.status != RunStatus.PENDING or row.cancel_requested or row.id in refused:
                 continue  # adopted runs keep their slots; a cancelled run needs none
             workflow = await self._workflow(conn, row.workflow_name, row.workflow_version)
             if isinstance(workflow, str):
@@ -376,7 +514,7 @@ class Orchestrator(Upkeep):
                     workflow.definition,
                     run_id=row.id,
                     version=row.workflow_version,
-                    input=row.input,
+                    input=inputs[row.id],
                 )
             except ExpressionError as exc:
                 log.warning("run %s rejected: %s", row.id, exc, extra={"run_id": str(row.id)})
@@ -386,14 +524,14 @@ class Orchestrator(Upkeep):
             if keys:
                 wanted[row.id] = keys
         admitted = await store.acquire_concurrency(conn, wanted)
-        return set(wanted) - admitted, refused
+        return set(wanted) - admitted
 
     @staticmethod
     def _reject(
         row: store.ClaimedRun, message: str, now: datetime, *, category: str = "internal_error"
     ) -> RunChanges:
         seq = int((row.checkpoint or {}).get("seq", 0))
-        error = {"message": message, "category": category, "retryable": False}
+        error = {"message": jsonb.storable(message), "category": category, "retryable": False}
         return rejected_run(row.id, RunStatus(row.status), seq, error, now)
 
     def _run_span(
@@ -492,7 +630,7 @@ class Orchestrator(Upkeep):
             batch: list[tuple[Owned, RunChanges]] = []
             for run_id in list(self._dirty):
                 owned = self.runs.get(run_id)
-                changes = owned.state.take_changes() if owned else None
+                changes = owned.take_changes() if owned else None
                 if owned is not None and changes is not None:
                     batch.append((owned, changes))
             self._dirty.clear()
@@ -504,39 +642,142 @@ class Orchestrator(Upkeep):
                     self._committing = False
 
     async def _commit(self, batch: list[tuple[Owned, RunChanges]]) -> None:
-        writes = [
-            store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch, traceparent=None)
-            for o, changes in batch
-        ]
-
-        async def write() -> set[UUID]:
-            # One statement, atomic on its own: no BEGIN/COMMIT round trips.
-            async with self._owned_rows, self.pool.acquire() as conn:
-                return await store.write_changes(
-                    conn, self.node, self.settings.lease_seconds, writes
-                )
-
         started = time.perf_counter()
-        try:
-            owned_ids = await store.retrying(write, what="committing transitions")
-        except FlowForgeError as exc:
-            # Not transient: give the runs back; their last checkpoint is consistent and
-            # another claim resumes them from it.
-            log.error("commit of %d run(s) failed: %s", len(batch), exc)
-            for _, changes in batch:
-                self._drop(changes.run_id, "commit failed", give_back=True)
-            return
+        verdict = await self._write_isolating(batch, skip_locked=False)
         self.metrics.observe_commit(
             "commit",
-            [c for _, c in batch if c.run_id in owned_ids],
+            [c for _, c in verdict.written],
             seconds=time.perf_counter() - started,
             now=self.clock(),
         )
-        for owned, changes in batch:
-            if changes.run_id in owned_ids:
-                self._after_commit(changes.run_id, owned, changes)
+        for owned, changes in verdict.written:
+            owned.deferrals = 0
+            owned.seq = int(changes.checkpoint.get("seq", owned.seq))
+            self._after_commit(changes.run_id, owned, changes)
+        for _, changes in verdict.lost:
+            self._drop(changes.run_id, "lost ownership (epoch moved on)")
+        for owned, changes in verdict.deferred:
+            self._defer(owned, changes)
+        for (owned, changes), fault in verdict.failed:
+            await self._fail_unwritable(owned, changes, fault)
+
+    async def _write_isolating(
+        self, items: list[tuple[Owned, RunChanges]], *, skip_locked: bool
+    ) -> _Verdict:
+        """Write a group commit so that no run's fault touches another's. The database
+        refuses a run's data: the batch is halved until that run is alone, and it fails
+        (`failed`). A row locked by another session: the batch is written again without
+        waiting for locked rows, and their runs wait for a later commit (`deferred`).
+        Transient failures (the database away) are retried until they pass."""
+
+        async def write() -> dict[UUID, bool]:
+            writes = [
+                store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch)
+                for o, changes in items
+            ]
+            # One statement, atomic on its own: no BEGIN/COMMIT round trips.
+            async with self._owned_rows, self.pool.acquire() as conn:
+                if skip_locked:
+                    return await store.write_changes_skip_locked(
+                        conn, self.node, self.settings.lease_seconds, writes
+                    )
+                written = await store.write_changes(
+                    conn, self.node, self.settings.lease_seconds, writes
+                )
+                return dict.fromkeys(written, True)
+
+        try:
+            answer = await store.retrying(write, what="committing transitions")
+        except StoreError as exc:
+            if store.is_lock_timeout(exc) and not skip_locked:
+                return await self._write_isolating(items, skip_locked=True)
+            if not store.is_lock_timeout(exc) and not store.is_member_fault(exc):
+                raise
+            if len(items) == 1:
+                if store.is_lock_timeout(exc):
+                    return _Verdict(deferred=items)
+                return _Verdict(failed=[(items[0], exc)])
+            half = len(items) // 2
+            first = await self._write_isolating(items[:half], skip_locked=skip_locked)
+            return first + await self._write_isolating(items[half:], skip_locked=skip_locked)
+        return await self._classify(items, answer, skip_locked=skip_locked)
+
+    async def _classify(
+        self, items: list[tuple[Owned, RunChanges]], answer: dict[UUID, bool], *, skip_locked: bool
+    ) -> _Verdict:
+        """Sort a written batch by its statement's answer (see `store.write_changes*`)."""
+        verdict = _Verdict()
+        missing: list[tuple[Owned, RunChanges]] = []
+        for item in items:
+            written = answer.get(item[1].run_id)
+            if written is None and skip_locked:
+                missing.append(item)  # locked elsewhere, or gone
+            elif written:
+                verdict.written.append(item)
             else:
-                self._drop(changes.run_id, "lost ownership (epoch moved on)")
+                verdict.lost.append(item)
+        if missing:
+            async with self.pool.acquire() as conn:
+                exist = await store.existing_runs(conn, [c.run_id for _, c in missing])
+            for item in missing:
+                (verdict.deferred if item[1].run_id in exist else verdict.lost).append(item)
+        return verdict
+
+    def _defer(self, owned: Owned, changes: RunChanges) -> None:
+        """Another session holds the run's row: keep its changes for a later commit, tried
+        again with a growing pause (the others went on without it)."""
+        owned.unwritten = changes
+        owned.deferrals += 1
+        self.metrics.reconciled("deferred")
+        if owned.deferrals == 1:
+            log.warning(
+                "run %s: its row is locked by another session; its changes wait",
+                changes.run_id,
+                extra={"run_id": str(changes.run_id)},
+            )
+        delay = min(5.0, 0.1 * 2**owned.deferrals)
+        run_id = changes.run_id
+
+        def again() -> None:
+            if self.runs.get(run_id) is owned:
+                self._dirty.add(run_id)
+                self._wake_commit.set()
+
+        asyncio.get_running_loop().call_later(delay, again)
+
+    async def _fail_unwritable(self, owned: Owned, changes: RunChanges, fault: StoreError) -> None:
+        """The database refuses this run's changes: fail the run after its last written
+        transition, with the cause. Its attempts still out are aborted. If not even that can
+        be written, the run is set apart: it is left as it is, and never claimed here again."""
+        run_id = changes.run_id
+        error = StepError(
+            f"the database refused to store this run's changes: {_cause(fault)}",
+            category="storage_error",
+            retryable=False,
+        ).to_dict()
+        error = jsonb.storable(error)
+        log.error("run %s failed: %s", run_id, error["message"], extra={"run_id": str(run_id)})
+        failed = rejected_run(run_id, RunStatus.RUNNING, owned.seq, error, self.clock())
+        failed.aborts = list(owned.attempts)
+        write = store.OwnedChanges(failed, epoch=owned.epoch, new_epoch=owned.epoch)
+
+        async def write_alone() -> set[UUID]:
+            async with self._owned_rows, self.pool.acquire() as conn:
+                return await store.write_changes(
+                    conn, self.node, self.settings.lease_seconds, [write]
+                )
+
+        try:
+            written = await store.retrying(write_alone, what="failing a run", attempts=5)
+        except Exception as exc:
+            self._drop(run_id, "its changes cannot be stored")
+            self._set_aside(run_id, exc)
+            return
+        if run_id not in written:
+            self._drop(run_id, "lost ownership (epoch moved on)")
+            return
+        self.metrics.reconciled("unstorable")
+        self._after_commit(run_id, owned, failed)
 
     def _after_commit(
         self,
@@ -639,7 +880,11 @@ async def run_orchestrator(
         raise FlowForgeError("the orchestrator needs a database URL and a Redis URL")
     measures = measures or metrics.OrchestratorMetrics(metrics.new_registry())
     pool = await store.retrying(
-        lambda: store.create_pool(settings.database_url or "", size=settings.db_pool_size),
+        lambda: store.create_pool(
+            settings.database_url or "",
+            size=settings.db_pool_size,
+            lock_timeout=settings.lock_timeout,
+        ),
         what="connecting to PostgreSQL",
         attempts=30,
     )

@@ -24,7 +24,7 @@ from uuid import UUID
 from opentelemetry import trace
 
 from flowforge_orchestrator import metrics, store
-from flowforge_orchestrator.changes import Dispatch, StepResult
+from flowforge_orchestrator.changes import Dispatch, RunChanges, StepResult
 from flowforge_orchestrator.errors import FlowForgeError
 from flowforge_orchestrator.graph import RunState
 
@@ -50,6 +50,17 @@ class Owned:
     # attempt Redis lost can be sent again.
     attempts: dict[UUID, tuple[Dispatch, float]] = field(default_factory=dict)
     timer_at: datetime | None = None  # the run's next timer, as pushed on the heap
+    seq: int = 0  # the last transition written: a run that cannot be written fails after it
+    # Changes a commit could not write because another session held the run's row: the
+    # next commit writes them first. `deferrals` counts the tries, for the backoff.
+    unwritten: RunChanges | None = None
+    deferrals: int = 0
+
+    def take_changes(self) -> RunChanges | None:
+        """What the next commit writes for this run: unwritten changes first, then new ones."""
+        later = self.state.take_changes()
+        earlier, self.unwritten = self.unwritten, None
+        return later if earlier is None else earlier.then(later)
 
 
 class Upkeep:
@@ -242,6 +253,14 @@ class Upkeep:
                 released = list(self._to_release)
                 await store.release_leases(conn, self.node, released)
                 self._to_release.difference_update(released)
-            return await store.renew_leases(
-                conn, self.node, self.settings.lease_seconds, list(self.runs)
-            )
+            owned = list(self.runs)
+            try:
+                return await store.renew_leases(conn, self.node, self.settings.lease_seconds, owned)
+            except Exception as exc:
+                if not store.is_lock_timeout(exc):
+                    raise
+                # A row locked by another session: renew the others now, that one next time.
+                log.warning("a run's row is locked by another session; renewing the others")
+                return await store.renew_leases(
+                    conn, self.node, self.settings.lease_seconds, owned, skip_locked=True
+                )

@@ -6,6 +6,8 @@ from flowforge_orchestrator.store.db import (
     connect,
     create_pool,
     is_database_error,
+    is_lock_timeout,
+    is_member_fault,
     is_transient,
     retrying,
     transaction,
@@ -26,6 +28,7 @@ from flowforge_orchestrator.store.store import (
     count_open_runs,
     definition_spec,
     enqueue_run,
+    existing_runs,
     fetch_results,
     fetch_run_results,
     get_definition,
@@ -49,6 +52,7 @@ from flowforge_orchestrator.store.store import (
     run_events,
     run_transitions,
     write_changes,
+    write_changes_skip_locked,
 )
 
 __all__ = [
@@ -71,6 +75,7 @@ __all__ = [
     "create_pool",
     "definition_spec",
     "enqueue_run",
+    "existing_runs",
     "fetch_results",
     "fetch_run_results",
     "get_definition",
@@ -79,6 +84,8 @@ __all__ = [
     "insert_result",
     "insert_results",
     "is_database_error",
+    "is_lock_timeout",
+    "is_member_fault",
     "is_transient",
     "list_definitions",
     "list_runs",
@@ -101,4 +108,5 @@ __all__ = [
     "transaction",
     "wrap",
     "write_changes",
+    "write_changes_skip_locked",
 ]

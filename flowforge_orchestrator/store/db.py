@@ -20,6 +20,8 @@ __all__ = [
     "connect",
     "create_pool",
     "is_database_error",
+    "is_lock_timeout",
+    "is_member_fault",
     "is_transient",
     "retrying",
     "wrap",
@@ -68,11 +70,24 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
     trip per release. asyncpg still rolls back a transaction left open."""
 
 
-async def create_pool(dsn: str, *, size: int = 10) -> asyncpg.Pool:
-    """A pool whose connections speak JSON for json/jsonb columns."""
+async def create_pool(
+    dsn: str, *, size: int = 10, lock_timeout: float | None = None
+) -> asyncpg.Pool:
+    """A pool whose connections speak JSON for json/jsonb columns.
+
+    `lock_timeout` (seconds) bounds every wait for a lock on these connections: a row or
+    key held by someone else then fails the statement instead of stalling it (the
+    orchestrator sets it, so a lock held outside the engine delays one run, not all)."""
+    settings = {"lock_timeout": f"{int(lock_timeout * 1000)}ms"} if lock_timeout else None
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=size, init=_init, reset=_keep_session, command_timeout=60
+            dsn,
+            min_size=1,
+            max_size=size,
+            init=_init,
+            reset=_keep_session,
+            command_timeout=60,
+            server_settings=settings,
         )
     except Exception as exc:
         raise wrap(exc) from exc
@@ -97,6 +112,23 @@ def is_transient(exc: BaseException) -> bool:
 def is_database_error(exc: BaseException) -> bool:
     """Anything the driver raised: the transaction it happened in cannot go on."""
     return is_transient(exc) or isinstance(exc, StoreError | asyncpg.PostgresError)
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    """A lock was held by someone else longer than `lock_timeout` (here or as the cause)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, asyncpg.LockNotAvailableError):
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def is_member_fault(exc: BaseException) -> bool:
+    """The database refused what a statement wrote (a value, a key, a constraint): retrying
+    the same batch fails the same way, so the member at fault must be found and set apart.
+    Transient failures and lock timeouts are not: the same write may pass later."""
+    return is_database_error(exc) and not is_transient(exc) and not is_lock_timeout(exc)
 
 
 def wrap(exc: BaseException) -> StoreError:

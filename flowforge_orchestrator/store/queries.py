@@ -43,25 +43,42 @@ RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = 
 
 # -- claiming and leases -------------------------------------------------------------------
 
-# Runs whose owner stopped renewing: adopted by whoever claims first.
-SELECT_EXPIRED_RUNS = """
-SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent,
-       cancel_requested
+# What a claim reads of a run. The input comes as text and is decoded run by run, so that
+# one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
+_CLAIM_COLUMNS = """
+id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,
+traceparent, cancel_requested, created_at
+"""
+
+# Runs whose owner stopped renewing: adopted by whoever claims first. `$2`: runs this
+# replica set apart because not even their failure could be written (never claimed again).
+SELECT_EXPIRED_RUNS = f"""
+SELECT {_CLAIM_COLUMNS}
 FROM flowforge.runs
-WHERE status = 'running' AND lease_expires_at < now()
+WHERE status = 'running' AND lease_expires_at < now() AND NOT id = ANY($2::uuid[])
 ORDER BY lease_expires_at
 LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
 # Runs blocked on a full concurrency key (`waiting`) are left out: they never fill a batch.
-SELECT_PENDING_RUNS = """
-SELECT id, workflow_name, workflow_version, status, input, checkpoint, epoch, traceparent,
-       cancel_requested
+SELECT_PENDING_RUNS = f"""
+SELECT {_CLAIM_COLUMNS}
 FROM flowforge.runs
-WHERE status = 'pending' AND NOT waiting
+WHERE status = 'pending' AND NOT waiting AND NOT id = ANY($2::uuid[])
 ORDER BY created_at
 LIMIT $1
+FOR UPDATE SKIP LOCKED
+"""
+
+# The same, among given runs only: the halves of a claim that failed, searched for the run
+# the database refuses.
+SELECT_CLAIMABLE_AMONG = f"""
+SELECT {_CLAIM_COLUMNS}
+FROM flowforge.runs
+WHERE id = ANY($1::uuid[])
+  AND ((status = 'running' AND lease_expires_at < now()) OR (status = 'pending' AND NOT waiting))
+ORDER BY created_at
 FOR UPDATE SKIP LOCKED
 """
 
@@ -72,10 +89,37 @@ WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
 RETURNING id, epoch
 """
 
+# When a row is locked by someone else (RENEW_LEASES ran into the lock timeout): renew the
+# rows that can be locked, and report a locked one as ours if its committed row says so
+# (its lease is renewed next time). Not the everyday statement: locking first writes a lock
+# record per row to the WAL.
+RENEW_LEASES_SKIP_LOCKED = """
+WITH locked AS MATERIALIZED (
+    SELECT id FROM flowforge.runs
+    WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+    FOR NO KEY UPDATE SKIP LOCKED
+),
+renewed AS (
+    UPDATE flowforge.runs r SET lease_expires_at = now() + make_interval(secs => $2)
+    FROM locked WHERE r.id = locked.id
+    RETURNING r.id, r.epoch
+)
+SELECT id, epoch FROM renewed
+UNION ALL
+SELECT id, epoch FROM flowforge.runs
+WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+  AND id NOT IN (SELECT id FROM locked)
+"""
+
 RELEASE_LEASES = """
 UPDATE flowforge.runs SET lease_expires_at = now()
-WHERE owner = $1 AND status = 'running' AND id = ANY($2::uuid[])
+WHERE id IN (SELECT id FROM flowforge.runs
+             WHERE owner = $1 AND status = 'running' AND id = ANY($2::uuid[])
+             FOR NO KEY UPDATE SKIP LOCKED)
 """
+
+# Which of these runs still exist (a run that was neither written nor found locked).
+EXISTING_RUNS = "SELECT id FROM flowforge.runs WHERE id = ANY($1::uuid[])"
 
 # -- cancellation --------------------------------------------------------------------------
 
@@ -131,9 +175,10 @@ NOTIFY_RUNS = "SELECT pg_notify('flowforge_runs', '')"
 # read when it claimed the run. A claim moves the epoch on (new_epoch = epoch + 1) and takes
 # the lease in the same statement. One statement, so one round trip and atomic without a
 # transaction of its own: events and inline results are written only for the runs whose
-# update matched.
-WRITE_CHANGES = """
-WITH owned AS (
+# update matched. The answer names the runs written; one it does not name is no longer ours
+# (its epoch moved on) or no longer exists.
+_WRITE_CHANGES = """
+WITH {locked}owned AS (
     UPDATE flowforge.runs AS r SET
         status = u.status,
         checkpoint = u.checkpoint::jsonb,
@@ -154,7 +199,7 @@ WITH owned AS (
                 $13::timestamptz[])
         AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
              traceparent, started_at)
-    WHERE r.id = u.id AND r.epoch = u.epoch
+    WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}
     RETURNING r.id
 ),
 -- One row per transition: the history and the relay's outbox at once (sql/0006).
@@ -180,8 +225,27 @@ inline AS (
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT (attempt_id) DO NOTHING
 )
-SELECT id FROM owned
+{answer}
 """
+
+WRITE_CHANGES = _WRITE_CHANGES.format(
+    locked="", only_locked="", answer="SELECT id, true AS written FROM owned"
+)
+
+# The same when a row of the batch is locked by someone else (WRITE_CHANGES ran into the
+# lock timeout): a locked row is skipped, not waited for, and its run is written by a later
+# commit while the others go on. The answer names every run locked here, written or not
+# (its epoch moved on); a run it does not name was locked elsewhere, or no longer exists.
+# Not the everyday statement: locking first writes a lock record per row to the WAL.
+WRITE_CHANGES_SKIP_LOCKED = _WRITE_CHANGES.format(
+    locked="""locked AS MATERIALIZED (
+    SELECT id FROM flowforge.runs WHERE id = ANY($3::uuid[])
+    FOR NO KEY UPDATE SKIP LOCKED
+),
+""",
+    only_locked=" AND r.id IN (SELECT id FROM locked)",
+    answer="SELECT id, id IN (SELECT id FROM owned) AS written FROM locked",
+)
 
 INSERT_RESULTS = """
 INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,

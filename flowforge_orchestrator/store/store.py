@@ -27,6 +27,7 @@ __all__ = [
     "claim_runs",
     "definition_spec",
     "enqueue_run",
+    "existing_runs",
     "fetch_results",
     "fetch_run_results",
     "get_definition",
@@ -34,6 +35,7 @@ __all__ = [
     "insert_result",
     "register_definition",
     "write_changes",
+    "write_changes_skip_locked",
 ]
 
 
@@ -51,11 +53,12 @@ class ClaimedRun:
     workflow_name: str
     workflow_version: int | None
     status: str
-    input: Any
+    input_text: str  # JSON, decoded by the claimer run by run (one bad input fails one run)
     checkpoint: dict[str, Any] | None
     epoch: int  # the epoch read under the row lock; the claim writes epoch + 1
     traceparent: str | None
     cancel_requested: bool = False
+    created_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -162,32 +165,55 @@ def _claimed(row: asyncpg.Record) -> ClaimedRun:
         workflow_name=row["workflow_name"],
         workflow_version=row["workflow_version"],
         status=row["status"],
-        input=row["input"],
+        input_text=row["input"],
         checkpoint=row["checkpoint"],
         epoch=row["epoch"],
         traceparent=row["traceparent"],
         cancel_requested=row["cancel_requested"],
+        created_at=row["created_at"],
     )
 
 
-async def claim_runs(conn: asyncpg.Connection, limit: int) -> list[ClaimedRun]:
+async def claim_runs(
+    conn: asyncpg.Connection,
+    limit: int,
+    *,
+    among: Sequence[UUID] | None = None,
+    set_apart: Sequence[UUID] = (),
+) -> list[ClaimedRun]:
     """Lock runs to take over (expired leases first, then pending FIFO) in this transaction.
 
-    The rows stay locked until the transaction that writes their first changes commits;
-    `write_changes(..., claimed=True)` moves the epoch and takes the lease.
+    `among`: only these runs (those of them that can be claimed now); `set_apart`: runs
+    never to claim. The rows stay locked until the transaction that writes their first
+    changes commits; `write_changes(..., claimed=True)` moves the epoch and takes the lease.
     """
-    rows = list(await conn.fetch(q.SELECT_EXPIRED_RUNS, limit))
+    if among is not None:
+        return [_claimed(row) for row in await conn.fetch(q.SELECT_CLAIMABLE_AMONG, list(among))]
+    apart = list(set_apart)
+    rows = list(await conn.fetch(q.SELECT_EXPIRED_RUNS, limit, apart))
     if len(rows) < limit:
-        rows += await conn.fetch(q.SELECT_PENDING_RUNS, limit - len(rows))
+        rows += await conn.fetch(q.SELECT_PENDING_RUNS, limit - len(rows), apart)
     return [_claimed(row) for row in rows]
 
 
 async def renew_leases(
-    conn: asyncpg.Connection, owner: str, lease_seconds: float, run_ids: Sequence[UUID]
+    conn: asyncpg.Connection,
+    owner: str,
+    lease_seconds: float,
+    run_ids: Sequence[UUID],
+    *,
+    skip_locked: bool = False,
 ) -> dict[UUID, int]:
-    """Extend the leases of these runs in one statement; returns those still ours -> epoch."""
-    rows = await conn.fetch(q.RENEW_LEASES, owner, lease_seconds, list(run_ids))
+    """Extend the leases of these runs in one statement; returns those still ours -> epoch.
+    `skip_locked`: rows locked by someone else are not waited for (nor renewed this time)."""
+    query = q.RENEW_LEASES_SKIP_LOCKED if skip_locked else q.RENEW_LEASES
+    rows = await conn.fetch(query, owner, lease_seconds, list(run_ids))
     return {row["id"]: row["epoch"] for row in rows}
+
+
+async def existing_runs(conn: asyncpg.Connection, run_ids: Sequence[UUID]) -> set[UUID]:
+    """Which of these runs still have a row."""
+    return {row["id"] for row in await conn.fetch(q.EXISTING_RUNS, list(run_ids))}
 
 
 async def release_leases(conn: asyncpg.Connection, owner: str, run_ids: Sequence[UUID]) -> None:
@@ -272,14 +298,36 @@ async def write_changes(
     The run rows are updated under the epoch fence; events and inline results are written
     only for the runs whose update matched. Atomic on its own (no BEGIN/COMMIT round trips),
     or part of the caller's transaction. Attempts need no write of their own:
-    `step_attempts` is a view over their outbox events (sql/0007).
+    `step_attempts` is a view over their outbox events (sql/0007). A row locked by someone
+    else is waited for, up to the connection's lock_timeout.
     """
+    return set(await _write_changes(conn, q.WRITE_CHANGES, owner, lease_seconds, batch))
+
+
+async def write_changes_skip_locked(
+    conn: asyncpg.Connection, owner: str, lease_seconds: float, batch: Sequence[OwnedChanges]
+) -> dict[UUID, bool]:
+    """`write_changes` that skips the rows locked by someone else instead of waiting.
+
+    Returns every run it could lock -> whether it was written (False: the epoch moved on).
+    A run missing from the answer was locked elsewhere (write it later) or is gone.
+    """
+    return await _write_changes(conn, q.WRITE_CHANGES_SKIP_LOCKED, owner, lease_seconds, batch)
+
+
+async def _write_changes(
+    conn: asyncpg.Connection,
+    query: str,
+    owner: str,
+    lease_seconds: float,
+    batch: Sequence[OwnedChanges],
+) -> dict[UUID, bool]:
     if not batch:
-        return set()
+        return {}
     events = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
     inline = [(o.changes.run_id, r) for o in batch for r in o.changes.inline_results]
     rows = await conn.fetch(
-        q.WRITE_CHANGES,
+        query,
         owner,
         lease_seconds,
         [o.changes.run_id for o in batch],
@@ -311,7 +359,7 @@ async def write_changes(
         json_texts(r.error for _, r in inline),
         [r.at for _, r in inline],
     )
-    return {row["id"] for row in rows}
+    return {row["id"]: row["written"] for row in rows}
 
 
 # -- results -------------------------------------------------------------------------------

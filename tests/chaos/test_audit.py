@@ -31,9 +31,10 @@ async def _run(
 ) -> UUID:
     run_id = uuid4()
     seqs = seqs or list(range(1, len(events) + 1))
+    # Runs are inserted pending (sql/0010_isolation.sql); the engine moves them on.
+    await conn.execute("INSERT INTO flowforge.runs (id, workflow_name) VALUES ($1, 'w')", run_id)
     await conn.execute(
-        "INSERT INTO flowforge.runs (id, workflow_name, status, checkpoint)"
-        " VALUES ($1, 'w', $2, $3)",
+        "UPDATE flowforge.runs SET status = $2, checkpoint = $3 WHERE id = $1",
         run_id,
         status,
         {"seq": max(seqs)},
