@@ -27,7 +27,7 @@ __all__ = [
     "rejected_run",
 ]
 
-CHECKPOINT_VERSION = 2
+CHECKPOINT_VERSION = 3  # 3: attempt ids carry the run's incarnation
 
 
 def json_size(value: Any) -> int:

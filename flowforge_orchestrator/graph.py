@@ -76,8 +76,13 @@ class RunState(Fanning, Attempts, Restoring):
         status: RunStatus = RunStatus.PENDING,
         checkpoint: Mapping[str, Any] | None = None,
         results: Mapping[UUID, StepResult] | None = None,
+        incarnation: str | None = None,
     ) -> None:
+        """`incarnation`: when the run's row was created (see `nodes.attempt_id`); runs
+        checkpointed before attempt ids carried it keep the ids they have."""
         self.run_id = run_id
+        started_with_it = not checkpoint or int(checkpoint.get("v", 0)) >= CHECKPOINT_VERSION
+        self._incarnation = incarnation if started_with_it else None
         self.workflow = workflow
         self.version = version
         self.input = input
@@ -124,7 +129,9 @@ class RunState(Fanning, Attempts, Restoring):
                 saved_entry["na"] = attempts
             steps[key] = saved_entry
             steps.update(alone)
-        saved: dict[str, Any] = {"v": CHECKPOINT_VERSION, "seq": self._seq, "steps": steps}
+        # A run that started with attempt ids of the old form keeps them: version 2.
+        version = CHECKPOINT_VERSION if self._incarnation is not None else 2
+        saved: dict[str, Any] = {"v": version, "seq": self._seq, "steps": steps}
         if self._generation:
             saved["g"] = self._generation
         deadline = self._timers.get(RUN_TIMER)
@@ -424,7 +431,7 @@ class RunState(Fanning, Attempts, Restoring):
     def _begin_inline(self, node: Node) -> None:
         node.attempt += 1
         node.generation = self._generation
-        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
+        node.attempt_id = self._attempt_id(node)
 
     def _start_delay(self, node: Node, step: DelayStep, now: datetime) -> None:
         if step.duration is not None:
@@ -578,6 +585,9 @@ class RunState(Fanning, Attempts, Restoring):
 
     def _evaluate(self, node: Node, field: str) -> Any:
         return self.workflow.expression(node.step.id, field).evaluate(self._context(node))
+
+    def _attempt_id(self, node: Node) -> UUID:
+        return attempt_id(self.run_id, node.key, node.attempt, node.generation, self._incarnation)
 
     def _pending(self) -> RunChanges:
         if self._changes is None:

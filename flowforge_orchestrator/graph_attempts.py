@@ -19,7 +19,7 @@ from flowforge_orchestrator.changes import (
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
 from flowforge_orchestrator.graph_base import GraphParts
-from flowforge_orchestrator.nodes import Node, attempt_id
+from flowforge_orchestrator.nodes import Node
 from flowforge_orchestrator.plan import SECRET_ROOTS
 from flowforge_orchestrator.retry import decide
 from flowforge_orchestrator.state import StepStatus
@@ -33,7 +33,7 @@ class Attempts(GraphParts):
     def _dispatch_new_attempt(self, node: Node, now: datetime) -> None:
         node.attempt += 1
         node.generation = self._generation
-        node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
+        node.attempt_id = self._attempt_id(node)
         node.error = None
         dispatch = self._dispatch_for(node, now)
         if dispatch is None:  # the parameters could not be rendered: already failed

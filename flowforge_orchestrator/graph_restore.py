@@ -20,7 +20,7 @@ from flowforge_orchestrator.errors import ExpressionError, StepError
 from flowforge_orchestrator.expressions import to_json_value
 from flowforge_orchestrator.graph_base import GraphParts
 from flowforge_orchestrator.joins import JoinState, needed
-from flowforge_orchestrator.nodes import FAILED, Node, Saved, Scope, attempt_id, decode, unpack
+from flowforge_orchestrator.nodes import FAILED, Node, Saved, Scope, decode, unpack
 from flowforge_orchestrator.state import RunStatus, StepStatus
 
 __all__ = ["RUN_TIMER", "Restoring"]
@@ -66,7 +66,7 @@ class Restoring(GraphParts):
         if entry.attempt_id is not None:
             node.attempt_id = entry.attempt_id
         elif node.attempt and node.status is not StepStatus.PENDING:
-            node.attempt_id = attempt_id(self.run_id, node.key, node.attempt, node.generation)
+            node.attempt_id = self._attempt_id(node)
         if node.status.finished:
             node.scope.open -= 1
         result = results.get(node.attempt_id) if node.attempt_id else None

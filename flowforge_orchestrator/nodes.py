@@ -44,12 +44,17 @@ _NO_ITEM: Any = object()
 FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)  # ends that fail a list (unless tolerated)
 
 
-def attempt_id(run_id: UUID, key: str, attempt: int, generation: int = 0) -> UUID:
+def attempt_id(
+    run_id: UUID, key: str, attempt: int, generation: int = 0, incarnation: str | None = None
+) -> UUID:
     """Attempt ids are derived, not drawn: the checkpoint need not store them, and a node
     restored after a crash re-dispatches under the very id arq may already hold. The
-    generation counts redrives: a re-run step never reuses an id whose result exists."""
+    generation counts redrives: a re-run step never reuses an id whose result exists. The
+    incarnation (when the run row was created) tells apart a run inserted under the id of
+    a deleted one: the old run's jobs and late results never answer the new one's."""
+    run = f"{run_id}@{incarnation}" if incarnation else str(run_id)
     suffix = f"/g{generation}" if generation else ""
-    return uuid5(NAMESPACE_URL, f"flowforge:{run_id}/{key}/{attempt}{suffix}")
+    return uuid5(NAMESPACE_URL, f"flowforge:{run}/{key}/{attempt}{suffix}")
 
 
 @dataclass(slots=True, eq=False)

@@ -73,6 +73,12 @@ def _cause(exc: BaseException) -> str:
     return str(cause) or type(cause).__name__
 
 
+def _incarnation(created_at: datetime | None) -> str | None:
+    """When the run's row was created, to the microsecond: what tells two runs inserted
+    under one id apart (`nodes.attempt_id`)."""
+    return created_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%f") if created_at else None
+
+
 @dataclass
 class _Verdict:
     """What became of each run of a group commit."""
@@ -410,31 +416,39 @@ class Orchestrator(Upkeep):
         return inputs, refused
 
     async def _reject_alone(self, run_id: UUID, cause: StoreError) -> None:
-        """Fail a run the database refused to claim, in a transaction of its own; if not even
-        that can be written, set it apart: this replica never claims it again."""
+        """Fail a run the database refused to claim, in a transaction of its own, after any
+        transition already stored for it; if not even that can be written, set it apart:
+        this replica never claims it again."""
         message = f"the database refused to store this run: {_cause(cause)}"
-        log.error("run %s failed: %s", run_id, message, extra={"run_id": str(run_id)})
         try:
             async with store.transaction(self.pool) as conn:
                 rows = await store.claim_runs(conn, 1, among=[run_id])
                 if not rows:
                     return  # claimed meanwhile, or no longer claimable
                 row = rows[0]
-                failed = self._reject(row, message, self.clock(), category="storage_error")
+                seq = await store.last_seq(conn, run_id)
+                error = {"message": jsonb.storable(message), "category": "storage_error"}
+                failed = rejected_run(
+                    run_id, RunStatus(row.status), seq, {**error, "retryable": False}, self.clock()
+                )
                 write = store.OwnedChanges(
                     failed, epoch=row.epoch, new_epoch=row.epoch + 1, claimed=True
                 )
                 await store.write_changes(conn, self.node, self.settings.lease_seconds, [write])
-            self.metrics.reconciled("unstorable")
         except Exception as exc:
-            self._set_aside(run_id, exc)
+            self._set_aside(run_id, message, exc)
+            return
+        self.metrics.reconciled("unstorable")
+        log.error("run %s failed: %s", run_id, message, extra={"run_id": str(run_id)})
 
-    def _set_aside(self, run_id: UUID, exc: BaseException) -> None:
+    def _set_aside(self, run_id: UUID, why: str, exc: BaseException) -> None:
         self._set_apart.add(run_id)
         self.metrics.reconciled("set_apart")
         log.error(
-            "run %s cannot be written at all (%s); this orchestrator leaves it as it is",
+            "run %s: %s; not even its failure can be stored (%s): this orchestrator leaves "
+            "it as it is",
             run_id,
+            why,
             _cause(exc),
             extra={"run_id": str(run_id)},
         )
@@ -467,6 +481,7 @@ class Orchestrator(Upkeep):
             status=status,
             checkpoint=row.checkpoint,
             results=results,
+            incarnation=_incarnation(row.created_at),
         )
         if row.cancel_requested:  # asked for while pending, or while no one owned it
             state.cancel(now, "cancel requested")
@@ -746,37 +761,36 @@ class Orchestrator(Upkeep):
         asyncio.get_running_loop().call_later(delay, again)
 
     async def _fail_unwritable(self, owned: Owned, changes: RunChanges, fault: StoreError) -> None:
-        """The database refuses this run's changes: fail the run after its last written
+        """The database refuses this run's changes: fail the run after its last stored
         transition, with the cause. Its attempts still out are aborted. If not even that can
-        be written, the run is set apart: it is left as it is, and never claimed here again."""
+        be written, the run is set apart: left as it is, and never claimed here again."""
         run_id = changes.run_id
-        error = StepError(
-            f"the database refused to store this run's changes: {_cause(fault)}",
-            category="storage_error",
-            retryable=False,
-        ).to_dict()
-        error = jsonb.storable(error)
-        log.error("run %s failed: %s", run_id, error["message"], extra={"run_id": str(run_id)})
-        failed = rejected_run(run_id, RunStatus.RUNNING, owned.seq, error, self.clock())
-        failed.aborts = list(owned.attempts)
-        write = store.OwnedChanges(failed, epoch=owned.epoch, new_epoch=owned.epoch)
+        why = f"the database refused to store this run's changes: {_cause(fault)}"
+        error = StepError(jsonb.storable(why), category="storage_error", retryable=False)
 
-        async def write_alone() -> set[UUID]:
+        async def write_alone() -> tuple[bool, RunChanges]:
             async with self._owned_rows, self.pool.acquire() as conn:
-                return await store.write_changes(
+                seq = max(owned.seq, await store.last_seq(conn, run_id))
+                failed = rejected_run(run_id, RunStatus.RUNNING, seq, error.to_dict(), now)
+                failed.aborts = list(owned.attempts)
+                write = store.OwnedChanges(failed, epoch=owned.epoch, new_epoch=owned.epoch)
+                written = await store.write_changes(
                     conn, self.node, self.settings.lease_seconds, [write]
                 )
+                return run_id in written, failed
 
+        now = self.clock()
         try:
-            written = await store.retrying(write_alone, what="failing a run", attempts=5)
+            written, failed = await store.retrying(write_alone, what="failing a run", attempts=5)
         except Exception as exc:
             self._drop(run_id, "its changes cannot be stored")
-            self._set_aside(run_id, exc)
+            self._set_aside(run_id, why, exc)
             return
-        if run_id not in written:
+        if not written:
             self._drop(run_id, "lost ownership (epoch moved on)")
             return
         self.metrics.reconciled("unstorable")
+        log.error("run %s failed: %s", run_id, why, extra={"run_id": str(run_id)})
         self._after_commit(run_id, owned, failed)
 
     def _after_commit(

@@ -59,9 +59,22 @@ def json_texts(values: Iterable[Any]) -> list[str | None]:
     return [None if value is None else _dumps(value) for value in values]
 
 
+TOO_DEEP = "<a JSON value nested too deep to read>"
+
+
+def _loads(text: str) -> Any:
+    """JSON from a column. A value nested deeper than Python's decoder recurses (an input
+    the API inserted; PostgreSQL takes thousands of levels) reads as a marker, so that a
+    listing or a view of that run works; the engine itself refuses such inputs at claim."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        return TOO_DEEP
+
+
 async def _init(conn: asyncpg.Connection) -> None:
-    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
-    await conn.set_type_codec("json", encoder=_dumps, decoder=json.loads, schema="pg_catalog")
+    await conn.set_type_codec("jsonb", encoder=_dumps, decoder=_loads, schema="pg_catalog")
+    await conn.set_type_codec("json", encoder=_dumps, decoder=_loads, schema="pg_catalog")
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

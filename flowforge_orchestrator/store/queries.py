@@ -118,6 +118,10 @@ WHERE id IN (SELECT id FROM flowforge.runs
              FOR NO KEY UPDATE SKIP LOCKED)
 """
 
+# The last transition stored for a run, whatever wrote it: a run failed because its rows
+# could not be written takes the next number, so its failure lands after anything there.
+LAST_SEQ = "SELECT coalesce(max(seq), 0) FROM flowforge.outbox WHERE run_id = $1"
+
 # Which of these runs still exist (a run that was neither written nor found locked).
 EXISTING_RUNS = "SELECT id FROM flowforge.runs WHERE id = ANY($1::uuid[])"
 

@@ -33,6 +33,7 @@ __all__ = [
     "get_definition",
     "insert_definition",
     "insert_result",
+    "last_seq",
     "register_definition",
     "write_changes",
     "write_changes_skip_locked",
@@ -209,6 +210,11 @@ async def renew_leases(
     query = q.RENEW_LEASES_SKIP_LOCKED if skip_locked else q.RENEW_LEASES
     rows = await conn.fetch(query, owner, lease_seconds, list(run_ids))
     return {row["id"]: row["epoch"] for row in rows}
+
+
+async def last_seq(conn: asyncpg.Connection, run_id: UUID) -> int:
+    """The highest transition number stored for the run (0: none)."""
+    return int(await conn.fetchval(q.LAST_SEQ, run_id))
 
 
 async def existing_runs(conn: asyncpg.Connection, run_ids: Sequence[UUID]) -> set[UUID]:
