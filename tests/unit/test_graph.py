@@ -878,7 +878,7 @@ def test_rejected_run_is_a_single_workflow_failed_event() -> None:
     assert changes.status is RunStatus.FAILED
     assert changes.error == error
     assert changes.finished_at == at(7)
-    assert changes.checkpoint == {"v": 2, "seq": 1, "steps": {}}
+    assert changes.checkpoint == {"v": 3, "seq": 1, "steps": {}}
     assert changes.dispatches == []
     assert not [e for e in changes.events if e.type == "step.dispatched"]
     assert changes.inline_results == []
