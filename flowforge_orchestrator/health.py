@@ -5,7 +5,9 @@ connection (`Connection: close`), which every probe and Prometheus scraper handl
 
 * `/healthz`: 200 whenever the event loop answers; a blocked loop fails the probe by itself.
 * `/readyz`: runs every readiness check at once, each under a timeout; 200 when all pass,
-  else 503. The JSON body names each check and, for a failing one, why.
+  else 503. The JSON body names each check and, for a failing one, why. The report is
+  kept for `cache_seconds`, and probes that arrive while it is made wait for that one: a
+  storm of probes costs one round of checks per interval, not one per probe.
 * `/metrics`: the registry in the Prometheus text format (OpenMetrics when the scraper asks
   for it), by prometheus_client's own encoder.
 
@@ -84,11 +86,13 @@ def listening_check(connected: asyncio.Event) -> ReadinessCheck:
     return check
 
 
-def migrations_check(dsn: str) -> ReadinessCheck:
-    """The database has exactly the migrations this code knows."""
+def migrations_check(pool: store.Pool) -> ReadinessCheck:
+    """The database has exactly the migrations this code knows (on a pooled connection: a
+    probe never opens a connection of its own)."""
 
     async def check() -> object:
-        pending = await store.pending_migrations(dsn)
+        async with pool.acquire() as conn:
+            pending = await store.pending_on(conn)
         if pending:
             names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
             return f"migrations not applied: {names}"
@@ -129,6 +133,7 @@ class HealthServer:
         checks: Mapping[str, ReadinessCheck] | None = None,
         check_timeout: float = 2.0,
         request_timeout: float = 5.0,
+        cache_seconds: float = 1.0,
     ) -> None:
         self.host = host
         self.port = port
@@ -136,6 +141,9 @@ class HealthServer:
         self.checks = dict(checks or {})
         self.check_timeout = check_timeout
         self.request_timeout = request_timeout
+        self.cache_seconds = cache_seconds
+        self._report: tuple[float, tuple[bool, dict[str, str]]] | None = None  # (at, report)
+        self._checking: asyncio.Task[tuple[bool, dict[str, str]]] | None = None
         self._server: asyncio.Server | None = None
         self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
 
@@ -174,13 +182,25 @@ class HealthServer:
         await server.wait_closed()
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Run every check concurrently: (all passed, {name: "ok" or the reason})."""
+        """(all passed, {name: "ok" or the reason}): the last report if it is fresh, else
+        the round of checks under way, else a new one."""
+        now = asyncio.get_running_loop().time()
+        if self._report is not None and now - self._report[0] < self.cache_seconds:
+            return self._report[1]
+        if self._checking is None or self._checking.done():
+            self._checking = asyncio.create_task(self._check_all())
+        return await asyncio.shield(self._checking)
+
+    async def _check_all(self) -> tuple[bool, dict[str, str]]:
+        """Run every check concurrently."""
         names = list(self.checks)
         reasons = await asyncio.gather(
             *(_run_check(self.checks[name], self.check_timeout) for name in names)
         )
         report = {name: reason or "ok" for name, reason in zip(names, reasons, strict=True)}
-        return all(reason is None for reason in reasons), report
+        outcome = all(reason is None for reason in reasons), report
+        self._report = asyncio.get_running_loop().time(), outcome
+        return outcome
 
     # -- HTTP ----------------------------------------------------------------------------
 

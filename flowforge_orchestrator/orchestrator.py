@@ -913,7 +913,7 @@ async def run_orchestrator(
                 "database": health.database_check(pool),
                 "redis": health.redis_check(dispatcher.ping),
                 "listen": health.listening_check(orchestrator.listener.connected),
-                "migrations": health.migrations_check(settings.database_url),
+                "migrations": health.migrations_check(pool),
             }
             sampler = asyncio.create_task(metrics.run_sampler(pool, measures))
             try:

@@ -393,7 +393,7 @@ async def run_worker(
         checks = {
             "database": health.database_check(pool),
             "redis": health.redis_check(lambda: workers[0].pool.ping()),  # None until up
-            "migrations": health.migrations_check(settings.database_url),
+            "migrations": health.migrations_check(pool),
         }
         served_http = await _serve_health(settings, measures, checks) if serve_http else None
         log.info("worker %s serving step types: %s", settings.node_id, ", ".join(served))

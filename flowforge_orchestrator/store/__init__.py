@@ -13,7 +13,7 @@ from flowforge_orchestrator.store.db import (
     transaction,
     wrap,
 )
-from flowforge_orchestrator.store.migrations import apply_migrations, pending_migrations
+from flowforge_orchestrator.store.migrations import apply_migrations, pending_migrations, pending_on
 from flowforge_orchestrator.store.roles import ROLES, apply_roles, roles_sql
 from flowforge_orchestrator.store.store import (
     ClaimedRun,
@@ -95,6 +95,7 @@ __all__ = [
     "lock_run",
     "outbox_backlog",
     "pending_migrations",
+    "pending_on",
     "ping",
     "redrive_run",
     "register_definition",

@@ -16,7 +16,7 @@ import asyncpg
 
 from flowforge_orchestrator.errors import MigrationError
 
-__all__ = ["Migration", "apply_migrations", "load_migrations", "pending_migrations"]
+__all__ = ["Migration", "apply_migrations", "load_migrations", "pending_migrations", "pending_on"]
 
 _LOCK_KEY = 0x466C6F77  # "Flow": one advisory lock id for the migration runner
 _NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
@@ -99,12 +99,17 @@ def _check(applied: dict[int, str], migrations: list[Migration]) -> list[Migrati
 
 
 async def pending_migrations(dsn: str) -> list[Migration]:
-    """Migrations not yet applied (readiness checks use this)."""
+    """Migrations not yet applied, on a connection of its own (start-up checks)."""
     conn = await asyncpg.connect(dsn)
     try:
-        return _check(await _applied(conn), load_migrations())
+        return await pending_on(conn)
     finally:
         await conn.close()
+
+
+async def pending_on(conn: asyncpg.Connection) -> list[Migration]:
+    """Migrations not yet applied, on the caller's connection (readiness checks: pooled)."""
+    return _check(await _applied(conn), load_migrations())
 
 
 async def apply_migrations(dsn: str) -> list[str]:

@@ -70,10 +70,10 @@ async def test_probes_and_readiness_against_real_servers(
         "database": database_check(pool),
         "redis": redis_check(dispatcher.ping),
         "listen": listening_check(listening),
-        "migrations": migrations_check(db_url),
+        "migrations": migrations_check(pool),
     }
     async with (
-        HealthServer(host="127.0.0.1", port=0, checks=checks) as server,
+        HealthServer(host="127.0.0.1", port=0, checks=checks, cache_seconds=0) as server,
         httpx.AsyncClient(base_url=server.url) as http,
     ):
         assert server.port != 0
@@ -103,16 +103,20 @@ async def test_readiness_names_what_fails_and_why(services: Services, template_d
     async def says_no() -> bool:
         return False
 
+    # the admin database has no flowforge schema at all
+    admin = await store.create_pool(database_dsn(services.database_url, "postgres"), size=2)
     checks = {
-        # the admin database has no flowforge schema at all
-        "migrations": migrations_check(database_dsn(services.database_url, "postgres")),
+        "migrations": migrations_check(admin),
         "slow": hangs,
         "down": raises,
         "no": says_no,
     }
     server = HealthServer(host="127.0.0.1", port=0, checks=checks, check_timeout=0.2)
-    async with server, httpx.AsyncClient(base_url=server.url) as http:
-        response = await http.get("/readyz")
+    try:
+        async with server, httpx.AsyncClient(base_url=server.url) as http:
+            response = await http.get("/readyz")
+    finally:
+        await admin.close()
     assert response.status_code == 503
     body = response.json()
     assert body["failing"] == ["migrations", "slow", "down", "no"]
@@ -122,6 +126,27 @@ async def test_readiness_names_what_fails_and_why(services: Services, template_d
         "down": "ConnectionRefusedError: connection refused",
         "no": "not ready",
     }
+
+
+async def test_a_storm_of_probes_costs_one_round_of_checks_per_interval(pool: store.Pool) -> None:
+    calls = 0
+    database = database_check(pool)
+
+    async def counted() -> None:
+        nonlocal calls
+        calls += 1
+        await database()
+
+    checks = {"database": counted, "migrations": migrations_check(pool)}
+    server = HealthServer(host="127.0.0.1", port=0, checks=checks, cache_seconds=60)
+    limits = httpx.Limits(max_connections=600)
+    async with server, httpx.AsyncClient(base_url=server.url, limits=limits) as http:
+        answers = await asyncio.gather(*(http.get("/readyz") for _ in range(600)))
+        assert {a.status_code for a in answers} == {200}
+        assert calls == 1
+        server.cache_seconds = 0  # an old report is not reused: a new round runs
+        assert (await http.get("/readyz")).status_code == 200
+        assert calls == 2
 
 
 async def test_metrics_are_served_in_both_formats(pool: store.Pool) -> None:
