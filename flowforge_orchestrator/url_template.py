@@ -39,6 +39,8 @@ FIELD = "with.url"
 # `scheme://authority` then the delimiter that ends the authority.
 _LITERAL_BASE = re.compile(r"(?i)(https?)://([^/?#]+)(?=[/?#])")
 _DELIMITERS = "/?#"
+_DELIMITER = re.compile(r"[/?#]")
+_SPECIAL = re.compile(r"[/?#&=]")  # the characters that move from one part to another
 
 
 class _Part(enum.Enum):
@@ -173,14 +175,22 @@ class _Writer:
 
     def authority(self, text: str) -> str:
         """Write `scheme://authority` of `text` as it is; return the rest."""
-        start = text.find("://") + 3
-        end = next((i for i, c in enumerate(text) if i >= start and c in _DELIMITERS), len(text))
+        found = _DELIMITER.search(text, text.find("://") + 3)
+        end = found.start() if found else len(text)
         self.out.append(text[:end])
         return text[end:]
 
     def literal(self, text: str) -> None:
-        for char in text:
-            self._char(char)
+        position = 0
+        for found in _SPECIAL.finditer(text):
+            self._plain(text[position : found.start()])
+            self._char(found.group())
+            position = found.end()
+        self._plain(text[position:])
+
+    def _plain(self, text: str) -> None:
+        if text:
+            (self.segment if self.part is _Part.PATH else self.out).append(text)
 
     def _char(self, char: str) -> None:
         part = self.part
