@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from flowforge_orchestrator.steps.destinations import parse_entries
+
 __all__ = ["Settings"]
 
 
@@ -86,6 +88,18 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Default step timeout when a definition sets none."
     )
 
+    # Where http steps may connect (README: "HTTP steps: destinations and URLs").
+    http_deny: str | None = Field(
+        default=None,
+        description="Destinations http steps may never reach, checked first: comma-separated "
+        "CIDRs, IP addresses and host names ('*.example.com' for every name under it).",
+    )
+    http_allow: str | None = Field(
+        default=None,
+        description="Destinations allowed although a built-in rule denies them (loopback, "
+        "link-local and cloud metadata, ...): same form; FLOWFORGE_HTTP_DENY wins.",
+    )
+
     # Telemetry.
     otel_console: bool = Field(
         default=False, description="Print spans to stderr (local debugging)."
@@ -109,6 +123,13 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Lowest level logged (DEBUG, INFO, WARNING, ERROR)."
     )
+
+    @field_validator("http_deny", "http_allow")
+    @classmethod
+    def _destinations(cls, value: str | None, info: ValidationInfo) -> str | None:
+        # A mistyped entry is named at startup, not when a step first connects.
+        parse_entries(value or "", f"FLOWFORGE_{(info.field_name or '').upper()}")
+        return value
 
     @field_validator("log_level", "log_format", mode="before")
     @classmethod

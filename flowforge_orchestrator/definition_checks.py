@@ -34,6 +34,7 @@ from flowforge_orchestrator.expressions import (
     compile_template,
     field_path,
 )
+from flowforge_orchestrator.url_template import url_template_problem
 
 __all__ = ["Problems", "check_raw", "load_text", "topological_order", "translate"]
 
@@ -324,10 +325,15 @@ def _check_type(step: RawStep, known: Collection[str] | None, problems: Problems
 
 
 def _check_http(step: RawStep, model: type[BaseModel], problems: Problems) -> None:
-    """Validate keys and literal values of `with`; templated values are checked once rendered."""
+    """Validate keys and literal values of `with`; templated values are checked once rendered,
+    but a templated URL must leave its scheme, host and port to the definition."""
     params = step.data.get("with", {})
     if not isinstance(params, dict):
         return
+    url = params.get("url")
+    problem = url_template_problem(url) if isinstance(url, str) and "${{" in url else None
+    if problem is not None:
+        problems.at(step, problem, "with.url")
     try:
         model.model_validate(params)
     except ValidationError as exc:

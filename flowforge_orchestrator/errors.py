@@ -10,7 +10,8 @@
     ├── MigrationError            a migration file is missing, altered or failed
     ├── NotFound                  a run or definition that does not exist
     └── StepError                 one attempt of a step failed (carries `category`, `retryable`)
-        └── PayloadTooLarge       an output or the run context is over its byte limit
+        ├── PayloadTooLarge       an output or the run context is over its byte limit
+        └── DestinationDenied     the destination policy refused an http step's address
 
 Retryability is an attribute, not a type: a `StepError` says whether another attempt may help.
 """
@@ -24,6 +25,7 @@ __all__ = [
     "ConfigError",
     "DefinitionError",
     "DefinitionProblem",
+    "DestinationDenied",
     "ExpressionError",
     "FlowForgeError",
     "MigrationError",
@@ -163,4 +165,17 @@ class PayloadTooLarge(StepError):
             category="payload_too_large",
             retryable=False,
             details={"step_id": step_id, "what": what, "size": size, "limit": limit},
+        )
+
+
+class DestinationDenied(StepError):
+    """The destination policy refused where an http step would connect; never retried."""
+
+    def __init__(self, *, host: str, address: str, reason: str) -> None:
+        where = host if host == address else f"{host} ({address})"
+        super().__init__(
+            f"destination {where} is denied: {reason}",
+            category="destination_denied",
+            retryable=False,
+            details={"host": host, "address": address, "reason": reason},
         )

@@ -80,9 +80,11 @@ class Attempts(GraphParts):
         step = node.step
         assert node.attempt_id is not None
         try:
-            params = self.workflow.params[step.id].render(
-                self._context(node), skip_roots=SECRET_ROOTS
-            )
+            context = self._context(node)
+            params = self.workflow.params[step.id].render(context, skip_roots=SECRET_ROOTS)
+            url = self.workflow.urls.get(step.id)
+            if url is not None:  # every value encoded for the part of the URL it lands in
+                params["url"] = url.render(context)
         except ExpressionError as exc:
             self._fail(node, expression_error(exc), now)
             return None

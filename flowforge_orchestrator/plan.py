@@ -18,7 +18,8 @@ from flowforge_orchestrator.definitions import (
     TransformStep,
     WorkflowDefinition,
 )
-from flowforge_orchestrator.expressions import Expression, Template
+from flowforge_orchestrator.expressions import Expression, Template, compile_template
+from flowforge_orchestrator.url_template import UrlTemplate, url_string
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "ListPlan"]
 
@@ -59,6 +60,10 @@ class CompiledWorkflow:
     # Paths in `with` that read `secrets`: only the worker renders them, from its own
     # environment, so secret values never reach PostgreSQL, Redis, logs or events.
     secret_paths: dict[str, list[list[str | int]]] = field(init=False)
+    # The templated `with.url` of http steps, rendered with every value URL-encoded (their
+    # `params` template is then the rest of `with`). A URL that reads secrets is the
+    # worker's to render, and stays in `params`.
+    urls: dict[str, UrlTemplate] = field(init=False)
     run_output: Template | None = field(init=False)
 
     def __post_init__(self) -> None:
@@ -66,6 +71,7 @@ class CompiledWorkflow:
         compiled = definition.compiled
         self.root = ListPlan.of(definition.steps)
         self.children, self.params, self.outputs, self.secret_paths = {}, {}, {}, {}
+        self.urls = {}
         self.expressions = dict(compiled.expressions)
         for step in definition.all_steps():
             if isinstance(step, TaskStep):
@@ -74,6 +80,11 @@ class CompiledWorkflow:
                 deferred = params.deferred_paths(SECRET_ROOTS)
                 if deferred:
                     self.secret_paths[step.id] = [list(path) for path in deferred]
+                url = url_string(params) if step.type == "http" else None
+                if url is not None and url.roots.isdisjoint(SECRET_ROOTS):
+                    self.urls[step.id] = UrlTemplate.of(url, step.id)
+                    rest = {k: v for k, v in step.with_.items() if k != "url"}
+                    self.params[step.id] = compile_template(rest, step_id=step.id, field="with")
             elif isinstance(step, TransformStep):
                 self.outputs[step.id] = compiled.template(step.id, "output")
             elif isinstance(step, ConditionStep):

@@ -44,7 +44,9 @@ from flowforge_orchestrator.errors import (
 from flowforge_orchestrator.expressions import render_at
 from flowforge_orchestrator.queue_worker import WakeableWorker
 from flowforge_orchestrator.result_writer import Result, ResultWriter
+from flowforge_orchestrator.steps.destinations import DestinationPolicy
 from flowforge_orchestrator.steps.http import run_http_step
+from flowforge_orchestrator.steps.http_client import make_http_client
 
 __all__ = [
     "StepContext",
@@ -163,7 +165,8 @@ class WorkerRuntime:
         self.pool = pool
         self.types = dict(types)
         self.secrets = dict(secrets or {})
-        self.http = httpx.AsyncClient(follow_redirects=False)
+        policy = DestinationPolicy.parse(settings.http_deny, settings.http_allow)
+        self.http = make_http_client(policy)
         self.node = settings.node_id
         self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
         self.results = ResultWriter(pool, settings.node_id, in_progress=self._in_progress)

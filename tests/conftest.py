@@ -134,4 +134,5 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         lease_seconds=5,
         worker_poll_delay=0.01,
         http_port=0,  # no health server unless a test asks for one (on a free port)
+        http_allow="127.0.0.0/8,::1",  # http steps call servers of the test on loopback
     )

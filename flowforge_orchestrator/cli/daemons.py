@@ -13,6 +13,7 @@ from flowforge_orchestrator import sdnotify, store, telemetry
 from flowforge_orchestrator.cli.common import add_command, need_db, secrets
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.steps.destinations import allow_loopback
 
 __all__ = ["add_commands", "require_schema"]
 
@@ -43,6 +44,8 @@ async def _services(settings: Settings) -> AsyncIterator[Settings]:
             update={
                 "database_url": settings.database_url or services.postgres.url,
                 "redis_url": settings.redis_url or services.redis.url,
+                # The local default: http steps may call services on this machine.
+                "http_allow": allow_loopback(settings.http_allow),
             }
         )
 
@@ -123,6 +126,8 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.demo import run_demo
 
     async with _services(settings) as live:
+        # The demo serves its endpoints on 127.0.0.1, whichever servers it uses.
+        live = live.model_copy(update={"http_allow": allow_loopback(settings.http_allow)})
         return await run_demo(live, order_id=args.order_id)
 
 

@@ -2,7 +2,9 @@
 
 Every failure becomes a `StepError` whose `category` is what `retry_on` matches: `timeout`,
 `connection_error`, `http_<status>`, `payload_too_large`, `too_many_redirects`,
-`invalid_params`. The retry policy decides; `retryable=False` only marks what cannot succeed.
+`invalid_params`, `destination_denied` (the worker's client, `http_client.make_http_client`,
+checks each connection against the destination policy). The retry policy decides;
+`retryable=False` only marks what cannot succeed.
 A `Retry-After` on an unexpected status becomes `details.retry_after`, in seconds from when
 the response arrived (`retry.parse_retry_after`), for the retry policy to honour.
 
@@ -33,7 +35,7 @@ from opentelemetry.semconv.attributes.server_attributes import SERVER_ADDRESS, S
 from opentelemetry.semconv.attributes.url_attributes import URL_FULL
 from opentelemetry.trace import Span, SpanKind
 
-from flowforge_orchestrator.errors import StepError
+from flowforge_orchestrator.errors import DestinationDenied, StepError
 from flowforge_orchestrator.retry import parse_retry_after
 from flowforge_orchestrator.telemetry import tracer
 
@@ -147,6 +149,13 @@ async def _exchange(
                 "headers": _select_headers(response.headers, req.response_headers),
                 "body": _decode_body(response, body),
             }
+    except DestinationDenied as exc:  # raised at connect time, before anything was sent
+        raise StepError(
+            f"{where} was not sent: {exc.message}",
+            category=exc.category,
+            retryable=False,
+            details={"url": safe_url, **exc.details},
+        ) from exc
     except (TimeoutError, httpx.TimeoutException) as exc:
         _fail(f"{where} timed out after {req.timeout:g} s", "timeout", True, safe_url, exc)
     except httpx.LocalProtocolError as exc:
@@ -318,7 +327,8 @@ def _parse_url(value: Any, query: Any) -> httpx.URL:
     try:
         url = httpx.URL(value.strip())
     except httpx.InvalidURL as exc:
-        _invalid("url", f"is not a valid URL: {exc}")
+        # httpx quotes the offending text ("Invalid port: '...'"), which may be a secret.
+        _invalid("url", f"is not a valid URL ({_url_problem(exc)})")
     if url.scheme not in ("http", "https") or not url.host:
         _invalid("url", "must be an absolute http:// or https:// URL")
     if query is None:
@@ -332,6 +342,13 @@ def _parse_url(value: Any, query: Any) -> httpx.URL:
     return url.copy_merge_params(dict(query)) if query else url
 
 
+def _url_problem(exc: httpx.InvalidURL) -> str:
+    """What httpx found wrong, without the text it quotes: `Invalid port: '...'` gives
+    `invalid port`."""
+    words = re.split(r"[:,'\"]", str(exc), maxsplit=1)[0].strip().rstrip(".")
+    return words.lower() or "unparseable"
+
+
 def _parse_headers(value: Any) -> dict[str, str]:
     if value is None:
         return {}
@@ -343,6 +360,11 @@ def _parse_headers(value: Any) -> dict[str, str]:
             _invalid("headers", f"entry {name!r} is not a valid header name")
         if not isinstance(item, str) or _HEADER_VALUE_FORBIDDEN.search(item):
             _invalid("headers", f"value of '{name}' must be a string without line breaks")
+        if not item.isascii():  # what httpx encodes; anything else fails every attempt
+            _invalid(
+                "headers",
+                f"value of '{name}' must be ASCII text (percent- or base64-encode other text)",
+            )
     return dict(value)
 
 

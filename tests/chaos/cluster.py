@@ -141,6 +141,7 @@ class ChaosCluster:
             FLOWFORGE_WORKER_MAX_JOBS="50",
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="2",
             FLOWFORGE_HTTP_PORT="0",  # several processes share the host
+            FLOWFORGE_HTTP_ALLOW="127.0.0.0/8",  # the chaos HTTP server is on 127.0.0.1
         )
         return env
 

@@ -419,6 +419,7 @@ def daemons(env: str, redis_url: str, tmp_path: Path) -> Iterator[None]:
         FLOWFORGE_POLL_INTERVAL="0.5",
         FLOWFORGE_WORKER_POLL_DELAY="0.01",
         FLOWFORGE_WORKER_SHUTDOWN_GRACE="1",
+        FLOWFORGE_HTTP_ALLOW="127.0.0.0/8",  # the test's HTTP server is on 127.0.0.1
     )
     with contextlib.ExitStack() as stack:
         for name, args, ready in (

@@ -496,6 +496,8 @@ async def test_bad_params_are_invalid_params(
         {"X-Token": "top-secret\r\nInjected: 1"},
         {"X-Token": "top-secret\x00"},
         {"Bad Name": "top-secret"},
+        {"X-Token": "top-secret-\u00e9"},  # Latin-1, but httpx sends ASCII only
+        {"X-Token": "top-secret-\u2603"},
     ],
 )
 async def test_bad_header_is_invalid_params_and_its_value_is_never_shown(
@@ -504,4 +506,37 @@ async def test_bad_header_is_invalid_params_and_its_value_is_never_shown(
     error = await run_error(client, url=URL, headers=headers)
     assert (error.category, error.retryable) == ("invalid_params", False)
     assert "top-secret" not in error.message
+    assert not respx_mock.calls
+
+
+async def test_non_ascii_header_value_names_the_header_and_is_not_retried(
+    respx_mock: respx.MockRouter, client: httpx.AsyncClient
+) -> None:
+    error = await run_error(client, url=URL, headers={"X-Name": "Zo\u00eb-top-secret"})
+    assert (error.category, error.retryable, error.details) == (
+        "invalid_params",
+        False,
+        {"field": "headers"},
+    )
+    assert "'X-Name'" in error.message and "ASCII" in error.message
+    assert "top-secret" not in error.message
+    assert not respx_mock.calls
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://svc.test:18080:S3CR3T-token/x", "invalid port"),
+        ("http://S3CR3T\x01.test/", "invalid non-printable ascii character in url"),
+        ("http://[S3CR3T]/", "invalid ipv6 address"),
+        ("http://0177.0.0.1:1/S3CR3T", "invalid ipv4 address"),
+    ],
+)
+async def test_an_unparseable_url_is_described_without_quoting_it(
+    respx_mock: respx.MockRouter, client: httpx.AsyncClient, url: str, problem: str
+) -> None:
+    error = await run_error(client, url=url)
+    assert (error.category, error.retryable) == ("invalid_params", False)
+    assert error.message == f"http step: field 'url' is not a valid URL ({problem})"
+    assert "S3CR3T" not in repr(error.to_dict())
     assert not respx_mock.calls
