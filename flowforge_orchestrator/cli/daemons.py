@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from flowforge_orchestrator import sdnotify, store, telemetry
-from flowforge_orchestrator.cli.common import add_command, need_db, secrets
+from flowforge_orchestrator.cli.common import add_command, need_db, secrets, with_job_key
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
 
@@ -30,21 +30,24 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[Settings]:
-    """Use the configured URLs, or start private servers in the data dir for this process."""
+    """Use the configured URLs, or start private servers in the data dir for this process
+    (then, without FLOWFORGE_JOB_KEY, the job key is `<data_dir>/job.key`, created if need
+    be, which a `worker` started with the printed URLs finds too)."""
     if settings.database_url and settings.redis_url:
-        yield settings
+        yield with_job_key(settings, create=False)
         return
     from flowforge_orchestrator.local_services import local_services
 
     with local_services(settings.data_dir) as services:
         print(f"PostgreSQL: {services.postgres.url} ({services.postgres.source})", flush=True)
         print(f"Redis:      {services.redis.url} ({services.redis.source})", flush=True)
-        yield settings.model_copy(
+        live = settings.model_copy(
             update={
                 "database_url": settings.database_url or services.postgres.url,
                 "redis_url": settings.redis_url or services.redis.url,
             }
         )
+        yield with_job_key(live, create=True)
 
 
 async def require_schema(dsn: str) -> None:
@@ -106,10 +109,12 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL "
             "(`flowforge-orchestrator run` prints them when it starts private servers)"
         )
+    dsn = settings.database_url
+    settings = with_job_key(settings, create=False)
     console = settings.otel_console or args.otel_console
     telemetry.configure(service_name="flowforge-worker", console=console)
     types = load_step_types(args.types_module)
-    await require_schema(settings.database_url)
+    await require_schema(dsn)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:

@@ -25,6 +25,7 @@ from flowforge_orchestrator.store.store import (
     concurrency_slots,
     count_open_runs,
     definition_spec,
+    engine_secret,
     enqueue_run,
     fetch_results,
     fetch_run_results,
@@ -48,6 +49,8 @@ from flowforge_orchestrator.store.store import (
     run_attempts,
     run_events,
     run_transitions,
+    settle_cancel_requests,
+    unblock_cancelled,
     write_changes,
 )
 
@@ -70,6 +73,7 @@ __all__ = [
     "count_open_runs",
     "create_pool",
     "definition_spec",
+    "engine_secret",
     "enqueue_run",
     "fetch_results",
     "fetch_run_results",
@@ -98,7 +102,9 @@ __all__ = [
     "run_attempts",
     "run_events",
     "run_transitions",
+    "settle_cancel_requests",
     "transaction",
+    "unblock_cancelled",
     "wrap",
     "write_changes",
 ]

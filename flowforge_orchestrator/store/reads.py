@@ -27,7 +27,11 @@ __all__ = [
 ]
 
 RUN_CHECKPOINT = """
-SELECT checkpoint, redrives, cancel_requested, waiting FROM flowforge.runs WHERE id = $1
+SELECT checkpoint, redrives, waiting,
+       (cancel_requested OR EXISTS (
+           SELECT FROM flowforge.cancel_requests c
+           WHERE c.run_id = runs.id AND c.handled_at IS NULL)) AS cancel_requested
+FROM flowforge.runs WHERE id = $1
 """
 
 FIND_RUNS = """
