@@ -7,7 +7,10 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from secrets import token_urlsafe
 from typing import Any
+
+from pydantic import SecretStr
 
 from flowforge_orchestrator import sdnotify, store, telemetry
 from flowforge_orchestrator.cli.common import add_command, need_db, secrets, with_job_key
@@ -128,6 +131,10 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.demo import run_demo
 
     async with _services(settings) as live:
+        if live.job_key is None:
+            # The demo's orchestrator and worker share this process: a key of their own
+            # that no one else needs to know.
+            live = live.model_copy(update={"job_key": SecretStr(token_urlsafe(32))})
         return await run_demo(live, order_id=args.order_id)
 
 

@@ -27,7 +27,7 @@ import pytest
 
 from flowforge_orchestrator.cli import main
 from flowforge_orchestrator.demo import DemoShop
-from tests.conftest import Services, database_dsn, run_sync
+from tests.conftest import TEST_JOB_KEY, Services, database_dsn, run_sync
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("flowforge-orchestrator")
@@ -419,6 +419,7 @@ def daemons(env: str, redis_url: str, tmp_path: Path) -> Iterator[None]:
         FLOWFORGE_POLL_INTERVAL="0.5",
         FLOWFORGE_WORKER_POLL_DELAY="0.01",
         FLOWFORGE_WORKER_SHUTDOWN_GRACE="1",
+        FLOWFORGE_JOB_KEY=TEST_JOB_KEY,
     )
     with contextlib.ExitStack() as stack:
         for name, args, ready in (

@@ -22,8 +22,8 @@ from flowforge_orchestrator import metrics, store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
-from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.errors import StoreError
+from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import StepContext, run_worker
 from tests.conftest import Services, _admin, database_dsn
