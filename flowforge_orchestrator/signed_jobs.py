@@ -38,6 +38,7 @@ MIN_KEY_LENGTH = 16
 # Why a worker refuses a job, as labelled in its log and its metrics.
 REFUSAL_REASONS = ("malformed", "bad_signature", "wrong_job_id", "wrong_queue")
 
+_PLACEHOLDER = "CHANGE-ME"  # what deploy/ examples hold until someone sets a real key
 _DOMAIN = b"flowforge-job-v1\x00"
 _MASK_DOMAIN = b"flowforge-token-mask-v1\x00"
 _SIGNATURE = re.compile(r"[0-9a-f]{64}")
@@ -184,6 +185,11 @@ class JobKeys:
                 f"{MIN_KEY_LENGTH} characters"
             )
         for number, key in enumerate(keys, start=1):
+            if _PLACEHOLDER in key:
+                raise ConfigError(
+                    f"{JOB_KEY_ENV}: key {number} is still the example's placeholder; "
+                    "set a random string"
+                )
             if len(key) < MIN_KEY_LENGTH:
                 raise ConfigError(
                     f"{JOB_KEY_ENV}: key {number} has {len(key)} characters; each key needs at "

@@ -91,7 +91,8 @@ SELECT
           AND c.relowner <> to_regrole($2)
         ORDER BY 1) END AS not_owned,
     CASE WHEN to_regrole($3) IS NULL THEN NULL
-         ELSE has_table_privilege($3, 'flowforge.step_results', 'INSERT') END AS worker_inserts,
+         ELSE has_any_column_privilege($3, 'flowforge.step_results', 'INSERT') END
+        AS worker_inserts,
     CASE WHEN to_regrole($4) IS NULL THEN NULL
          ELSE has_any_column_privilege($4, 'flowforge.runs', 'INSERT') END AS api_enqueues
 """

@@ -358,10 +358,11 @@ def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
 ) -> None:
     run_id = cli("submit", "greet", "--input", "{}").out.strip()
 
-    cancelled = cli("runs", "cancel", run_id)
+    cancelled = cli("runs", "cancel", run_id, "--reason", "ordered twice")
     assert cancelled.code == 0
     assert cancelled.out.strip() == f"run {run_id}: cancellation requested (it was pending)"
-    assert sql(env, "SELECT cancel_requested FROM flowforge.runs")[0][0] is True
+    requests = sql(env, "SELECT run_id::text, reason, handled_at FROM flowforge.cancel_requests")
+    assert [tuple(r) for r in requests] == [(run_id, "ordered twice", None)]
 
     sql(env, "UPDATE flowforge.runs SET status = 'completed'")
     again = cli("runs", "cancel", run_id)

@@ -84,9 +84,7 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
     tasks = [
         asyncio.create_task(run_orchestrator(settings, stop, ready=ready_o)),
         asyncio.create_task(
-            run_worker(
-                settings, load_step_types([]), stop=stop, ready=ready_w, secrets=SECRETS
-            )
+            run_worker(settings, load_step_types([]), stop=stop, ready=ready_w, secrets=SECRETS)
         ),
     ]
     await asyncio.wait_for(asyncio.gather(ready_o.wait(), ready_w.wait()), timeout=20)

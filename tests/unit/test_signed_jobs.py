@@ -172,7 +172,7 @@ def test_a_payload_with_a_wrong_field_is_malformed_and_names_it(field: str, valu
 
 
 def test_job_keys_must_be_long_enough_and_the_error_names_the_setting() -> None:
-    for text in ("", " , ", "short", f"{KEY},short"):
+    for text in ("", " , ", "short", f"{KEY},short", "CHANGE-ME-to-a-random-string"):
         with pytest.raises(ConfigError, match="FLOWFORGE_JOB_KEY"):
             JobKeys.parse(text)
 
