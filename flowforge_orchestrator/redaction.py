@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -37,6 +37,7 @@ __all__ = [
     "attempt_redaction",
     "check_secrets",
     "credential_values",
+    "redact_logs",
 ]
 
 REDACTED = "[REDACTED]"
@@ -185,3 +186,18 @@ class RedactingFilter(logging.Filter):
             if isinstance(value, str) and key not in _STANDARD:
                 setattr(record, key, redactor.text(value))
         return True
+
+
+def redact_logs(redactor: Redactor) -> Callable[[], None]:
+    """Redact every record that reaches the root logger's handlers (the process's values,
+    or inside `attempt_redaction` the attempt's); returns what stops it."""
+    redacting = RedactingFilter(redactor)
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(redacting)
+
+    def stop() -> None:
+        for handler in handlers:
+            handler.removeFilter(redacting)
+
+    return stop

@@ -49,11 +49,11 @@ from flowforge_orchestrator.errors import (
 from flowforge_orchestrator.expressions import render_at
 from flowforge_orchestrator.queue_worker import WakeableWorker
 from flowforge_orchestrator.redaction import (
-    RedactingFilter,
     Redactor,
     attempt_redaction,
     check_secrets,
     credential_values,
+    redact_logs,
 )
 from flowforge_orchestrator.result_writer import Result, ResultWriter
 from flowforge_orchestrator.signed_jobs import Job, JobKeys
@@ -232,9 +232,8 @@ class WorkerRuntime:
                 attempt_redaction(redactor),
                 self.metrics.attempt(job.type) as timer,
             ):
-                outcome, output, error = await self._run(job)
+                outcome, output, error = self._redacted(redactor, job, *await self._run(job))
                 timer.outcome = outcome
-                output, error = self._redacted(redactor, job, output, error)
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
         await self._report(
@@ -251,21 +250,26 @@ class WorkerRuntime:
         return outcome
 
     def _redacted(
-        self, redactor: Redactor, job: Job, output: Any, error: dict[str, Any] | None
-    ) -> tuple[Any, dict[str, Any] | None]:
-        """Output and error without any secret value (the output's size checked again:
-        `[REDACTED]` may be longer than what it replaced)."""
+        self,
+        redactor: Redactor,
+        job: Job,
+        outcome: str,
+        output: Any,
+        error: dict[str, Any] | None,
+    ) -> tuple[str, Any, dict[str, Any] | None]:
+        """The outcome, with no secret value left in its output or error (the output's size
+        checked again: `[REDACTED]` may be longer than what it replaced)."""
         if redactor.empty:
-            return output, error
+            return outcome, output, error
         try:
             output, error = redactor.value(output), redactor.value(error)
         except RecursionError:
-            error = StepError(
+            failure = StepError(
                 "the step's output is nested too deeply to be checked for secrets",
                 category="invalid_output",
                 retryable=False,
-            ).to_dict()
-            return None, error
+            )
+            return "failed", None, failure.to_dict()
         if output is not None:
             size = json_size(output)
             if size > self.settings.max_output_bytes:
@@ -275,8 +279,8 @@ class WorkerRuntime:
                     size=size,
                     limit=self.settings.max_output_bytes,
                 )
-                return None, too_large.to_dict()
-        return output, error
+                return "failed", None, too_large.to_dict()
+        return outcome, output, error
 
     async def _run(self, job: Job) -> tuple[str, Any, dict[str, Any] | None]:
         fn = self.types.get(job.type)
@@ -427,7 +431,7 @@ async def run_worker(
     measures = measures or metrics.WorkerMetrics(metrics.new_registry())
     measures.serves(served)
     runtime = WorkerRuntime(settings, pool, types, keys, secrets, measures)
-    stop_redacting = _redact_logs(runtime.redactor)
+    stop_redacting = redact_logs(runtime.redactor)
     try:
 
         async def register() -> None:
@@ -490,20 +494,3 @@ async def run_worker(
         stop_redacting()
         await runtime.close()
         await pool.close()
-
-
-def _redact_logs(redactor: Redactor) -> Callable[[], None]:
-    """Redact every record that reaches the root logger's handlers while the worker runs;
-    returns what stops it."""
-    if redactor.empty:
-        return lambda: None
-    redacting = RedactingFilter(redactor)
-    handlers = list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(redacting)
-
-    def stop() -> None:
-        for handler in handlers:
-            handler.removeFilter(redacting)
-
-    return stop

@@ -222,6 +222,12 @@ async def test_roles_exist_without_login_and_own_by_need(logins: Logins) -> None
     orchestrator = await store.connect(logins.orchestrator)
     try:
         await orchestrator.execute("INSERT INTO flowforge.added_later DEFAULT VALUES")
+        # Alone in reading the engine secret, and in computing tokens from it.
+        secret = await store.engine_secret(orchestrator)
+        token = await orchestrator.fetchval(
+            "SELECT flowforge.attempt_token('00000000-0000-4000-8000-000000000000')"
+        )
+        assert len(secret) == 32 and len(token) == 16
     finally:
         await orchestrator.close()
 
