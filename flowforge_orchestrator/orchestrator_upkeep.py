@@ -139,9 +139,9 @@ class Upkeep:
             self._undelivered.extend(sent[a] for a in lost)
             await self._redeliver()
 
-    async def _unblock(self, run_ids: list[UUID] | None) -> None:
-        """Let requested pending runs that wait for a concurrency slot be claimed (and so
-        cancelled); None: every such run."""
+    async def _unblock(self, run_ids: list[UUID]) -> None:
+        """Let these runs, if pending, requested and waiting for a concurrency slot, be
+        claimed (and so cancelled)."""
         try:
             async with self.pool.acquire() as conn:
                 await store.unblock_cancelled(conn, run_ids)
@@ -151,9 +151,9 @@ class Upkeep:
     async def _missed_cancels(self) -> None:
         """Cancellations whose notification we may have missed (LISTEN was down); requests
         whose run has ended are marked handled."""
-        await self._unblock(None)
         try:
             async with self.pool.acquire() as conn:
+                await store.unblock_cancelled(conn, None)
                 await store.settle_cancel_requests(conn)
                 wanted = await store.cancel_requested(conn, self.node) if self.runs else []
         except Exception as exc:
