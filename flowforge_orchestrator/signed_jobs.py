@@ -235,7 +235,8 @@ class JobKeys:
         job = Job.from_json(data)
         if job_id != str(job.attempt_id):
             raise JobRefused(
-                "wrong_job_id", f"job id {job_id} is not the payload's attempt {job.attempt_id}"
+                "wrong_job_id",
+                f"job id {job_id[:80]!r} is not the payload's attempt {job.attempt_id}",
             )
         if queue != queue_of(job.type):
             raise JobRefused(

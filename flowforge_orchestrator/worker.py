@@ -201,8 +201,9 @@ class WorkerRuntime:
             return self.keys.open(job_id, ctx["flowforge_queue"], args, kwargs, queue_name)
         except JobRefused as exc:
             self.metrics.jobs_refused.labels(exc.reason).inc()
-            # The job id and the reason; never the payload, which anyone could have written.
-            log.error("job %s refused (%s): %s", job_id, exc.reason, exc)
+            # The job id (quoted and bounded: anyone may have written it) and the reason;
+            # never the payload.
+            log.error("job %.80r refused (%s): %s", job_id, exc.reason, exc)
             return None
 
     async def execute(self, job: Job) -> str:
