@@ -97,7 +97,7 @@ class Served:
     async def drained(self) -> bool:
         if self.task.done():  # fail at once, with the reason, rather than at the deadline
             raise AssertionError(f"the worker stopped: {self.task!r}")
-        return await self.redis.zcard(QUEUE) == 0
+        return bool(await self.redis.zcard(QUEUE) == 0)
 
     async def result_of(self, attempt: UUID) -> bool:
         count = await self.conn.fetchval(
@@ -253,11 +253,11 @@ def garbage(draw: st.DrawFn, served: Served) -> Garbage:
         )
         return Garbage(kind, job_id, json.dumps(envelope).encode(), score, genuine)
     if kind == "flip":
-        value = bytearray(served.sealed(dispatch))
+        flipped = bytearray(served.sealed(dispatch))
         for _ in range(draw(st.integers(1, 4))):
-            i = draw(st.integers(0, len(value) - 1))
-            value[i] = draw(st.integers(0, 255))
-        return Garbage(kind, job_id, bytes(value), score, genuine)
+            i = draw(st.integers(0, len(flipped) - 1))
+            flipped[i] = draw(st.integers(0, 255))
+        return Garbage(kind, job_id, bytes(flipped), score, genuine)
     # new_id: the real job, untouched, under another id
     return Garbage(kind, new_id, served.sealed(dispatch), score)
 

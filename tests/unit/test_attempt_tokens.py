@@ -88,9 +88,9 @@ def test_a_verified_row_that_cannot_be_decoded_fails_its_attempt_alone() -> None
     results = {r.attempt_id: r for _, r in accepted}
     assert results[fine].outcome == "succeeded"
     for attempt in (deep, bad_error):
+        error = results[attempt].error
         assert results[attempt].outcome == "failed"
-        assert results[attempt].error is not None
-        assert results[attempt].error["category"] == "unreadable_result"
-        assert results[attempt].error["retryable"] is False
+        assert error is not None
+        assert (error["category"], error["retryable"]) == ("unreadable_result", False)
     assert "nested more than" in str(accepted[0][1].error)
     assert {r.reason for r in refused} == {"unreadable"}
