@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowforge_orchestrator.steps.destinations import parse_entries
@@ -122,6 +122,15 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = Field(
         default="INFO", description="Lowest level logged (DEBUG, INFO, WARNING, ERROR)."
+    )
+
+    # Trust between processes.
+    job_key: SecretStr | None = Field(
+        default=None,
+        description="Key(s) that sign jobs (HMAC), shared by orchestrators and workers; "
+        "comma-separated to rotate: sign with the first, accept any. Unset: `run`/`demo` on "
+        "private servers create `<data_dir>/job.key`, `worker` reads it; else both refuse to "
+        "start.",
     )
 
     @field_validator("http_deny", "http_allow")

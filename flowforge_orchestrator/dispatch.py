@@ -3,7 +3,8 @@
 The rest of the engine says "dispatch this attempt"; this module turns it into an arq job on
 the step type's queue, with the attempt id as the job id so arq drops a re-dispatch of an
 attempt it already holds. Jobs are JSON, not pickle: a payload read from Redis must never be
-able to run code in a worker.
+able to run code in a worker. Each job is signed, and carries its attempt's result token
+(`signed_jobs`, `attempt_tokens`): its arguments are (payload text, signature).
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ from arq.constants import (
 from arq.jobs import serialize_job
 from arq.utils import timestamp_ms
 
+from flowforge_orchestrator.attempt_tokens import AttemptTokens
 from flowforge_orchestrator.changes import Dispatch
+from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.signed_jobs import Job, JobKeys
 
 __all__ = [
     "JOB_FUNCTION",
     "Dispatcher",
-    "job_payload",
+    "job_arguments",
+    "job_deserializer",
     "json_deserializer",
     "json_serializer",
     "queue_name",
@@ -54,23 +59,51 @@ def json_deserializer(data: bytes) -> dict[str, Any]:
     return value
 
 
+# Enqueue times arq can turn into a datetime (milliseconds; up to the year 6400).
+_MAX_TIME_MS = 2**47
+
+
+def job_deserializer(data: bytes) -> dict[str, Any]:
+    """A worker's reading of a job: JSON whose envelope has the types arq relies on. What
+    fails here is a job arq refuses cleanly (it records the failure and goes on); a field of
+    the wrong type would otherwise break arq inside its job runner, beyond our reach."""
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("a job is a JSON object")
+    function, args, kwargs = value.get("f"), value.get("a"), value.get("k")
+    tries, enqueued = value.get("t"), value.get("et")
+    if not isinstance(function, str) or not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise ValueError("a job's function, args and kwargs are a string, a list and an object")
+    if tries is not None and (not isinstance(tries, int) or isinstance(tries, bool)):
+        raise ValueError("a job's try count is an integer")
+    if not isinstance(enqueued, int) or isinstance(enqueued, bool):
+        raise ValueError("a job's enqueue time is an integer")
+    if not 0 <= enqueued < _MAX_TIME_MS:
+        raise ValueError("a job's enqueue time is out of range")
+    return value
+
+
 def redis_settings(url: str) -> RedisSettings:
     return RedisSettings.from_dsn(url)
 
 
-def job_payload(dispatch: Dispatch, traceparent: str | None) -> dict[str, Any]:
-    """What a worker receives: everything it needs, nothing it must look up."""
-    return {
-        "attempt_id": str(dispatch.attempt_id),
-        "run_id": str(dispatch.run_id),
-        "step_id": dispatch.step_id,
-        "type": dispatch.step_type,
-        "attempt": dispatch.attempt,
-        "params": dispatch.params,
-        "timeout": dispatch.timeout,
-        "traceparent": traceparent,
-        "secret_paths": dispatch.secret_paths,
-    }
+def job_arguments(
+    dispatch: Dispatch, traceparent: str | None, keys: JobKeys, tokens: AttemptTokens
+) -> tuple[str, str]:
+    """What a worker receives, signed: everything it needs, nothing it must look up."""
+    job = Job(
+        attempt_id=dispatch.attempt_id,
+        run_id=dispatch.run_id,
+        step_id=dispatch.step_id,
+        type=dispatch.step_type,
+        attempt=dispatch.attempt,
+        params=dispatch.params,
+        timeout=dispatch.timeout,
+        traceparent=traceparent,
+        secret_paths=tuple(tuple(path) for path in dispatch.secret_paths),
+        token=tokens.token(dispatch.attempt_id),
+    )
+    return keys.seal(job, queue_name(dispatch.step_type))
 
 
 _BATCH = 500  # jobs per script call: bounded, so Redis is never blocked for long
@@ -100,20 +133,27 @@ return created
 
 
 class Dispatcher:
-    """Enqueues attempts on arq; one Redis pool per process."""
+    """Enqueues attempts on arq, signed with `keys` and carrying their `tokens`; one Redis
+    pool per process. (Without keys and tokens it only reads Redis: probes, checks.)"""
 
-    def __init__(self, redis: ArqRedis) -> None:
+    def __init__(
+        self, redis: ArqRedis, keys: JobKeys | None = None, tokens: AttemptTokens | None = None
+    ) -> None:
         self.redis = redis
+        self.keys = keys
+        self.tokens = tokens
         self._script = redis.register_script(_ENQUEUE)
 
     @classmethod
-    async def connect(cls, url: str) -> Dispatcher:
+    async def connect(
+        cls, url: str, keys: JobKeys | None = None, tokens: AttemptTokens | None = None
+    ) -> Dispatcher:
         pool = await create_pool(
             redis_settings(url),
             job_serializer=json_serializer,
             job_deserializer=json_deserializer,
         )
-        return cls(pool)
+        return cls(pool, keys, tokens)
 
     async def close(self) -> None:
         await self.redis.aclose(close_connection_pool=True)
@@ -147,6 +187,8 @@ class Dispatcher:
         """What `ArqRedis.enqueue_job` does (a job key unless it or a result exists, and the
         id on the queue), for many jobs in one script: arq's own takes three round trips and
         a connection per job."""
+        if self.keys is None or self.tokens is None:
+            raise ConfigError("this dispatcher has no job key and attempt tokens to send jobs")
         now = timestamp_ms()
         keys: list[str] = []
         args: list[str | bytes | int] = []
@@ -159,7 +201,7 @@ class Dispatcher:
             ]
             payload = serialize_job(
                 JOB_FUNCTION,
-                (job_payload(dispatch, traceparent),),
+                job_arguments(dispatch, traceparent, self.keys, self.tokens),
                 {},
                 None,
                 now,

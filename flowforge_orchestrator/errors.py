@@ -9,6 +9,7 @@
     │   └── OwnershipLost         the run's epoch moved on: another replica owns it now
     ├── MigrationError            a migration file is missing, altered or failed
     ├── NotFound                  a run or definition that does not exist
+    ├── JobRefused                a job from the queue failed verification: it is not run
     └── StepError                 one attempt of a step failed (carries `category`, `retryable`)
         ├── PayloadTooLarge       an output or the run context is over its byte limit
         └── DestinationDenied     the destination policy refused an http step's address
@@ -28,6 +29,7 @@ __all__ = [
     "DestinationDenied",
     "ExpressionError",
     "FlowForgeError",
+    "JobRefused",
     "MigrationError",
     "NotFound",
     "OwnershipLost",
@@ -117,6 +119,18 @@ class MigrationError(FlowForgeError):
 
 class NotFound(FlowForgeError):
     """A run or definition that does not exist."""
+
+
+class JobRefused(FlowForgeError):
+    """A job a worker will not run: unsigned, altered, or not the job it claims to be.
+
+    `reason` is a short label for logs and metrics (`bad_signature`, `wrong_job_id`, ...);
+    the message never quotes the job's parameters.
+    """
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 class RedriveError(FlowForgeError):

@@ -37,6 +37,7 @@ from prometheus_client import (
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.changes import Dispatch, RunChanges, StepResult
+from flowforge_orchestrator.signed_jobs import REFUSAL_REASONS
 
 __all__ = [
     "RECONCILER_ACTIONS",
@@ -224,6 +225,13 @@ class OrchestratorMetrics:
             "Enqueues on arq that failed; the attempts are enqueued again on the next poll.",
             registry=registry,
         )
+        self.results_refused = Counter(
+            "flowforge_results_refused",
+            "Result rows not applied: a token that does not verify (bad_token), or a verified "
+            "row that cannot be decoded (unreadable, its attempt fails).",
+            ["reason"],
+            registry=registry,
+        )
         self.expression_errors = Counter(
             "flowforge_expression_errors",
             "CEL expressions that failed to evaluate, by the field that holds them.",
@@ -246,6 +254,8 @@ class OrchestratorMetrics:
             self.runs.labels(status)
         for action in RECONCILER_ACTIONS:
             self.reconciler_actions.labels(action)
+        for reason in ("bad_token", "unreadable"):
+            self.results_refused.labels(reason)
         self._attempts: _Bounded[UUID, _Attempt] = _Bounded(_TRACKED_ATTEMPTS)
         self._results: _Bounded[UUID, datetime] = _Bounded(_TRACKED_ATTEMPTS)
 
@@ -339,6 +349,15 @@ class WorkerMetrics:
             ["step_type"],
             registry=registry,
         )
+        self.jobs_refused = Counter(
+            "flowforge_worker_jobs_refused",
+            "Jobs taken off a queue and not run: unsigned or altered (bad_signature), under "
+            "another id (wrong_job_id), on another type's queue (wrong_queue), or malformed.",
+            ["reason"],
+            registry=registry,
+        )
+        for reason in REFUSAL_REASONS:
+            self.jobs_refused.labels(reason)
         self.queue_wait = Histogram(
             "flowforge_worker_queue_wait_seconds",
             "Time attempts spent on the arq queue before this worker started them.",

@@ -31,6 +31,7 @@ from opentelemetry import trace
 from pydantic import ValidationError
 
 from flowforge_orchestrator import health, jsonb, metrics, sdnotify, store, telemetry
+from flowforge_orchestrator.attempt_tokens import AttemptTokens, ResultVerifier
 from flowforge_orchestrator.changes import (
     Dispatch,
     Limits,
@@ -54,6 +55,7 @@ from flowforge_orchestrator.errors import (
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.orchestrator_upkeep import Owned, Upkeep
+from flowforge_orchestrator.signed_jobs import JobKeys
 from flowforge_orchestrator.state import RunStatus
 
 __all__ = ["Orchestrator"]
@@ -118,6 +120,7 @@ class Orchestrator(Upkeep):
         pool: store.Pool,
         dispatcher: Dispatcher,
         *,
+        tokens: AttemptTokens,
         clock: Callable[[], datetime] = _utcnow,
         measures: metrics.OrchestratorMetrics | None = None,
     ) -> None:
@@ -125,6 +128,8 @@ class Orchestrator(Upkeep):
         self.settings = settings
         self.pool = pool
         self.dispatcher = dispatcher
+        # Every read of results goes through it: only rows with their attempt's token count.
+        self.verifier = ResultVerifier(tokens, on_refused=self._result_refused)
         self.clock = clock
         self.node = settings.node_id
         self.metrics = measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False))
@@ -321,7 +326,9 @@ class Orchestrator(Upkeep):
             adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
             # A redriven run is pending with a checkpoint: it reads earlier outputs too.
             restored = adopted + [r.id for r in rows if r.status == "pending" and r.checkpoint]
-            results = await store.fetch_run_results(conn, restored) if restored else {}
+            results = (
+                await store.fetch_run_results(conn, restored, self.verifier) if restored else {}
+            )
             blocked = await self._acquire_slots(conn, rows, inputs, refused, now)
             for row in rows:
                 if row.id in blocked:
@@ -634,7 +641,7 @@ class Orchestrator(Upkeep):
 
     async def _fetch(self, wanted: list[UUID]) -> list[tuple[UUID, Any]]:
         async with self.pool.acquire() as conn:
-            return await store.fetch_results(conn, wanted)
+            return await store.fetch_results(conn, wanted, self.verifier)
 
     # -- group commit --------------------------------------------------------------------
 
@@ -892,6 +899,8 @@ async def run_orchestrator(
     serve /healthz, /readyz and /metrics (`measures`' registry, a new one by default)."""
     if not settings.database_url or not settings.redis_url:
         raise FlowForgeError("the orchestrator needs a database URL and a Redis URL")
+    secret = settings.job_key.get_secret_value() if settings.job_key else None
+    keys = JobKeys.required(secret, "orchestrator")
     measures = measures or metrics.OrchestratorMetrics(metrics.new_registry())
     pool = await store.retrying(
         lambda: store.create_pool(
@@ -903,9 +912,17 @@ async def run_orchestrator(
         attempts=30,
     )
     try:
-        dispatcher = await Dispatcher.connect(settings.redis_url)
+
+        async def read_secret() -> bytes:
+            async with pool.acquire() as conn:
+                return await store.engine_secret(conn)
+
+        tokens = AttemptTokens(await store.retrying(read_secret, what="reading the engine secret"))
+        dispatcher = await Dispatcher.connect(settings.redis_url, keys, tokens)
         try:
-            orchestrator = Orchestrator(settings, pool, dispatcher, measures=measures)
+            orchestrator = Orchestrator(
+                settings, pool, dispatcher, tokens=tokens, measures=measures
+            )
             if ready is not None:
                 waiter = asyncio.create_task(orchestrator.ready.wait())
                 waiter.add_done_callback(lambda _: ready.set())

@@ -4,7 +4,9 @@ every dispatched attempt answered (mixed into Orchestrator).
 * timers:     one heap of the runs' next timers (delays, backoffs, deadlines); one loop
               sleeps until the earliest, so thousands of parked runs cost no query each;
 * leases:     one statement renews every lease held; a run no longer ours is dropped;
-* cancels:    `flowforge_cancel` NOTIFY, and on the slow poll the requests we missed;
+* cancels:    `flowforge_cancel` NOTIFY, and on the slow poll the requests we missed; a
+              requested pending run that waits for a concurrency slot is un-blocked, so a
+              claim cancels it (the API's request locks no run row);
 * reconciler: on the slow poll, attempts of which Redis knows nothing (and that have no
               result) are sent again; at schedule_to_start, attempts no worker took time out.
 """
@@ -24,6 +26,7 @@ from uuid import UUID
 from opentelemetry import trace
 
 from flowforge_orchestrator import metrics, store
+from flowforge_orchestrator.attempt_tokens import RefusedResult
 from flowforge_orchestrator.changes import Dispatch, RunChanges, StepResult
 from flowforge_orchestrator.errors import FlowForgeError
 from flowforge_orchestrator.graph import RunState
@@ -95,10 +98,24 @@ class Upkeep:
             return
         self._cancel(run_id)
 
+    def _result_refused(self, refused: RefusedResult) -> None:
+        """A result row that does not count (wrong token) or cannot be read; once per row."""
+        self.metrics.results_refused.labels(refused.reason).inc()
+        log.error(
+            "result of attempt %s refused (%s): %s",
+            refused.attempt_id,
+            refused.reason,
+            refused.detail,
+            extra={"run_id": str(refused.run_id), "attempt_id": str(refused.attempt_id)},
+        )
+
     def _cancel(self, run_id: UUID) -> None:
         owned = self.runs.get(run_id)
         if owned is None:
-            return  # pending (the claim cancels it) or another replica's
+            # Pending (a claim cancels it, once it no longer waits for a slot) or another
+            # replica's (the owner cancels it).
+            self._in_background(self._unblock([run_id]))
+            return
         try:
             if owned.state.cancel(self.clock(), "cancel requested"):
                 self._dirty.add(run_id)
@@ -133,13 +150,23 @@ class Upkeep:
             self._undelivered.extend(sent[a] for a in lost)
             await self._redeliver()
 
-    async def _missed_cancels(self) -> None:
-        """Cancellations whose notification we may have missed (LISTEN was down)."""
-        if not self.runs:
-            return
+    async def _unblock(self, run_ids: list[UUID]) -> None:
+        """Let these runs, if pending, requested and waiting for a concurrency slot, be
+        claimed (and so cancelled)."""
         try:
             async with self.pool.acquire() as conn:
-                wanted = await store.cancel_requested(conn, self.node)
+                await store.unblock_cancelled(conn, run_ids)
+        except Exception as exc:  # the slow poll tries again
+            log.warning("could not un-block cancelled runs: %s", exc)
+
+    async def _missed_cancels(self) -> None:
+        """Cancellations whose notification we may have missed (LISTEN was down); requests
+        whose run has ended are marked handled."""
+        try:
+            async with self.pool.acquire() as conn:
+                await store.unblock_cancelled(conn, None)
+                await store.settle_cancel_requests(conn)
+                wanted = await store.cancel_requested(conn, self.node) if self.runs else []
         except Exception as exc:
             log.warning("could not look for cancellations: %s", exc)
             return

@@ -60,6 +60,15 @@ return claimed
 """
 
 
+def _score_ms(score: bytes) -> int:
+    """A queue score as arq's job runner takes it; anyone may write one (`-inf`): a score
+    that is no time reads as now (it only dates the job in arq's log)."""
+    try:
+        return int(float(score))
+    except (OverflowError, ValueError):
+        return timestamp_ms()
+
+
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
     _waking: asyncio.Task[None] | None = None  # a wake of our own poll on its way
@@ -80,7 +89,7 @@ class WakeableWorker(Worker):
         even sent."""
         free = self.max_jobs - self.job_counter
         running = self.tasks
-        ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
+        ids = [i for i in await self._job_ids(job_ids) if (t := running.get(i)) is None or t.done()]
         if free <= 0 or not ids:
             return
         if self._claim is None or self._claim.registered_client is not self.pool:
@@ -95,9 +104,22 @@ class WakeableWorker(Worker):
             await self.sem.acquire()  # a permit per running job, as arq's own start takes
             self.job_counter += 1
             job = job_id.decode()
-            task = self.loop.create_task(self.run_job(job, int(float(score))))
+            task = self.loop.create_task(self.run_job(job, _score_ms(score)))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job] = task
+
+    async def _job_ids(self, members: list[bytes]) -> list[str]:
+        """The queue's members as job ids. Anyone may write the queue: a member that is not
+        text can never be a job (arq's ids are text), and would be read at every poll, so
+        it is taken off the queue."""
+        ids: list[str] = []
+        for member in members:
+            try:
+                ids.append(member.decode())
+            except UnicodeDecodeError:
+                log.error("queue %s: removed a member that is not a job id", self.queue_name)
+                await self.pool.zrem(self.queue_name, member)
+        return ids
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         full = self.job_counter >= self.max_jobs

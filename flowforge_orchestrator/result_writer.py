@@ -49,6 +49,7 @@ class Result:
     error: dict[str, Any] | None
     started_at: datetime
     finished_at: datetime
+    token: bytes  # the attempt's token, from its signed job: without it the result is ignored
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -152,6 +153,7 @@ class ResultWriter:
                             self.worker,
                             r.started_at,
                             r.finished_at,
+                            r.token,
                         )
                         for r in batch
                     ],

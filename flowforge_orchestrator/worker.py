@@ -1,8 +1,12 @@
 """The worker: an arq worker per step-type queue, reporting results through PostgreSQL.
 
-One attempt = one arq job. The worker runs the step function under the attempt's deadline,
-then writes exactly one result row (`ON CONFLICT DO NOTHING`, NOTIFY by trigger). A result
-that cannot be written because PostgreSQL is away is kept and the write retried: a finished
+One attempt = one arq job. The worker first verifies the job (its signature, that its id
+is the attempt's, that it came off its type's queue: `signed_jobs`) and refuses one that
+does not verify: not run, no result written, logged and counted. It runs the step function
+under the attempt's deadline, fills in `${{ secrets.X }}` only there, then writes exactly
+one result row with the attempt's token (`ON CONFLICT DO NOTHING`, NOTIFY by trigger), with
+every secret value and credential header redacted from it (`redaction`). A result that
+cannot be written because PostgreSQL is away is kept and the write retried: a finished
 attempt is never silently lost.
 """
 
@@ -29,7 +33,7 @@ from flowforge_orchestrator.changes import json_size
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import (
     JOB_FUNCTION,
-    json_deserializer,
+    job_deserializer,
     json_serializer,
     queue_name,
     redis_settings,
@@ -37,13 +41,22 @@ from flowforge_orchestrator.dispatch import (
 from flowforge_orchestrator.errors import (
     ConfigError,
     ExpressionError,
+    JobRefused,
     PayloadTooLarge,
     StepError,
     StoreError,
 )
 from flowforge_orchestrator.expressions import render_at
 from flowforge_orchestrator.queue_worker import WakeableWorker
+from flowforge_orchestrator.redaction import (
+    Redactor,
+    attempt_redaction,
+    check_secrets,
+    credential_values,
+    redact_logs,
+)
 from flowforge_orchestrator.result_writer import Result, ResultWriter
+from flowforge_orchestrator.signed_jobs import Job, JobKeys
 from flowforge_orchestrator.steps.destinations import DestinationPolicy
 from flowforge_orchestrator.steps.http import run_http_step
 from flowforge_orchestrator.steps.http_client import make_http_client
@@ -157,6 +170,7 @@ class WorkerRuntime:
         settings: Settings,
         pool: store.Pool,
         types: Mapping[str, StepFunction],
+        keys: JobKeys,
         secrets: Mapping[str, str] | None = None,
         measures: metrics.WorkerMetrics | None = None,
     ) -> None:
@@ -164,7 +178,10 @@ class WorkerRuntime:
         self.metrics = measures or metrics.WorkerMetrics(metrics.new_registry(process=False))
         self.pool = pool
         self.types = dict(types)
+        self.keys = keys
         self.secrets = dict(secrets or {})
+        check_secrets(self.secrets)
+        self.redactor = Redactor(self.secrets.values())
         policy = DestinationPolicy.parse(settings.http_deny, settings.http_allow)
         self.http = make_http_client(policy)
         self.node = settings.node_id
@@ -180,82 +197,122 @@ class WorkerRuntime:
         await self.results.close()
         await self.http.aclose()
 
-    async def execute(self, payload: Mapping[str, Any]) -> str:
-        """Run one attempt and report it; returns the outcome."""
-        attempt_id = UUID(payload["attempt_id"])
-        run_id = UUID(payload["run_id"])
-        step_id = str(payload["step_id"])
-        timeout = float(payload.get("timeout") or self.settings.step_timeout)
+    def open_job(self, ctx: Mapping[str, Any], args: tuple[Any, ...], kwargs: Any) -> Job | None:
+        """The verified job behind arq's arguments, or None: refused, logged and counted."""
+        job_id = str(ctx.get("job_id"))
+        try:
+            return self.keys.open(job_id, ctx["flowforge_queue"], args, kwargs, queue_name)
+        except JobRefused as exc:
+            self.metrics.jobs_refused.labels(exc.reason).inc()
+            # The job id (quoted and bounded: anyone may have written it) and the reason;
+            # never the payload.
+            log.error("job %.80r refused (%s): %s", job_id, exc.reason, exc)
+            return None
+
+    async def execute(self, job: Job) -> str:
+        """Run one attempt of a verified job and report it; returns the outcome."""
         started = _now()
-        parent = telemetry.context_from_traceparent(payload.get("traceparent"))
+        redactor = self.redactor.with_values(credential_values(job.params))
+        parent = telemetry.context_from_traceparent(job.traceparent)
         with telemetry.tracer().start_as_current_span(
-            f"step {step_id}",
+            f"step {job.step_id}",
             context=parent,
             kind=trace.SpanKind.CONSUMER,
             attributes={
-                "flowforge.run_id": str(run_id),
-                "flowforge.step_id": step_id,
-                "flowforge.step_type": str(payload["type"]),
-                "flowforge.attempt": int(payload["attempt"]),
+                "flowforge.run_id": str(job.run_id),
+                "flowforge.step_id": job.step_id,
+                "flowforge.step_type": job.type,
+                "flowforge.attempt": job.attempt,
             },
         ) as span:
             context = logs.log_context(
-                run_id=str(run_id),
-                step_id=step_id,
-                attempt=int(payload["attempt"]),
-                attempt_id=str(attempt_id),
+                run_id=str(job.run_id),
+                step_id=job.step_id,
+                attempt=job.attempt,
+                attempt_id=str(job.attempt_id),
             )
-            with context, self.metrics.attempt(str(payload["type"])) as timer:
-                outcome, output, error = await self._run(
-                    payload, run_id, step_id, attempt_id, timeout
-                )
+            with (
+                context,
+                attempt_redaction(redactor),
+                self.metrics.attempt(job.type) as timer,
+            ):
+                outcome, output, error = self._redacted(redactor, job, *await self._run(job))
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
         await self._report(
-            attempt_id=attempt_id,
-            run_id=run_id,
-            step_id=step_id,
+            redactor,
+            attempt_id=job.attempt_id,
+            run_id=job.run_id,
+            step_id=job.step_id,
             outcome=outcome,
             output=output,
             error=error,
             started_at=started,
+            token=job.token,
         )
         return outcome
 
-    async def _run(
+    def _redacted(
         self,
-        payload: Mapping[str, Any],
-        run_id: UUID,
-        step_id: str,
-        attempt_id: UUID,
-        timeout: float,
+        redactor: Redactor,
+        job: Job,
+        outcome: str,
+        output: Any,
+        error: dict[str, Any] | None,
     ) -> tuple[str, Any, dict[str, Any] | None]:
-        fn = self.types.get(str(payload["type"]))
+        """The outcome, with no secret value left in its output or error (the output's size
+        checked again: `[REDACTED]` may be longer than what it replaced)."""
+        if redactor.empty:
+            return outcome, output, error
+        try:
+            output, error = redactor.value(output), redactor.value(error)
+        except RecursionError:
+            failure = StepError(
+                "the step's output is nested too deeply to be checked for secrets",
+                category="invalid_output",
+                retryable=False,
+            )
+            return "failed", None, failure.to_dict()
+        if output is not None:
+            size = json_size(output)
+            if size > self.settings.max_output_bytes:
+                too_large = PayloadTooLarge(
+                    step_id=job.step_id,
+                    what="the output",
+                    size=size,
+                    limit=self.settings.max_output_bytes,
+                )
+                return "failed", None, too_large.to_dict()
+        return outcome, output, error
+
+    async def _run(self, job: Job) -> tuple[str, Any, dict[str, Any] | None]:
+        fn = self.types.get(job.type)
         if fn is None:
             error = StepError(
-                f"this worker has no step type '{payload['type']}'",
+                f"this worker has no step type '{job.type}'",
                 category="unknown_step_type",
                 retryable=False,
             )
             return "failed", None, error.to_dict()
+        timeout = job.timeout or self.settings.step_timeout
         ctx = StepContext(
-            run_id=run_id,
-            step_id=step_id,
-            attempt_id=attempt_id,
-            attempt=int(payload["attempt"]),
+            run_id=job.run_id,
+            step_id=job.step_id,
+            attempt_id=job.attempt_id,
+            attempt=job.attempt,
             timeout=timeout,
             http=self.http,
             settings=self.settings,
         )
         try:
-            params = payload.get("params")
-            if payload.get("secret_paths"):
+            params = job.params
+            if job.secret_paths:  # only ever from a verified job: see open_job
                 params = render_at(
                     params,
-                    [tuple(path) for path in payload["secret_paths"]],
+                    job.secret_paths,
                     {"secrets": self.secrets},
-                    step_id=step_id,
+                    step_id=job.step_id,
                     field="with",
                 )
             async with asyncio.timeout(timeout):
@@ -267,20 +324,25 @@ class WorkerRuntime:
             return "failed", None, _error_of(exc, timeout)
         if size > self.settings.max_output_bytes:
             too_large = PayloadTooLarge(
-                step_id=step_id, what="the output", size=size, limit=self.settings.max_output_bytes
+                step_id=job.step_id,
+                what="the output",
+                size=size,
+                limit=self.settings.max_output_bytes,
             )
             return "failed", None, too_large.to_dict()
         return "succeeded", output, None
 
-    async def _report(self, **result: Any) -> None:
+    async def _report(self, redactor: Redactor, **result: Any) -> None:
         try:
             await self._write(result)
         except StoreError as exc:
             # The database refused this result (e.g. a NUL character, which JSONB cannot
-            # hold): report the attempt as failed, so the run records why and goes on.
-            log.error("result of attempt %s refused: %s", result["attempt_id"], exc)
+            # hold): report the attempt as failed, so the run records why and goes on. The
+            # database's message may quote the value: it is redacted like the rest.
+            reason = redactor.text(str(exc))
+            log.error("result of attempt %s refused: %s", result["attempt_id"], reason)
             error = StepError(
-                f"the step's result could not be stored: {exc}",
+                f"the step's result could not be stored: {reason}",
                 category="unstorable_result",
                 retryable=False,
             )
@@ -294,12 +356,16 @@ class WorkerRuntime:
         await self.results.write(Result(finished_at=_now(), **result))
 
 
-async def _job(ctx: dict[str, Any], payload: dict[str, Any]) -> str:
+async def _job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+    """arq's entry point: whatever a queue holds arrives here, and is verified first."""
     runtime: WorkerRuntime = ctx["flowforge"]
+    job = runtime.open_job(ctx, args, kwargs)
+    if job is None:
+        return "refused"  # no result row: the orchestrator's deadline or reconciler acts
     enqueued = ctx.get("enqueue_time")
     if isinstance(enqueued, datetime):
-        runtime.metrics.observe_queue_wait(str(payload.get("type")), enqueued, _now())
-    return await runtime.execute(payload)
+        runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
+    return await runtime.execute(job)
 
 
 async def _serve_health(
@@ -352,6 +418,10 @@ async def run_worker(
     and `serve_http`, also /healthz, /readyz and /metrics."""
     if not settings.database_url or not settings.redis_url:
         raise ConfigError("the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL")
+    keys = JobKeys.required(
+        settings.job_key.get_secret_value() if settings.job_key else None, "worker"
+    )
+    check_secrets(secrets or {})
     served = sorted(queues or types)
     unknown = [t for t in served if t not in types]
     if unknown:
@@ -364,7 +434,8 @@ async def run_worker(
     )
     measures = measures or metrics.WorkerMetrics(metrics.new_registry())
     measures.serves(served)
-    runtime = WorkerRuntime(settings, pool, types, secrets, measures)
+    runtime = WorkerRuntime(settings, pool, types, keys, secrets, measures)
+    stop_redacting = redact_logs(runtime.redactor)
     try:
 
         async def register() -> None:
@@ -377,7 +448,7 @@ async def run_worker(
                 [func(_job, name=JOB_FUNCTION, max_tries=1)],
                 queue_name=queue_name(t),
                 redis_settings=redis_settings(settings.redis_url),
-                ctx={"flowforge": runtime},
+                ctx={"flowforge": runtime, "flowforge_queue": queue_name(t)},
                 handle_signals=False,
                 max_jobs=settings.worker_max_jobs,
                 poll_delay=settings.worker_poll_delay,
@@ -385,7 +456,7 @@ async def run_worker(
                 keep_result=60,
                 allow_abort_jobs=True,
                 job_serializer=json_serializer,
-                job_deserializer=json_deserializer,
+                job_deserializer=job_deserializer,
                 log_results=False,
             )
             for t in served
@@ -424,5 +495,6 @@ async def run_worker(
             if served_http is not None:
                 await served_http.__aexit__(None, None, None)
     finally:
+        stop_redacting()
         await runtime.close()
         await pool.close()

@@ -20,22 +20,30 @@
 -- What each role may do:
 --
 -- flowforge_orchestrator  owns schema flowforge and every object in it: it runs the engine,
---                         registers definitions and may apply migrations (`run --migrate`).
--- flowforge_worker        INSERT into step_results (the trigger NOTIFYs the orchestrators;
---                         ON CONFLICT needs SELECT of its attempt_id column, nothing else);
---                         upsert its row of step_types; read schema_migrations (the start-up
---                         check). It cannot read or change a run, a definition, an attempt,
---                         the history or the outbox: a compromised worker can only report
---                         results, which the orchestrator applies only to current attempts.
+--                         registers definitions, may apply migrations (`run --migrate`), and
+--                         alone may read the engine secret that attempt tokens derive from.
+-- flowforge_worker        INSERT into step_results, its columns only (the trigger NOTIFYs the
+--                         orchestrators; the insert names no conflict target, so it needs no
+--                         SELECT: a worker cannot read any result, not even a token); upsert
+--                         its row of step_types; read schema_migrations (the start-up check).
+--                         It cannot read or change a run, a definition, an attempt, the
+--                         history, the outbox or the engine secret: a compromised worker can
+--                         only report results, and a result counts only with the token of its
+--                         attempt, which the worker learns from the signed job (sql/0011).
 -- flowforge_api           enqueue runs (INSERT of the enqueue contract's columns only: id,
 --                         workflow_name, workflow_version, input, idempotency_key, traceparent,
 --                         so it cannot forge a status, an owner or a checkpoint); read runs and
---                         definitions; request cancellation (UPDATE of cancel_requested only).
+--                         definitions; request cancellation (INSERT into cancel_requests of
+--                         run_id and reason). It may not update or lock a run row: without
+--                         UPDATE on runs, `SELECT ... FOR UPDATE|SHARE` is refused too.
 --
--- Triggers run with the rights of the statement that fires them, and none needs SECURITY
+-- PUBLIC gets nothing in schema flowforge: no table, no sequence, and no EXECUTE on any
+-- function (PostgreSQL grants EXECUTE to PUBLIC on every new function; this script takes it
+-- back, so run it after each migration). Triggers do not need EXECUTE of whoever fires
+-- them, and run with the rights of the statement that fires them; none needs SECURITY
 -- DEFINER: runs_pin_version reads workflow_definitions (which the API may read anyway), and
--- runs_notify_insert and step_results_notify only call pg_notify (NOTIFY needs no privilege).
--- So no function widens what a role can do.
+-- runs_notify_insert, step_results_notify and cancel_requests_notify only call pg_notify
+-- (NOTIFY needs no privilege). So no function widens what a role can do.
 
 BEGIN;
 
@@ -115,12 +123,14 @@ END $$;
 -- an older version of this script granted. Column privileges go with their table's.
 REVOKE ALL ON ALL TABLES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
 REVOKE ALL ON SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
 GRANT USAGE ON SCHEMA flowforge TO flowforge_worker, flowforge_api;
 
 -- Workers: report results, register the step types they serve, check the schema version.
--- ON CONFLICT (attempt_id) needs to read the arbiter column; outputs stay unreadable.
-GRANT INSERT, SELECT (attempt_id) ON flowforge.step_results TO flowforge_worker;
+GRANT INSERT (attempt_id, run_id, step_id, outcome, output, error, worker, started_at,
+              finished_at, token)
+    ON flowforge.step_results TO flowforge_worker;
 -- (An upsert reads the arbiter and the `excluded` columns: SELECT of the table, which only
 -- lists step type names anyway.)
 GRANT SELECT, INSERT (name, worker, last_seen), UPDATE (worker, last_seen)
@@ -131,6 +141,6 @@ GRANT SELECT ON flowforge.schema_migrations TO flowforge_worker;
 GRANT SELECT ON flowforge.runs, flowforge.workflow_definitions TO flowforge_api;
 GRANT INSERT (id, workflow_name, workflow_version, input, idempotency_key, traceparent)
     ON flowforge.runs TO flowforge_api;
-GRANT UPDATE (cancel_requested) ON flowforge.runs TO flowforge_api;
+GRANT INSERT (run_id, reason) ON flowforge.cancel_requests TO flowforge_api;
 
 COMMIT;

@@ -25,11 +25,14 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis
+from pydantic import SecretStr
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 
 TEMPLATE_DB = "flowforge_template"
+# Signs the jobs of every engine a test starts, in process or as processes.
+TEST_JOB_KEY = "test-job-key-0123456789abcdef"
 
 T = TypeVar("T")
 
@@ -135,4 +138,5 @@ def settings(db_url: str, redis_url: str, tmp_path: Path) -> Settings:
         worker_poll_delay=0.01,
         http_port=0,  # no health server unless a test asks for one (on a free port)
         http_allow="127.0.0.0/8,::1",  # http steps call servers of the test on loopback
+        job_key=SecretStr(TEST_JOB_KEY),
     )

@@ -8,7 +8,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar, cast
 
-__all__ = ["migration_names", "poll", "wait_for"]
+from flowforge_orchestrator import store
+from flowforge_orchestrator.attempt_tokens import AttemptTokens, ResultVerifier
+
+__all__ = ["migration_names", "poll", "verifier", "wait_for"]
 
 T = TypeVar("T")
 
@@ -48,3 +51,9 @@ async def wait_for(
     if not value:
         raise AssertionError(f"{message} (waited {timeout:g} s; last value: {value!r})")
     return value
+
+
+async def verifier(conn: store.Connection) -> ResultVerifier:
+    """What the orchestrator checks results with, for the database of `conn` (which must
+    be allowed to read the engine secret); `.tokens.token(attempt)` is an attempt's token."""
+    return ResultVerifier(AttemptTokens(await store.engine_secret(conn)))

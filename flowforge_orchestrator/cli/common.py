@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets as random_secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
@@ -18,6 +20,7 @@ from flowforge_orchestrator.durations import ACCEPTED_FORMS, parse_duration
 from flowforge_orchestrator.errors import ConfigError
 
 __all__ = [
+    "JOB_KEY_FILE",
     "SECRET_PREFIX",
     "Command",
     "add_command",
@@ -27,11 +30,13 @@ __all__ = [
     "point_in_time",
     "run_id_arg",
     "secrets",
+    "with_job_key",
 ]
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
 
 SECRET_PREFIX = "FLOWFORGE_SECRET_"
+JOB_KEY_FILE = "job.key"
 
 
 def load_settings() -> Settings:
@@ -54,6 +59,50 @@ def secrets() -> dict[str, str]:
         for k, v in os.environ.items()
         if k.startswith(SECRET_PREFIX)
     }
+
+
+def with_job_key(settings: Settings, *, create: bool) -> Settings:
+    """`settings` with a job key: FLOWFORGE_JOB_KEY if set, else `<data_dir>/job.key` if it
+    exists, else (`create`: this process starts private servers) a new random key written
+    there, readable by its owner only. Without any, the settings are returned as they are,
+    and the orchestrator or worker refuses to start, naming FLOWFORGE_JOB_KEY."""
+    if settings.job_key is not None:
+        return settings
+    path = settings.data_dir / JOB_KEY_FILE
+    key = _read_key(path)
+    if key is None and create:
+        key = _create_key(path)
+    if key is None:
+        return settings
+    return settings.model_copy(update={"job_key": SecretStr(key)})
+
+
+def _read_key(path: Path) -> str | None:
+    try:
+        key = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the job key in {path}: {exc}") from exc
+    if not key:
+        raise ConfigError(f"{path} is empty: delete it, or set FLOWFORGE_JOB_KEY")
+    return key
+
+
+def _create_key(path: Path) -> str:
+    """A new key in a file created with mode 0600; if another process just created it,
+    theirs."""
+    key = random_secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        found = _read_key(path)
+        assert found is not None
+        return found
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        file.write(key + "\n")
+    return key
 
 
 def need_db(settings: Settings) -> str:

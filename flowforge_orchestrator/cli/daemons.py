@@ -7,10 +7,13 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import AsyncIterator
+from secrets import token_urlsafe
 from typing import Any
 
+from pydantic import SecretStr
+
 from flowforge_orchestrator import sdnotify, store, telemetry
-from flowforge_orchestrator.cli.common import add_command, need_db, secrets
+from flowforge_orchestrator.cli.common import add_command, need_db, secrets, with_job_key
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.steps.destinations import allow_loopback
@@ -31,16 +34,18 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 
 @contextlib.asynccontextmanager
 async def _services(settings: Settings) -> AsyncIterator[Settings]:
-    """Use the configured URLs, or start private servers in the data dir for this process."""
+    """Use the configured URLs, or start private servers in the data dir for this process
+    (then, without FLOWFORGE_JOB_KEY, the job key is `<data_dir>/job.key`, created if need
+    be, which a `worker` started with the printed URLs finds too)."""
     if settings.database_url and settings.redis_url:
-        yield settings
+        yield with_job_key(settings, create=False)
         return
     from flowforge_orchestrator.local_services import local_services
 
     with local_services(settings.data_dir) as services:
         print(f"PostgreSQL: {services.postgres.url} ({services.postgres.source})", flush=True)
         print(f"Redis:      {services.redis.url} ({services.redis.source})", flush=True)
-        yield settings.model_copy(
+        live = settings.model_copy(
             update={
                 "database_url": settings.database_url or services.postgres.url,
                 "redis_url": settings.redis_url or services.redis.url,
@@ -48,6 +53,7 @@ async def _services(settings: Settings) -> AsyncIterator[Settings]:
                 "http_allow": allow_loopback(settings.http_allow),
             }
         )
+        yield with_job_key(live, create=True)
 
 
 async def require_schema(dsn: str) -> None:
@@ -109,10 +115,12 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
             "the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL "
             "(`flowforge-orchestrator run` prints them when it starts private servers)"
         )
+    dsn = settings.database_url
+    settings = with_job_key(settings, create=False)
     console = settings.otel_console or args.otel_console
     telemetry.configure(service_name="flowforge-worker", console=console)
     types = load_step_types(args.types_module)
-    await require_schema(settings.database_url)
+    await require_schema(dsn)
     stop = asyncio.Event()
     _stop_on_signals(stop)
     try:
@@ -128,6 +136,10 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     async with _services(settings) as live:
         # The demo serves its endpoints on 127.0.0.1, whichever servers it uses.
         live = live.model_copy(update={"http_allow": allow_loopback(settings.http_allow)})
+        if live.job_key is None:
+            # The demo's orchestrator and worker share this process: a key of their own
+            # that no one else needs to know.
+            live = live.model_copy(update={"job_key": SecretStr(token_urlsafe(32))})
         return await run_demo(live, order_id=args.order_id)
 
 

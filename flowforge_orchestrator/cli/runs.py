@@ -93,7 +93,7 @@ async def cmd_watch(settings: Settings, args: argparse.Namespace) -> int:
 
 async def cmd_cancel(settings: Settings, args: argparse.Namespace) -> int:
     async with connection(settings) as conn:
-        requested, status = await store.request_cancel(conn, args.run_id)
+        requested, status = await store.request_cancel(conn, args.run_id, args.reason)
     if status is None:
         print(f"error: there is no run {args.run_id}", file=sys.stderr)
         return 1
@@ -178,6 +178,7 @@ def add_commands(sub: Any) -> None:
     watch.add_argument("--interval", type=float, default=0.2, help="poll interval, s")
     cancel = add_command(runs, "cancel", cmd_cancel, "cancel a pending or running run")
     cancel.add_argument("run_id", type=run_id_arg)
+    cancel.add_argument("--reason", default=None, help="why, kept with the request")
     retry = add_command(
         runs, "retry", cmd_retry, "run a failed or cancelled run again, keeping what succeeded"
     )

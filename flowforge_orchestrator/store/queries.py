@@ -43,11 +43,16 @@ RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = 
 
 # -- claiming and leases -------------------------------------------------------------------
 
+# A run's cancellation was asked for: an open request (sql/0011), or the flag the owner
+# role may still set (sql/0002).
+CANCEL_ASKED = """(cancel_requested OR EXISTS (
+    SELECT FROM flowforge.cancel_requests c WHERE c.run_id = runs.id AND c.handled_at IS NULL))"""
+
 # What a claim reads of a run. The input comes as text and is decoded run by run, so that
 # one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
-_CLAIM_COLUMNS = """
+_CLAIM_COLUMNS = f"""
 id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,
-traceparent, cancel_requested, created_at
+traceparent, {CANCEL_ASKED} AS cancel_requested, created_at
 """
 
 # Runs whose owner stopped renewing: adopted by whoever claims first. `$2`: runs this
@@ -127,16 +132,55 @@ EXISTING_RUNS = "SELECT id FROM flowforge.runs WHERE id = ANY($1::uuid[])"
 
 # -- cancellation --------------------------------------------------------------------------
 
+# The enqueue contract's cancellation: an INSERT, which locks no run row. The run's status
+# is read (no lock) so that a finished run gets no request.
 REQUEST_CANCEL = """
-UPDATE flowforge.runs SET cancel_requested = true
-WHERE id = $1 AND status IN ('pending', 'running')
-RETURNING status
+WITH run AS (SELECT id, status FROM flowforge.runs WHERE id = $1),
+asked AS (
+    INSERT INTO flowforge.cancel_requests (run_id, reason)
+    SELECT id, $2 FROM run WHERE status IN ('pending', 'running')
+    RETURNING 1  -- no column: the API role may insert requests, not read them
+)
+SELECT status, EXISTS (SELECT FROM asked) AS requested FROM run
 """
 
-RUN_STATUS = "SELECT status FROM flowforge.runs WHERE id = $1"
-
+# The owner's running runs with a cancellation asked for (its poll, for lost notifications).
 CANCEL_REQUESTED = """
+SELECT r.id FROM flowforge.cancel_requests c JOIN flowforge.runs r ON r.id = c.run_id
+WHERE c.handled_at IS NULL AND r.owner = $1 AND r.status = 'running'
+UNION
 SELECT id FROM flowforge.runs WHERE owner = $1 AND cancel_requested AND status = 'running'
+"""
+
+# A pending run blocked on a concurrency key must be claimed to be cancelled: the
+# orchestrator un-blocks the requested ones ($1: these runs; NULL: all), and wakes the claim.
+UNBLOCK_CANCELLED = """
+WITH unblocked AS (
+    UPDATE flowforge.runs SET waiting = false
+    WHERE status = 'pending' AND waiting
+      AND ($1::uuid[] IS NULL OR id = ANY($1::uuid[]))
+      AND id IN (SELECT run_id FROM flowforge.cancel_requests WHERE handled_at IS NULL)
+    RETURNING id
+)
+SELECT count(*) AS unblocked,
+       (SELECT pg_notify('flowforge_runs', '') WHERE EXISTS (SELECT FROM unblocked)) AS woken
+FROM unblocked
+"""
+
+# Requests whose run has ended are handled; so are requests for a run that has not
+# appeared within an hour (no foreign key refuses them).
+SETTLE_CANCEL_REQUESTS = """
+UPDATE flowforge.cancel_requests c SET handled_at = now()
+WHERE c.handled_at IS NULL
+  AND (EXISTS (SELECT FROM flowforge.runs r
+               WHERE r.id = c.run_id AND r.status IN ('completed', 'failed', 'cancelled'))
+       OR (c.requested_at < now() - interval '1 hour'
+           AND NOT EXISTS (SELECT FROM flowforge.runs r WHERE r.id = c.run_id)))
+"""
+
+# A redriven run starts afresh: the requests that cancelled it are spent.
+HANDLE_CANCEL_REQUESTS = """
+UPDATE flowforge.cancel_requests SET handled_at = now() WHERE run_id = $1 AND handled_at IS NULL
 """
 
 # -- concurrency limits (sql/0003_concurrency.sql) ----------------------------------------
@@ -172,6 +216,8 @@ RETURNING redrives
 """
 
 NOTIFY_RUNS = "SELECT pg_notify('flowforge_runs', '')"
+
+ENGINE_SECRET = "SELECT secret FROM flowforge.engine_secret"
 
 # -- the group commit ----------------------------------------------------------------------
 
@@ -221,13 +267,14 @@ events AS (
 -- Outputs of the steps the orchestrator ran itself, stored like a worker's result.
 inline AS (
     INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
-                                        worker, started_at, finished_at)
-    SELECT a, r, s, o, output::jsonb, error::jsonb, 'orchestrator', at, at
+                                        worker, started_at, finished_at, token)
+    SELECT a, r, s, o, output::jsonb, error::jsonb, 'orchestrator', at, at,
+           flowforge.attempt_token(a)
     FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::text[], $28::text[],
                 $29::text[], $30::timestamptz[])
         AS x(a, r, s, o, output, error, at)
     WHERE r IN (SELECT id FROM owned)
-    ON CONFLICT (attempt_id) DO NOTHING
+    ON CONFLICT DO NOTHING
 )
 {answer}
 """
@@ -251,20 +298,26 @@ WRITE_CHANGES_SKIP_LOCKED = _WRITE_CHANGES.format(
     answer="SELECT id, id IN (SELECT id FROM owned) AS written FROM locked",
 )
 
+# Keyed by (attempt_id, token): a duplicate delivery is skipped, and a row with another
+# token never stands in the way of the real one. No conflict target, so the worker's role
+# needs no SELECT on the table.
 INSERT_RESULTS = """
 INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
-                                    worker, started_at, finished_at)
-SELECT a, r, s, o, output::jsonb, error::jsonb, w, st, f
+                                    worker, started_at, finished_at, token)
+SELECT a, r, s, o, output::jsonb, error::jsonb, w, st, f, t
 FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[],
-            $7::text[], $8::timestamptz[], $9::timestamptz[])
-    AS x(a, r, s, o, output, error, w, st, f)
-ON CONFLICT (attempt_id) DO NOTHING
+            $7::text[], $8::timestamptz[], $9::timestamptz[], $10::bytea[])
+    AS x(a, r, s, o, output, error, w, st, f, t)
+ON CONFLICT DO NOTHING
 """
 
 # -- results -------------------------------------------------------------------------------
 
+# Output and error as text: each row is decoded (and its token checked) on its own, so one
+# row that cannot be decoded never fails the fetch of the others (attempt_tokens.py).
 RESULT_COLUMNS = (
-    "attempt_id, run_id, step_id, outcome, output, error, worker, started_at, finished_at"
+    "attempt_id, run_id, step_id, outcome, output::text AS output, error::text AS error,"
+    " token, worker, started_at, finished_at"
 )
 
 RESULTS_BY_ATTEMPT = f"""
@@ -304,7 +357,8 @@ RUN_ATTEMPTS = """
 SELECT a.id, a.step_id, a.attempt, a.step_type, a.status, a.dispatched_at, a.finished_at,
        a.error, r.started_at, r.worker
 FROM flowforge.step_attempts a
-LEFT JOIN flowforge.step_results r ON r.attempt_id = a.id
+LEFT JOIN flowforge.step_results r
+    ON r.attempt_id = a.id AND r.token = flowforge.attempt_token(a.id)
 WHERE a.run_id = $1
 ORDER BY a.dispatched_at, a.step_id, a.attempt
 """

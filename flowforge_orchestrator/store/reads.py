@@ -27,7 +27,11 @@ __all__ = [
 ]
 
 RUN_CHECKPOINT = """
-SELECT checkpoint, redrives, cancel_requested, waiting FROM flowforge.runs WHERE id = $1
+SELECT checkpoint, redrives, waiting,
+       (cancel_requested OR EXISTS (
+           SELECT FROM flowforge.cancel_requests c
+           WHERE c.run_id = runs.id AND c.handled_at IS NULL)) AS cancel_requested
+FROM flowforge.runs WHERE id = $1
 """
 
 FIND_RUNS = """
@@ -87,7 +91,8 @@ SELECT
           AND c.relowner <> to_regrole($2)
         ORDER BY 1) END AS not_owned,
     CASE WHEN to_regrole($3) IS NULL THEN NULL
-         ELSE has_table_privilege($3, 'flowforge.step_results', 'INSERT') END AS worker_inserts,
+         ELSE has_any_column_privilege($3, 'flowforge.step_results', 'INSERT') END
+        AS worker_inserts,
     CASE WHEN to_regrole($4) IS NULL THEN NULL
          ELSE has_any_column_privilege($4, 'flowforge.runs', 'INSERT') END AS api_enqueues
 """

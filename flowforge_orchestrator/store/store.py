@@ -15,8 +15,10 @@ from uuid import UUID
 
 import asyncpg
 
+from flowforge_orchestrator.attempt_tokens import ResultVerifier, StoredResult
 from flowforge_orchestrator.changes import RunChanges, StepResult
 from flowforge_orchestrator.definitions import WorkflowDefinition
+from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.store import queries as q
 from flowforge_orchestrator.store.db import json_texts
 
@@ -26,6 +28,7 @@ __all__ = [
     "acquire_concurrency",
     "claim_runs",
     "definition_spec",
+    "engine_secret",
     "enqueue_run",
     "existing_runs",
     "fetch_results",
@@ -230,18 +233,35 @@ async def release_leases(conn: asyncpg.Connection, owner: str, run_ids: Sequence
 # -- cancellation --------------------------------------------------------------------------
 
 
-async def request_cancel(conn: asyncpg.Connection, run_id: UUID) -> tuple[bool, str | None]:
-    """Ask for a run to be cancelled: (requested, its status); None if there is no such run.
-    A finished run is left as it is."""
-    status = await conn.fetchval(q.REQUEST_CANCEL, run_id)
-    if status is not None:
-        return True, status
-    return False, await conn.fetchval(q.RUN_STATUS, run_id)
+async def request_cancel(
+    conn: asyncpg.Connection, run_id: UUID, reason: str | None = None
+) -> tuple[bool, str | None]:
+    """Ask for a run to be cancelled (a `cancel_requests` row; no run row is locked):
+    (requested, its status); status None if there is no such run. A finished run gets no
+    request."""
+    row = await conn.fetchrow(q.REQUEST_CANCEL, run_id, reason)
+    if row is None:
+        return False, None
+    return row["requested"], row["status"]
 
 
 async def cancel_requested(conn: asyncpg.Connection, owner: str) -> list[UUID]:
     """Running runs of this owner whose cancellation was asked for."""
     return [row["id"] for row in await conn.fetch(q.CANCEL_REQUESTED, owner)]
+
+
+async def unblock_cancelled(conn: asyncpg.Connection, run_ids: Sequence[UUID] | None) -> int:
+    """Make pending runs that wait for a concurrency slot and have a cancellation request
+    claimable again (these runs, or all with None), so a claim cancels them; wakes the
+    orchestrators if any was. Returns how many."""
+    ids = None if run_ids is None else list(run_ids)
+    return int(await conn.fetchval(q.UNBLOCK_CANCELLED, ids))
+
+
+async def settle_cancel_requests(conn: asyncpg.Connection) -> int:
+    """Mark handled the requests whose run has ended (or never appeared); returns how many."""
+    status = await conn.execute(q.SETTLE_CANCEL_REQUESTS)
+    return int(status.rsplit(" ", 1)[-1])
 
 
 # -- concurrency limits --------------------------------------------------------------------
@@ -289,6 +309,7 @@ async def lock_run(conn: asyncpg.Connection, run_id: UUID) -> asyncpg.Record | N
 async def redrive_run(conn: asyncpg.Connection, run_id: UUID, checkpoint: dict[str, Any]) -> int:
     """Make a failed or cancelled run pending again with `checkpoint`; its redrive count."""
     redrives = await conn.fetchval(q.REDRIVE_RUN, run_id, checkpoint)
+    await conn.execute(q.HANDLE_CANCEL_REQUESTS, run_id)
     await conn.execute(q.NOTIFY_RUNS)
     return int(redrives)
 
@@ -371,13 +392,15 @@ async def _write_changes(
 # -- results -------------------------------------------------------------------------------
 
 
-def _result(row: asyncpg.Record) -> StepResult:
-    return StepResult(
+def _stored(row: asyncpg.Record) -> StoredResult:
+    return StoredResult(
         attempt_id=row["attempt_id"],
+        run_id=row["run_id"],
         step_id=row["step_id"],
         outcome=row["outcome"],
         output=row["output"],
         error=row["error"],
+        token=row["token"],
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         worker=row["worker"],
@@ -385,30 +408,43 @@ def _result(row: asyncpg.Record) -> StepResult:
 
 
 async def fetch_results(
-    conn: asyncpg.Connection, attempt_ids: Sequence[UUID]
+    conn: asyncpg.Connection, attempt_ids: Sequence[UUID], verifier: ResultVerifier
 ) -> list[tuple[UUID, StepResult]]:
-    """Results for these attempts, with their run ids."""
+    """The results of these attempts that carry their token, with their run ids (the
+    others are reported to `verifier.on_refused`)."""
     rows = await conn.fetch(q.RESULTS_BY_ATTEMPT, list(attempt_ids))
-    return [(row["run_id"], _result(row)) for row in rows]
+    return verifier.check(_stored(row) for row in rows)
 
 
 async def fetch_run_results(
-    conn: asyncpg.Connection, run_ids: Sequence[UUID]
+    conn: asyncpg.Connection, run_ids: Sequence[UUID], verifier: ResultVerifier
 ) -> dict[UUID, dict[UUID, StepResult]]:
-    """Every stored result of these runs, by run then attempt (to restore a checkpoint)."""
+    """Every verified result of these runs, by run then attempt (to restore a checkpoint)."""
     out: dict[UUID, dict[UUID, StepResult]] = {}
-    for row in await conn.fetch(q.RESULTS_BY_RUN, list(run_ids)):
-        out.setdefault(row["run_id"], {})[row["attempt_id"]] = _result(row)
+    rows = await conn.fetch(q.RESULTS_BY_RUN, list(run_ids))
+    for run_id, result in verifier.check(_stored(row) for row in rows):
+        out.setdefault(run_id, {})[result.attempt_id] = result
     return out
 
 
-ResultRow = tuple[UUID, UUID, str, str, Any, Any, str, datetime, datetime]
-"""attempt id, run id, step id, outcome, output, error, worker, started at, finished at"""
+async def engine_secret(conn: asyncpg.Connection) -> bytes:
+    """The database's engine secret (sql/0011): attempt tokens are derived from it. Only
+    the orchestrator's role may read it."""
+    secret = await conn.fetchval(q.ENGINE_SECRET)
+    if secret is None:
+        raise StoreError("flowforge.engine_secret is empty: run `flowforge-orchestrator migrate`")
+    return bytes(secret)
+
+
+ResultRow = tuple[UUID, UUID, str, str, Any, Any, str, datetime, datetime, bytes]
+"""attempt id, run id, step id, outcome, output, error, worker, started at, finished at,
+the attempt's token"""
 
 
 async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) -> int:
-    """Many results in one statement (a duplicate attempt id is skipped); each row's
-    trigger NOTIFYs its attempt id when the transaction commits. Returns the rows new."""
+    """Many results in one statement (a duplicate (attempt id, token) is skipped); the
+    statement's trigger NOTIFYs their attempt ids when the transaction commits. Returns the
+    rows new."""
     columns = list(zip(*rows, strict=True))
     status = await conn.execute(
         q.INSERT_RESULTS,
@@ -421,6 +457,7 @@ async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) ->
         list(columns[6]),
         list(columns[7]),
         list(columns[8]),
+        list(columns[9]),
     )
     return int(status.rsplit(" ", 1)[-1])
 
@@ -437,9 +474,21 @@ async def insert_result(
     worker: str,
     started_at: datetime,
     finished_at: datetime,
+    token: bytes,
 ) -> bool:
-    """One result; False if this attempt already had one (a duplicate delivery)."""
-    row = (attempt_id, run_id, step_id, outcome, output, error, worker, started_at, finished_at)
+    """One result; False if this attempt already had one with this token (a duplicate)."""
+    row = (
+        attempt_id,
+        run_id,
+        step_id,
+        outcome,
+        output,
+        error,
+        worker,
+        started_at,
+        finished_at,
+        token,
+    )
     return await insert_results(conn, [row]) == 1
 
 

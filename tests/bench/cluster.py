@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
@@ -98,6 +99,7 @@ class Cluster:
         self.orchestrator: Proc | None = None
         self.worker: Proc | None = None
         self.raw_worker: Proc | None = None
+        self.job_key = secrets.token_urlsafe(32)  # signs the jobs of this cluster
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -180,6 +182,7 @@ class Cluster:
             FLOWFORGE_HTTP_PORT="0",
             FLOWFORGE_WORKER_POLL_DELAY=repr(self.poll_delay),
             FLOWFORGE_WORKER_MAX_JOBS=str(self.max_jobs),
+            FLOWFORGE_JOB_KEY=self.job_key,
         )
         env.update(extra)
         return env

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import time
 from collections.abc import AsyncIterator, Callable
@@ -84,6 +85,7 @@ class ChaosCluster:
     redis_losses: list[float] = field(default_factory=list)  # wall-clock times Redis went
     _outages: int = 0  # server restarts begun so far
     _restarts: set[asyncio.Task[None]] = field(default_factory=set)
+    job_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # signs the jobs
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -142,6 +144,7 @@ class ChaosCluster:
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="2",
             FLOWFORGE_HTTP_PORT="0",  # several processes share the host
             FLOWFORGE_HTTP_ALLOW="127.0.0.0/8",  # the chaos HTTP server is on 127.0.0.1
+            FLOWFORGE_JOB_KEY=self.job_key,
         )
         return env
 

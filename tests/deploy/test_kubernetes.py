@@ -12,6 +12,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.signed_jobs import JobKeys
 from tests.deploy.paths import DEPLOY, venv_tool
 
 KUBERNETES = DEPLOY / "kubernetes"
@@ -167,7 +169,22 @@ def test_pods_are_hardened(workload: Resource) -> None:
         assert sources[:2] == ["flowforge", "flowforge"]  # the ConfigMap, then the Secret
 
 
-def test_secret_example_holds_the_connection_urls() -> None:
+def test_secret_example_holds_the_connection_urls_and_the_job_key() -> None:
     secret = _one("Secret", "flowforge")
-    assert set(secret["stringData"]) == {"FLOWFORGE_DATABASE_URL", "FLOWFORGE_REDIS_URL"}
+    assert set(secret["stringData"]) == {
+        "FLOWFORGE_DATABASE_URL",
+        "FLOWFORGE_REDIS_URL",
+        "FLOWFORGE_JOB_KEY",
+    }
+    with pytest.raises(ConfigError, match="placeholder"):  # deployed unchanged: refused
+        JobKeys.parse(secret["stringData"]["FLOWFORGE_JOB_KEY"])
     assert not set(_config()) & set(secret["stringData"])
+
+
+def test_orchestrators_and_workers_read_the_same_job_key() -> None:
+    # Both Deployments take the Secret `flowforge` whole: the key that signs is the key
+    # that verifies.
+    for name in ("flowforge-orchestrator", "flowforge-worker"):
+        container = _one("Deployment", name)["spec"]["template"]["spec"]["containers"][0]
+        secrets = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
+        assert "flowforge" in secrets

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.signed_jobs import JobKeys
 from tests.deploy.paths import DEPLOY, venv_tool
 
 SYSTEMD = DEPLOY / "systemd"
@@ -125,6 +127,14 @@ def test_orchestrator_reports_readiness_and_migrates_first() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["ExecStartPre"] == ["/opt/flowforge/bin/flowforge-orchestrator migrate"]
     assert unit["ExecStart"] == ["/opt/flowforge/bin/flowforge-orchestrator run"]
+
+
+def test_the_shared_environment_file_sets_the_job_key_for_every_unit() -> None:
+    # flowforge.env reaches the orchestrator and every worker instance: one key for all.
+    with pytest.raises(ConfigError, match="placeholder"):  # installed unchanged: refused
+        JobKeys.parse(_env_example()["FLOWFORGE_JOB_KEY"])
+    for unit in (ORCHESTRATOR, WORKER):
+        assert "/etc/flowforge/flowforge.env" in _directives(SYSTEMD / unit)["EnvironmentFile"]
 
 
 def test_worker_instances_have_their_own_environment_file() -> None:

@@ -28,6 +28,7 @@ import yaml
 from flowforge_orchestrator import store
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
+from tests.conftest import TEST_JOB_KEY
 from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -111,6 +112,7 @@ class Cluster:
             FLOWFORGE_POLL_INTERVAL="0.5",
             FLOWFORGE_WORKER_POLL_DELAY="0.01",
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="1",
+            FLOWFORGE_JOB_KEY=TEST_JOB_KEY,
         )
         env.update(extra)
         return env

@@ -10,6 +10,7 @@ import pytest
 
 from flowforge_orchestrator.cli import main
 from flowforge_orchestrator.config import Settings
+from tests.conftest import TEST_JOB_KEY
 
 __all__ = ["Cli", "Result", "cli"]
 
@@ -53,4 +54,5 @@ def cli(
             monkeypatch.delenv(name)
     monkeypatch.setenv("FLOWFORGE_DATABASE_URL", settings.database_url or "")
     monkeypatch.setenv("FLOWFORGE_REDIS_URL", settings.redis_url or "")
+    monkeypatch.setenv("FLOWFORGE_JOB_KEY", TEST_JOB_KEY)
     return Cli(capsys)

@@ -27,7 +27,7 @@ import pytest
 
 from flowforge_orchestrator.cli import main
 from flowforge_orchestrator.demo import DemoShop
-from tests.conftest import Services, database_dsn, run_sync
+from tests.conftest import TEST_JOB_KEY, Services, database_dsn, run_sync
 
 REPO = Path(__file__).resolve().parents[2]
 CLI = Path(sys.executable).with_name("flowforge-orchestrator")
@@ -358,10 +358,11 @@ def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
 ) -> None:
     run_id = cli("submit", "greet", "--input", "{}").out.strip()
 
-    cancelled = cli("runs", "cancel", run_id)
+    cancelled = cli("runs", "cancel", run_id, "--reason", "ordered twice")
     assert cancelled.code == 0
     assert cancelled.out.strip() == f"run {run_id}: cancellation requested (it was pending)"
-    assert sql(env, "SELECT cancel_requested FROM flowforge.runs")[0][0] is True
+    requests = sql(env, "SELECT run_id::text, reason, handled_at FROM flowforge.cancel_requests")
+    assert [tuple(r) for r in requests] == [(run_id, "ordered twice", None)]
 
     sql(env, "UPDATE flowforge.runs SET status = 'completed'")
     again = cli("runs", "cancel", run_id)
@@ -420,6 +421,7 @@ def daemons(env: str, redis_url: str, tmp_path: Path) -> Iterator[None]:
         FLOWFORGE_WORKER_POLL_DELAY="0.01",
         FLOWFORGE_WORKER_SHUTDOWN_GRACE="1",
         FLOWFORGE_HTTP_ALLOW="127.0.0.0/8",  # the test's HTTP server is on 127.0.0.1
+        FLOWFORGE_JOB_KEY=TEST_JOB_KEY,
     )
     with contextlib.ExitStack() as stack:
         for name, args, ready in (

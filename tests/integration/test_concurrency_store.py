@@ -220,12 +220,16 @@ async def test_a_waiting_run_that_ends_lets_the_next_one_in(
 async def test_a_cancel_request_unblocks_a_waiting_run(
     conn: asyncpg.Connection, runs: Runs
 ) -> None:
-    holder, waiter = await runs.new(), await runs.new()
-    await runs.claim({holder: {K: 1}, waiter: {K: 1}})
+    holder, waiter, other = await runs.new(), await runs.new(), await runs.new()
+    await runs.claim({holder: {K: 1}, waiter: {K: 1}, other: {K: 1}})
 
     assert (await store.request_cancel(conn, waiter))[0]
+    # The request (the API's INSERT) leaves the run row alone: the orchestrator un-blocks.
+    assert await runs.waiting(waiter) == [True]
+    assert await store.unblock_cancelled(conn, [other]) == 0  # asked for no cancellation
+    assert await store.unblock_cancelled(conn, None) == 1
 
-    assert await runs.waiting(waiter) == [False]
+    assert await runs.waiting(waiter, other) == [False, True]
     assert await runs.claimable() == [waiter]  # the claim cancels it
 
 

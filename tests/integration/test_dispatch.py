@@ -1,4 +1,5 @@
-"""The arq adapter against a real Redis: batched enqueue, arq's view of the jobs, abort."""
+"""The arq adapter against a real Redis: batched enqueue of signed jobs, arq's view of the
+jobs, abort."""
 
 from __future__ import annotations
 
@@ -7,13 +8,19 @@ from uuid import uuid4
 from arq.constants import abort_jobs_ss
 from arq.jobs import Job, JobStatus
 
+from flowforge_orchestrator.attempt_tokens import AttemptTokens
 from flowforge_orchestrator.changes import Dispatch
 from flowforge_orchestrator.dispatch import (
     Dispatcher,
-    job_payload,
+    job_arguments,
     json_deserializer,
     queue_name,
 )
+from flowforge_orchestrator.signed_jobs import JobKeys
+from tests.conftest import TEST_JOB_KEY
+
+KEYS = JobKeys.parse(TEST_JOB_KEY)
+TOKENS = AttemptTokens(bytes(range(32)))
 
 
 def _dispatch(step_type: str = "http") -> Dispatch:
@@ -29,7 +36,7 @@ def _dispatch(step_type: str = "http") -> Dispatch:
 
 
 async def test_a_batch_is_enqueued_once_and_arq_reads_it_as_its_own(redis_url: str) -> None:
-    dispatcher = await Dispatcher.connect(redis_url)
+    dispatcher = await Dispatcher.connect(redis_url, KEYS, TOKENS)
     try:
         first, second = _dispatch(), _dispatch("sms")
         outcomes = await dispatcher.dispatch_many([(first, "00-tp"), (second, None)])
@@ -51,7 +58,16 @@ async def test_a_batch_is_enqueued_once_and_arq_reads_it_as_its_own(redis_url: s
         info = await job.info()
         assert info is not None
         assert info.function == "flowforge_step"
-        assert list(info.args) == [job_payload(first, "00-tp")]
+        assert list(info.args) == list(job_arguments(first, "00-tp", KEYS, TOKENS))
+        # What a worker opens: the attempt as dispatched, with its token.
+        job = KEYS.open(str(first.attempt_id), queue_name("http"), info.args, {}, queue_name)
+        assert (job.attempt_id, job.run_id, job.params, job.traceparent) == (
+            first.attempt_id,
+            first.run_id,
+            first.params,
+            "00-tp",
+        )
+        assert job.token == TOKENS.token(first.attempt_id)
         assert await dispatcher.waiting([(second.attempt_id, "sms")]) == [True]
 
         await dispatcher.abort(first.attempt_id)
@@ -61,7 +77,7 @@ async def test_a_batch_is_enqueued_once_and_arq_reads_it_as_its_own(redis_url: s
 
 
 async def test_missing_names_the_attempts_redis_knows_nothing_of(redis_url: str) -> None:
-    dispatcher = await Dispatcher.connect(redis_url)
+    dispatcher = await Dispatcher.connect(redis_url, KEYS, TOKENS)
     try:
         known, unknown = _dispatch(), uuid4()
         await dispatcher.dispatch(known)

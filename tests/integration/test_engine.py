@@ -192,10 +192,11 @@ async def test_duplicate_result_delivery_is_applied_once(
     )
     # The same result again (a worker re-ran the job) and its notification again.
     inserted = await engine.conn.execute(
-        "INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output)"
-        " VALUES ($1, $2, 'user', 'succeeded', '{}'::jsonb) ON CONFLICT DO NOTHING",
+        "INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output,"
+        " token) VALUES ($1, $2, 'user', 'succeeded', '{}'::jsonb, $3) ON CONFLICT DO NOTHING",
         result["attempt_id"],
         run_id,
+        result["token"],
     )
     assert inserted == "INSERT 0 0"
     await engine.conn.execute(

@@ -16,7 +16,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.enqueue import redrive
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.nodes import attempt_id
-from tests.helpers import wait_for
+from tests.helpers import verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -189,6 +189,7 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
         worker="late-worker",
         started_at=late_at,
         finished_at=late_at,
+        token=(await verifier(steps_engine.conn)).tokens.token(first),
     )
     run = await steps_engine.finished(run_id)
     assert run["status"] == "failed"

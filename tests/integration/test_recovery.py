@@ -13,7 +13,7 @@ from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import run_worker
-from tests.helpers import wait_for
+from tests.helpers import verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 # A step that waits to be released, then one after it.
@@ -166,6 +166,7 @@ async def test_an_adopted_attempt_that_already_has_a_result_is_not_sent_again(
             worker="w-gone",
             started_at=now,
             finished_at=now,
+            token=(await verifier(conn)).tokens.token(attempt_id(run_id, "a", 1)),
         )
         stop, tasks = await start_engine(settings, {"echo": steps.echo})
         try:

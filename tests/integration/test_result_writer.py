@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 import pytest
 
@@ -16,8 +16,8 @@ from flowforge_orchestrator.result_writer import Result, ResultWriter
 NOW = datetime(2024, 5, 1, tzinfo=UTC)
 
 
-def result(output: object = None) -> Result:
-    return Result(uuid4(), uuid4(), "s", "succeeded", output, None, NOW, NOW)
+def result(output: object = None, attempt: UUID | None = None, token: bytes = bytes(16)) -> Result:
+    return Result(attempt or uuid4(), uuid4(), "s", "succeeded", output, None, NOW, NOW, token)
 
 
 @pytest.fixture
@@ -106,5 +106,29 @@ async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_
         async with pool.acquire() as conn:
             commits = await conn.fetch("SELECT DISTINCT xmin::text FROM flowforge.step_results")
         assert len(commits) == 1  # one transaction for both
+    finally:
+        await writer.close()
+
+
+async def test_a_row_under_another_token_never_stands_in_the_way_of_the_real_one(
+    pool: store.Pool,
+) -> None:
+    writer = ResultWriter(pool, "w-1")
+    try:
+        attempt = uuid4()
+        forged, real = bytes(16), bytes(range(16))
+        await writer.write(result({"forged": True}, attempt, forged))  # guessed the id first
+        await writer.write(result({"real": True}, attempt, real))
+        await writer.write(result({"again": True}, attempt, real))  # a duplicate delivery
+        async with pool.acquire() as conn:
+            rows = await conn.fetch(
+                "SELECT token, output FROM flowforge.step_results WHERE attempt_id = $1"
+                " ORDER BY token",
+                attempt,
+            )
+        assert [(bytes(r["token"]), r["output"]) for r in rows] == [
+            (forged, {"forged": True}),
+            (real, {"real": True}),
+        ]
     finally:
         await writer.close()

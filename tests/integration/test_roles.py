@@ -1,6 +1,7 @@
 """sql/roles.sql: PostgreSQL itself allows and refuses what each role may and may not do.
 
-Each test logs in as a fresh user inside each group role, the way a deployment does.
+Each test logs in as a fresh user inside each group role (and one in none), the way a
+deployment does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import asyncpg
 import pytest
 import yaml
 
-from flowforge_orchestrator import store
+from flowforge_orchestrator import metrics, store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
@@ -38,6 +39,13 @@ steps:
 # What a compromised worker must not be able to do.
 WORKER_REFUSED = [
     "SELECT id FROM flowforge.runs",
+    "SELECT id FROM flowforge.runs FOR KEY SHARE",
+    "SELECT secret FROM flowforge.engine_secret",
+    "SELECT flowforge.attempt_token(gen_random_uuid())",
+    "SELECT attempt_id, token FROM flowforge.step_results",
+    "SELECT count(*) FROM flowforge.step_results",
+    "INSERT INTO flowforge.cancel_requests (run_id) VALUES (gen_random_uuid())",
+    "SELECT flowforge.lock_concurrency_keys(ARRAY['k'])",
     "UPDATE flowforge.runs SET status = 'cancelled'",
     "UPDATE flowforge.runs SET cancel_requested = true",
     "DELETE FROM flowforge.runs",
@@ -62,7 +70,24 @@ WORKER_REFUSED = [
 
 # What an API must not be able to do: forge state, read results or history, touch the outbox.
 API_REFUSED = [
+    # No lock on a run row, of any strength: the API's transactions never hold back a commit.
+    "SELECT id FROM flowforge.runs FOR UPDATE",
+    "SELECT id FROM flowforge.runs FOR NO KEY UPDATE",
+    "SELECT id FROM flowforge.runs FOR SHARE",
+    "SELECT id FROM flowforge.runs FOR KEY SHARE",
+    "LOCK TABLE flowforge.runs IN ROW SHARE MODE",
+    "UPDATE flowforge.runs SET cancel_requested = true",
+    "UPDATE flowforge.runs SET waiting = false",
     "UPDATE flowforge.runs SET status = 'cancelled'",
+    # No function of the engine: PUBLIC's EXECUTE is taken back.
+    "SELECT flowforge.lock_concurrency_keys(ARRAY['workflow:roles-check'])",
+    "SELECT * FROM flowforge.acquire_concurrency(ARRAY[gen_random_uuid()], ARRAY['k'], ARRAY[1])",
+    "SELECT flowforge.attempt_token(gen_random_uuid())",
+    "SELECT secret FROM flowforge.engine_secret",
+    "SELECT * FROM flowforge.cancel_requests",
+    "UPDATE flowforge.cancel_requests SET handled_at = now()",
+    "DELETE FROM flowforge.cancel_requests",
+    "INSERT INTO flowforge.cancel_requests (run_id, handled_at) VALUES (gen_random_uuid(), now())",
     "UPDATE flowforge.runs SET checkpoint = '{}', epoch = epoch + 1",
     "INSERT INTO flowforge.runs (workflow_name, status) VALUES ('x', 'completed')",
     "INSERT INTO flowforge.runs (workflow_name, owner) VALUES ('roles-check', 'me')",
@@ -82,12 +107,23 @@ API_REFUSED = [
 ]
 
 
+# A login in no group role: PUBLIC may not even look into the schema.
+NOBODY_REFUSED = [
+    "SELECT id FROM flowforge.runs",
+    "INSERT INTO flowforge.runs (workflow_name) VALUES ('x')",
+    "INSERT INTO flowforge.cancel_requests (run_id) VALUES (gen_random_uuid())",
+    "SELECT flowforge.lock_concurrency_keys(ARRAY['k'])",
+    "SELECT flowforge.attempt_token(gen_random_uuid())",
+]
+
+
 @dataclass(frozen=True)
 class Logins:
     admin: str
     orchestrator: str
     worker: str
     api: str
+    nobody: str
 
 
 def _login_dsn(dsn: str, user: str, password: str) -> str:
@@ -102,11 +138,12 @@ async def logins(db_url: str) -> AsyncIterator[Logins]:
     await store.apply_roles(db_url)
     suffix = uuid.uuid4().hex[:10]
     password = uuid.uuid4().hex
-    users = {kind: f"ff_{kind}_{suffix}" for kind in store.ROLES}
+    users = {kind: f"ff_{kind}_{suffix}" for kind in [*store.ROLES, "nobody"]}
     await _admin(
         db_url,
         *(
-            f"CREATE ROLE {user} LOGIN PASSWORD '{password}' IN ROLE {store.ROLES[kind]}"
+            f"CREATE ROLE {user} LOGIN PASSWORD '{password}'"
+            + (f" IN ROLE {store.ROLES[kind]}" if kind in store.ROLES else "")
             for kind, user in users.items()
         ),
     )
@@ -135,7 +172,8 @@ async def _refusals(dsn: str, statements: list[str]) -> list[str]:
     try:
         for sql in statements:
             try:
-                await conn.execute(sql)
+                async with conn.transaction():  # LOCK TABLE needs one; a refusal ends it
+                    await conn.execute(sql)
             except asyncpg.InsufficientPrivilegeError:
                 continue
             allowed.append(sql)
@@ -183,6 +221,12 @@ async def test_roles_exist_without_login_and_own_by_need(logins: Logins) -> None
     orchestrator = await store.connect(logins.orchestrator)
     try:
         await orchestrator.execute("INSERT INTO flowforge.added_later DEFAULT VALUES")
+        # Alone in reading the engine secret, and in computing tokens from it.
+        secret = await store.engine_secret(orchestrator)
+        token = await orchestrator.fetchval(
+            "SELECT flowforge.attempt_token('00000000-0000-4000-8000-000000000000')"
+        )
+        assert len(secret) == 32 and len(token) == 16
     finally:
         await orchestrator.close()
 
@@ -217,6 +261,7 @@ async def test_worker_reports_results_and_nothing_else(logins: Logins) -> None:
             "worker": "w1",
             "started_at": now,
             "finished_at": now,
+            "token": bytes(16),
         }
         assert await store.insert_result(conn, **result)
         assert not await store.insert_result(conn, **result)  # a duplicate delivery
@@ -235,7 +280,9 @@ async def test_api_enqueues_reads_and_cancels_only(logins: Logins) -> None:
     await _register(logins.admin)
     listener = await asyncpg.connect(logins.admin)
     woken = asyncio.Event()
+    cancels: asyncio.Queue[str] = asyncio.Queue()
     await listener.add_listener("flowforge_runs", lambda *_: woken.set())
+    await listener.add_listener("flowforge_cancel", lambda *args: cancels.put_nowait(args[3]))
     conn = await store.connect(logins.api)
     try:
         first = await enqueue(conn, "roles-check", {"n": 1}, idempotency_key="order-1")
@@ -244,15 +291,26 @@ async def test_api_enqueues_reads_and_cancels_only(logins: Logins) -> None:
         await asyncio.wait_for(woken.wait(), 5)  # the statement trigger's NOTIFY
         run = await store.get_run(conn, first.id)
         assert run is not None and run["workflow_version"] == 1  # pinned by the trigger
-        # As if a concurrency limit held it back: the cancel must still un-block it.
-        await listener.execute("UPDATE flowforge.runs SET waiting = true WHERE id = $1", first.id)
-        updated = await conn.execute(
-            "UPDATE flowforge.runs SET cancel_requested = true WHERE id = $1", first.id
-        )
-        assert updated == "UPDATE 1"
-        query = "SELECT waiting FROM flowforge.runs WHERE id = $1"
-        assert await listener.fetchval(query, first.id) is False
         assert [d["name"] for d in await store.list_definitions(conn)] == ["roles-check"]
+
+        # Cancelling is an INSERT, and holds no lock on the run while its transaction lasts.
+        woken.clear()
+        before = await listener.fetchval("SELECT xmin FROM flowforge.runs WHERE id = $1", first.id)
+        async with conn.transaction():
+            await conn.execute(
+                "INSERT INTO flowforge.cancel_requests (run_id, reason) VALUES ($1, 'asked')",
+                first.id,
+            )
+            locked = await listener.fetchval(
+                "SELECT id FROM flowforge.runs WHERE id = $1 FOR UPDATE NOWAIT", first.id
+            )
+            assert locked == first.id  # not even a KEY SHARE lock stands in the way
+        assert await asyncio.wait_for(cancels.get(), 5) == str(first.id)
+        await asyncio.wait_for(woken.wait(), 5)  # a pending run: the claim cancels it
+        after = await listener.fetchval("SELECT xmin FROM flowforge.runs WHERE id = $1", first.id)
+        assert after == before  # the run row itself was not written
+        assert await store.request_cancel(conn, first.id, "again") == (True, "pending")
+        assert await store.request_cancel(conn, uuid.uuid4()) == (False, None)
     finally:
         await conn.close()
         await listener.close()
@@ -260,45 +318,118 @@ async def test_api_enqueues_reads_and_cancels_only(logins: Logins) -> None:
     assert await _refusals(logins.api, API_REFUSED) == []
 
 
-async def _echo(params: Any, ctx: StepContext) -> Any:
-    return params
+async def test_a_login_in_no_role_may_do_nothing(logins: Logins) -> None:
+    assert await _refusals(logins.nobody, NOBODY_REFUSED) == []
 
 
-async def test_a_run_completes_with_each_process_in_its_role(
+class Gate:
+    """An echo step that waits until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.started: dict[str, asyncio.Event] = {}
+        self.release: dict[str, asyncio.Event] = {}
+
+    def _event(self, events: dict[str, asyncio.Event], n: Any) -> asyncio.Event:
+        return events.setdefault(str(n), asyncio.Event())
+
+    async def echo(self, params: Any, ctx: StepContext) -> Any:
+        self._event(self.started, params["n"]).set()
+        await self._event(self.release, params["n"]).wait()
+        return params
+
+
+def _refused(measures: metrics.OrchestratorMetrics, reason: str) -> float:
+    value = measures.registry.get_sample_value(
+        "flowforge_results_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+async def test_a_run_completes_with_each_process_in_its_role_and_forgeries_change_nothing(
     logins: Logins, redis_url: str, settings: Settings
 ) -> None:
     """The engine needs nothing beyond its grants: orchestrator, worker and API each log in
-    as their role, and a run goes from enqueue to completed."""
+    as their role, and a run goes from enqueue to completed. A worker's login that guesses
+    an attempt id (they are derived) and inserts a result for it changes nothing: the
+    orchestrator ignores the forged row and counts it, and the real result lands. The API
+    cancels a running run by inserting a request."""
     orchestrator = settings.model_copy(update={"database_url": logins.orchestrator})
     worker = settings.model_copy(update={"database_url": logins.worker, "node_id": "w1"})
     assert await store.pending_migrations(logins.orchestrator) == []  # its start-up check
     await _register(logins.orchestrator)
+    gate = Gate()
+    measures = metrics.OrchestratorMetrics(metrics.new_registry(process=False))
     stop = asyncio.Event()
     ready_o, ready_w = asyncio.Event(), asyncio.Event()
     tasks = [
-        asyncio.create_task(run_orchestrator(orchestrator, stop, ready=ready_o)),
-        asyncio.create_task(run_worker(worker, {"echo": _echo}, stop=stop, ready=ready_w)),
+        asyncio.create_task(run_orchestrator(orchestrator, stop, ready=ready_o, measures=measures)),
+        asyncio.create_task(run_worker(worker, {"echo": gate.echo}, stop=stop, ready=ready_w)),
     ]
+    api = await store.connect(logins.api)
+    forger = await store.connect(logins.worker)
     try:
         await asyncio.wait_for(asyncio.gather(ready_o.wait(), ready_w.wait()), timeout=20)
-        api = await store.connect(logins.api)
+        run_id, doomed = uuid.uuid4(), uuid.uuid4()
+        await enqueue(api, "roles-check", {"n": 41}, run_id=run_id)
+        await enqueue(api, "roles-check", {"n": 7}, run_id=doomed)
+        await asyncio.wait_for(gate._event(gate.started, 41).wait(), 20)
+
+        # The attempt id is derived (run, created_at, step, attempt): a reader of runs can
+        # compute it, so the forger is given it here.
+        admin = await store.connect(settings.database_url or "")
         try:
-            run_id = (await enqueue(api, "roles-check", {"n": 41})).id
-
-            async def finished() -> asyncpg.Record | None:
-                row = await store.get_run(api, run_id)
-                assert row is not None
-                return row if row["status"] in ("completed", "failed") else None
-
-            row: asyncpg.Record = await wait_for(
-                finished, timeout=20, message="the run did not finish"
+            attempt = await admin.fetchval(
+                "SELECT attempt_id FROM flowforge.outbox"
+                " WHERE run_id = $1 AND type = 'step.dispatched'",
+                run_id,
             )
         finally:
-            await api.close()
+            await admin.close()
+        now = datetime.now(UTC)
+        for token in (bytes(16), uuid.uuid4().bytes):
+            assert await store.insert_result(
+                forger,
+                attempt_id=attempt,
+                run_id=run_id,
+                step_id="echo",
+                outcome="succeeded",
+                output={"n": 999},
+                error=None,
+                worker="forger",
+                started_at=now,
+                finished_at=now,
+                token=token,
+            )
+        await wait_for(lambda: _refused(measures, "bad_token") == 2, message="not refused")
+        gate._event(gate.release, 41).set()
+
+        await asyncio.wait_for(gate._event(gate.started, 7).wait(), 20)
+        assert await store.request_cancel(api, doomed, "changed my mind") == (True, "running")
+
+        async def finished(run: uuid.UUID) -> asyncpg.Record | None:
+            row = await store.get_run(api, run)
+            assert row is not None
+            return row if row["status"] in ("completed", "failed", "cancelled") else None
+
+        row: asyncpg.Record = await wait_for(
+            lambda: finished(run_id), timeout=20, message="the run did not finish"
+        )
         assert row["status"] == "completed", row["error"]
-        assert row["output"] == {"done": 42}
+        assert row["output"] == {"done": 42}  # not 1000: the forged output never counted
+        cancelled = await wait_for(lambda: finished(doomed), timeout=20, message="not cancelled")
+        assert cancelled["status"] == "cancelled"
+        assert _refused(measures, "bad_token") == 2  # each forged row counted once
     finally:
+        gate._event(gate.release, 7).set()
+        await api.close()
+        await forger.close()
         stop.set()
         for result in await asyncio.gather(*tasks, return_exceptions=True):
             if isinstance(result, BaseException):
                 raise result
+    admin = await store.connect(logins.admin)
+    try:
+        attempts = await store.run_attempts(admin, run_id)  # what `runs show` reads
+        assert [(a["step_id"], a["worker"]) for a in attempts] == [("echo", "w1")]
+    finally:
+        await admin.close()

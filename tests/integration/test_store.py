@@ -24,7 +24,7 @@ from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.state import RunStatus
 from flowforge_orchestrator.store import OwnedChanges
 from tests.conftest import Services, _admin, database_dsn
-from tests.helpers import migration_names, wait_for
+from tests.helpers import migration_names, verifier, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
@@ -39,6 +39,8 @@ TABLES = {
     "schema_migrations",
     "concurrency_slots",
     "concurrency_queue",
+    "engine_secret",
+    "cancel_requests",
 }
 WF = CompiledWorkflow(
     parse_definition(
@@ -366,7 +368,8 @@ async def test_results_stored_together_are_notified_together_in_bounded_payloads
         received = await _listen(listener, "flowforge_results")
         run_id = uuid.uuid4()
         rows = [
-            (uuid.uuid4(), run_id, f"s{i}", "succeeded", i, None, "w", T0, T0) for i in range(450)
+            (uuid.uuid4(), run_id, f"s{i}", "succeeded", i, None, "w", T0, T0, bytes(16))
+            for i in range(450)
         ]
         assert await store.insert_results(conn, rows) == 450
         payloads = [await asyncio.wait_for(received.get(), 5) for _ in range(3)]
@@ -641,7 +644,7 @@ async def test_inline_results_and_cancelled_attempts_are_written(
     assert started is not None
     d = {x.step_id: x for x in started.dispatches}
     await _insert_result(conn, d["a"].attempt_id, run_id, "A", step_id="a")
-    [(_, result)] = await store.fetch_results(conn, [d["a"].attempt_id])
+    [(_, result)] = await store.fetch_results(conn, [d["a"].attempt_id], await verifier(conn))
     state.apply_result(result, T0 + timedelta(seconds=3))
     failure = StepResult(
         d["b"].attempt_id, "b", "failed", None, {"message": "no"}, None, T0 + timedelta(seconds=4)
@@ -654,8 +657,8 @@ async def test_inline_results_and_cancelled_attempts_are_written(
         await store.write_changes(conn, "o", 30, [OwnedChanges(started, 0, 1, True)])
         await store.write_changes(conn, "o", 30, [OwnedChanges(later, 1, 1)])
 
-    stored = await store.fetch_run_results(conn, [run_id])
-    assert stored[run_id][inline.attempt_id].output == 1
+    stored = await store.fetch_run_results(conn, [run_id], await verifier(conn))
+    assert stored[run_id][inline.attempt_id].output == 1  # its token made in SQL verifies
     assert stored[run_id][inline.attempt_id].worker == "orchestrator"
     attempts = {a["step_id"]: a for a in await store.run_attempts(conn, run_id)}
     assert set(attempts) == {"a", "b", "c"}  # inline steps have results, not attempts
@@ -729,14 +732,16 @@ async def _insert_result(
         "finished_at": T0 + timedelta(seconds=2),
     }
     args.update(kw)
-    await store.insert_result(conn, **args)
-    [(stored_run, result)] = await store.fetch_results(conn, [attempt_id])
+    check = await verifier(conn)
+    await store.insert_result(conn, token=check.tokens.token(attempt_id), **args)
+    [(stored_run, result)] = await store.fetch_results(conn, [attempt_id], check)
     assert stored_run == run_id
     return result
 
 
 async def test_a_result_is_stored_once_per_attempt(conn: asyncpg.Connection) -> None:
     attempt_id, run_id = uuid.uuid4(), uuid.uuid4()
+    check = await verifier(conn)
     common: dict[str, Any] = {
         "attempt_id": attempt_id,
         "run_id": run_id,
@@ -745,14 +750,61 @@ async def test_a_result_is_stored_once_per_attempt(conn: asyncpg.Connection) -> 
         "worker": "w-1",
         "started_at": T0,
         "finished_at": T0 + timedelta(seconds=1),
+        "token": check.tokens.token(attempt_id),
     }
     assert await store.insert_result(conn, outcome="succeeded", output={"n": 1}, **common)
     assert not await store.insert_result(conn, outcome="failed", output={"n": 2}, **common)
     assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 1
-    [(_, result)] = await store.fetch_results(conn, [attempt_id])
+    [(_, result)] = await store.fetch_results(conn, [attempt_id], check)
     assert (result.outcome, result.output, result.worker) == ("succeeded", {"n": 1}, "w-1")
     assert (result.started_at, result.finished_at) == (T0, T0 + timedelta(seconds=1))
-    assert await store.fetch_run_results(conn, [run_id]) == {run_id: {attempt_id: result}}
+    assert await store.fetch_run_results(conn, [run_id], check) == {run_id: {attempt_id: result}}
+
+
+async def test_a_row_that_cannot_be_decoded_fails_no_fetch_of_the_others(
+    conn: asyncpg.Connection,
+) -> None:
+    # JSONB holds nesting far deeper than a decoder can follow: read as text, row by row.
+    check = await verifier(conn)
+    run_id, deep, fine, forged = uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    nested = "[" * 5000 + "]" * 5000
+    await conn.execute(
+        "INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output,"
+        " token) VALUES ($1, $2, 'deep', 'succeeded', $3::text::jsonb, $4),"
+        " ($5, $2, 'forged', 'succeeded', $3::text::jsonb, $6)",
+        deep,
+        run_id,
+        nested,
+        check.tokens.token(deep),
+        forged,
+        bytes(16),
+    )
+    await _insert_result(conn, fine, run_id, {"ok": True})
+    refused: list[Any] = []
+    check.on_refused = refused.append
+    by_attempt = {
+        r.attempt_id: r for _, r in await store.fetch_results(conn, [deep, fine, forged], check)
+    }
+    assert set(by_attempt) == {deep, fine}
+    assert by_attempt[fine].output == {"ok": True}
+    assert by_attempt[deep].outcome == "failed"
+    assert by_attempt[deep].error is not None
+    assert by_attempt[deep].error["category"] == "unreadable_result"
+    assert {(r.attempt_id, r.reason) for r in refused} == {
+        (deep, "unreadable"),
+        (forged, "bad_token"),
+    }
+    restored = await store.fetch_run_results(conn, [run_id], check)
+    assert set(restored[run_id]) == {deep, fine}
+
+
+async def test_tokens_made_in_sql_are_the_orchestrators(conn: asyncpg.Connection) -> None:
+    check = await verifier(conn)
+    attempts = [uuid.uuid4() for _ in range(5)]
+    made = await conn.fetch(
+        "SELECT a, flowforge.attempt_token(a) AS t FROM unnest($1::uuid[]) AS a", attempts
+    )
+    assert {r["a"]: bytes(r["t"]) for r in made} == {a: check.tokens.token(a) for a in attempts}
 
 
 async def test_a_pooled_connection_comes_back_without_the_transaction_left_open(
