@@ -63,6 +63,7 @@ __all__ = ["Orchestrator"]
 log = logging.getLogger(__name__)
 
 MAX_STRIKES = 3  # errors on one run before it is failed rather than resumed again
+REDELIVERY_DELAY = 1.0  # seconds between tries of dispatches Redis refused
 
 
 def _utcnow() -> datetime:
@@ -145,6 +146,8 @@ class Orchestrator(Upkeep):
         self._dirty: set[UUID] = set()
         self._notified: set[UUID] = set()
         self._undelivered: list[tuple[Dispatch, str | None]] = []
+        self._dispatch_failing = False  # Redis refused the last dispatches (warned once)
+        self._redelivery_due = False  # a retry of the refused dispatches is scheduled
         self._background: set[asyncio.Task[None]] = set()
         self._to_release: set[UUID] = set()
         self._committing = False
@@ -844,7 +847,9 @@ class Orchestrator(Upkeep):
         task.add_done_callback(self._background.discard)
 
     async def _redeliver(self) -> None:
-        """Enqueue committed dispatches; what Redis refuses is kept and tried again."""
+        """Enqueue committed dispatches; what Redis refuses is kept and tried again a
+        second later (not only at the next poll), so a Redis that comes back is used within
+        a second. One warning per outage, not one per try."""
         todo, self._undelivered = self._undelivered, []
         todo = [(d, tp) for d, tp in todo if d.attempt_id in self._attempts]
         if not todo:
@@ -859,9 +864,22 @@ class Orchestrator(Upkeep):
             if not isinstance(ok, BaseException)
         )
         self.metrics.dispatch_failures.inc(len(failed))
-        if failed:
-            log.warning("%d dispatch(es) failed; retrying on the next poll", len(failed))
-            self._undelivered.extend(failed)
+        if not failed:
+            if self._dispatch_failing:
+                log.info("Redis takes dispatches again")
+            self._dispatch_failing = False
+            return
+        if not self._dispatch_failing:
+            log.warning("%d dispatch(es) failed; retrying every second", len(failed))
+        self._dispatch_failing = True
+        self._undelivered.extend(failed)
+        if not self._redelivery_due:
+            self._redelivery_due = True
+            asyncio.get_running_loop().call_later(REDELIVERY_DELAY, self._redeliver_again)
+
+    def _redeliver_again(self) -> None:
+        self._redelivery_due = False
+        self._in_background(self._redeliver())
 
     def _forget_attempts(self, owned: Owned) -> None:
         for attempt_id in owned.attempts:
