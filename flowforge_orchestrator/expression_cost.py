@@ -36,6 +36,7 @@ __all__ = [
     "INLINE_BYTES",
     "INLINE_NODES",
     "INLINE_UNITS",
+    "MAX_VALUE_DEPTH",
     "REFUSE_FACTOR",
     "Budget",
     "Route",
@@ -57,6 +58,10 @@ INLINE_BYTES = 4 * 1024 * 1024
 """Most memory an inline evaluation may build, by the upper estimate."""
 REFUSE_FACTOR = 20
 """Refused at once when even the optimistic estimate is this many times the timeout."""
+MAX_VALUE_DEPTH = 128
+"""Deepest nesting of a value handed to CEL. What the engine stores is at most 64 deep
+(jsonb.MAX_DEPTH; `steps` adds two levels of its own); CEL's conversion recurses once per
+level and crashes the process somewhere past 5,000."""
 
 # Optimistic costs, measured on common-expression-language 0.10 (see README, "Expression
 # limits"): a quadratic macro step (map, filter) ~30-110 ns, an element of a linear one
@@ -114,16 +119,21 @@ class Shape:
 
 @dataclass(frozen=True, slots=True)
 class Weight:
-    """How much a value holds: JSON values, characters of text, its longest list or
-    object. `nodes` over a weighing's cap means "more than the cap"."""
+    """How much a value holds: JSON values, characters of text, its longest list or object,
+    its nesting. `nodes` over a weighing's cap means "more than the cap" (and `widest` and
+    `depth` are then lower bounds)."""
 
     nodes: int = 0
     chars: int = 0
     widest: int = 0
+    depth: int = 0
 
     def __add__(self, other: Weight) -> Weight:
         return Weight(
-            self.nodes + other.nodes, self.chars + other.chars, max(self.widest, other.widest)
+            self.nodes + other.nodes,
+            self.chars + other.chars,
+            max(self.widest, other.widest),
+            max(self.depth, other.depth),
         )
 
     @property
@@ -135,7 +145,7 @@ class Weight:
 @dataclass(frozen=True, slots=True)
 class Budget:
     """The limits of one evaluation (from Settings: FLOWFORGE_EXPRESSION_TIMEOUT,
-    FLOWFORGE_EXPRESSION_MEMORY, FLOWFORGE_MAX_CONTEXT_BYTES)."""
+    FLOWFORGE_EXPRESSION_MEMORY_BYTES, FLOWFORGE_MAX_CONTEXT_BYTES)."""
 
     timeout: float = 0.1
     memory_bytes: int = 256 * 1024 * 1024
@@ -159,27 +169,27 @@ def weigh(value: Any, cap: int | None = None) -> Weight:
     """The weight of a JSON-like value, walked iteratively (any depth is safe). With `cap`,
     stops after `cap + 1` values: the result then says "more than cap" and its `widest` is
     a lower bound."""
-    nodes = chars = widest = 0
-    stack = [value]
+    nodes = chars = widest = deepest = 0
+    stack = [(value, 0)]
     limit = cap + 1 if cap is not None else -1
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         nodes += 1
         if nodes == limit:
             break
         if isinstance(item, str):
             chars += len(item)
         elif isinstance(item, dict):
-            widest = max(widest, len(item))
+            widest, deepest = max(widest, len(item)), max(deepest, depth + 1)
             for key in item:
                 chars += len(key) if isinstance(key, str) else 8
-            stack.extend(item.values())
+            stack.extend((child, depth + 1) for child in item.values())
         elif isinstance(item, list | tuple):
-            widest = max(widest, len(item))
-            stack.extend(item)
+            widest, deepest = max(widest, len(item)), max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
         elif isinstance(item, bytes):
             chars += len(item)
-    return Weight(nodes, chars, widest)
+    return Weight(nodes, chars, widest, deepest)
 
 
 def shape_of(code: str, functions: Iterable[str]) -> Shape:
@@ -228,7 +238,7 @@ def shape_of(code: str, functions: Iterable[str]) -> Shape:
 
 def inline_ok(shape: Shape, weight: Weight) -> bool:
     """Whether an upper estimate keeps this evaluation small enough to run in process."""
-    if shape.other_calls:
+    if shape.other_calls or weight.depth > MAX_VALUE_DEPTH:
         return False
     nodes = weight.nodes + shape.literal_items
     if nodes > INLINE_NODES:
@@ -247,6 +257,12 @@ def route(shape: Shape, weight: Weight, budget: Budget) -> Verdict:
     (`weight` of the values actually passed: exact, or capped with a lower-bound `widest`)."""
     if inline_ok(shape, weight):
         return Verdict(Route.INLINE)
+    if weight.depth > MAX_VALUE_DEPTH:
+        reason = (
+            f"refused before evaluation: a value it reads is nested more than "
+            f"{MAX_VALUE_DEPTH} levels deep"
+        )
+        return Verdict(Route.REFUSED, reason=reason)
     span = max(weight.widest, shape.literal_width)
     seconds = max((unit * float(span) ** power for power, unit in shape.lower_terms), default=0.0)
     if seconds > REFUSE_FACTOR * budget.timeout:
@@ -268,7 +284,7 @@ def timeout_text(budget: Budget) -> str:
 
 def memory_text(budget: Budget) -> str:
     return (
-        f"evaluation needed more than FLOWFORGE_EXPRESSION_MEMORY "
+        f"evaluation needed more than FLOWFORGE_EXPRESSION_MEMORY_BYTES "
         f"({bytes_text(budget.memory_bytes)}) and was stopped"
     )
 

@@ -6,6 +6,7 @@ import pytest
 
 from flowforge_orchestrator.expression_cost import (
     INLINE_NODES,
+    MAX_VALUE_DEPTH,
     Budget,
     Route,
     Shape,
@@ -94,7 +95,9 @@ def test_weigh_counts_values_text_and_the_longest_collection() -> None:
     assert weight.nodes == 1 + 1 + 2 + 2 + 1
     assert weight.chars == len("items") + len("n") + 2 * len("sku") + len("ab") + len("cde")
     assert weight.widest == 2
+    assert weight.depth == 3  # the object, its list, the objects in it
     assert weigh(list(range(10))).widest == 10
+    assert weigh("flat").depth == 0
     assert Weight(1, 2, 3) + Weight(4, 5, 1) == Weight(5, 7, 3)
 
 
@@ -103,6 +106,7 @@ def test_weigh_is_iterative_and_stops_at_its_cap() -> None:
     for _ in range(100_000):
         deep = [deep]
     assert weigh(deep).nodes == 100_001
+    assert weigh(deep).depth == 100_000
     capped = weigh(list(range(1_000_000)), cap=100)
     assert capped.nodes == 101  # "more than 100"
     assert capped.widest == 1_000_000
@@ -162,3 +166,13 @@ def test_a_longer_timeout_refuses_later() -> None:
 )
 def test_sizes_read_as_people_write_them(size: int, text: str) -> None:
     assert bytes_text(size) == text
+
+
+def test_values_nested_past_what_cel_can_convert_are_refused() -> None:
+    deep: object = 1
+    for _ in range(MAX_VALUE_DEPTH + 1):
+        deep = [deep]
+    verdict = route(shape("size(input)"), weigh(deep), BUDGET)
+    assert verdict.route is Route.REFUSED
+    assert f"nested more than {MAX_VALUE_DEPTH} levels deep" in verdict.reason
+    assert route(shape("size(input)"), weigh([[[1]]]), BUDGET).route is Route.INLINE
