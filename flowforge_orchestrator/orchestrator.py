@@ -40,6 +40,9 @@ from flowforge_orchestrator.errors import (
     ExpressionError,
     FlowForgeError,
 )
+from flowforge_orchestrator.expression_cost import Budget
+from flowforge_orchestrator.expression_sandbox import BoundedEvaluator, Sandbox
+from flowforge_orchestrator.expressions import Evaluator
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.orchestrator_upkeep import Owned, Upkeep
@@ -79,9 +82,13 @@ class Orchestrator(Upkeep):
         *,
         clock: Callable[[], datetime] = _utcnow,
         measures: metrics.OrchestratorMetrics | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
+        """`evaluator` bounds every CEL evaluation (`run_orchestrator` gives a sandboxed
+        one); None evaluates in process, unbounded."""
         assert settings.database_url is not None
         self.settings = settings
+        self.evaluator = evaluator
         self.pool = pool
         self.dispatcher = dispatcher
         self.clock = clock
@@ -333,6 +340,7 @@ class Orchestrator(Upkeep):
             status=status,
             checkpoint=row.checkpoint,
             results=results,
+            evaluator=self.evaluator,
         )
         if row.cancel_requested:  # asked for while pending, or while no one owned it
             state.cancel(now, "cancel requested")
@@ -377,6 +385,7 @@ class Orchestrator(Upkeep):
                     run_id=row.id,
                     version=row.workflow_version,
                     input=row.input,
+                    evaluator=self.evaluator,
                 )
             except ExpressionError as exc:
                 log.warning("run %s rejected: %s", row.id, exc, extra={"run_id": str(row.id)})
@@ -643,10 +652,22 @@ async def run_orchestrator(
         what="connecting to PostgreSQL",
         attempts=30,
     )
+    budget = Budget(
+        timeout=settings.expression_timeout,
+        memory_bytes=settings.expression_memory_bytes,
+        max_result_bytes=settings.max_context_bytes,
+    )
+    sandbox = Sandbox(budget)  # its processes start now, warm by the first costly evaluation
     try:
         dispatcher = await Dispatcher.connect(settings.redis_url)
         try:
-            orchestrator = Orchestrator(settings, pool, dispatcher, measures=measures)
+            orchestrator = Orchestrator(
+                settings,
+                pool,
+                dispatcher,
+                measures=measures,
+                evaluator=BoundedEvaluator(budget, sandbox),
+            )
             if ready is not None:
                 waiter = asyncio.create_task(orchestrator.ready.wait())
                 waiter.add_done_callback(lambda _: ready.set())
@@ -666,6 +687,7 @@ async def run_orchestrator(
         finally:
             await dispatcher.close()
     finally:
+        sandbox.close()
         await pool.close()
 
 
