@@ -56,7 +56,7 @@ _READY = b'{"kind":"ready"}'
 class Outcome:
     """How a sandboxed evaluation ended."""
 
-    kind: Literal["value", "error", "timeout", "memory", "too_large", "crashed"]
+    kind: Literal["value", "error", "timeout", "memory", "too_large", "crashed", "unavailable"]
     value: Any = None
     message: str = ""
     size: int = 0
@@ -80,6 +80,7 @@ class _Child:
         for fd in (self.stdin, self.stdout, self.process.stderr.fileno()):
             os.set_blocking(fd, False)
         self.ready = False
+        self._pending = bytearray()  # read, not yet a whole frame (kept past a deadline)
 
     @property
     def pid(self) -> int:
@@ -99,26 +100,33 @@ class _Child:
         return True
 
     def receive(self, deadline: float) -> bytes | None:
-        """One frame's body; None past the deadline or if the child is gone."""
-        header = self._read(_HEADER, deadline)
-        if header is None:
+        """One frame's body; None past the deadline (what was read is kept for the next
+        call) or if the child is gone."""
+        if not self._fill(_HEADER, deadline):
             return None
-        return self._read(int.from_bytes(header, "big"), deadline)
+        size = _HEADER + int.from_bytes(self._pending[:_HEADER], "big")
+        if not self._fill(size, deadline):
+            return None
+        body = bytes(self._pending[_HEADER:size])
+        del self._pending[:size]
+        return body
 
-    def _read(self, size: int, deadline: float) -> bytes | None:
-        parts: list[bytes] = []
-        while size:
+    def _fill(self, size: int, deadline: float) -> bool:
+        while len(self._pending) < size:
             if not _wait(self.stdout, select.POLLIN, deadline):
-                return None
+                return False
             try:
-                chunk = os.read(self.stdout, min(size, _CHUNK))
+                chunk = os.read(self.stdout, min(size - len(self._pending), _CHUNK))
             except BlockingIOError:
                 continue
             if not chunk:
-                return None  # end of file: the child died
-            parts.append(chunk)
-            size -= len(chunk)
-        return b"".join(parts)
+                return False  # end of file: the child died
+            self._pending += chunk
+        return True
+
+    def starting(self) -> bool:
+        """Still alive and not yet ready."""
+        return not self.ready and self.process.poll() is None
 
     def kill(self) -> int | None:
         """SIGKILL it and reap it; its exit status."""
@@ -158,11 +166,8 @@ def _wait(fd: int, event: int, deadline: float) -> bool:
 class Sandbox:
     """A CEL evaluator in a child process, with a spare kept warm to replace it."""
 
-    def __init__(
-        self, budget: Budget, *, start_timeout: float = 10.0, python: str = sys.executable
-    ) -> None:
+    def __init__(self, budget: Budget, *, python: str = sys.executable) -> None:
         self.budget = budget
-        self.start_timeout = start_timeout
         self.kills = 0  # children stopped at the deadline or found dead
         cpu = max(2, int(10 * budget.timeout) + 1)
         self._argv = [
@@ -193,7 +198,8 @@ class Sandbox:
         return self._spare.pid if self._spare is not None else None
 
     def warm(self, timeout: float) -> bool:
-        """Wait until both processes are started and ready (at start, or in tests)."""
+        """Wait until both processes are started and ready: before the first evaluation,
+        which waits at most its own timeout (run it in a thread; it blocks)."""
         deadline = time.monotonic() + timeout
         children = [c for c in (self._current, self._spare) if c is not None]
         for child in children:
@@ -207,10 +213,11 @@ class Sandbox:
             body = _request(source, variables)
         except (TypeError, ValueError, RecursionError) as exc:
             return Outcome("error", message=f"the variables are not JSON: {exc}")
-        child = self._ready_child()
-        if child is None:
-            return Outcome("crashed", message="the expression sandbox could not start")
+        # One deadline for all of it: waiting for a process that is still starting too.
         deadline = time.monotonic() + self.budget.timeout
+        child = self._ready_child(deadline)
+        if isinstance(child, str):
+            return Outcome("unavailable", message=child)
         answer = child.receive(deadline) if child.send(body, deadline) else None
         if answer is None:
             return self._lost(child, timed_out=time.monotonic() >= deadline)
@@ -245,31 +252,34 @@ class Sandbox:
             log.error("could not start an expression sandbox process: %s", exc)
             return None
 
-    def _ready_child(self) -> _Child | None:
-        """The current child once it said it is ready; a new one if it never does."""
-        for _ in range(2):
+    def _ready_child(self, deadline: float) -> _Child | str:
+        """The current child once it said it is ready (waiting until `deadline` at most),
+        or why there is none."""
+        for _ in range(3):
             child = self._current
             if child is None:
                 self._current = child = self._promote()
             if child is None:
-                continue
+                return "the expression sandbox could not start (see the log)"
             if child.process.poll() is not None:  # died while idle (killed from outside)
                 self._replace(child)
                 continue
-            if child.ready or self._await_ready(child):
+            if child.ready:
                 return child
+            child.ready = child.receive(deadline) == _READY
+            if child.ready:
+                return child
+            if child.starting():
+                return (
+                    "the expression sandbox was still starting after "
+                    f"FLOWFORGE_EXPRESSION_TIMEOUT ({self.budget.timeout * 1000:g} ms)"
+                )
             log.error(
                 "an expression sandbox process did not start: %s",
                 child.stderr_tail() or f"exit status {child.process.poll()}",
             )
-            child.kill()
-            self._current = None
-        return None
-
-    def _await_ready(self, child: _Child) -> bool:
-        answer = child.receive(time.monotonic() + self.start_timeout)
-        child.ready = answer == _READY
-        return child.ready
+            self._replace(child)
+        return "the expression sandbox could not start (see the log)"
 
     def _promote(self) -> _Child | None:
         """The spare becomes current; a new spare starts warming up."""

@@ -198,11 +198,12 @@ class Expression:
         weigher = getattr(context, "weigher", None)
         if weigher is None:
             return None
-        total = Weight()
+        total: Weight | None = None
         for root in self.roots:
             if root in context:
-                total = total + weigher.weight(root, self.step_refs)
-        return total
+                weight = weigher.weight(root, self.step_refs)
+                total = weight if total is None else total + weight
+        return total if total is not None else Weight()
 
     def run(self, variables: Mapping[str, Any]) -> Any:
         """Evaluate in this process, unbounded: for evaluations known to be cheap."""
@@ -268,7 +269,7 @@ def _selection(code: str, root: str) -> Selection | None:
 def _select(value: Any, selection: Selection) -> Any:
     """`value` with only the selected fields (a value that is no object is kept whole, so
     CEL reports the same error on it). Recursion is bounded by _PRUNE_DEPTH."""
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         return value
     out: dict[str, Any] = {}
     for field, inner in selection.items():

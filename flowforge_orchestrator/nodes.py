@@ -147,6 +147,11 @@ class FrameWeigher:
         return _SMALL
 
     def _steps(self, refs: frozenset[str] | None) -> Weight:
+        if refs is not None and len(refs) == 1:  # the common case, without a sum
+            (ref,) = refs
+            node = self._frame.lookup(ref)
+            finished = node is not None and node.status.finished
+            return node.entry_weight() if node is not None and finished else Weight()
         total = Weight()
         if refs is None:
             nodes: Iterator[Node | None] = iter(StepsView(self._frame)._visible().values())

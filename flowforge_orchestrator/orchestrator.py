@@ -657,8 +657,10 @@ async def run_orchestrator(
         memory_bytes=settings.expression_memory_bytes,
         max_result_bytes=settings.max_context_bytes,
     )
-    sandbox = Sandbox(budget)  # its processes start now, warm by the first costly evaluation
+    sandbox = Sandbox(budget)
     try:
+        if not await asyncio.to_thread(sandbox.warm, 60.0):
+            log.error("the expression sandbox did not start; costly expressions will fail")
         dispatcher = await Dispatcher.connect(settings.redis_url)
         try:
             orchestrator = Orchestrator(

@@ -144,10 +144,20 @@ def test_a_child_killed_from_outside_is_replaced_unnoticed(generous: Sandbox) ->
     assert generous.pid != victim
 
 
+def test_waiting_for_a_process_still_starting_is_bounded_by_the_timeout() -> None:
+    with Sandbox(Budget(timeout=0.001)) as sandbox:
+        started = time.monotonic()
+        outcome = sandbox.evaluate("1 + 1", {})  # no Python starts in a millisecond
+        assert time.monotonic() - started < 0.5
+        assert outcome.kind == "unavailable"
+        assert "still starting after FLOWFORGE_EXPRESSION_TIMEOUT (1 ms)" in outcome.message
+        assert sandbox.warm(STARTED)
+
+
 def test_a_sandbox_that_cannot_start_says_so() -> None:
     with Sandbox(GENEROUS, python="/nonexistent/python") as sandbox:
         outcome = sandbox.evaluate("1", {})
-    assert outcome.kind == "crashed"
+    assert outcome.kind == "unavailable"
     assert "could not start" in outcome.message
 
 
