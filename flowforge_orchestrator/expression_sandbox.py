@@ -325,13 +325,12 @@ class BoundedEvaluator:
 
     def __init__(
         self,
-        budget: Budget,
         sandbox: Sandbox,
         *,
         memo_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.budget = budget
+        self.budget = sandbox.budget  # one budget: the estimate's and the deadline's
         self.sandbox = sandbox
         self.memo_seconds = memo_seconds
         self.clock = clock

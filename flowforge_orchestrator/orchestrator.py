@@ -668,7 +668,7 @@ async def run_orchestrator(
                 pool,
                 dispatcher,
                 measures=measures,
-                evaluator=BoundedEvaluator(budget, sandbox),
+                evaluator=BoundedEvaluator(sandbox),
             )
             if ready is not None:
                 waiter = asyncio.create_task(orchestrator.ready.wait())

@@ -165,7 +165,7 @@ def test_a_sandbox_that_cannot_start_says_so() -> None:
 
 
 def evaluator(sandbox: Sandbox, **kwargs: Any) -> BoundedEvaluator:
-    return BoundedEvaluator(sandbox.budget, sandbox, **kwargs)
+    return BoundedEvaluator(sandbox, **kwargs)
 
 
 def context(**input: Any) -> dict[str, Any]:
@@ -246,7 +246,7 @@ def test_an_overrun_fails_naming_the_limit_then_is_refused_at_once(
 def test_memory_and_size_limits_are_named() -> None:
     budget = Budget(timeout=60.0, memory_bytes=128 << 20, max_result_bytes=1 << 20)
     with Sandbox(budget) as sandbox:
-        bounded = BoundedEvaluator(budget, sandbox)
+        bounded = BoundedEvaluator(sandbox)
         doubled = compile_expression("input.l.map(a, input.l.map(b, input.s + input.s))")
         with pytest.raises(ExpressionError, match=r"FLOWFORGE_EXPRESSION_MEMORY_BYTES \(128 MB\)"):
             doubled.evaluate(context(l=list(range(30)), s="x" * (1 << 20)), bounded)

@@ -194,7 +194,7 @@ def bounded() -> Iterator[BoundedEvaluator]:
     budget = Budget(timeout=0.1, memory_bytes=256 << 20, max_result_bytes=4 << 20)
     with Sandbox(budget) as sandbox:
         assert sandbox.warm(20)
-        yield BoundedEvaluator(budget, sandbox)
+        yield BoundedEvaluator(sandbox)
 
 
 def test_a_cel_bomb_fails_its_step_naming_the_limit_and_nothing_else(
