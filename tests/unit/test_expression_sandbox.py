@@ -106,10 +106,14 @@ def test_an_overrun_is_killed_and_the_warm_spare_takes_over(tight: Sandbox) -> N
 def test_back_to_back_overruns_each_get_a_fresh_process(tight: Sandbox) -> None:
     pids = set()
     for _ in range(3):
+        # The spare promoted by the last kill may still be starting on a loaded machine;
+        # an evaluation would then fail fast as "still starting" (the next test).
+        assert tight.warm(STARTED)
         pids.add(tight.pid)
         assert tight.evaluate(BOMB, {"l": list(range(150))}).kind == "timeout"
     assert len(pids) == 3
     assert all(gone(pid) for pid in pids if pid is not None)
+    assert tight.warm(STARTED)
     assert tight.evaluate("'still' + ' here'", {}).value == "still here"
 
 
