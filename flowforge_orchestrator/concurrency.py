@@ -7,19 +7,27 @@ different workflows share a limit when they compute the same key:
 * `key:<JSON of the value>` for `concurrency: {key, limit}`, the value of the CEL expression
   over `input` and `run` (JSON with sorted object keys, so equal values give equal keys; a
   string and a number stay apart: `key:"42"` is not `key:42`). A key that evaluates to null
-  puts no keyed limit on that run.
+  puts no keyed limit on that run. A key longer than MAX_KEY_CHARS keeps a readable prefix
+  and adds the SHA-256 of the whole text: `key:"cust...#<64 hex digits>` (the slots' btree
+  index refuses entries over 2704 bytes; equal values still give equal keys, and no short
+  key can look like a long one, since compact JSON never ends in `#` and hex digits).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.definitions import WorkflowDefinition
-from flowforge_orchestrator.expressions import to_json_value
+from flowforge_orchestrator.expressions import Evaluator, to_json_value
 
-__all__ = ["concurrency_keys", "key_of_value", "workflow_key"]
+__all__ = ["MAX_KEY_CHARS", "concurrency_keys", "key_of_value", "workflow_key"]
+
+MAX_KEY_CHARS = 200
+"""Longest key kept as written; longer ones are a prefix and a hash (~200 characters)."""
+_PREFIX_CHARS = 120
 
 
 def workflow_key(name: str) -> str:
@@ -29,19 +37,33 @@ def workflow_key(name: str) -> str:
 
 def key_of_value(value: Any) -> str:
     """The key of a `concurrency.key` value (ValueError for what JSON cannot hold)."""
-    text = json.dumps(
-        to_json_value(value), sort_keys=True, separators=(",", ":"), ensure_ascii=False
-    )
-    return f"key:{text}"
+    try:
+        value = to_json_value(value)
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        text.encode()
+    except RecursionError:
+        raise ValueError("it is nested too deeply") from None
+    except UnicodeEncodeError:  # a lone surrogate: PostgreSQL text cannot hold it raw
+        text = json.dumps(value, sort_keys=True, separators=(",", ":"))
+    key = f"key:{text}"
+    if len(key) <= MAX_KEY_CHARS:
+        return key
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    return f"key:{text[:_PREFIX_CHARS]}...#{digest}"
 
 
 def concurrency_keys(
-    definition: WorkflowDefinition, *, run_id: UUID, version: int, input: Any
+    definition: WorkflowDefinition,
+    *,
+    run_id: UUID,
+    version: int,
+    input: Any,
+    evaluator: Evaluator | None = None,
 ) -> dict[str, int]:
     """The keys a run of `definition` needs, with their limits (empty: no limit).
 
     Raises ExpressionError, naming `concurrency.key` and the expression, when the key cannot
-    be evaluated or is not a JSON value.
+    be evaluated (within the evaluator's limits) or is not a JSON value.
     """
     keys: dict[str, int] = {}
     if definition.max_concurrency is not None:
@@ -50,7 +72,7 @@ def concurrency_keys(
     if expression is None or definition.concurrency is None:
         return keys
     run = {"id": str(run_id), "workflow": definition.name, "version": version}
-    value = expression.evaluate({"input": input, "run": run})
+    value = expression.evaluate({"input": input, "run": run}, evaluator)
     if value is None:
         return keys
     try:

@@ -73,6 +73,20 @@ class Settings(BaseSettings):
         description="Largest run context: input plus every step output (JSON bytes).",
     )
 
+    # Expressions (README: "Expression limits").
+    expression_timeout: float = Field(
+        default=0.1,
+        gt=0,
+        description="Longest one CEL evaluation may take; a costly one runs in a sandbox "
+        "process that is killed past it, and its step fails with expression_error.",
+    )
+    expression_memory_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="Address space of the expression sandbox process; an evaluation that "
+        "needs more fails its step with expression_error.",
+    )
+
     # Workers.
     worker_poll_delay: float = Field(
         default=0.5,

@@ -14,6 +14,7 @@ YAML key written twice) and `topological_order`. `definitions` re-exports what i
 
 from __future__ import annotations
 
+import datetime as dt
 import difflib
 import heapq
 import json
@@ -26,6 +27,7 @@ from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from flowforge_orchestrator.errors import DefinitionError, DefinitionProblem, ExpressionError
+from flowforge_orchestrator.expression_cost import Budget, Route, Weight, route
 from flowforge_orchestrator.expressions import (
     Expression,
     PathPart,
@@ -34,9 +36,31 @@ from flowforge_orchestrator.expressions import (
     compile_template,
     field_path,
 )
+from flowforge_orchestrator.jsonb import MAX_DEPTH, depth_problem, value_problem
 from flowforge_orchestrator.url_template import url_template_problem
 
-__all__ = ["Problems", "check_raw", "load_text", "topological_order", "translate"]
+__all__ = [
+    "MAX_DATA_DEPTH",
+    "MAX_STEP_DEPTH",
+    "MAX_TEXT_CHARS",
+    "MAX_YAML_NODES",
+    "Problems",
+    "check_bounds",
+    "check_raw",
+    "load_text",
+    "topological_order",
+    "translate",
+]
+
+MAX_STEP_DEPTH = 32
+"""Deepest nesting of steps (conditions and parallel steps inside each other)."""
+MAX_DATA_DEPTH = 256
+"""Deepest nesting of lists and mappings anywhere in a definition's data."""
+MAX_YAML_NODES = 100_000
+"""Most values a YAML text may stand for, each alias counted as what it repeats."""
+MAX_TEXT_CHARS = 1 << 20
+"""Longest definition text (1 MiB)."""
+_MAX_REPORTED = 20  # problems of one kind worth listing
 
 BUILTIN_STEP_TYPES = frozenset({"http", "condition", "parallel", "delay", "transform"})
 INLINE_STEP_TYPES = frozenset({"condition", "parallel", "delay", "transform"})
@@ -129,6 +153,115 @@ def _at_step(path: list[PathPart]) -> bool:
         case [*_, "steps" | "then" | "else", int()] | ["branches", int(), int()] | [*_, "step"]:
             return True
     return False
+
+
+# --- bounds, before anything recurses into the data -----------------------------------------
+
+
+def check_bounds(data: Any, problems: Problems) -> bool:
+    """Find what must be refused before pydantic and the other checks walk the data: nesting
+    past MAX_DATA_DEPTH, steps nested past MAX_STEP_DEPTH, `with`/`output` values nested past
+    jsonb.MAX_DEPTH, text PostgreSQL cannot store (NUL, lone surrogates), values JSON cannot
+    hold. Iterative, so any data is safe to check; True if nothing was found."""
+    before = len(problems.items)
+    if isinstance(data, dict):
+        _check_step_depth(data, problems)  # first: it names the step nested too deep
+    if len(problems.items) == before:
+        _check_values(data, problems)
+    return len(problems.items) == before
+
+
+def _check_values(data: Any, problems: Problems) -> None:
+    # Each entry: a value, its depth, and a link to its parent's (the path, built only to
+    # report a problem: paths copied per value would cost depth x values).
+    stack: list[tuple[Any, int, _Link]] = [(data, 0, None)]
+    found = 0
+    while stack and found < _MAX_REPORTED:
+        value, depth, link = stack.pop()
+        problem = None
+        if isinstance(value, dict | list) and depth >= MAX_DATA_DEPTH:
+            _add_at(problems, data, _path(link), f"nested more than {MAX_DATA_DEPTH} levels deep")
+            return
+        if isinstance(value, dict):
+            for key, child in value.items():
+                if isinstance(key, str) and value_problem(key) is not None:
+                    problem = f"the key {key[:40]!r} " + str(value_problem(key))[3:]
+                    break
+                stack.append((child, depth + 1, (link, key if isinstance(key, str) else str(key))))
+        elif isinstance(value, list):
+            stack.extend((child, depth + 1, (link, i)) for i, child in enumerate(value))
+        elif isinstance(value, str):
+            reason = value_problem(value)
+            problem = f"the text {reason[3:]}" if reason is not None else None
+        elif not isinstance(value, int | float | bool | dt.date) and value is not None:
+            problem = f"a {type(value).__name__} is not a JSON value"
+        if problem is not None:
+            found += 1
+            _add_at(problems, data, _path(link), problem)
+
+
+_Link = tuple["_Link", PathPart] | None
+
+
+def _path(link: _Link) -> tuple[PathPart, ...]:
+    parts: list[PathPart] = []
+    while link is not None:
+        link, part = link
+        parts.append(part)
+    return tuple(reversed(parts))
+
+
+def _check_step_depth(data: dict[str, Any], problems: Problems) -> None:
+    if data.get("output") is not None:
+        problem = depth_problem(data["output"], MAX_DEPTH)
+        if problem is not None:
+            problems.add("the value " + problem.removeprefix("it "), None, "output")
+    todo = [(step, 1, where) for step, where in _steps_in(data.get("steps"), ("steps",))]
+    while todo:
+        step, depth, where = todo.pop()
+        if depth > MAX_STEP_DEPTH:
+            message = (
+                f"nested {depth} steps deep (inside conditions and parallel steps); "
+                f"the limit is {MAX_STEP_DEPTH}"
+            )
+            _add_at(problems, data, where, message)
+            continue
+        for name in ("with", "output"):
+            problem = depth_problem(step.get(name), MAX_DEPTH)
+            if problem is not None:
+                _add_at(problems, data, (*where, name), "the value " + problem[3:])
+        todo.extend((inner, depth + 1, path) for inner, path in _children(step, where))
+
+
+def _steps_in(
+    steps: Any, where: tuple[PathPart, ...]
+) -> Iterator[tuple[dict[str, Any], tuple[PathPart, ...]]]:
+    for i, step in enumerate(steps if isinstance(steps, list) else ()):
+        if isinstance(step, dict):
+            yield step, (*where, i)
+
+
+def _children(
+    step: dict[str, Any], where: tuple[PathPart, ...]
+) -> Iterator[tuple[dict[str, Any], tuple[PathPart, ...]]]:
+    """The steps nested directly in a raw step, with their paths."""
+    kind = step.get("type")
+    if kind == "condition":
+        yield from _steps_in(step.get("then"), (*where, "then"))
+        yield from _steps_in(step.get("else"), (*where, "else"))
+    elif kind == "parallel":
+        branches = step.get("branches")
+        for j, branch in enumerate(branches if isinstance(branches, list) else ()):
+            yield from _steps_in(branch, (*where, "branches", j))
+        if isinstance(step.get("step"), dict):
+            yield step["step"], (*where, "step")
+
+
+def _add_at(problems: Problems, data: Any, path: tuple[PathPart, ...], message: str) -> None:
+    """A problem at `path` of the raw data, located by its innermost step."""
+    step, rest = locate(data, path)
+    step_id = step.get("id") if step is not None else None
+    problems.add(message, step_id if isinstance(step_id, str) else None, field_path(None, rest))
 
 
 # --- checks on the raw data ----------------------------------------------------------------
@@ -287,33 +420,47 @@ def _check_dependencies(
 
 
 def find_cycles(order: list[str], edges: dict[str, list[str]]) -> list[list[str]]:
-    """Disjoint dependency cycles, each starting at its first step in definition order."""
+    """Disjoint dependency cycles (at most _MAX_REPORTED), each starting at its first step
+    in definition order."""
+    position = {step: i for i, step in enumerate(order)}
     remaining = set(order)
     cycles: list[list[str]] = []
-    while True:
+    while len(cycles) < _MAX_REPORTED:
         _drop_acyclic(remaining, edges)
         if not remaining:
-            return cycles
+            break
         # Every remaining step waits on a remaining step: walking deps must loop.
         walk: list[str] = []
-        node = next(s for s in order if s in remaining)
+        node = min(remaining, key=position.__getitem__)
         while node not in walk:
             walk.append(node)
             node = next(d for d in edges[node] if d in remaining)
         cycle = walk[walk.index(node) :]
-        first = min(cycle, key=order.index)
+        first = min(cycle, key=position.__getitem__)
         cycle = cycle[cycle.index(first) :] + cycle[: cycle.index(first)]
         cycles.append(cycle)
         remaining.difference_update(cycle)
+    return cycles
 
 
 def _drop_acyclic(remaining: set[str], edges: dict[str, list[str]]) -> None:
-    """Remove the steps that can run once the steps not in `remaining` are done."""
-    changed = True
-    while changed:
-        runnable = {s for s in remaining if not any(d in remaining for d in edges.get(s, ()))}
-        remaining.difference_update(runnable)
-        changed = bool(runnable)
+    """Remove the steps that can run once the steps not in `remaining` are done (Kahn's
+    algorithm: linear in steps and edges, so a long chain is cheap to check)."""
+    waiting = dict.fromkeys(remaining, 0)
+    dependents: dict[str, list[str]] = {}
+    for step in remaining:
+        for dep in edges.get(step, ()):
+            if dep in remaining:
+                waiting[step] += 1
+                dependents.setdefault(dep, []).append(step)
+    ready = [step for step, count in waiting.items() if count == 0]
+    while ready:
+        step = ready.pop()
+        remaining.discard(step)
+        for dependent in dependents.get(step, ()):
+            waiting[dependent] -= 1
+            if waiting[dependent] == 0:
+                ready.append(dependent)
 
 
 def _check_type(step: RawStep, known: Collection[str] | None, problems: Problems) -> None:
@@ -384,11 +531,20 @@ def _check_step_expressions(step: RawStep, ids: set[str], problems: Problems) ->
         reads.allowed |= {SECRETS}
         template = reads.template(step.data["with"], "with")
         for string in template.strings if template else ():
-            if SECRETS in string.roots and len(string.roots) > 1:
+            if SECRETS not in string.roots:
+                continue
+            if len(string.roots) > 1:
                 problems.at(
                     step,
                     "a string that reads secrets can read nothing else: the worker "
                     "resolves it without the run context",
+                    string.field,
+                )
+            if any(e.shape.comprehensions or e.shape.other_calls for e in string.expressions):
+                problems.at(
+                    step,
+                    "a string that reads secrets cannot use map, filter, all, exists or "
+                    "matches: the worker evaluates it without the orchestrator's limits",
                     string.field,
                 )
 
@@ -439,13 +595,79 @@ class _Reads:
             self.problems.at(self.step, message, name)
         for ref in sorted((expression.step_refs or frozenset()) - self.ids):
             self.problems.at(self.step, f"reads steps.{ref}, but no step has the id '{ref}'", name)
+        # Over its own literals alone (before any data), is it past every sane budget?
+        verdict = route(expression.shape, Weight(), Budget())
+        if verdict.route is Route.REFUSED:
+            message = (
+                f"too costly: over its own literals alone it would run at least "
+                f"{verdict.seconds:.3g} s (nested map/filter over a long list?)"
+            )
+            self.problems.at(self.step, message, name)
 
 
 # --- text and order ----------------------------------------------------------------------
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """Safe YAML that refuses a key written twice in one mapping (the last would win)."""
+    """Safe YAML that refuses a key written twice in one mapping (the last would win), and
+    keeps what a small text can make big within bounds: each alias counts as the nodes it
+    stands for (a billion-laughs text is refused after MAX_YAML_NODES, in milliseconds, not
+    expanded by whoever walks the data next), nesting stops at MAX_DATA_DEPTH (PyYAML's
+    composer recurses), and an alias inside the node it names (a cycle) is refused."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._sizes: dict[int, int] = {}  # id(node) -> nodes it stands for, once composed
+        self._nodes = 0
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event: Any = self.peek_event()  # type: ignore[no-untyped-call]
+        mark: Any = event.start_mark
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor) if event.anchor is not None else None
+            if target is not None:
+                size = self._sizes.get(id(target))
+                if size is None:
+                    raise yaml.composer.ComposerError(
+                        None,
+                        None,
+                        f"alias *{event.anchor} is used inside the node it names",
+                        mark,
+                    )
+                self._count(size, mark)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DATA_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested more than {MAX_DATA_DEPTH} levels deep", mark
+            )
+        before = self._nodes
+        self._count(1, mark)
+        node = super().compose_node(parent, index)
+        self._depth -= 1
+        self._sizes[id(node)] = self._nodes - before
+        return node
+
+    def fetch_flow_collection_start(self, token_class: Any) -> None:
+        # PyYAML's scanner revisits every open flow level at each token: quadratic in the
+        # nesting of `[[[...`, so it is bounded here, before the composer sees any of it.
+        super().fetch_flow_collection_start(token_class)
+        if self.flow_level > MAX_DATA_DEPTH:
+            raise yaml.scanner.ScannerError(
+                None, None, f"nested more than {MAX_DATA_DEPTH} levels deep", self.get_mark()
+            )
+
+    def _count(self, nodes: int, mark: Any) -> None:
+        self._nodes += nodes
+        if self._nodes > MAX_YAML_NODES:
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"the document stands for more than {MAX_YAML_NODES} values once its "
+                "aliases are expanded (an alias bomb?)",
+                mark,
+            )
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: set[Any] = set()
@@ -453,7 +675,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, str | int | float | bool) and key in seen:
+            if not isinstance(key, str | int | float | bool | None):
+                raise yaml.constructor.ConstructorError(
+                    None, None, "a key must be a string", key_node.start_mark
+                )
+            if key in seen:
                 raise yaml.constructor.ConstructorError(
                     None, None, f"key {key!r} is written twice", key_node.start_mark
                 )
@@ -462,11 +688,16 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 
 def load_text(text: str, format: Literal["yaml", "json"], source: str | None) -> Any:
-    """Data of a YAML or JSON text; a syntax error is a DefinitionError naming the line."""
+    """Data of a YAML or JSON text; a syntax error is a DefinitionError naming the line.
+    Bounded: text size (MAX_TEXT_CHARS), expanded YAML size, nesting (MAX_DATA_DEPTH)."""
+    if len(text) > MAX_TEXT_CHARS:
+        message = f"the definition is {len(text)} characters long; the limit is {MAX_TEXT_CHARS}"
+        raise DefinitionError([DefinitionProblem(message, source)])
     try:
         if format == "json":
-            return json.loads(text)
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+            data = json.loads(text)
+        else:
+            data = yaml.load(text, Loader=_UniqueKeyLoader)
     except json.JSONDecodeError as exc:
         where = f"line {exc.lineno}, column {exc.colno}"
         message = f"invalid JSON ({where}): {exc.msg}"
@@ -478,6 +709,10 @@ def load_text(text: str, format: Literal["yaml", "json"], source: str | None) ->
         raise DefinitionError(
             [DefinitionProblem(f"invalid YAML{where}: {reason}", source)]
         ) from exc
+    except RecursionError as exc:  # JSON nested past the decoder's recursion limit
+        message = f"invalid {format.upper()}: nested more than {MAX_DATA_DEPTH} levels deep"
+        raise DefinitionError([DefinitionProblem(message, source)]) from exc
+    return data
 
 
 class _Node(Protocol):

@@ -18,15 +18,20 @@ def for_each_problems(
     definition: WorkflowDefinition, source: str | None = None
 ) -> list[DefinitionProblem]:
     problems: list[DefinitionProblem] = []
-    todo: list[tuple[list[Step], frozenset[str]]] = [(definition.steps, frozenset())]
+    # Each list with its enclosing steps (and their lists): what finished before a step
+    # starts is worked out only for for_each steps, so a long chain costs no quadratic walk.
+    todo: list[tuple[list[Step], tuple[tuple[dict[str, Step], Step], ...]]] = [
+        (definition.steps, ())
+    ]
     while todo:
-        steps, outer = todo.pop()
+        steps, enclosing = todo.pop()
         by_id = {step.id: step for step in steps}
         for step in steps:
-            finished = outer | _upstream(step, by_id)
+            chain = (*enclosing, (by_id, step))
             if isinstance(step, ParallelStep) and step.for_each is not None:
+                finished = frozenset().union(*(_upstream(s, ids) for ids, s in chain))
                 problems += _check(definition, step, finished, source)
-            todo.extend((inner, finished) for inner in child_lists(step))
+            todo.extend((inner, chain) for inner in child_lists(step))
     return problems
 
 

@@ -538,6 +538,8 @@ def parse_definition(
     definition: WorkflowDefinition | None = None
     if data is None:
         problems.add("the definition is empty")
+    elif not checks.check_bounds(data, problems):
+        raise DefinitionError(problems.items)  # nothing below may walk data this shape
     else:
         try:
             definition = WorkflowDefinition.model_validate(data)

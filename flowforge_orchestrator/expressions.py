@@ -12,9 +12,16 @@ The context every expression sees (build it with `build_context`)::
         "secrets": {...},                            # only on a worker, only in `with`
     }
 
-CEL, not Python `eval`: typed, side-effect free, always terminating. Evaluation hands CEL only
-the variables an expression names (and, for `steps.<id>` reads, only those steps), so a big
-run context is not converted for every expression.
+CEL, not Python `eval`: typed, side-effect free, always terminating, but not always soon
+(`expression_cost`). Evaluation hands CEL only what an expression reads: the variables it
+names, and of `input`, `steps` and `item` only the fields it selects by name
+(`steps.order.output.total` passes that one value, not the run's every output), so a big run
+context is neither converted nor weighed for every expression.
+
+Evaluating is pluggable: `Expression.evaluate(context, evaluator)` hands the work to an
+`Evaluator` (the orchestrator's routes it inline, to a sandbox process, or refuses it, by
+its estimated cost); without one it runs in process, unbounded (validation, tests). A
+context built by the graph carries a `Weigher`: the cached weights of what it holds.
 
 A template is any JSON-like value whose strings may hold `${{ expr }}`. A string that is
 exactly one expression keeps the value's type; other strings interpolate. A literal `${{` is
@@ -32,17 +39,23 @@ import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import cel
 
 from flowforge_orchestrator.errors import ExpressionError
+from flowforge_orchestrator.expression_cost import Shape, Weight, shape_of
 
 __all__ = [
+    "MAX_EXPRESSION_CHARS",
+    "MAX_EXPRESSION_OPERATORS",
+    "Context",
+    "Evaluator",
     "Expression",
     "PathPart",
     "Template",
     "TemplateString",
+    "Weigher",
     "build_context",
     "compile_expression",
     "compile_template",
@@ -54,6 +67,22 @@ __all__ = [
 
 PathPart = str | int
 _UNSET: Any = object()
+
+MAX_EXPRESSION_CHARS = 8192
+"""Longest expression source accepted."""
+MAX_EXPRESSION_OPERATORS = 1000
+"""Most operators, selections and indexes in one expression. CEL's parser and evaluator
+recurse once per operator of a chain (`a + b + c ...`): 14,000 crash the process on an 8 MB
+stack, 2,000 on a 1 MB thread stack. Well below both."""
+_OPERATOR = re.compile(r"&&|\|\||==|!=|<=|>=|[-+*/%<>?.\[]")
+# Roots whose fields an expression selects by name can be passed pruned to those fields.
+_PRUNABLE = ("input", "steps", "item")
+_ROOT_USE = {
+    root: re.compile(rf"(?<![\w.]){root}\b((?:\s*\.\s*[A-Za-z_]\w*)*)(\s*\()?")
+    for root in _PRUNABLE
+}
+_FIELD = re.compile(r"[A-Za-z_]\w*")
+_PRUNE_DEPTH = 8  # deeper selections keep the value at this depth whole
 # Identifiers CEL reports as variables that are not context roots: type names, namespaces.
 _BUILTIN_NAMES = frozenset(
     {"int", "uint", "double", "bool", "string", "bytes", "list", "map", "null_type", "type"}
@@ -67,8 +96,29 @@ _BOUND_TWO = re.compile(
     r"\.\s*(?:all|exists|exists_one|existsOne|transformList|transformMap)\s*\(\s*"
     r"([A-Za-z_]\w*)\s*,\s*([A-Za-z_]\w*)\s*,"
 )
-_STEPS_NAME = re.compile(r"(?<![\w.])steps\b")
-_STEPS_FIELD = re.compile(r"(?<![\w.])steps\s*\.\s*([A-Za-z_]\w*)")
+
+
+class Weigher(Protocol):
+    """What the values of a context weigh (the graph caches them); `step_refs` are the steps
+    an expression reads (None: all of them)."""
+
+    def weight(self, root: str, step_refs: frozenset[str] | None) -> Weight: ...
+
+
+class Context(dict[str, Any]):
+    """The variables expressions see, and (from the graph) what they weigh."""
+
+    __slots__ = ("weigher",)
+
+    def __init__(self, values: Mapping[str, Any], weigher: Weigher | None = None) -> None:
+        super().__init__(values)
+        self.weigher = weigher
+
+
+class Evaluator(Protocol):
+    """Evaluates an expression against a context; any failure is an ExpressionError."""
+
+    def evaluate(self, expression: Expression, context: Mapping[str, Any]) -> Any: ...
 
 
 def build_context(
@@ -78,41 +128,87 @@ def build_context(
     *,
     item: Any = _UNSET,
     index: int | None = None,
-) -> dict[str, Any]:
+    weigher: Weigher | None = None,
+) -> Context:
     """The evaluation context; pass `item`/`index` when evaluating inside a for_each step.
     `steps` is kept as given (the graph passes a lazy view: an expression reads only the
     steps it names)."""
-    context: dict[str, Any] = {"input": input, "steps": steps, "run": run}
+    context = Context({"input": input, "steps": steps, "run": run}, weigher)
     if item is not _UNSET:
         context["item"] = item
         context["index"] = index
     return context
 
 
+# A prefix tree of the fields an expression selects below a root: None is "the whole value".
+Selection = dict[str, "Selection | None"]
+
+
+class _Compiled(NamedTuple):
+    program: Any
+    names: tuple[str, ...]  # variables to pass
+    roots: frozenset[str]  # context roots it reads
+    step_refs: frozenset[str] | None  # steps it names; None if it reads `steps` dynamically
+    selections: dict[str, Selection]  # per prunable root read only by named fields
+    shape: Shape
+
+
 class Expression:
     """One compiled CEL expression and where it comes from (for error messages)."""
 
-    __slots__ = ("_names", "_program", "field", "roots", "source", "step_id", "step_refs")
+    __slots__ = ("_compiled", "field", "roots", "shape", "source", "step_id", "step_refs")
 
     def __init__(self, source: str, *, step_id: str | None = None, field: str | None = None):
         self.source = source
         self.step_id = step_id
         self.field = field
-        self._program, self._names, self.roots, self.step_refs = _compile(source)
+        self._compiled = _compile(source)
+        self.roots = self._compiled.roots
+        self.step_refs = self._compiled.step_refs
+        self.shape = self._compiled.shape
 
-    def evaluate(self, context: Mapping[str, Any]) -> Any:
-        """The raw CEL result (timestamps stay `datetime`); any failure is an ExpressionError."""
-        variables = {name: context[name] for name in self._names if name in context}
-        steps = variables.get("steps")
-        if isinstance(steps, Mapping):
-            # Only the steps the expression names (all of them when it reads `steps`
-            # dynamically), as a plain dict: CEL reads dicts, not lazy views.
-            if self.step_refs is not None:
-                variables["steps"] = {ref: steps[ref] for ref in self.step_refs if ref in steps}
-            elif not isinstance(steps, dict):
-                variables["steps"] = dict(steps)
+    def evaluate(self, context: Mapping[str, Any], evaluator: Evaluator | None = None) -> Any:
+        """The result (raw CEL from an in-process run: timestamps stay `datetime`; JSON-ready
+        from a sandbox); any failure is an ExpressionError. Without `evaluator`, in process
+        and unbounded."""
+        if evaluator is not None:
+            return evaluator.evaluate(self, context)
+        return self.run(self.variables(context))
+
+    def variables(self, context: Mapping[str, Any]) -> dict[str, Any]:
+        """What CEL gets: the variables the expression names, pruned to the fields it selects
+        (`steps` becomes a plain dict of the steps it names: CEL reads dicts, not views)."""
+        compiled = self._compiled
+        variables: dict[str, Any] = {}
+        for name in compiled.names:
+            if name not in context:
+                continue
+            value = context[name]
+            selection = compiled.selections.get(name)
+            if selection is not None:
+                value = _select(value, selection)
+            elif name == "steps" and isinstance(value, Mapping) and not isinstance(value, dict):
+                value = dict(value)
+            variables[name] = value
+        return variables
+
+    def bound(self, context: Mapping[str, Any]) -> Weight | None:
+        """What the roots it reads weigh in all (an upper bound of `variables`), from the
+        context's cached weights; None if the context carries none."""
+        weigher = getattr(context, "weigher", None)
+        if weigher is None:
+            return None
+        total: Weight | None = None
+        for root in self.roots:
+            if root in context:
+                weight = weigher.weight(root, self.step_refs)
+                total = weight if total is None else total + weight
+        return total if total is not None else Weight()
+
+    def run(self, variables: Mapping[str, Any]) -> Any:
+        """Evaluate in this process, unbounded: for evaluations known to be cheap."""
         try:
-            return self._program.execute(variables)
+            return self._compiled.program.execute(variables)
         except KeyError as exc:
             raise self.error(f"no such key: {exc.args[0] if exc.args else exc}") from exc
         except Exception as exc:  # CEL raises TypeError, RuntimeError, ValueError, ...
@@ -129,17 +225,60 @@ class Expression:
 
 
 @functools.lru_cache(maxsize=4096)
-def _compile(source: str) -> tuple[Any, tuple[str, ...], frozenset[str], frozenset[str] | None]:
-    """(program, variables to pass, roots, static step refs or None if `steps` is dynamic)."""
+def _compile(source: str) -> _Compiled:
     program = cel.compile(source)
     names = tuple(program.variables())
     code = _STRING_LITERAL.sub("''", source)
     bound = set(_BOUND_ONE.findall(code))
     bound.update(name for pair in _BOUND_TWO.findall(code) for name in pair)
     roots = frozenset(names) - bound - _BUILTIN_NAMES
-    refs = _STEPS_FIELD.findall(code)
-    static = len(refs) == len(_STEPS_NAME.findall(code))
-    return program, names, roots, frozenset(refs) if static else None
+    selections: dict[str, Selection] = {}
+    for root in _PRUNABLE:
+        selection = _selection(code, root) if root in names else None
+        if selection is not None:
+            selections[root] = selection
+    step_refs = frozenset(selections["steps"]) if "steps" in selections else None
+    if "steps" not in names:
+        step_refs = frozenset()
+    shape = shape_of(code, program.functions())
+    return _Compiled(program, names, roots, step_refs, selections, shape)
+
+
+def _selection(code: str, root: str) -> Selection | None:
+    """The fields selected below `root` (`input.order.id` selects order.id), or None if
+    any use of it is not a selection by name (`input[k]`, `size(input)`, a method on it)."""
+    tree: Selection = {}
+    for use in _ROOT_USE[root].finditer(code):
+        path = _FIELD.findall(use.group(1))
+        if use.group(2):  # `input.items.exists(...)`: the last name is a method
+            path = path[:-1]
+        if not path:
+            return None
+        path = path[:_PRUNE_DEPTH]
+        node = tree
+        for field in path[:-1]:
+            child = node.setdefault(field, {})
+            if child is None:
+                break  # an enclosing field is passed whole already
+            node = child
+        else:
+            node[path[-1]] = None
+    return tree
+
+
+def _select(value: Any, selection: Selection) -> Any:
+    """`value` with only the selected fields (a value that is no object is kept whole, so
+    CEL reports the same error on it). Recursion is bounded by _PRUNE_DEPTH."""
+    if type(value) is not dict and not isinstance(value, Mapping):
+        return value
+    out: dict[str, Any] = {}
+    for field, inner in selection.items():
+        try:
+            child = value[field]
+        except KeyError:
+            continue  # absent: CEL says "no such key", `has()` says false, as before
+        out[field] = child if inner is None else _select(child, inner)
+    return out
 
 
 def compile_expression(
@@ -153,6 +292,10 @@ def compile_expression(
             step_id=step_id,
             field=field,
         )
+    problem = _size_problem(source)
+    if problem is not None:
+        excerpt = source if len(source) <= 80 else f"{source[:77]}..."
+        raise ExpressionError(problem, expression=excerpt, step_id=step_id, field=field)
     try:
         return Expression(source, step_id=step_id, field=field)
     except ValueError as exc:
@@ -161,6 +304,21 @@ def compile_expression(
         message = message.removeprefix(prefix)
         message = re.sub(r"ERROR: <input>:(\d+):(\d+): ", r"line \1, column \2: ", message)
         raise ExpressionError(message, expression=source, step_id=step_id, field=field) from exc
+
+
+def _size_problem(source: str) -> str | None:
+    """Why this source is too big to compile safely, or None."""
+    if len(source) > MAX_EXPRESSION_CHARS:
+        return (
+            f"the expression is {len(source)} characters long; the limit is {MAX_EXPRESSION_CHARS}"
+        )
+    operators = len(_OPERATOR.findall(_STRING_LITERAL.sub("''", source)))
+    if operators > MAX_EXPRESSION_OPERATORS:
+        return (
+            f"the expression has {operators} operators; the limit is "
+            f"{MAX_EXPRESSION_OPERATORS} (split it, or compute part of it in a step)"
+        )
+    return None
 
 
 # --- JSON conversion ---------------------------------------------------------------------
@@ -253,17 +411,22 @@ class TemplateString:
     def expressions(self) -> tuple[Expression, ...]:
         return tuple(p for p in self.parts if isinstance(p, Expression))
 
-    def render(self, context: Mapping[str, Any], skip_roots: frozenset[str]) -> Any:
+    def render(
+        self,
+        context: Mapping[str, Any],
+        skip_roots: frozenset[str],
+        evaluator: Evaluator | None = None,
+    ) -> Any:
         if skip_roots and not self.roots.isdisjoint(skip_roots):
             return self.text
         if len(self.parts) == 1 and isinstance(self.parts[0], Expression):
-            return self._json(self.parts[0], self.parts[0].evaluate(context))
+            return self._json(self.parts[0], self.parts[0].evaluate(context, evaluator))
         out = []
         for part in self.parts:
             if isinstance(part, str):
                 out.append(part)
             else:
-                value = part.evaluate(context)
+                value = part.evaluate(context, evaluator)
                 self._json(part, value)
                 out.append(to_text(value))
         return "".join(out)
@@ -371,10 +534,15 @@ class Template:
             ) from exc
 
     def render(
-        self, context: Mapping[str, Any], *, skip_roots: frozenset[str] = frozenset()
+        self,
+        context: Mapping[str, Any],
+        *,
+        skip_roots: frozenset[str] = frozenset(),
+        evaluator: Evaluator | None = None,
     ) -> Any:
-        """A new JSON value; strings reading any of `skip_roots` are left as written."""
-        return _render(self._tree, context, skip_roots)
+        """A new JSON value; strings reading any of `skip_roots` are left as written.
+        `evaluator` evaluates each expression (None: in process, unbounded)."""
+        return _render(self._tree, context, skip_roots, evaluator)
 
     def deferred_paths(self, roots: frozenset[str]) -> tuple[tuple[PathPart, ...], ...]:
         """Paths of the strings `render(skip_roots=roots)` leaves as written (for `render_at`)."""
@@ -384,13 +552,18 @@ class Template:
         return f"Template({self.value!r})"
 
 
-def _render(node: Any, context: Mapping[str, Any], skip_roots: frozenset[str]) -> Any:
+def _render(
+    node: Any,
+    context: Mapping[str, Any],
+    skip_roots: frozenset[str],
+    evaluator: Evaluator | None,
+) -> Any:
     if isinstance(node, TemplateString):
-        return node.render(context, skip_roots)
+        return node.render(context, skip_roots, evaluator)
     if isinstance(node, dict):
-        return {k: _render(v, context, skip_roots) for k, v in node.items()}
+        return {k: _render(v, context, skip_roots, evaluator) for k, v in node.items()}
     if isinstance(node, list):
-        return [_render(v, context, skip_roots) for v in node]
+        return [_render(v, context, skip_roots, evaluator) for v in node]
     return node
 
 

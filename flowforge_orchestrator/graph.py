@@ -38,13 +38,21 @@ from flowforge_orchestrator.definitions import (
     TransformStep,
 )
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.expressions import Expression, build_context
-from flowforge_orchestrator.graph_attempts import Attempts, expression_error, iso
+from flowforge_orchestrator.expression_cost import Weight
+from flowforge_orchestrator.expressions import Context, Evaluator, Expression, build_context
+from flowforge_orchestrator.graph_attempts import (
+    Attempts,
+    expression_error,
+    invalid_output,
+    iso,
+    measure,
+)
 from flowforge_orchestrator.graph_parallel import Fanning
 from flowforge_orchestrator.graph_restore import RUN_TIMER, Restoring
 from flowforge_orchestrator.nodes import (
     FAILED,
     Frame,
+    FrameWeigher,
     Node,
     Scope,
     StepsView,
@@ -53,6 +61,7 @@ from flowforge_orchestrator.nodes import (
     kind_of,
     list_output,
     pack,
+    weigh_capped,
 )
 from flowforge_orchestrator.plan import SECRET_ROOTS, CompiledWorkflow, ListPlan
 from flowforge_orchestrator.state import RunStatus, StepStatus, check_run, check_step
@@ -77,9 +86,12 @@ class RunState(Fanning, Attempts, Restoring):
         checkpoint: Mapping[str, Any] | None = None,
         results: Mapping[UUID, StepResult] | None = None,
         incarnation: str | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
         """`incarnation`: when the run's row was created (see `nodes.attempt_id`); runs
-        checkpointed before attempt ids carried it keep the ids they have."""
+        checkpointed before attempt ids carried it keep the ids they have. `evaluator`
+        evaluates every expression of the run (the orchestrator's bounds them:
+        `expression_sandbox`); None evaluates in process, unbounded."""
         self.run_id = run_id
         started_with_it = not checkpoint or int(checkpoint.get("v", 0)) >= CHECKPOINT_VERSION
         self._incarnation = incarnation if started_with_it else None
@@ -90,6 +102,8 @@ class RunState(Fanning, Attempts, Restoring):
         self.status = status
         self.output: Any = None
         self.error: dict[str, Any] | None = None
+        self._evaluator = evaluator
+        self._input_weight: Weight | None = None
         self._run_info = {
             "id": str(run_id),
             "workflow": workflow.definition.name,
@@ -417,7 +431,10 @@ class RunState(Fanning, Attempts, Restoring):
         self._begin_inline(node)
         try:
             if isinstance(step, TransformStep):
-                self._succeed(node, self.workflow.outputs[step.id].render(self._context(node)), now)
+                output = self.workflow.outputs[step.id].render(
+                    self._context(node), evaluator=self._evaluator
+                )
+                self._succeed(node, output, now, computed=True)
             elif isinstance(step, DelayStep):
                 self._start_delay(node, step, now)
             elif isinstance(step, ConditionStep):
@@ -458,10 +475,16 @@ class RunState(Fanning, Attempts, Restoring):
 
     # -- ending steps ----------------------------------------------------------------------
 
-    def _succeed(self, node: Node, output: Any, now: datetime) -> None:
-        """Succeed with `output`, or fail the step if the output breaks a byte limit."""
-        size = json_size(output)
-        error = self._limit_error(node.key, size)
+    def _succeed(self, node: Node, output: Any, now: datetime, *, computed: bool = False) -> None:
+        """Succeed with `output`, or fail the step if the output breaks a byte limit.
+        `computed`: the orchestrator made it (a transform), so it is also checked for what
+        PostgreSQL cannot store (a NUL, a lone surrogate, nesting past jsonb.MAX_DEPTH)."""
+        if computed:
+            size, problem = measure(output)
+            error = invalid_output(node.key, "the output", problem) if problem else None
+        else:
+            size, error = json_size(output), None
+        error = error or self._limit_error(node.key, size)
         if error is not None:
             self._fail(node, error, now)
             return
@@ -550,9 +573,13 @@ class RunState(Fanning, Attempts, Restoring):
         template = self.workflow.run_output
         if template is not None:
             try:
-                output = template.render(self._context(None))
+                output = template.render(self._context(None), evaluator=self._evaluator)
             except ExpressionError as exc:
                 self.fail_run(expression_error(exc), now)
+                return
+            problem = measure(output)[1]
+            if problem is not None:
+                self.fail_run(invalid_output(None, "the run output", problem), now)
                 return
         else:
             output = {sid: self._root.nodes[sid].output for sid in self._root.plan.sinks}
@@ -570,21 +597,30 @@ class RunState(Fanning, Attempts, Restoring):
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _context(self, node: Node | None) -> dict[str, Any]:
+    def _context(self, node: Node | None) -> Context:
         frame = node.scope.frame if node is not None else self._root.frame
         element = frame.item_frame()
+        # The weights are for the evaluator's routing; without one, nobody asks.
+        weigher = FrameWeigher(frame, self._weigh_input) if self._evaluator else None
         if element is None:
-            return build_context(self.input, StepsView(frame), self._run_info)
+            return build_context(self.input, StepsView(frame), self._run_info, weigher=weigher)
         return build_context(
             self.input,
             StepsView(frame),
             self._run_info,
             item=element.item,
             index=element.index,
+            weigher=weigher,
         )
 
+    def _weigh_input(self) -> Weight:
+        if self._input_weight is None:
+            self._input_weight = weigh_capped(self.input)
+        return self._input_weight
+
     def _evaluate(self, node: Node, field: str) -> Any:
-        return self.workflow.expression(node.step.id, field).evaluate(self._context(node))
+        expression = self.workflow.expression(node.step.id, field)
+        return expression.evaluate(self._context(node), self._evaluator)
 
     def _attempt_id(self, node: Node) -> UUID:
         return attempt_id(self.run_id, node.key, node.attempt, node.generation, self._incarnation)
@@ -606,6 +642,7 @@ class RunState(Fanning, Attempts, Restoring):
         check_step(node.key, node.status, target)
         previous = node.status
         node.status = target
+        node.weight = None  # what expressions read of it changed
         payload: dict[str, Any] = {"step_id": node.key}
         if node.attempt:
             payload["attempt"] = node.attempt

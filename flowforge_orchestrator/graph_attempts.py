@@ -9,22 +9,21 @@ jitter comes from the attempt id, so a replay waits the same.
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from flowforge_orchestrator.changes import (
-    Dispatch,
-    json_size,
-)
+from flowforge_orchestrator.changes import Dispatch
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
 from flowforge_orchestrator.graph_base import GraphParts
+from flowforge_orchestrator.jsonb import MAX_DEPTH, depth_problem, storable, text_problem
 from flowforge_orchestrator.nodes import Node
 from flowforge_orchestrator.plan import SECRET_ROOTS
 from flowforge_orchestrator.retry import decide
 from flowforge_orchestrator.state import StepStatus
 
-__all__ = ["Attempts", "expression_error", "iso"]
+__all__ = ["Attempts", "expression_error", "invalid_output", "iso", "measure"]
 
 
 class Attempts(GraphParts):
@@ -81,14 +80,19 @@ class Attempts(GraphParts):
         assert node.attempt_id is not None
         try:
             context = self._context(node)
-            params = self.workflow.params[step.id].render(context, skip_roots=SECRET_ROOTS)
+            params = self.workflow.params[step.id].render(
+                context, skip_roots=SECRET_ROOTS, evaluator=self._evaluator
+            )
             url = self.workflow.urls.get(step.id)
             if url is not None:  # every value encoded for the part of the URL it lands in
-                params["url"] = url.render(context)
+                params["url"] = url.render(context, evaluator=self._evaluator)
         except ExpressionError as exc:
             self._fail(node, expression_error(exc), now)
             return None
-        size = json_size(params)
+        size, problem = measure(params)
+        if problem is not None:
+            self._fail(node, invalid_output(node.key, "the rendered parameters", problem), now)
+            return None
         if size > self.limits.max_context_bytes:
             what = "the rendered parameters"
             error = PayloadTooLarge(
@@ -163,11 +167,39 @@ class Attempts(GraphParts):
 
 
 def expression_error(exc: ExpressionError) -> dict[str, Any]:
+    # The message may quote data (a key, a value): mended so that PostgreSQL can store it.
     return StepError(
-        str(exc),
+        storable(str(exc)),
         category="expression_error",
         retryable=False,
-        details={"expression": exc.expression, "field": exc.field},
+        details=storable({"expression": exc.expression, "field": exc.field}),
+    ).to_dict()
+
+
+def measure(value: Any) -> tuple[int, str | None]:
+    """Bytes of the compact JSON of a value the orchestrator computed, and why PostgreSQL
+    could not store it (a NUL, a lone surrogate, nesting past jsonb.MAX_DEPTH), or None.
+    One encoding serves both; the nesting is walked only when the text has brackets enough."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    except RecursionError:
+        return 0, f"it is nested more than {MAX_DEPTH} levels deep"
+    problem = text_problem(text)
+    if problem is None and text.count("[") + text.count("{") > MAX_DEPTH:
+        problem = depth_problem(value)
+    if problem is not None:
+        return len(text), problem
+    return len(text.encode()), None
+
+
+def invalid_output(step_id: str | None, what: str, problem: str) -> dict[str, Any]:
+    """The error of a computed value that cannot be stored: never retried."""
+    where = f"step '{step_id}': " if step_id else ""
+    return StepError(
+        f"{where}{what} cannot be stored: {problem}",
+        category="invalid_output",
+        retryable=False,
+        details={"step_id": step_id, "what": what} if step_id else {"what": what},
     ).to_dict()
 
 

@@ -14,13 +14,14 @@ Kept apart from `graph`, which holds the rules; these are the records the rules 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from flowforge_orchestrator.definitions import Step, TaskStep
+from flowforge_orchestrator.expression_cost import INLINE_NODES, Weight, weigh
 from flowforge_orchestrator.joins import JoinState
 from flowforge_orchestrator.plan import ListPlan
 from flowforge_orchestrator.state import StepStatus
@@ -28,6 +29,7 @@ from flowforge_orchestrator.state import StepStatus
 __all__ = [
     "FAILED",
     "Frame",
+    "FrameWeigher",
     "Node",
     "Scope",
     "StepsView",
@@ -42,6 +44,14 @@ __all__ = [
 
 _NO_ITEM: Any = object()
 FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)  # ends that fail a list (unless tolerated)
+# Weighing stops past what could still be evaluated inline: beyond it, "big" is all the
+# router needs from the cache (it weighs the values actually read then).
+WEIGH_CAP = INLINE_NODES
+_SMALL = Weight(4, 64, 3)  # `run`, `index`: a few short values
+
+
+def weigh_capped(value: Any) -> Weight:
+    return weigh(value, cap=WEIGH_CAP)
 
 
 def attempt_id(
@@ -66,6 +76,7 @@ class Frame:
     item: Any = _NO_ITEM
     index: int | None = None
     names: dict[str, Node] = field(default_factory=dict)
+    weight: Weight | None = None  # of `item`, once an expression asked
 
     def lookup(self, step_id: str) -> Node | None:
         frame: Frame | None = self
@@ -82,6 +93,11 @@ class Frame:
         while frame is not None and frame.item is _NO_ITEM:
             frame = frame.parent
         return frame
+
+    def item_weight(self) -> Weight:
+        if self.weight is None:
+            self.weight = weigh_capped(self.item)
+        return self.weight
 
 
 class StepsView(Mapping[str, Mapping[str, Any]]):
@@ -113,6 +129,43 @@ class StepsView(Mapping[str, Mapping[str, Any]]):
 
     def __len__(self) -> int:
         return len(self._visible())
+
+
+class FrameWeigher:
+    """What the values expressions read from one frame weigh (`expressions.Weigher`), from
+    weights cached once per output, per run input and per for_each item."""
+
+    __slots__ = ("_frame", "_input")
+
+    def __init__(self, frame: Frame, input_weight: Callable[[], Weight]) -> None:
+        self._frame = frame
+        self._input = input_weight
+
+    def weight(self, root: str, step_refs: frozenset[str] | None) -> Weight:
+        if root == "input":
+            return self._input()
+        if root == "steps":
+            return self._steps(step_refs)
+        if root == "item":
+            element = self._frame.item_frame()
+            return element.item_weight() if element is not None else _SMALL
+        return _SMALL
+
+    def _steps(self, refs: frozenset[str] | None) -> Weight:
+        if refs is not None and len(refs) == 1:  # the common case, without a sum
+            (ref,) = refs
+            node = self._frame.lookup(ref)
+            finished = node is not None and node.status.finished
+            return node.entry_weight() if node is not None and finished else Weight()
+        total = Weight()
+        if refs is None:
+            nodes: Iterator[Node | None] = iter(StepsView(self._frame)._visible().values())
+        else:
+            nodes = (self._frame.lookup(ref) for ref in refs)
+        for node in nodes:
+            if node is not None and node.status.finished:
+                total = total + node.entry_weight()
+        return total
 
 
 @dataclass(slots=True, eq=False)
@@ -158,9 +211,15 @@ class Node:
     probing: bool = False  # its timer is the schedule_to_start check, not the deadline
     packed: bool = False  # a fan-out element whose state its fan-out's entry carries
     elements: list[Node] = field(default_factory=list)  # a packed fan-out's, in order
+    weight: Weight | None = None  # of context_entry(), cached while its status holds
 
     def context_entry(self) -> dict[str, Any]:
         return {"output": self.output, "status": self.status.value, "error": self.error}
+
+    def entry_weight(self) -> Weight:
+        if self.weight is None:
+            self.weight = weigh_capped(self.context_entry())
+        return self.weight
 
 
 # -- checkpoint encoding ---------------------------------------------------------------------

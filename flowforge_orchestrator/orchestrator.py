@@ -52,6 +52,9 @@ from flowforge_orchestrator.errors import (
     StepError,
     StoreError,
 )
+from flowforge_orchestrator.expression_cost import Budget
+from flowforge_orchestrator.expression_sandbox import BoundedEvaluator, Sandbox
+from flowforge_orchestrator.expressions import Evaluator
 from flowforge_orchestrator.graph import CompiledWorkflow, RunState
 from flowforge_orchestrator.listener import Listener
 from flowforge_orchestrator.orchestrator_upkeep import Owned, Upkeep
@@ -124,9 +127,13 @@ class Orchestrator(Upkeep):
         tokens: AttemptTokens,
         clock: Callable[[], datetime] = _utcnow,
         measures: metrics.OrchestratorMetrics | None = None,
+        evaluator: Evaluator | None = None,
     ) -> None:
+        """`evaluator` bounds every CEL evaluation (`run_orchestrator` gives a sandboxed
+        one); None evaluates in process, unbounded."""
         assert settings.database_url is not None
         self.settings = settings
+        self.evaluator = evaluator
         self.pool = pool
         self.dispatcher = dispatcher
         # Every read of results goes through it: only rows with their attempt's token count.
@@ -492,6 +499,7 @@ class Orchestrator(Upkeep):
             checkpoint=row.checkpoint,
             results=results,
             incarnation=_incarnation(row.created_at),
+            evaluator=self.evaluator,
         )
         if row.cancel_requested:  # asked for while pending, or while no one owned it
             state.cancel(now, "cancel requested")
@@ -540,6 +548,7 @@ class Orchestrator(Upkeep):
                     run_id=row.id,
                     version=row.workflow_version,
                     input=inputs[row.id],
+                    evaluator=self.evaluator,
                 )
             except ExpressionError as exc:
                 log.warning("run %s rejected: %s", row.id, exc, extra={"run_id": str(row.id)})
@@ -929,6 +938,12 @@ async def run_orchestrator(
         what="connecting to PostgreSQL",
         attempts=30,
     )
+    budget = Budget(
+        timeout=settings.expression_timeout,
+        memory_bytes=settings.expression_memory_bytes,
+        max_result_bytes=settings.max_context_bytes,
+    )
+    sandbox = Sandbox(budget)
     try:
 
         async def read_secret() -> bytes:
@@ -936,10 +951,17 @@ async def run_orchestrator(
                 return await store.engine_secret(conn)
 
         tokens = AttemptTokens(await store.retrying(read_secret, what="reading the engine secret"))
+        if not await asyncio.to_thread(sandbox.warm, 60.0):
+            log.error("the expression sandbox did not start; costly expressions will fail")
         dispatcher = await Dispatcher.connect(settings.redis_url, keys, tokens)
         try:
             orchestrator = Orchestrator(
-                settings, pool, dispatcher, tokens=tokens, measures=measures
+                settings,
+                pool,
+                dispatcher,
+                tokens=tokens,
+                measures=measures,
+                evaluator=BoundedEvaluator(sandbox),
             )
             if ready is not None:
                 waiter = asyncio.create_task(orchestrator.ready.wait())
@@ -960,6 +982,7 @@ async def run_orchestrator(
         finally:
             await dispatcher.close()
     finally:
+        sandbox.close()
         await pool.close()
 
 

@@ -26,6 +26,7 @@ from urllib.parse import quote, unquote, urlsplit
 
 from flowforge_orchestrator.errors import ExpressionError
 from flowforge_orchestrator.expressions import (
+    Evaluator,
     Expression,
     Template,
     TemplateString,
@@ -115,8 +116,9 @@ class UrlTemplate:
             return cls((text,), step_id, None)
         return cls.of(string, step_id)
 
-    def render(self, context: Mapping[str, Any]) -> str:
-        """The URL for `context`; ExpressionError (naming `with.url`) if it cannot be made."""
+    def render(self, context: Mapping[str, Any], evaluator: Evaluator | None = None) -> str:
+        """The URL for `context`; ExpressionError (naming `with.url`) if it cannot be made.
+        `evaluator` evaluates its expressions (the graph's bounded one), as for templates."""
         if self.problem is not None:
             raise ExpressionError(
                 self.problem, expression=_source(self.parts), step_id=self.step_id, field=FIELD
@@ -130,9 +132,9 @@ class UrlTemplate:
                     part = writer.authority(part)
                 writer.literal(part)
             elif index == 0:
-                writer.literal(writer.authority(_base(part, part.evaluate(context))))
+                writer.literal(writer.authority(_base(part, part.evaluate(context, evaluator))))
             else:
-                writer.value(part, _text(part, part.evaluate(context)))
+                writer.value(part, _text(part, part.evaluate(context, evaluator)))
         return writer.finish()
 
 

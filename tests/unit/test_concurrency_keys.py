@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
 import pytest
 
-from flowforge_orchestrator.concurrency import concurrency_keys, key_of_value, workflow_key
+from flowforge_orchestrator.concurrency import (
+    MAX_KEY_CHARS,
+    concurrency_keys,
+    key_of_value,
+    workflow_key,
+)
 from flowforge_orchestrator.definitions import WorkflowDefinition, parse_definition
 from flowforge_orchestrator.errors import ExpressionError
 
@@ -66,3 +72,53 @@ def test_a_key_that_fails_names_the_field_and_the_expression() -> None:
     assert caught.value.field == "concurrency.key"
     assert "input.customer" in str(caught.value)
     assert "concurrency.key" in str(caught.value)
+
+
+def test_a_long_key_is_a_readable_prefix_and_a_hash() -> None:
+    customer = "c" * 3_000
+    key = key_of_value(customer)
+    assert len(key) <= MAX_KEY_CHARS
+    assert key.startswith('key:"ccc')
+    prefix, _, digest = key.partition("...#")
+    assert len(prefix) == len('key:"') + 119
+    assert re.fullmatch(r"[0-9a-f]{64}", digest)
+    assert key == key_of_value("c" * 3_000)  # equal values, equal keys
+    assert key != key_of_value("c" * 2_999 + "d")  # the same prefix, another value
+    assert key_of_value("c" * 190) == 'key:"' + "c" * 190 + '"'  # short ones stay as written
+
+
+def test_no_key_is_too_long_for_the_slots_index() -> None:
+    for value in ("🦜" * 10_000, ["é" * 50] * 100, {"k" * 500: "v" * 500}):
+        assert len(key_of_value(value).encode()) < 2704 // 4
+
+
+def test_a_lone_surrogate_is_escaped_so_postgresql_can_store_the_key() -> None:
+    key = key_of_value("a\ud800b")
+    key.encode()  # no UnicodeEncodeError
+    assert key == 'key:"a\\ud800b"'
+    assert key_of_value("é") == 'key:"é"'
+
+
+def test_a_key_nested_too_deeply_is_an_expression_error() -> None:
+    definition = _definition(concurrency={"key": "input.v", "limit": 1})
+    deep: Any = 1
+    for _ in range(5_000):
+        deep = [deep]
+    with pytest.raises(ExpressionError, match="not a JSON value"):
+        _keys(definition, {"v": deep})
+
+
+def test_the_key_is_evaluated_by_the_evaluator_given() -> None:
+    seen: list[str | None] = []
+
+    class Recording:
+        def evaluate(self, expression: Any, context: Any) -> Any:
+            seen.append(expression.field)
+            return expression.run(expression.variables(context))
+
+    definition = _definition(concurrency={"key": "input.customer", "limit": 2})
+    keys = concurrency_keys(
+        definition, run_id=RUN, version=3, input={"customer": "x"}, evaluator=Recording()
+    )
+    assert keys == {'key:"x"': 2}
+    assert seen == ["concurrency.key"]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
+from flowforge_orchestrator.definition_checks import MAX_STEP_DEPTH, MAX_TEXT_CHARS
 from flowforge_orchestrator.definitions import (
     BUILTIN_STEP_TYPES,
     INLINE_STEP_TYPES,
@@ -31,6 +33,7 @@ from flowforge_orchestrator.definitions import (
 )
 from flowforge_orchestrator.errors import DefinitionError, DefinitionProblem
 from flowforge_orchestrator.expressions import build_context
+from flowforge_orchestrator.jsonb import MAX_DEPTH
 
 EXAMPLE = Path(__file__).parent / "data" / "order_fulfilment.yaml"
 SOURCE = "wf.yaml"
@@ -662,3 +665,186 @@ def test_json_schema_for_editors() -> None:
 def test_workflow_definition_model_validates_directly() -> None:
     defn = WorkflowDefinition.model_validate(workflow(http("a")))
     assert defn.step("a").type == "http"
+
+
+# --- bounds: what a small text can make big, and what nests too deep -----------------------
+
+LAUGHS = "".join(
+    f"      l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['lol'] * 10)}]\n"
+    for i in range(10)
+)
+
+
+def text_problem(text: str, format: str = "yaml") -> str:
+    with pytest.raises(DefinitionError) as info:
+        parse_definition_text(text, format=format, source=SOURCE)  # type: ignore[arg-type]
+    assert len(info.value.problems) >= 1
+    return str(info.value)
+
+
+def nested(depth: int, *, leaf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A definition whose steps nest `depth` deep, alternating conditions, branches and
+    fan-outs; the innermost step is `leaf`."""
+    step = leaf or {"id": f"s{depth}", "type": "transform", "output": "${{ run.id }}"}
+    for d in range(depth - 1, 0, -1):
+        if d % 3 == 0:
+            step = {"id": f"s{d}", "type": "condition", "if": "true", "then": [step]}
+        elif d % 3 == 1:
+            step = {"id": f"s{d}", "type": "parallel", "branches": [[step]]}
+        else:
+            step = {"id": f"s{d}", "type": "parallel", "for_each": "[1]", "step": step}
+    return workflow(step)
+
+
+def test_a_yaml_alias_bomb_is_refused_in_milliseconds() -> None:
+    text = f"name: wf\nversion: 1\nsteps:\n  - id: t\n    type: transform\n    output:\n{LAUGHS}"
+    started = time.perf_counter()
+    message = text_problem(text)
+    assert time.perf_counter() - started < 1.0  # ~10 ms; a billion values if expanded
+    assert "more than 100000 values once its aliases are expanded" in message
+    assert "line 11" in message
+
+
+def test_aliases_that_stay_small_are_fine() -> None:
+    text = """
+name: wf
+version: 1
+defaults: &defaults {timeout: 5s, retry: {max_retries: 2}}
+steps:
+  - {id: a, type: http, with: &params {url: "https://x.test/", headers: {x: "1"}}}
+  - {id: b, type: http, depends_on: [a], with: *params, retry: {max_retries: 1}}
+"""
+    definition = parse_definition_text(text)
+    assert definition.step("b").with_ == definition.step("a").with_  # type: ignore[union-attr]
+
+
+def test_an_alias_inside_the_node_it_names_is_refused() -> None:
+    message = text_problem("name: wf\nversion: 1\nsteps: &s [{id: a, type: http, x: *s}]\n")
+    assert "alias *s is used inside the node it names" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "format"),
+    [
+        ("name: wf\nsteps: " + "[" * 5_000 + "]" * 5_000, "yaml"),
+        ("name: wf\nsteps:\n" + "".join(" " * i + "- \n" for i in range(1, 400)), "yaml"),
+        ('{"name": "wf", "steps": ' + "[" * 100_000 + "]" * 100_000 + "}", "json"),
+        ('{"steps": ' + '{"a": ' * 300 + "1" + "}" * 300 + "}", "json"),
+    ],
+)
+def test_text_nested_past_the_limit_is_refused_not_a_recursion_error(
+    text: str, format: str
+) -> None:
+    started = time.perf_counter()
+    assert "nested more than 256 levels deep" in text_problem(text, format)
+    assert time.perf_counter() - started < 2.0
+
+
+def test_a_text_over_the_size_limit_is_refused_before_parsing() -> None:
+    message = text_problem("#" * (MAX_TEXT_CHARS + 1))
+    assert f"characters long; the limit is {MAX_TEXT_CHARS}" in message
+
+
+def test_steps_nest_up_to_32_deep() -> None:
+    definition = parse_definition(nested(MAX_STEP_DEPTH))
+    assert len(list(definition.all_steps())) == MAX_STEP_DEPTH
+    too_deep = problems(nested(MAX_STEP_DEPTH + 1))
+    assert [(p.step_id, p.field) for p in too_deep] == [("s33", None)]
+    assert too_deep[0].message == (
+        "nested 33 steps deep (inside conditions and parallel steps); the limit is 32"
+    )
+
+
+@pytest.mark.parametrize("depth", [250, 400, 5_000])
+def test_far_too_deep_is_refused_as_such_before_pydantic_walks_it(depth: int) -> None:
+    found = problems(nested(depth))
+    assert [(p.step_id, p.message.split(";")[0]) for p in found] == [
+        ("s33", "nested 33 steps deep (inside conditions and parallel steps)")
+    ]
+
+
+def test_values_in_with_and_output_nest_up_to_64_deep() -> None:
+    def deep(levels: int) -> Any:
+        value: Any = 1
+        for _ in range(levels):
+            value = [value]
+        return value
+
+    ok = workflow(
+        http("a", **{"with": {"url": "https://x.test/", "json": deep(MAX_DEPTH - 1)}}),
+        {"id": "t", "type": "transform", "output": deep(MAX_DEPTH)},
+        output=deep(MAX_DEPTH),
+    )
+    parse_definition(ok)
+    bad = workflow(
+        http("a", **{"with": {"url": "https://x.test/", "json": deep(MAX_DEPTH)}}),
+        {"id": "t", "type": "transform", "output": deep(MAX_DEPTH + 1)},
+        output=deep(MAX_DEPTH + 1),
+    )
+    found = {(p.step_id, p.field): p.message for p in problems(bad)}
+    assert found == {
+        ("a", "with"): "the value is nested more than 64 levels deep",
+        ("t", "output"): "the value is nested more than 64 levels deep",
+        (None, "output"): "the value is nested more than 64 levels deep",
+    }
+
+
+def test_text_postgresql_cannot_store_is_refused_where_it_is() -> None:
+    data = workflow(
+        http("a", **{"with": {"url": "https://x.test/", "headers": {"x": "a\x00b"}}}),
+        {"id": "t", "type": "transform", "output": {"k\ud800": 1}},
+        description="fine \\u0000 as six characters",
+    )
+    found = {(p.step_id, p.field): p.message for p in problems(data)}
+    assert found == {
+        ("a", "with.headers.x"): (
+            "the text holds a NUL character (\\u0000), which PostgreSQL cannot store"
+        ),
+        ("t", "output"): (
+            "the key 'k\\ud800' holds an unpaired UTF-16 surrogate, which is not valid Unicode"
+        ),
+    }
+
+
+def test_values_json_cannot_hold_are_refused() -> None:
+    text = "name: wf\nversion: 1\nsteps:\n  - {id: t, type: transform, output: !!binary aGk=}\n"
+    assert "step 't', field 'output': a bytes is not a JSON value" in text_problem(text)
+
+
+def test_expressions_too_big_or_too_costly_are_refused_at_validation() -> None:
+    huge = "${{ " + " + ".join(["1"] * 3_000) + " }}"
+    long_list = "[" + ", ".join(str(i) for i in range(300)) + "]"
+    bomb = f"${{{{ {long_list}.map(x, {long_list}.map(y, {long_list}.map(z, x + y + z))) }}}}"
+    found = {
+        (p.step_id, p.field): p.message
+        for p in problems(
+            workflow(
+                {"id": "t", "type": "transform", "output": {"a": huge}},
+                {"id": "u", "type": "transform", "output": bomb},
+            )
+        )
+    }
+    assert "characters long; the limit is 8192" in found[("t", "output.a")]
+    assert found[("u", "output")].startswith("too costly: over its own literals alone")
+
+
+def test_a_secret_string_cannot_iterate_the_worker_evaluates_it_unbounded() -> None:
+    bad = http("a", **{"with": {"url": "https://x.test/", "headers": {
+        "x": "${{ [1, 2].map(i, secrets.TOKEN).join(',') }}",
+        "y": "${{ secrets.TOKEN.matches('^a') }}",
+    }}})  # fmt: skip
+    found = {(p.step_id, p.field) for p in problems(workflow(bad))}
+    assert found == {("a", "with.headers.x"), ("a", "with.headers.y")}
+
+
+def test_a_long_chain_validates_in_linear_time() -> None:
+    chain = [
+        {"id": f"s{i}", "type": "transform", "output": i, "depends_on": [f"s{i - 1}"] if i else []}
+        for i in range(3_000)
+    ]
+    chain.append({"id": "fan", "type": "parallel", "depends_on": ["s2999"],
+                  "for_each": "steps.s2999.output", "step": {"id": "x", "type": "http",
+                  "with": {"url": "https://x.test/"}}})  # fmt: skip
+    started = time.perf_counter()
+    parse_definition(workflow(*chain))
+    assert time.perf_counter() - started < 10  # ~0.5 s; quadratic checks took minutes

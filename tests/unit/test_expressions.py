@@ -7,8 +7,11 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flowforge_orchestrator.errors import ExpressionError
+from flowforge_orchestrator.expression_cost import Weight
 from flowforge_orchestrator.expressions import (
     build_context,
     compile_expression,
@@ -132,10 +135,116 @@ def test_only_the_steps_read_are_handed_to_cel(context: dict[str, Any]) -> None:
         compile_expression("size(steps) > 0").evaluate(context)
 
 
+def test_only_the_fields_selected_are_handed_to_cel() -> None:
+    context = build_context(
+        {"order": {"id": 7, "lines": [1, 2], "big": "x" * 1000}, "other": [1] * 1000},
+        {"a": {"output": {"body": {"n": 1, "blob": "y" * 1000}}, "status": "succeeded"}},
+        {"id": "r"},
+    )
+    expression = compile_expression("input.order.id + steps.a.output.body.n + size(input.order)")
+    assert expression.variables(context) == {
+        "input": {"order": {"id": 7, "lines": [1, 2], "big": "x" * 1000}},
+        "steps": {"a": {"output": {"body": {"n": 1}}}},
+    }
+    # A method on a field: the field is passed whole; a dynamic read: the whole root.
+    method = compile_expression("input.order.lines.exists(l, l > 1)").variables(context)
+    assert method == {"input": {"order": {"lines": [1, 2]}}}
+    assert compile_expression("input['order'].id").variables(context)["input"] is context["input"]
+    assert compile_expression("size(input) > 0").variables(context)["input"] is context["input"]
+    whole = compile_expression("steps.exists(s, s == 'a')").variables(context)["steps"]
+    assert set(whole) == {"a"}
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "has(input.a.b)",
+        "has(input.a.z)",
+        "input.a.b",
+        "input.a.z",
+        "input.a.b.c",
+        "input.s.size()",
+        "input.s.x",
+        "input.l.map(x, x + 1)",
+        "input.a.b == input.a",
+        "has(input.missing.b)",
+        "input.a.b.c.d.e.f.g.h.i.j",
+    ],
+)
+def test_selecting_fields_changes_no_outcome(source: str) -> None:
+    """Pruned or whole, CEL gives the same value or the same error."""
+    deep: dict[str, Any] = {"j": 1}
+    for name in "ihgfedc":
+        deep = {name: deep}
+    context = build_context(
+        {"a": {"b": deep, "y": 2}, "s": "text", "l": [1, 2], "other": {"k": 1}}, {}, {}
+    )
+    expression = compile_expression(source)
+    whole = {name: context[name] for name in ("input", "steps", "run")}
+
+    def outcome(variables: dict[str, Any]) -> Any:
+        try:
+            return ("value", expression.run(variables))
+        except ExpressionError as exc:
+            return ("error", exc.reason)
+
+    assert outcome(expression.variables(context)) == outcome(whole)
+
+
+def test_an_expression_too_big_to_compile_safely_is_refused() -> None:
+    with pytest.raises(ExpressionError, match="characters long; the limit is 8192") as info:
+        compile_expression("1" + " + 1" * 3000, step_id="s", field="if")
+    assert (info.value.step_id, info.value.field) == ("s", "if")
+    assert len(info.value.expression) <= 80
+    with pytest.raises(ExpressionError, match="1500 operators; the limit is 1000"):
+        compile_expression("a" + ".b" * 1500)
+    assert compile_expression("1" + "+1" * 999).evaluate({}) == 1000
+    # Operators inside string literals are text, not operators.
+    assert compile_expression("'" + "+" * 5000 + "'").evaluate({}) == "+" * 5000
+
+
+class Recording:
+    """An Evaluator that notes what it was asked and evaluates in process."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str | None]] = []
+
+    def evaluate(self, expression: Any, context: Any) -> Any:
+        self.seen.append((expression.source, expression.field))
+        return expression.run(expression.variables(context))
+
+
+def test_an_evaluator_takes_every_evaluation(context: dict[str, Any]) -> None:
+    recording = Recording()
+    assert compile_expression("run.version", field="if").evaluate(context, recording) == 3
+    template = compile_template(
+        {"a": "${{ input.order_id }}", "b": ["x${{ run.id }}y${{ 1 + 1 }}"]}, field="with"
+    )
+    assert template.render(context, evaluator=recording) == {"a": 7, "b": ["xrun-1y2"]}
+    assert recording.seen == [
+        ("run.version", "if"),
+        ("input.order_id", "with.a"),
+        ("run.id", "with.b[0]"),
+        ("1 + 1", "with.b[0]"),
+    ]
+
+
+def test_bound_sums_what_a_weigher_says_of_the_roots_read() -> None:
+    class Weights:
+        def weight(self, root: str, step_refs: frozenset[str] | None) -> Weight:
+            return {"input": Weight(10, 5, 2), "steps": Weight(100, 0, 7)}[root]
+
+    context = build_context({"a": 1}, {}, {}, weigher=Weights())
+    assert compile_expression("input.a").bound(context) == Weight(10, 5, 2)
+    assert compile_expression("input.a + steps.s.output").bound(context) == Weight(110, 5, 7)
+    assert compile_expression("1 + 1").bound(context) == Weight()
+    assert compile_expression("input.a").bound({"input": {}}) is None
+
+
 def test_expressions_are_compiled_once() -> None:
     first = compile_expression("input.a + 1", step_id="a")
     second = compile_expression("input.a + 1", step_id="b")
-    assert first._program is second._program
+    assert first._compiled is second._compiled
     assert (first.step_id, second.step_id) == ("a", "b")
 
 
@@ -327,3 +436,37 @@ def test_to_text_and_to_json_value() -> None:
     assert to_json_value((1, 2)) == [1, 2]
     with pytest.raises(ValueError, match="not a JSON value"):
         to_json_value({1, 2})
+
+
+# --- selecting fields, as a property ------------------------------------------------------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.sampled_from(["", "a", "bc"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from("abc"), inner),
+    max_leaves=12,
+)
+_path = st.lists(st.sampled_from("abc"), min_size=1, max_size=4).map(".".join)
+
+
+@settings(database=None, derandomize=True, deadline=None, max_examples=300)
+@given(
+    value=st.dictionaries(st.sampled_from("abc"), _json),
+    form=st.sampled_from(
+        ["input.{0}", "has(input.{0})", "size(input.{0})", "input.{0} == input.{1}", "[input.{0}]"]
+    ),
+    first=_path,
+    second=_path,
+)
+def test_selected_fields_give_what_the_whole_input_gives(
+    value: dict[str, Any], form: str, first: str, second: str
+) -> None:
+    expression = compile_expression(form.format(first, second))
+    context = build_context(value, {}, {})
+
+    def outcome(variables: dict[str, Any]) -> Any:
+        try:
+            return ("value", expression.run(variables))
+        except ExpressionError as exc:
+            return ("error", exc.reason)
+
+    assert outcome(expression.variables(context)) == outcome({"input": value})
