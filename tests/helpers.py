@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar, cast
@@ -11,7 +12,7 @@ from typing import TypeVar, cast
 from flowforge_orchestrator import store
 from flowforge_orchestrator.attempt_tokens import AttemptTokens, ResultVerifier
 
-__all__ = ["migration_names", "poll", "verifier", "wait_for"]
+__all__ = ["free_port", "migration_names", "poll", "verifier", "wait_for"]
 
 T = TypeVar("T")
 
@@ -21,6 +22,13 @@ SQL_DIR = Path(__file__).resolve().parents[1] / "sql"
 def migration_names() -> list[str]:
     """The numbered migrations of sql/, in order (`0001_initial`, ...)."""
     return sorted(p.stem for p in SQL_DIR.glob("[0-9][0-9][0-9][0-9]_*.sql"))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 async def poll(

@@ -28,6 +28,7 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 from tests.bench.cluster import REPO, _cli, _database
 from tests.bench.processes import Proc, WorkloadFailed, start
+from tests.helpers import free_port
 
 __all__ = ["ChaosCluster", "Crash", "Slot"]
 
@@ -47,6 +48,8 @@ class Slot:
     node: str
     proc: Proc | None = None
     held: bool = False  # down on purpose, by a fault
+    paused: bool = False  # SIGSTOPped: alive, but silent
+    http_port: int = 0  # an orchestrator's /readyz (a worker's stays off)
     incarnation: int = 0
     retry_at: float = 0.0  # after a failed start, the supervisor waits until then
     failed_starts: int = 0  # in a row: the wait doubles with each, up to 30 s
@@ -83,6 +86,7 @@ class ChaosCluster:
     # Set while both servers run; processes are started only then.
     servers_up: asyncio.Event = field(default_factory=asyncio.Event)
     redis_losses: list[float] = field(default_factory=list)  # wall-clock times Redis went
+    redis_starts: list[float] = field(default_factory=list)  # ... and came back
     _outages: int = 0  # server restarts begun so far
     _restarts: set[asyncio.Task[None]] = field(default_factory=set)
     job_key: str = field(default_factory=lambda: secrets.token_urlsafe(32))  # signs the jobs
@@ -118,7 +122,10 @@ class ChaosCluster:
         self.pool = await store.create_pool(self.db_url, size=4)
         stack.push_async_callback(self.pool.close)
         stack.push_async_callback(self.stop_processes)
-        self.slots = [Slot("orchestrator", f"o{i + 1}") for i in range(self.orchestrators)]
+        self.slots = [
+            Slot("orchestrator", f"o{i + 1}", http_port=free_port())
+            for i in range(self.orchestrators)
+        ]
         self.slots += [Slot("worker", f"w{i + 1}") for i in range(self.workers)]
 
     @property
@@ -142,11 +149,15 @@ class ChaosCluster:
             FLOWFORGE_SHUTDOWN_TIMEOUT="5",
             FLOWFORGE_WORKER_MAX_JOBS="50",
             FLOWFORGE_WORKER_SHUTDOWN_GRACE="2",
-            FLOWFORGE_HTTP_PORT="0",  # several processes share the host
+            FLOWFORGE_HTTP_PORT="0",  # several processes share the host: ports are per slot
             FLOWFORGE_HTTP_ALLOW="127.0.0.0/8",  # the chaos HTTP server is on 127.0.0.1
             FLOWFORGE_JOB_KEY=self.job_key,
         )
         return env
+
+    def readiness_ports(self) -> list[int]:
+        """The /readyz ports of the orchestrators that run now, not paused."""
+        return [s.http_port for s in self.live("orchestrator") if not s.paused]
 
     async def start_slot(self, slot: Slot) -> None:
         """Start the slot's process once the servers run, and wait until it serves.
@@ -162,11 +173,14 @@ class ChaosCluster:
         if slot.kind == "worker":
             command = [*_cli(), "worker", "--types-module", STEP_MODULE]
         line = slot.ready_line
+        env = self.env(slot.node)
+        if slot.http_port:
+            env.update(FLOWFORGE_HTTP_PORT=str(slot.http_port), FLOWFORGE_HTTP_HOST="127.0.0.1")
         try:
             slot.proc = await start(
                 slot.node,
                 command,
-                env=self.env(slot.node),
+                env=env,
                 cwd=REPO,
                 log=log,
                 ready=lambda proc: line in proc.output(),
@@ -235,12 +249,14 @@ class ChaosCluster:
         proc = slot.proc
         if proc is None:
             return
+        slot.paused = True
         proc.popen.send_signal(signal.SIGSTOP)
         self.note(f"{slot.node} paused (pid {proc.pid})")
         try:
             await asyncio.sleep(seconds)
         finally:
             proc.popen.send_signal(signal.SIGCONT)
+            slot.paused = False
             self.note(f"{slot.node} resumed")
 
     async def supervise(self) -> None:
@@ -312,6 +328,8 @@ class ChaosCluster:
             self.note(f"{name} stopped for {downtime:.1f}s")
             await asyncio.sleep(downtime)
             await asyncio.to_thread(server.start)
+            if server is self.redis:
+                self.redis_starts.append(time.time())
             self.note(f"{name} started")
         finally:
             if self.postgres.pid is not None and self.redis.pid is not None:

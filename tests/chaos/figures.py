@@ -12,6 +12,7 @@ from uuid import UUID
 
 from tests.chaos.audit import Audit
 from tests.chaos.cluster import Crash
+from tests.chaos.probes import Recovery
 from tests.chaos.server import FaultServer
 from tests.chaos.workflows import BY_NAME, DESIGNED_TO_FAIL, problem_of
 
@@ -41,6 +42,7 @@ class Figures:
     faults: Counter[str] = field(default_factory=Counter)
     crashes: list[Crash] = field(default_factory=list)
     unclean_stops: list[str] = field(default_factory=list)
+    recovery: Recovery = field(default_factory=Recovery)  # measured, not judged
     details: list[str] = field(default_factory=list)
     suspects: list[UUID] = field(default_factory=list)  # runs whose history goes to findings
 
@@ -66,7 +68,7 @@ class Figures:
             f"phantom_executions={self.phantom_executions} drain={drain} "
             f"| faults: {faults} crashes={len(self.crashes)} "
             f"timed_out_attempts={self.timed_out_attempts} adopted_runs={self.adopted_runs} "
-            f"unclean_stops={len(self.unclean_stops)}"
+            f"unclean_stops={len(self.unclean_stops)} | recovery: {self.recovery.line()}"
         )
 
 

@@ -48,6 +48,7 @@ from tests.chaos.audit import audit, histories
 from tests.chaos.cluster import ChaosCluster, Kind, Slot
 from tests.chaos.figures import Figures, figures_of
 from tests.chaos.plan import ALL, ChaosConfig, Fault, Submission, make_plan
+from tests.chaos.probes import probe_readiness, redis_recovery
 from tests.chaos.server import FaultServer
 from tests.chaos.workflows import WORKFLOWS
 from tests.helpers import poll
@@ -251,6 +252,9 @@ async def run(config: ChaosConfig, work: Path) -> Figures:
         await _register(cluster)
         await cluster.start_all()
         supervisor = asyncio.create_task(cluster.supervise())
+        prober = asyncio.create_task(
+            probe_readiness(cluster.readiness_ports, cluster.pool, figures.recovery)
+        )
         try:
             t0 = asyncio.get_running_loop().time()
             note(f"chaos phase: {len(plan.submissions)} runs, {len(plan.faults)} faults")
@@ -262,14 +266,16 @@ async def run(config: ChaosConfig, work: Path) -> Figures:
             figures.drain_s = await _drain(cluster, config.drain_timeout)
             note(f"drained in {figures.drain_s}s" if figures.drain_s is not None else "deadline")
         finally:
-            supervisor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await supervisor
+            for task in (supervisor, prober):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         await cluster.stop_processes()
         figures.crashes, figures.unclean_stops = cluster.crashes, cluster.unclean_stops
         async with cluster.pool.acquire() as conn:
             found = await audit(conn)
             figures_of(found, server, figures, cluster.redis_losses, note.wall0)
+            await redis_recovery(conn, cluster.redis_starts, figures.recovery)
             if figures.suspects:
                 found_runs = await histories(conn, figures.suspects[:20])
                 text = json.dumps(found_runs, indent=1, default=str)

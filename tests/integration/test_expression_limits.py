@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import socket
 import subprocess
 import sys
 import threading
@@ -21,7 +20,7 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import load_step_types, run_worker
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.integration.conftest import Engine
 
 GOOD = """
@@ -55,13 +54,6 @@ steps:
     type: transform
     output: "${{ input.l.map(x, input.l.map(y, x * y)) }}"
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 # Runs in a process of its own: a blocked event loop cannot time itself, and a thread of the
@@ -124,7 +116,7 @@ class Prober:
 async def engine_with_health(settings: Settings) -> AsyncIterator[Engine]:
     """The in-process engine, its orchestrator serving /healthz on a free port."""
     await store.apply_migrations(settings.database_url or "")
-    local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": _free_port()})
+    local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": free_port()})
     stop, ready = asyncio.Event(), asyncio.Event()
     tasks = [
         asyncio.create_task(run_orchestrator(local, stop, ready=ready)),

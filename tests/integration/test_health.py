@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import httpx
@@ -24,7 +23,7 @@ from flowforge_orchestrator.health import (
 )
 from flowforge_orchestrator.metrics import OrchestratorMetrics, new_registry, sample_database
 from tests.conftest import Services, database_dsn
-from tests.helpers import migration_names
+from tests.helpers import free_port, migration_names
 from tests.integration.conftest import Engine
 
 WORKFLOW = """
@@ -195,18 +194,11 @@ async def test_http_edges() -> None:
 async def test_serve_health_follows_settings(settings: Settings) -> None:
     async with serve_health(settings.model_copy(update={"http_port": 0}), None) as none:
         assert none is None
-    local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": _free_port()})
+    local = settings.model_copy(update={"http_host": "127.0.0.1", "http_port": free_port()})
     async with serve_health(local, new_registry(process=False)) as server:
         assert server is not None and server.port == local.http_port
         async with httpx.AsyncClient() as http:
             assert (await http.get(f"{server.url}/metrics")).status_code == 200
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 async def test_sampled_gauges_follow_runs_and_outbox(engine: Engine) -> None:

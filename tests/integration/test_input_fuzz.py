@@ -38,7 +38,13 @@ _TEXT = st.text(
     alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
     max_size=40,
 )
-_SCALARS = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | _TEXT
+_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | _TEXT
+)
 _VALUES = st.recursive(
     _SCALARS,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_TEXT, inner, max_size=4),
@@ -58,9 +64,9 @@ _ODD_INPUTS = st.one_of(
     st.integers(1, 120).map(_nested),  # past the nesting limit of 64, and under it
     st.integers(1, 6_000_000).map(lambda n: {"s": "x" * n}),  # past the context limit too
     st.integers(100, 5_000).map(lambda n: {"k" * n: 1}),  # a long key (and concurrency key)
-    st.text(min_size=1, max_size=200).filter(lambda s: "\x00" not in s).map(
-        lambda s: {"u": s.encode("utf-8", "ignore").decode("utf-8")}
-    ),
+    st.text(min_size=1, max_size=200)
+    .filter(lambda s: "\x00" not in s)
+    .map(lambda s: {"u": s.encode("utf-8", "ignore").decode("utf-8")}),
 )
 
 

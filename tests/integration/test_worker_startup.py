@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from urllib.parse import urlsplit, urlunsplit
 
@@ -14,14 +13,8 @@ import pytest
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.worker import run_worker
-from tests.helpers import wait_for
+from tests.helpers import free_port, wait_for
 from tests.integration.conftest import Steps
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _with_port(url: str, port: int) -> str:
@@ -59,7 +52,7 @@ async def test_a_worker_waits_for_the_database_to_come_up(
     settings: Settings, steps: Steps, caplog: pytest.LogCaptureFixture
 ) -> None:
     await store.apply_migrations(settings.database_url or "")
-    port = _free_port()
+    port = free_port()
     down = settings.model_copy(
         update={"database_url": _with_port(settings.database_url or "", port)}
     )
