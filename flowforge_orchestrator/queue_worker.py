@@ -83,21 +83,28 @@ class WakeableWorker(Worker):
         ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
         if free <= 0 or not ids:
             return
+        for job, score in await self._claim_due(ids, free):
+            await self.sem.acquire()  # a permit per running job, as arq's own start takes
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job] = task
+
+    async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
+        """Mark up to `wanted` of `ids` in progress, those still due and taken by no one:
+        (job id, score) of each, in queue order."""
         if self._claim is None or self._claim.registered_client is not self.pool:
             # EVALSHA from then on; redis-py loads the script again if Redis lost it.
             self._claim = self.pool.register_script(_CLAIM)
         ttl = int(self.in_progress_timeout_s * 1000)
         claimed = await self._claim(
             keys=[self.queue_name],
-            args=[in_progress_key_prefix, timestamp_ms(), ttl, free, *ids],
+            args=[in_progress_key_prefix, timestamp_ms(), ttl, wanted, *ids],
         )
-        for job_id, score in zip(claimed[0::2], claimed[1::2], strict=True):
-            await self.sem.acquire()  # a permit per running job, as arq's own start takes
-            self.job_counter += 1
-            job = job_id.decode()
-            task = self.loop.create_task(self.run_job(job, int(float(score))))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job] = task
+        return [
+            (job_id.decode(), int(float(score)))
+            for job_id, score in zip(claimed[0::2], claimed[1::2], strict=True)
+        ]
 
     def _release_sem_dec_counter_on_complete(self) -> None:
         full = self.job_counter >= self.max_jobs
