@@ -10,9 +10,13 @@ rarely. A lost message only costs the poll delay: the poll still runs.
 It also claims the jobs a poll read in one script call (`_CLAIM`: for each id, the
 in-progress key is set unless it exists, and only for a job still due in the queue), where
 arq spends WATCH, EXISTS, ZSCORE and MULTI/EXEC round trips on each job in turn; the keys
-and their meaning are arq's own, so plain arq workers can share the queue. A worker at
-`max_jobs` that frees a slot wakes its own poll, since it no longer waits on a semaphore
-in the middle of one.
+and their meaning are arq's own, so plain arq workers can share the queue.
+
+A worker whose last poll left due jobs behind for want of slots wakes its own poll when a
+slot frees, since it no longer waits on a semaphore in the middle of one. A poll counts
+its free slots before its claim goes out: a slot that frees while the claim is on its way
+was not counted, so it wakes another poll if that claim, too, left jobs behind. One wake
+is sent per poll: the next poll serves every slot freed until it counts its own.
 """
 
 from __future__ import annotations
@@ -62,8 +66,11 @@ return claimed
 
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
-    _waking: asyncio.Task[None] | None = None  # a wake of our own poll on its way
     _claim: AsyncScript | None = None
+    _left_behind = False  # the last claim stopped at the free slots, due jobs were left
+    _freed_meanwhile = False  # a slot freed since the current poll counted its free ones
+    _wake_sent = False  # a wake of our own poll is on its way, no poll has counted since
+    _waking: set[asyncio.Task[None]] | None = None  # held: the loop keeps weak references
 
     async def _cancel_aborted_jobs(self) -> None:
         """arq looks for aborted jobs at every poll; woken polls come many times a second
@@ -74,21 +81,40 @@ class WakeableWorker(Worker):
         self._last_abort_check = now
         await super()._cancel_aborted_jobs()
 
+    async def _poll_iteration(self) -> None:
+        if self.job_counter >= self.max_jobs:
+            # arq skips the queue when full: this poll serves no wake, a slot that frees
+            # from now on needs one of its own (even if a wake sent before got lost).
+            self._wake_sent = False
+        await super()._poll_iteration()
+
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim as many of `job_ids` as there are free slots, in one round trip, and run
         them. Jobs this worker runs already (they stay in the queue until they end) are not
         even sent."""
+        # From here on, this poll counts every slot freed so far: the wakes sent for them
+        # are served, and a slot that frees later is for the next poll.
+        self._wake_sent = self._freed_meanwhile = False
         free = self.max_jobs - self.job_counter
         running = self.tasks
         ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
         if free <= 0 or not ids:
+            self._left_behind = free <= 0 and bool(ids)
             return
-        for job, score in await self._claim_due(ids, free):
+        claimed = await self._claim_due(ids, free)
+        for job, score in claimed:
             await self.sem.acquire()  # a permit per running job, as arq's own start takes
             self.job_counter += 1
             task = self.loop.create_task(self.run_job(job, score))
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job] = task
+        # The script tries every id until it has claimed `free`: only then may due jobs
+        # remain, among the ids it did not reach or beyond the ids the poll read.
+        self._left_behind = len(claimed) >= free and (
+            len(ids) > free or len(job_ids) >= self.queue_read_limit
+        )
+        if self._left_behind and self._freed_meanwhile:
+            self._wake_own_poll()  # a slot this claim did not count
 
     async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
         """Mark up to `wanted` of `ids` in progress, those still due and taken by no one:
@@ -107,20 +133,30 @@ class WakeableWorker(Worker):
         ]
 
     def _release_sem_dec_counter_on_complete(self) -> None:
-        full = self.job_counter >= self.max_jobs
+        full = self.job_counter >= self.max_jobs  # a poll meanwhile skipped the queue
         super()._release_sem_dec_counter_on_complete()
-        if full and self._waking is None and self._pool is not None:
-            # The poll that found us full will not come back before its delay: call it now.
-            # (Held in `_waking`: the loop keeps only a weak reference to a task.)
-            self._waking = self.loop.create_task(self._wake_own_poll())
+        self._freed_meanwhile = True
+        if full or self._left_behind:
+            # The poll that could not take every due job will not come back before its
+            # delay: call it now.
+            self._wake_own_poll()
 
-    async def _wake_own_poll(self) -> None:
+    def _wake_own_poll(self) -> None:
+        if self._wake_sent or self._pool is None:
+            return  # the coming poll counts this slot too
+        self._wake_sent = True
+        if self._waking is None:
+            self._waking = set()
+        task = self.loop.create_task(self._publish_wake())
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
+
+    async def _publish_wake(self) -> None:
         try:
             await self.pool.publish(wake_channel(self.queue_name), "slot")
         except Exception as exc:  # the poll delay still brings it round
             log.debug("waking the poll of %s failed: %s", self.queue_name, exc)
-        finally:
-            self._waking = None
+            self._wake_sent = False  # none is on its way: the next freed slot tries again
 
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
@@ -165,6 +166,59 @@ async def test_a_full_worker_takes_the_next_job_when_a_slot_frees_not_at_its_nex
         gates[started[0]].set()
         # The poll delay is 30 s: only the freed slot can start the third one in time.
         await wait_for(lambda: len(started) == 3, message="the third job waited for a poll")
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await _stop(worker, serving=serving)
+
+
+class _ClaimHook(WakeableWorker):
+    """A worker that runs `during_claim` (once) after a poll has counted its free slots and
+    before its claim returns: the window in which a running job may end."""
+
+    during_claim: Callable[[], Awaitable[None]] | None = None
+
+    async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
+        hook, self.during_claim = self.during_claim, None
+        if hook is not None:
+            await hook()
+        return await super()._claim_due(ids, wanted)
+
+
+async def test_a_slot_freed_while_a_poll_claims_wakes_another_poll(redis_url: str) -> None:
+    # Two slots, four jobs, a poll every 30 s: only wakes make the worker poll. A job that
+    # ends while a poll's claim is on its way frees a slot that claim did not count; the
+    # jobs left in the queue must not wait for the next poll.
+    gates = {f"job-{i}": asyncio.Event() for i in range(4)}
+    started: list[str] = []
+
+    async def hold(ctx: dict[str, Any], job_id: str) -> None:
+        started.append(job_id)
+        await gates[job_id].wait()
+
+    await _enqueue(redis_url, "hold", list(gates))  # before the worker: no wake message
+    worker = _ClaimHook(
+        [func(hold, name="hold")],
+        queue_name="test-claims",
+        redis_settings=redis_settings(redis_url),
+        handle_signals=False,
+        poll_delay=30,
+        max_jobs=2,
+    )
+    serving = [asyncio.create_task(worker.main())]
+    try:
+        await wait_for(lambda: len(started) == 2, message="the first two never started")
+        first, second = started
+
+        async def second_ends_meanwhile() -> None:
+            gates[second].set()
+            await wait_for(lambda: worker.job_counter == 0, message="the second never ended")
+
+        worker.during_claim = second_ends_meanwhile
+        gates[first].set()  # its freed slot wakes a poll, whose claim sees the second end
+        await wait_for(lambda: worker.during_claim is None, message="no poll claimed")
+        await wait_for(lambda: len(started) == 4, message="a job waited for the next poll")
+        assert sorted(started) == sorted(gates)
     finally:
         for gate in gates.values():
             gate.set()
