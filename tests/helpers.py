@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
 
-__all__ = ["migration_names", "poll", "wait_for"]
+__all__ = ["cancel_tasks", "migration_names", "poll", "stop_tasks", "wait_for"]
 
 T = TypeVar("T")
 
@@ -48,3 +48,45 @@ async def wait_for(
     if not value:
         raise AssertionError(f"{message} (waited {timeout:g} s; last value: {value!r})")
     return value
+
+
+def _raise_outcomes(tasks: list[asyncio.Task[Any]], *, cancelled_ok: bool) -> None:
+    errors: list[BaseException] = []
+    for task in tasks:
+        if task.cancelled():
+            if not cancelled_ok:
+                errors.append(AssertionError(f"task {task.get_name()} was cancelled"))
+        elif task.exception() is not None:
+            errors.append(cast(BaseException, task.exception()))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        exceptions = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for e in errors]
+        raise ExceptionGroup("tasks of the engine under test failed", exceptions)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, timeout: float = 30.0) -> None:
+    """Wait for tasks that were told to stop (their stop event is set) and raise what any of
+    them ended with: a crash of the engine under test fails the test instead of vanishing in
+    its teardown. A task still running after `timeout`, or cancelled, is a failure too."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        names = ", ".join(t.get_name() for t in pending)
+        raise AssertionError(f"task(s) {names} did not stop within {timeout:g} s")
+    _raise_outcomes(tasks, cancelled_ok=False)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel loops that end only by cancellation, and raise what any of them ended with
+    other than that cancellation."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _raise_outcomes(tasks, cancelled_ok=True)

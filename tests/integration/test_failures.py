@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -16,7 +15,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.enqueue import redrive
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.nodes import attempt_id
-from tests.helpers import wait_for
+from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -242,7 +241,7 @@ async def test_a_run_cancelled_while_pending_never_starts(settings: Settings, st
             run = await engine.finished(run_id)
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
         assert run["status"] == "cancelled"
         assert steps.started == []
         assert [e["type"] for e in await engine.events(run_id)] == [

@@ -14,7 +14,7 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import redis_settings
 from flowforge_orchestrator.queue_worker import WakeableWorker, wake_channel
-from tests.helpers import wait_for
+from tests.helpers import cancel_tasks, stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -37,8 +37,10 @@ async def test_a_worker_with_a_long_poll_delay_still_starts_a_step_at_once(
         assert run["status"] == "completed", run["error"]
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()
 
 
 async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_runs(
@@ -86,9 +88,10 @@ async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_ru
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=10)
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        await worker.aclose()
+        try:
+            await cancel_tasks([serving])
+        finally:
+            await worker.aclose()
         await client.aclose()
 
 
@@ -117,11 +120,11 @@ async def _enqueue(redis_url: str, function: str, ids: list[str]) -> None:
 
 
 async def _stop(*workers: WakeableWorker, serving: list[asyncio.Task[None]]) -> None:
-    for task in serving:
-        task.cancel()
-    await asyncio.gather(*serving, return_exceptions=True)
-    for worker in workers:
-        await worker.aclose()
+    try:
+        await cancel_tasks(serving)
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
 
 async def test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one(
