@@ -12,11 +12,11 @@ in-progress key is set unless it exists, and only for a job still due in the que
 arq spends WATCH, EXISTS, ZSCORE and MULTI/EXEC round trips on each job in turn; the keys
 and their meaning are arq's own, so plain arq workers can share the queue.
 
-A worker whose last poll left due jobs behind for want of slots wakes its own poll when a
-slot frees, since it no longer waits on a semaphore in the middle of one. A poll counts
-its free slots before its claim goes out: a slot that frees while the claim is on its way
-was not counted, so it wakes another poll if that claim, too, left jobs behind. One wake
-is sent per poll: the next poll serves every slot freed until it counts its own.
+A full worker wakes its own poll when a slot frees, since it no longer waits on a
+semaphore in the middle of one. A poll counts its free slots before its claim goes out: a
+slot that frees while the claim is on its way was not counted, and the worker is not full
+then, so the poll wakes another itself if its claim left due jobs behind. One wake is sent
+per poll: the next poll serves every slot freed until it counts its own.
 """
 
 from __future__ import annotations
@@ -67,7 +67,6 @@ return claimed
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
     _claim: AsyncScript | None = None
-    _left_behind = False  # the last claim stopped at the free slots, due jobs were left
     _freed_meanwhile = False  # a slot freed since the current poll counted its free ones
     _wake_sent = False  # a wake of our own poll is on its way, no poll has counted since
     _waking: set[asyncio.Task[None]] | None = None  # held: the loop keeps weak references
@@ -81,13 +80,6 @@ class WakeableWorker(Worker):
         self._last_abort_check = now
         await super()._cancel_aborted_jobs()
 
-    async def _poll_iteration(self) -> None:
-        if self.job_counter >= self.max_jobs:
-            # arq skips the queue when full: this poll serves no wake, a slot that frees
-            # from now on needs one of its own (even if a wake sent before got lost).
-            self._wake_sent = False
-        await super()._poll_iteration()
-
     async def start_jobs(self, job_ids: list[bytes]) -> None:
         """Claim as many of `job_ids` as there are free slots, in one round trip, and run
         them. Jobs this worker runs already (they stay in the queue until they end) are not
@@ -99,7 +91,6 @@ class WakeableWorker(Worker):
         running = self.tasks
         ids = [i for j in job_ids if (t := running.get(i := j.decode())) is None or t.done()]
         if free <= 0 or not ids:
-            self._left_behind = free <= 0 and bool(ids)
             return
         claimed = await self._claim_due(ids, free)
         for job, score in claimed:
@@ -109,12 +100,13 @@ class WakeableWorker(Worker):
             task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
             self.tasks[job] = task
         # The script tries every id until it has claimed `free`: only then may due jobs
-        # remain, among the ids it did not reach or beyond the ids the poll read.
-        self._left_behind = len(claimed) >= free and (
+        # remain, among the ids it did not reach or beyond the ids the poll read. A slot
+        # freed meanwhile was not counted, and the worker is not full: wake for it now.
+        left_behind = len(claimed) >= free and (
             len(ids) > free or len(job_ids) >= self.queue_read_limit
         )
-        if self._left_behind and self._freed_meanwhile:
-            self._wake_own_poll()  # a slot this claim did not count
+        if left_behind and self._freed_meanwhile:
+            self._wake_own_poll()
 
     async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
         """Mark up to `wanted` of `ids` in progress, those still due and taken by no one:
@@ -133,12 +125,13 @@ class WakeableWorker(Worker):
         ]
 
     def _release_sem_dec_counter_on_complete(self) -> None:
-        full = self.job_counter >= self.max_jobs  # a poll meanwhile skipped the queue
+        # Full: the last claim took every slot it counted and may have left jobs behind,
+        # or a poll since found no slot at all. That poll will not come back before its
+        # delay: call it now. (A slot freed during a claim is seen by start_jobs.)
+        full = self.job_counter >= self.max_jobs
         super()._release_sem_dec_counter_on_complete()
         self._freed_meanwhile = True
-        if full or self._left_behind:
-            # The poll that could not take every due job will not come back before its
-            # delay: call it now.
+        if full:
             self._wake_own_poll()
 
     def _wake_own_poll(self) -> None:
