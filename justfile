@@ -24,6 +24,11 @@ test *ARGS:
     coverage report
     python -m tests.coverage_floors
 
+# Mutations of the engine's critical decisions, each in a copy of the repository: every
+# one must make its tests fail (tests/mutants.py; minutes, not in CI). `-k WORD`, `--list`.
+mutants *ARGS:
+    python -m tests.mutants {{ARGS}}
+
 # Benchmarks: the engine against raw arq on private durable servers (see tests/bench/BENCHMARKS.md).
 bench *ARGS:
     python -m tests.bench {{ARGS}}

@@ -12,7 +12,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from tests.deploy.paths import DEPLOY, venv_tool
+from tests.deploy.paths import DEPLOY, required_tool, venv_tool
 
 KUBERNETES = DEPLOY / "kubernetes"
 # The oldest release we claim to support, and the newest the validator knows.
@@ -74,9 +74,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_kustomize_builds_valid_resources() -> None:
-    kubectl = venv_tool("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the kustomization itself is not built")
+    kubectl = required_tool(venv_tool("kubectl"), "kubectl (to build the kustomization)")
     built = subprocess.run(
         [kubectl, "kustomize", str(KUBERNETES)], check=True, capture_output=True, text=True
     ).stdout

@@ -1,0 +1,308 @@
+"""Hand-written mutations of the engine's critical decisions: `python -m tests.mutants`
+(`just mutants`; not in CI, it takes minutes).
+
+Each mutation replaces one exact snippet of one file with code that gets a decision
+wrong, in a copy of the repository, and runs the few tests that must notice. It is
+*killed* when they fail, and *survives* when they pass: then the suite would let that bug
+through. The command prints every mutation with its verdict and the test that killed it,
+and exits 1 when one survived, when a snippet no longer occurs exactly once (the code
+moved on: update the table), or when the tests could not run at all.
+
+The copy holds the working tree's files (tracked and untracked, not ignored), and
+everything runs inside it: pytest's rootdir and PYTHONPATH are the copy, so the tests and
+the daemons they start (which put their own REPO on PYTHONPATH) import the mutated
+package, never the checkout. The two canaries at the head of the table prove it, one
+in process and one in a subprocess: each breaks something trivially, and must be killed.
+
+    python -m tests.mutants              # every mutation
+    python -m tests.mutants -k epoch     # those whose name contains "epoch"
+    python -m tests.mutants --list       # the table, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MUTATIONS", "Mutation", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 900  # seconds for one mutation's tests
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """`original` (exactly once in `file`) becomes `replacement`; `tests` must fail."""
+
+    name: str
+    file: str
+    original: str
+    replacement: str
+    tests: tuple[str, ...]
+
+
+T_RECOVERY = "tests/integration/test_recovery.py"
+T_STORE = "tests/integration/test_store.py"
+T_WRITER = "tests/integration/test_result_writer.py"
+T_FLOW = "tests/integration/test_control_flow.py"
+T_FAILURES = "tests/integration/test_failures.py"
+T_QUEUE = "tests/integration/test_queue_worker.py"
+T_E2E = "tests/e2e/test_processes.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # -- canaries: the copy is what runs, in process and in the daemons ---------------------
+    Mutation(
+        "canary: the tests import the copy (in process)",
+        "flowforge_orchestrator/durations.py",
+        "    return _checked(value, _parse_units(value, text))\n",
+        "    return -1.0  # the mutated copy\n",
+        ("tests/unit/test_durations.py",),
+    ),
+    Mutation(
+        "canary: the daemons the tests start run the copy (subprocess)",
+        "flowforge_orchestrator/cli/daemons.py",
+        "    types = load_step_types(args.types_module)\n    await require_schema(",
+        '    raise ConfigError("the mutated copy runs in the worker daemon")\n'
+        "    types = load_step_types(args.types_module)\n    await require_schema(",
+        (f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",),
+    ),
+    # -- the engine's critical decisions ---------------------------------------------------
+    Mutation(
+        "the reconciler does not send again the jobs Redis lost",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "            self._undelivered.extend(sent[a] for a in lost)\n"
+        "            await self._redeliver()\n",
+        "            pass\n",
+        (f"{T_RECOVERY}::test_attempts_redis_lost_are_sent_again_and_runs_complete",),
+    ),
+    Mutation(
+        "the group commit writes without the epoch fence",
+        "flowforge_orchestrator/store/queries.py",
+        "    WHERE r.id = u.id AND r.epoch = u.epoch\n",
+        "    WHERE r.id = u.id\n",
+        (f"{T_STORE}::test_write_changes_is_fenced_by_the_epoch",),
+    ),
+    Mutation(
+        "a worker's results are not batched (one transaction each)",
+        "flowforge_orchestrator/result_writer.py",
+        "MAX_BATCH = 500\n",
+        "MAX_BATCH = 1\n",
+        (
+            f"{T_WRITER}::test_results_finishing_together_share_transactions_and_each_waits_for_its_own",
+        ),
+    ),
+    Mutation(
+        "the losers of a join are not aborted on the worker",
+        "flowforge_orchestrator/orchestrator.py",
+        "        if changes.aborts:\n",
+        "        if False:\n",
+        (f"{T_FLOW}::test_join_any_cancels_the_losers_and_aborts_them_on_the_worker",),
+    ),
+    Mutation(
+        "an error that says retryable: false is retried",
+        "flowforge_orchestrator/retry.py",
+        '    if error.get("retryable", True) is False:\n',
+        "    if False:\n",
+        ("tests/unit/test_retry.py", f"{T_FAILURES}::test_a_400_is_not_retried"),
+    ),
+    Mutation(
+        "the orchestrator does not renew its leases",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "            return await store.renew_leases(\n"
+        "                conn, self.node, self.settings.lease_seconds, list(self.runs)\n"
+        "            )\n",
+        "            return {run_id: owned.epoch for run_id, owned in self.runs.items()}\n",
+        ("tests/integration/test_leases.py",),
+    ),
+    Mutation(
+        "a claim does not move the run's epoch on",
+        "flowforge_orchestrator/orchestrator.py",
+        "                        new_epoch=row.epoch + 1,\n",
+        "                        new_epoch=row.epoch,\n",
+        (f"{T_E2E}::test_two_orchestrators_share_a_burst_of_runs",),
+    ),
+    Mutation(
+        "a slot freed while a poll claims wakes no poll (the lost wake-up)",
+        "flowforge_orchestrator/queue_worker.py",
+        "        if left_behind and self._freed_meanwhile:\n",
+        "        if False:\n",
+        (f"{T_QUEUE}::test_a_slot_freed_while_a_poll_claims_wakes_another_poll",),
+    ),
+    Mutation(
+        "two workers may claim the same job",
+        "flowforge_orchestrator/queue_worker.py",
+        "    if redis.call('EXISTS', key) == 0 then\n",
+        "    if true then\n",
+        (
+            f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
+        ),
+    ),
+    # -- what teardowns must not swallow ----------------------------------------------------
+    Mutation(
+        "the worker's shutdown lets its loops' cancellation out (seen by in-process teardowns)",
+        "flowforge_orchestrator/worker.py",
+        "            await asyncio.gather(*tasks, return_exceptions=True)\n",
+        "            await asyncio.gather(*tasks)\n",
+        (f"{T_FLOW}::test_for_each_over_an_empty_list_completes_with_an_empty_output",),
+    ),
+    Mutation(
+        "SIGTERM kills the daemons instead of stopping them (seen by e2e exit codes)",
+        "flowforge_orchestrator/cli/daemons.py",
+        "    for sig in (signal.SIGTERM, signal.SIGINT):\n",
+        "    for sig in (signal.SIGINT,):\n",
+        (f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",),
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: str  # killed | survived | no match | error
+    detail: str
+    seconds: float
+
+
+def _copy_repository(into: Path) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) under `into`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    root = into / "repo"
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if not source.is_file():  # deleted in the working tree
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return root
+
+
+def _environment(root: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLOWFORGE_", "OTEL_", "COVERAGE_", "PYTEST_"))
+    }
+    env["PYTHONPATH"] = str(root)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+
+
+def _run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        *tests,
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=root,
+            env=_environment(root),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return -1, f"the tests ran past {TIMEOUT} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_mutation(root: Path, mutation: Mutation) -> Outcome:
+    began = time.monotonic()
+    path = root / mutation.file
+    original = path.read_text(encoding="utf-8")
+    found = original.count(mutation.original)
+    if found != 1:
+        return Outcome("no match", f"the snippet occurs {found} times in {mutation.file}", 0.0)
+    path.write_text(original.replace(mutation.original, mutation.replacement), "utf-8")
+    try:
+        code, output = _run_tests(root, mutation.tests)
+    finally:
+        path.write_text(original, encoding="utf-8")
+    seconds = time.monotonic() - began
+    if code == 1:  # pytest: some tests failed
+        killers = _FAILED.findall(output)
+        return Outcome("killed", killers[0] if killers else "(a test failed)", seconds)
+    if code == 0:
+        return Outcome("survived", "every selected test passed", seconds)
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    return Outcome("error", f"pytest exited with {code}:\n{tail}", seconds)
+
+
+def _baseline(root: Path, mutations: list[Mutation]) -> str | None:
+    """The selected tests must pass on the unmutated copy, or no verdict means anything."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    code, output = _run_tests(root, tests)
+    if code == 0:
+        return None
+    return "\n".join(output.strip().splitlines()[-30:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__)
+    parser.add_argument("-k", dest="keyword", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="print the table and exit")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip running the tests unmutated first"
+    )
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.keyword or args.keyword in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.file}\n    tests: {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print("no mutation matches", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="flowforge-mutants-") as tmp:
+        root = _copy_repository(Path(tmp))
+        print(f"copy: {root}", flush=True)
+        if not args.no_baseline:
+            failure = _baseline(root, chosen)
+            if failure is not None:
+                print(f"the selected tests fail without any mutation:\n{failure}")
+                return 1
+            print("baseline: the selected tests pass unmutated", flush=True)
+        outcomes: list[tuple[Mutation, Outcome]] = []
+        for mutation in chosen:
+            outcome = run_mutation(root, mutation)
+            outcomes.append((mutation, outcome))
+            print(
+                f"{outcome.verdict.upper():<9} {mutation.name}  [{outcome.seconds:.0f}s]\n"
+                f"          {outcome.detail}",
+                flush=True,
+            )
+    bad = [(m, o) for m, o in outcomes if o.verdict != "killed"]
+    print(f"\n{len(outcomes) - len(bad)} of {len(outcomes)} mutations killed")
+    for mutation, outcome in bad:
+        print(f"  {outcome.verdict}: {mutation.name} ({mutation.file})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
