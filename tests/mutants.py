@@ -200,7 +200,8 @@ def _environment(root: Path) -> dict[str, str]:
     return env
 
 
-_FAILED = re.compile(r"^(?:FAILED|ERROR) (\S+)", re.M)
+# pytest -rfE: "FAILED <node id> - <message>"; a parametrized id may hold spaces.
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - |$)", re.M)
 
 
 def _run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
