@@ -1,7 +1,7 @@
 """Hand-written mutations of the engine's critical decisions: `python -m tests.mutants`
 (`just mutants`; not in CI, it takes minutes).
 
-Each mutation replaces one exact snippet of one file with code that gets a decision
+Each mutation replaces an exact snippet (rarely two) with code that gets a decision
 wrong, in a copy of the repository, and runs the few tests that must notice. It is
 *killed* when they fail, and *survives* when they pass: then the suite would let that bug
 through. The command prints every mutation with its verdict and the test that killed it,
@@ -32,21 +32,37 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MUTATIONS", "Mutation", "main"]
+__all__ = ["MUTATIONS", "Edit", "Mutation", "main"]
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 900  # seconds for one mutation's tests
 
 
 @dataclass(frozen=True)
-class Mutation:
-    """`original` (exactly once in `file`) becomes `replacement`; `tests` must fail."""
+class Edit:
+    """`original`, which must occur exactly once in `file`, becomes `replacement`."""
 
-    name: str
     file: str
     original: str
     replacement: str
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One wrong decision: its edits (usually one) are applied together; `tests` must fail."""
+
+    name: str
+    edits: tuple[Edit, ...]
     tests: tuple[str, ...]
+
+    @property
+    def files(self) -> str:
+        return ", ".join(dict.fromkeys(e.file for e in self.edits))
+
+
+def mutation(name: str, file: str, original: str, replacement: str, *tests: str) -> Mutation:
+    """A mutation of one edit."""
+    return Mutation(name, (Edit(file, original, replacement),), tests)
 
 
 T_RECOVERY = "tests/integration/test_recovery.py"
@@ -59,106 +75,113 @@ T_E2E = "tests/e2e/test_processes.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # -- canaries: the copy is what runs, in process and in the daemons ---------------------
-    Mutation(
+    mutation(
         "canary: the tests import the copy (in process)",
         "flowforge_orchestrator/durations.py",
         "    return _checked(value, _parse_units(value, text))\n",
         "    return -1.0  # the mutated copy\n",
-        ("tests/unit/test_durations.py",),
+        "tests/unit/test_durations.py",
     ),
-    Mutation(
+    mutation(
         "canary: the daemons the tests start run the copy (subprocess)",
         "flowforge_orchestrator/cli/daemons.py",
         "    types = load_step_types(args.types_module)\n    await require_schema(",
         '    raise ConfigError("the mutated copy runs in the worker daemon")\n'
         "    types = load_step_types(args.types_module)\n    await require_schema(",
-        (f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",),
+        f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
     ),
     # -- the engine's critical decisions ---------------------------------------------------
-    Mutation(
+    mutation(
         "the reconciler does not send again the jobs Redis lost",
         "flowforge_orchestrator/orchestrator_upkeep.py",
         "            self._undelivered.extend(sent[a] for a in lost)\n"
         "            await self._redeliver()\n",
         "            pass\n",
-        (f"{T_RECOVERY}::test_attempts_redis_lost_are_sent_again_and_runs_complete",),
+        f"{T_RECOVERY}::test_attempts_redis_lost_are_sent_again_and_runs_complete",
     ),
-    Mutation(
+    mutation(
         "the group commit writes without the epoch fence",
         "flowforge_orchestrator/store/queries.py",
         "    WHERE r.id = u.id AND r.epoch = u.epoch\n",
         "    WHERE r.id = u.id\n",
-        (f"{T_STORE}::test_write_changes_is_fenced_by_the_epoch",),
+        f"{T_STORE}::test_write_changes_is_fenced_by_the_epoch",
     ),
-    Mutation(
+    mutation(
         "a worker's results are not batched (one transaction each)",
         "flowforge_orchestrator/result_writer.py",
         "MAX_BATCH = 500\n",
         "MAX_BATCH = 1\n",
-        (
-            f"{T_WRITER}::test_results_finishing_together_share_transactions_and_each_waits_for_its_own",
-        ),
+        f"{T_WRITER}::test_results_finishing_together_share_transactions_and_each_waits_for_its_own",
     ),
-    Mutation(
+    mutation(
         "the losers of a join are not aborted on the worker",
         "flowforge_orchestrator/orchestrator.py",
         "        if changes.aborts:\n",
         "        if False:\n",
-        (f"{T_FLOW}::test_join_any_cancels_the_losers_and_aborts_them_on_the_worker",),
+        f"{T_FLOW}::test_join_any_cancels_the_losers_and_aborts_them_on_the_worker",
     ),
-    Mutation(
+    mutation(
         "an error that says retryable: false is retried",
         "flowforge_orchestrator/retry.py",
         '    if error.get("retryable", True) is False:\n',
         "    if False:\n",
-        ("tests/unit/test_retry.py", f"{T_FAILURES}::test_a_400_is_not_retried"),
+        "tests/unit/test_retry.py",
+        f"{T_FAILURES}::test_a_400_is_not_retried",
     ),
-    Mutation(
+    mutation(
         "the orchestrator does not renew its leases",
         "flowforge_orchestrator/orchestrator_upkeep.py",
         "            return await store.renew_leases(\n"
         "                conn, self.node, self.settings.lease_seconds, list(self.runs)\n"
         "            )\n",
         "            return {run_id: owned.epoch for run_id, owned in self.runs.items()}\n",
-        ("tests/integration/test_leases.py",),
+        "tests/integration/test_leases.py",
     ),
-    Mutation(
-        "a claim does not move the run's epoch on",
-        "flowforge_orchestrator/orchestrator.py",
-        "                        new_epoch=row.epoch + 1,\n",
-        "                        new_epoch=row.epoch,\n",
+    Mutation(  # the fence itself still holds: runs complete, only the epoch tells
+        "a claim does not move the run's epoch on (in the row and in the owner's fence)",
+        (
+            Edit(
+                "flowforge_orchestrator/orchestrator.py",
+                "                        new_epoch=row.epoch + 1,\n",
+                "                        new_epoch=row.epoch,\n",
+            ),
+            Edit(
+                "flowforge_orchestrator/orchestrator.py",
+                "            owned.epoch = row.epoch + 1\n",
+                "            owned.epoch = row.epoch\n",
+            ),
+        ),
         (f"{T_E2E}::test_two_orchestrators_share_a_burst_of_runs",),
     ),
-    Mutation(
+    mutation(
         "a slot freed while a poll claims wakes no poll (the lost wake-up)",
         "flowforge_orchestrator/queue_worker.py",
         "        if left_behind and self._freed_meanwhile:\n",
         "        if False:\n",
-        (f"{T_QUEUE}::test_a_slot_freed_while_a_poll_claims_wakes_another_poll",),
+        f"{T_QUEUE}::test_a_slot_freed_while_a_poll_claims_wakes_another_poll",
     ),
-    Mutation(
+    mutation(
         "two workers may claim the same job",
         "flowforge_orchestrator/queue_worker.py",
         "    if redis.call('EXISTS', key) == 0 then\n",
         "    if true then\n",
-        (
-            f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
-        ),
+        f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
     ),
     # -- what teardowns must not swallow ----------------------------------------------------
-    Mutation(
-        "the worker's shutdown lets its loops' cancellation out (seen by in-process teardowns)",
-        "flowforge_orchestrator/worker.py",
-        "            await asyncio.gather(*tasks, return_exceptions=True)\n",
-        "            await asyncio.gather(*tasks)\n",
-        (f"{T_FLOW}::test_for_each_over_an_empty_list_completes_with_an_empty_output",),
+    mutation(  # everything is still closed: only the task's outcome tells
+        "the orchestrator's shutdown lets its loops' cancellation out (in-process teardowns)",
+        "flowforge_orchestrator/orchestrator.py",
+        "        await asyncio.gather(*tasks.values(), return_exceptions=True)\n"
+        "        await self._release()\n",
+        "        await asyncio.gather(*tasks.values())\n        await self._release()\n",
+        f"{T_FLOW}::test_for_each_over_an_empty_list_completes_with_an_empty_output",
     ),
-    Mutation(
+    mutation(
         "SIGTERM kills the daemons instead of stopping them (seen by e2e exit codes)",
         "flowforge_orchestrator/cli/daemons.py",
         "    for sig in (signal.SIGTERM, signal.SIGINT):\n",
         "    for sig in (signal.SIGINT,):\n",
-        (f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",),
+        f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
     ),
 )
 
@@ -235,16 +258,22 @@ def _run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
 
 def run_mutation(root: Path, mutation: Mutation) -> Outcome:
     began = time.monotonic()
-    path = root / mutation.file
-    original = path.read_text(encoding="utf-8")
-    found = original.count(mutation.original)
-    if found != 1:
-        return Outcome("no match", f"the snippet occurs {found} times in {mutation.file}", 0.0)
-    path.write_text(original.replace(mutation.original, mutation.replacement), "utf-8")
+    originals = {e.file: (root / e.file).read_text(encoding="utf-8") for e in mutation.edits}
+    mutated = dict(originals)
+    for edit in mutation.edits:
+        found = mutated[edit.file].count(edit.original)
+        if found != 1:
+            first = edit.original.strip().splitlines()[0]
+            detail = f"{edit.file}: the snippet {first!r}... occurs {found} times"
+            return Outcome("no match", detail, 0.0)
+        mutated[edit.file] = mutated[edit.file].replace(edit.original, edit.replacement)
     try:
+        for name, text in mutated.items():
+            (root / name).write_text(text, encoding="utf-8")
         code, output = _run_tests(root, mutation.tests)
     finally:
-        path.write_text(original, encoding="utf-8")
+        for name, text in originals.items():
+            (root / name).write_text(text, encoding="utf-8")
     seconds = time.monotonic() - began
     if code == 1:  # pytest: some tests failed
         killers = _FAILED.findall(output)
@@ -275,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     chosen = [m for m in MUTATIONS if not args.keyword or args.keyword in m.name]
     if args.list:
         for m in chosen:
-            print(f"{m.name}\n    {m.file}\n    tests: {' '.join(m.tests)}")
+            print(f"{m.name}\n    {m.files}\n    tests: {' '.join(m.tests)}")
         return 0
     if not chosen:
         print("no mutation matches", file=sys.stderr)
@@ -301,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     bad = [(m, o) for m, o in outcomes if o.verdict != "killed"]
     print(f"\n{len(outcomes) - len(bad)} of {len(outcomes)} mutations killed")
     for mutation, outcome in bad:
-        print(f"  {outcome.verdict}: {mutation.name} ({mutation.file})")
+        print(f"  {outcome.verdict}: {mutation.name} ({mutation.files})")
     return 1 if bad else 0
 
 
