@@ -129,6 +129,21 @@ MUTATIONS: tuple[Mutation, ...] = (
         f"{T_FAILURES}::test_a_400_is_not_retried",
     ),
     mutation(
+        "a result of an attempt that is no longer the step's current one is applied",
+        "flowforge_orchestrator/graph.py",
+        "        if node is None or node.attempt_id != result.attempt_id:\n",
+        "        if node is None:\n",
+        "tests/unit/test_graph.py::test_a_stale_attempt_is_ignored",
+        f"{T_FAILURES}::test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored",
+    ),
+    mutation(
+        "a cancellation whose notification was missed is never acted on",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "        for run_id in wanted:\n            self._cancel(run_id)\n",
+        "        pass\n",
+        f"{T_FAILURES}::test_a_cancellation_whose_notification_was_missed_is_found_by_the_slow_poll",
+    ),
+    mutation(
         "the orchestrator does not renew its leases",
         "flowforge_orchestrator/orchestrator_upkeep.py",
         "            return await store.renew_leases(\n"
