@@ -30,6 +30,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 __all__ = ["WakeableWorker", "wake_channel"]
 
@@ -152,15 +153,20 @@ class WakeableWorker(Worker):
             self._wake_sent = False  # none is on its way: the next freed slot tries again
 
     async def aclose(self) -> None:
-        """`Worker.close` without its deprecated redis `close()` call."""
+        """`Worker.close` without its deprecated redis `close()` call; the pool is closed
+        even when Redis is gone (the health key then expires on its own)."""
         for task in self.tasks.values():
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        pool = self._pool
-        if pool is not None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
             await pool.delete(self.health_check_key)
+        except (OSError, RedisError) as exc:
+            log.debug("could not delete the health key of %s: %s", self.queue_name, exc)
+        finally:
             await pool.aclose(close_connection_pool=True)
-            self._pool = None
 
     async def main(self) -> None:
         """arq's `Worker.main`, with the wait between polls cut short by a wake message."""

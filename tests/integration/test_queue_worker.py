@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -13,6 +14,7 @@ from arq.worker import func
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import redis_settings
+from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.queue_worker import WakeableWorker, wake_channel
 from tests.helpers import cancel_tasks, stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
@@ -226,3 +228,34 @@ async def test_a_slot_freed_while_a_poll_claims_wakes_another_poll(redis_url: st
         for gate in gates.values():
             gate.set()
         await _stop(worker, serving=serving)
+
+
+async def test_a_worker_closes_its_connections_even_when_redis_is_gone() -> None:
+    # At shutdown arq deletes the worker's health key; with Redis gone that fails, and
+    # the pool must be closed all the same (an unclosed connection is a ResourceWarning,
+    # an error under this suite's filterwarnings, once collected).
+    own = LocalRedis(durable=False).start()
+    try:
+        worker = WakeableWorker(
+            [func(_never_called, name="never")],
+            queue_name="test-gone",
+            redis_settings=redis_settings(own.url),
+            handle_signals=False,
+            poll_delay=30,
+        )
+        serving = asyncio.create_task(worker.main())
+        await wait_for(lambda: worker._pool is not None, message="the worker never connected")
+        assert await worker.pool.ping()
+        own.stop()
+        serving.cancel()  # main ends cancelled, or with Redis' error: either is expected here
+        await asyncio.gather(serving, return_exceptions=True)
+
+        await worker.aclose()
+        assert worker._pool is None
+        gc.collect()  # a connection left open would warn now, inside this test
+    finally:
+        own.stop()
+
+
+async def _never_called(ctx: dict[str, Any]) -> None:
+    raise AssertionError("no job was enqueued")
