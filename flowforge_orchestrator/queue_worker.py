@@ -155,9 +155,10 @@ class WakeableWorker(Worker):
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call; the pool is closed
         even when Redis is gone (the health key then expires on its own)."""
-        for task in self.tasks.values():
+        pending = [*self.tasks.values(), *(self._waking or ())]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*pending, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is None:
             return
