@@ -14,12 +14,20 @@ setup:
 run *ARGS:
     flowforge-orchestrator demo {{ARGS}}
 
-# The whole test suite against real PostgreSQL and Redis, with the coverage floor.
+# The whole test suite against real PostgreSQL and Redis, with the coverage floors: 85% of
+# lines and branches in all, 90% in each module of the engine's core. The daemons the
+# tests start are measured too (pyproject.toml, [tool.coverage.run]).
 test *ARGS:
     rm -f .coverage .coverage.*
     coverage run -m pytest {{ARGS}}
     coverage combine -q
     coverage report
+    python -m tests.coverage_floors
+
+# Mutations of the engine's critical decisions, each in a copy of the repository: every
+# one must make its tests fail (tests/mutants.py; minutes, not in CI). `-k WORD`, `--list`.
+mutants *ARGS:
+    python -m tests.mutants {{ARGS}}
 
 # Benchmarks: the engine against raw arq on private durable servers (see tests/bench/BENCHMARKS.md).
 bench *ARGS:

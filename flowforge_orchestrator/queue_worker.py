@@ -10,9 +10,13 @@ rarely. A lost message only costs the poll delay: the poll still runs.
 It also claims the jobs a poll read in one script call (`_CLAIM`: for each id, the
 in-progress key is set unless it exists, and only for a job still due in the queue), where
 arq spends WATCH, EXISTS, ZSCORE and MULTI/EXEC round trips on each job in turn; the keys
-and their meaning are arq's own, so plain arq workers can share the queue. A worker at
-`max_jobs` that frees a slot wakes its own poll, since it no longer waits on a semaphore
-in the middle of one.
+and their meaning are arq's own, so plain arq workers can share the queue.
+
+A full worker wakes its own poll when a slot frees, since it no longer waits on a
+semaphore in the middle of one. A poll counts its free slots before its claim goes out: a
+slot that frees while the claim is on its way was not counted, and the worker is not full
+then, so the poll wakes another itself if its claim left due jobs behind. One wake is sent
+per poll: the next poll serves every slot freed until it counts its own.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
 from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
 
 __all__ = ["WakeableWorker", "wake_channel"]
 
@@ -71,8 +76,10 @@ def _score_ms(score: bytes) -> int:
 
 class WakeableWorker(Worker):
     _last_abort_check = 0.0
-    _waking: asyncio.Task[None] | None = None  # a wake of our own poll on its way
     _claim: AsyncScript | None = None
+    _freed_meanwhile = False  # a slot freed since the current poll counted its free ones
+    _wake_sent = False  # a wake of our own poll is on its way, no poll has counted since
+    _waking: set[asyncio.Task[None]] | None = None  # held: the loop keeps weak references
 
     async def _cancel_aborted_jobs(self) -> None:
         """arq looks for aborted jobs at every poll; woken polls come many times a second
@@ -87,26 +94,45 @@ class WakeableWorker(Worker):
         """Claim as many of `job_ids` as there are free slots, in one round trip, and run
         them. Jobs this worker runs already (they stay in the queue until they end) are not
         even sent."""
+        # From here on, this poll counts every slot freed so far: the wakes sent for them
+        # are served, and a slot that frees later is for the next poll.
+        self._wake_sent = self._freed_meanwhile = False
         free = self.max_jobs - self.job_counter
         running = self.tasks
         ids = [i for i in await self._job_ids(job_ids) if (t := running.get(i)) is None or t.done()]
         if free <= 0 or not ids:
             return
+        claimed = await self._claim_due(ids, free)
+        for job, score in claimed:
+            await self.sem.acquire()  # a permit per running job, as arq's own start takes
+            self.job_counter += 1
+            task = self.loop.create_task(self.run_job(job, score))
+            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
+            self.tasks[job] = task
+        # The script tries every id until it has claimed `free`: only then may due jobs
+        # remain, among the ids it did not reach or beyond the ids the poll read. A slot
+        # freed meanwhile was not counted, and the worker is not full: wake for it now.
+        left_behind = len(claimed) >= free and (
+            len(ids) > free or len(job_ids) >= self.queue_read_limit
+        )
+        if left_behind and self._freed_meanwhile:
+            self._wake_own_poll()
+
+    async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
+        """Mark up to `wanted` of `ids` in progress, those still due and taken by no one:
+        (job id, score) of each, in queue order."""
         if self._claim is None or self._claim.registered_client is not self.pool:
             # EVALSHA from then on; redis-py loads the script again if Redis lost it.
             self._claim = self.pool.register_script(_CLAIM)
         ttl = int(self.in_progress_timeout_s * 1000)
         claimed = await self._claim(
             keys=[self.queue_name],
-            args=[in_progress_key_prefix, timestamp_ms(), ttl, free, *ids],
+            args=[in_progress_key_prefix, timestamp_ms(), ttl, wanted, *ids],
         )
-        for job_id, score in zip(claimed[0::2], claimed[1::2], strict=True):
-            await self.sem.acquire()  # a permit per running job, as arq's own start takes
-            self.job_counter += 1
-            job = job_id.decode()
-            task = self.loop.create_task(self.run_job(job, _score_ms(score)))
-            task.add_done_callback(lambda _: self._release_sem_dec_counter_on_complete())
-            self.tasks[job] = task
+        return [
+            (job_id.decode(), _score_ms(score))
+            for job_id, score in zip(claimed[0::2], claimed[1::2], strict=True)
+        ]
 
     async def _job_ids(self, members: list[bytes]) -> list[str]:
         """The queue's members as job ids. Anyone may write the queue: a member that is not
@@ -122,31 +148,48 @@ class WakeableWorker(Worker):
         return ids
 
     def _release_sem_dec_counter_on_complete(self) -> None:
+        # Full: the last claim took every slot it counted and may have left jobs behind,
+        # or a poll since found no slot at all. That poll will not come back before its
+        # delay: call it now. (A slot freed during a claim is seen by start_jobs.)
         full = self.job_counter >= self.max_jobs
         super()._release_sem_dec_counter_on_complete()
-        if full and self._waking is None and self._pool is not None:
-            # The poll that found us full will not come back before its delay: call it now.
-            # (Held in `_waking`: the loop keeps only a weak reference to a task.)
-            self._waking = self.loop.create_task(self._wake_own_poll())
+        self._freed_meanwhile = True
+        if full:
+            self._wake_own_poll()
 
-    async def _wake_own_poll(self) -> None:
+    def _wake_own_poll(self) -> None:
+        if self._wake_sent or self._pool is None:
+            return  # the coming poll counts this slot too
+        self._wake_sent = True
+        if self._waking is None:
+            self._waking = set()
+        task = self.loop.create_task(self._publish_wake())
+        self._waking.add(task)
+        task.add_done_callback(self._waking.discard)
+
+    async def _publish_wake(self) -> None:
         try:
             await self.pool.publish(wake_channel(self.queue_name), "slot")
         except Exception as exc:  # the poll delay still brings it round
             log.debug("waking the poll of %s failed: %s", self.queue_name, exc)
-        finally:
-            self._waking = None
+            self._wake_sent = False  # none is on its way: the next freed slot tries again
 
     async def aclose(self) -> None:
-        """`Worker.close` without its deprecated redis `close()` call."""
-        for task in self.tasks.values():
+        """`Worker.close` without its deprecated redis `close()` call; the pool is closed
+        even when Redis is gone (the health key then expires on its own)."""
+        pending = [*self.tasks.values(), *(self._waking or ())]
+        for task in pending:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
-        pool = self._pool
-        if pool is not None:
+        await asyncio.gather(*pending, return_exceptions=True)
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
             await pool.delete(self.health_check_key)
+        except (OSError, RedisError) as exc:
+            log.debug("could not delete the health key of %s: %s", self.queue_name, exc)
+        finally:
             await pool.aclose(close_connection_pool=True)
-            self._pool = None
 
     async def main(self) -> None:
         """arq's `Worker.main`, with the wait between polls cut short by a wake message."""

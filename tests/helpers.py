@@ -5,14 +5,24 @@ from __future__ import annotations
 import asyncio
 import inspect
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import Any, TypeVar, cast
+from uuid import UUID
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.attempt_tokens import AttemptTokens, ResultVerifier
 
-__all__ = ["free_port", "migration_names", "poll", "verifier", "wait_for"]
+__all__ = [
+    "cancel_tasks",
+    "dispatched_attempt",
+    "free_port",
+    "migration_names",
+    "poll",
+    "stop_tasks",
+    "verifier",
+    "wait_for",
+]
 
 T = TypeVar("T")
 
@@ -29,6 +39,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def dispatched_attempt(
+    conn: store.Connection, run_id: UUID, step_id: str, attempt: int = 1
+) -> UUID:
+    """The id of an attempt once it is dispatched (ids are derived from the run's row,
+    creation time included: read them, do not compute them)."""
+
+    async def found() -> UUID | None:
+        value: UUID | None = await conn.fetchval(
+            "SELECT attempt_id FROM flowforge.outbox WHERE run_id = $1 AND step_id = $2"
+            " AND type = 'step.dispatched' AND (data ->> 'attempt')::int = $3",
+            run_id,
+            step_id,
+            attempt,
+        )
+        return value
+
+    return await wait_for(found, message=f"attempt {attempt} of {step_id} never dispatched")
 
 
 async def poll(
@@ -65,3 +94,45 @@ async def verifier(conn: store.Connection) -> ResultVerifier:
     """What the orchestrator checks results with, for the database of `conn` (which must
     be allowed to read the engine secret); `.tokens.token(attempt)` is an attempt's token."""
     return ResultVerifier(AttemptTokens(await store.engine_secret(conn)))
+
+
+def _raise_outcomes(tasks: list[asyncio.Task[Any]], *, cancelled_ok: bool) -> None:
+    errors: list[BaseException] = []
+    for task in tasks:
+        if task.cancelled():
+            if not cancelled_ok:
+                errors.append(AssertionError(f"task {task.get_name()} was cancelled"))
+        elif task.exception() is not None:
+            errors.append(cast(BaseException, task.exception()))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        exceptions = [e if isinstance(e, Exception) else RuntimeError(repr(e)) for e in errors]
+        raise ExceptionGroup("tasks of the engine under test failed", exceptions)
+
+
+async def stop_tasks(tasks: Iterable[asyncio.Task[Any]], *, timeout: float = 30.0) -> None:
+    """Wait for tasks that were told to stop (their stop event is set) and raise what any of
+    them ended with: a crash of the engine under test fails the test instead of vanishing in
+    its teardown. A task still running after `timeout`, or cancelled, is a failure too."""
+    tasks = list(tasks)
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=timeout)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    if pending:
+        names = ", ".join(t.get_name() for t in pending)
+        raise AssertionError(f"task(s) {names} did not stop within {timeout:g} s")
+    _raise_outcomes(tasks, cancelled_ok=False)
+
+
+async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """Cancel loops that end only by cancellation, and raise what any of them ended with
+    other than that cancellation."""
+    tasks = list(tasks)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    _raise_outcomes(tasks, cancelled_ok=True)

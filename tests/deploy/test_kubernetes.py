@@ -14,7 +14,7 @@ import yaml
 
 from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.signed_jobs import JobKeys
-from tests.deploy.paths import DEPLOY, venv_tool
+from tests.deploy.paths import DEPLOY, required_tool, venv_tool
 
 KUBERNETES = DEPLOY / "kubernetes"
 # The oldest release we claim to support, and the newest the validator knows.
@@ -76,9 +76,7 @@ def test_kustomization_lists_every_manifest() -> None:
 
 
 def test_kustomize_builds_valid_resources() -> None:
-    kubectl = venv_tool("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed; the kustomization itself is not built")
+    kubectl = required_tool(venv_tool("kubectl"), "kubectl (to build the kustomization)")
     built = subprocess.run(
         [kubectl, "kustomize", str(KUBERNETES)], check=True, capture_output=True, text=True
     ).stdout

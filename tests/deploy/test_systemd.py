@@ -12,7 +12,7 @@ import pytest
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.signed_jobs import JobKeys
-from tests.deploy.paths import DEPLOY, venv_tool
+from tests.deploy.paths import DEPLOY, required_tool, venv_tool
 
 SYSTEMD = DEPLOY / "systemd"
 ORCHESTRATOR = "flowforge-orchestrator.service"
@@ -62,10 +62,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def analyze() -> str:
-    tool = shutil.which("systemd-analyze")
-    if tool is None:
-        pytest.skip("systemd-analyze is not installed (Debian: apt-get install systemd)")
-    return tool
+    return required_tool(
+        shutil.which("systemd-analyze"), "systemd-analyze (Debian: apt-get install systemd)"
+    )
 
 
 def test_install_lays_out_units_drop_ins_and_a_private_env_file(installed: Path) -> None:

@@ -28,6 +28,7 @@ import yaml
 from flowforge_orchestrator import store
 from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
+from tests.chaos.audit import audit
 from tests.conftest import TEST_JOB_KEY
 from tests.helpers import wait_for
 
@@ -60,6 +61,11 @@ steps:
 """
 
 
+# The exit code a daemon must end with after each signal: a clean stop after SIGTERM or
+# SIGINT, death by the signal after SIGKILL.
+EXIT_AFTER = {signal.SIGTERM: 0, signal.SIGINT: 0, signal.SIGKILL: -signal.SIGKILL}
+
+
 @dataclass
 class Process:
     """One CLI subprocess; its stdout and stderr go to a log file."""
@@ -68,6 +74,7 @@ class Process:
     popen: subprocess.Popen[bytes]
     log: Path
     expect_exit: bool = False  # killed or stopped on purpose: exiting is not a failure
+    expected_code: int | None = None  # what its exit code must be, after the first signal
 
     def output(self) -> str:
         return self.log.read_text(encoding="utf-8", errors="replace")
@@ -75,6 +82,8 @@ class Process:
     def signal(self, sig: signal.Signals) -> None:
         self.expect_exit = True
         if self.popen.poll() is None:
+            if self.expected_code is None:
+                self.expected_code = EXIT_AFTER.get(sig)
             self.popen.send_signal(sig)
 
     def kill(self) -> int:
@@ -83,13 +92,22 @@ class Process:
         return self.popen.wait(timeout=10)
 
     def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM; SIGKILL if it is still there after `grace` seconds."""
+        """SIGTERM; SIGKILL if it is still there after `grace` seconds (and then its exit
+        code is not the 0 that `exit_problem` expects)."""
         self.signal(signal.SIGTERM)
         try:
             self.popen.wait(timeout=grace)
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(timeout=10)
+
+    def exit_problem(self) -> str | None:
+        """Why its exit code is wrong, with the end of its output; None if it is right."""
+        code = self.popen.returncode
+        if code is None or code == self.expected_code:
+            return None
+        expected = "no exit" if self.expected_code is None else f"{self.expected_code}"
+        return f"{self.name} exited with {code}, expected {expected}:\n{self.output()[-4000:]}"
 
 
 @dataclass
@@ -170,10 +188,15 @@ class Cluster:
         )
 
     def stop_all(self) -> None:
-        """Stop every process, the last started first; all are tried even if one fails."""
+        """Stop every process, the last started first; all are tried even if one fails.
+        Then each exit code must be what its signal calls for: 0 after SIGTERM (a daemon
+        that crashed, or needed a SIGKILL to stop, fails the test), -9 after SIGKILL."""
         with contextlib.ExitStack() as stack:
             for process in self.processes:
                 stack.callback(process.stop)
+        problems = [p for p in (process.exit_problem() for process in self.processes) if p]
+        if problems:
+            raise AssertionError("\n\n".join(problems))
 
     # -- the database ---------------------------------------------------------------------
 
@@ -528,3 +551,39 @@ async def test_two_orchestrators_share_a_burst_of_runs(cluster: Cluster) -> None
     )
     print(f"runs per orchestrator: {owners}")
     assert set(owners) == {"a", "b"}  # both took part; how evenly is printed, not asserted
+
+    # Exactly once, run by run: claimed once (epoch 1: never claimed twice, never changed
+    # hands), each step dispatched, started and succeeded once, on one attempt with one
+    # result, and a history numbered 1..n that matches the outbox.
+    found = await audit(cluster.conn)
+    assert not found.lost
+    assert (found.duplicate_transitions, found.duplicate_events) == (0, 0), (
+        found.dup_transitions[:5],
+        found.dup_events[:5],
+    )
+    assert found.broken_histories == 0, (found.gaps[:5], found.ends[:5])
+    assert await cluster.conn.fetchval("SELECT count(*) FROM flowforge.runs WHERE epoch <> 1") == 0
+    once: Counter[tuple[str, str | None]] = Counter(
+        [("workflow.started", None), ("workflow.completed", None)]
+    )
+    for step in "ab":
+        once.update((kind, step) for kind in ("step.dispatched", "step.started", "step.succeeded"))
+    events: dict[UUID, Counter[tuple[str, str | None]]] = {run_id: Counter() for run_id in ids}
+    for row in await cluster.conn.fetch(
+        "SELECT run_id, type, data->>'step_id' AS step FROM flowforge.outbox"
+    ):
+        events[row["run_id"]][(row["type"], row["step"])] += 1
+    assert [r for r, seen in events.items() if seen != once] == []
+    steps = await cluster.conn.fetch(
+        "SELECT a.run_id, a.step_id, a.attempt, a.status, count(r.attempt_id) AS results"
+        " FROM flowforge.step_attempts a"
+        " LEFT JOIN flowforge.step_results r ON r.attempt_id = a.id"
+        " GROUP BY a.run_id, a.step_id, a.attempt, a.status"
+    )
+    assert len(steps) == 2 * len(ids)
+    assert {(r["step_id"], r["attempt"], r["status"], r["results"]) for r in steps} == {
+        ("a", 1, "succeeded", 1),
+        ("b", 1, "succeeded", 1),
+    }
+    results = await cluster.conn.fetchval("SELECT count(*) FROM flowforge.step_results")
+    assert results == 2 * len(ids)

@@ -19,7 +19,7 @@ from flowforge_orchestrator.definitions import parse_definition
 from flowforge_orchestrator.enqueue import enqueue
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import StepContext, StepFunction, load_step_types, run_worker
-from tests.helpers import wait_for
+from tests.helpers import stop_tasks, wait_for
 
 SECRETS = {"TOKEN": "s3cret-value"}
 _EXPORTER = InMemorySpanExporter()
@@ -87,10 +87,7 @@ async def engine(settings: Settings) -> AsyncIterator[Engine]:
     finally:
         await conn.close()
         stop.set()
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        for result in results:
-            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-                raise result
+        await stop_tasks(tasks)
 
 
 class Steps:
@@ -98,6 +95,7 @@ class Steps:
 
     def __init__(self) -> None:
         self.release = asyncio.Event()
+        self.gate_open = asyncio.Event()
         self.started: list[str] = []
         self.aborted: list[str] = []
         self.running = 0
@@ -121,6 +119,13 @@ class Steps:
             self.running -= 1
         return params
 
+    async def gate(self, params: Any, ctx: StepContext) -> Any:
+        """Runs until `gate_open` is set (apart from `release`, so a test can let this one
+        finish while `hold` steps go on)."""
+        self.started.append(ctx.step_id)
+        await self.gate_open.wait()
+        return params
+
     async def fail(self, params: Any, ctx: StepContext) -> Any:
         raise ValueError(f"{ctx.step_id} refuses")
 
@@ -132,15 +137,16 @@ def steps() -> Steps:
 
 @pytest.fixture
 async def steps_engine(settings: Settings, steps: Steps) -> AsyncIterator[Engine]:
-    """An engine whose worker also serves the `Steps` types: echo, hold, fail."""
+    """An engine whose worker also serves the `Steps` types: echo, hold, gate, fail."""
     await store.apply_migrations(settings.database_url or "")
-    types = {"echo": steps.echo, "hold": steps.hold, "fail": steps.fail}
+    types = {"echo": steps.echo, "hold": steps.hold, "fail": steps.fail, "gate": steps.gate}
     stop, tasks = await start_engine(settings, types)
     conn = await store.connect(settings.database_url or "")
     try:
         yield Engine(settings, conn)
     finally:
         steps.release.set()
+        steps.gate_open.set()
         await conn.close()
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await stop_tasks(tasks)

@@ -399,7 +399,8 @@ class Daemon:
         poll(ready, timeout=30, message=f"{self.name} did not start")
 
     def stop(self) -> None:
-        """SIGTERM; SIGKILL when it is still there after a deadline."""
+        """SIGTERM; SIGKILL when it is still there after a deadline. It must have exited
+        0: on its own it should not have exited at all, and SIGTERM is a clean stop."""
         if self.popen.poll() is None:
             self.popen.send_signal(signal.SIGTERM)
         try:
@@ -407,6 +408,8 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.popen.kill()
             self.popen.wait(timeout=10)
+        code = self.popen.returncode
+        assert code == 0, f"{self.name} exited with {code}:\n{self.output()[-4000:]}"
 
 
 @pytest.fixture

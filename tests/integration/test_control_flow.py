@@ -88,7 +88,7 @@ steps:
     type: parallel
     join: any
     branches:
-      - [{id: fast, type: echo, with: {winner: true}}]
+      - [{id: fast, type: gate, with: {winner: true}}]
       - [{id: slow, type: hold, with: {}}]
       - [{id: later, type: hold, with: {}}, {id: never, type: echo, depends_on: [later]}]
 """
@@ -98,8 +98,14 @@ async def test_join_any_cancels_the_losers_and_aborts_them_on_the_worker(
     steps_engine: Engine, steps: Steps
 ) -> None:
     await steps_engine.register(RACE)
-    # Hold the fast branch back until both slow ones are running on the worker.
     run_id = await steps_engine.submit("race")
+    # The fast branch is held on the worker until both slow ones run there too; the slow
+    # ones are never released: only an abort can end them.
+    await wait_for(
+        lambda: {"fast", "slow", "later"} <= set(steps.started),
+        message="the three branches never ran at once",
+    )
+    steps.gate_open.set()
     run = await steps_engine.finished(run_id)
 
     assert run["status"] == "completed", run["error"]
@@ -113,9 +119,12 @@ async def test_join_any_cancels_the_losers_and_aborts_them_on_the_worker(
         r["step_id"]: r["status"] for r in await store.run_attempts(steps_engine.conn, run_id)
     }
     assert attempts["slow"] == attempts["later"] == "cancelled"
-    # The attempts that had reached the worker are aborted there.
-    reached = [s for s in ("slow", "later") if s in steps.started]
-    await wait_for(lambda: all(s in steps.aborted for s in reached), message="not aborted")
+    # Both losers were running on the worker: each is aborted there, once.
+    await wait_for(
+        lambda: sorted(steps.aborted) == ["later", "slow"],
+        message="the losers were not aborted on the worker",
+    )
+    assert steps.running == 0
 
 
 FAN_OUT = """

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -15,8 +14,9 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.enqueue import redrive
 from flowforge_orchestrator.errors import NotFound, RedriveError
-from flowforge_orchestrator.nodes import attempt_id
-from tests.helpers import verifier, wait_for
+from flowforge_orchestrator.local_services import LocalRedis
+from flowforge_orchestrator.worker import StepContext
+from tests.helpers import dispatched_attempt, stop_tasks, verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -165,7 +165,7 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
 ) -> None:
     await steps_engine.register(NOBODY)
     run_id = await steps_engine.submit("nobody")
-    first = attempt_id(run_id, "orphan", 1)
+    first = await dispatched_attempt(steps_engine.conn, run_id, "orphan")
 
     async def second_dispatched() -> bool:
         attempts = await store.run_attempts(steps_engine.conn, run_id)
@@ -204,18 +204,19 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
     ]
 
 
-async def test_cancelling_a_running_run_aborts_its_steps_and_ends_it_cancelled(
-    steps_engine: Engine, steps: Steps
-) -> None:
-    await steps_engine.register(
-        """
+LONG = """
 name: long
 version: 1
 steps:
   - {id: busy, type: hold, with: {}}
   - {id: next, type: echo, depends_on: [busy], with: {}}
 """
-    )
+
+
+async def test_cancelling_a_running_run_aborts_its_steps_and_ends_it_cancelled(
+    steps_engine: Engine, steps: Steps
+) -> None:
+    await steps_engine.register(LONG)
     run_id = await steps_engine.submit("long")
     await wait_for(lambda: "busy" in steps.started, message="busy never started")
 
@@ -243,7 +244,7 @@ async def test_a_run_cancelled_while_pending_never_starts(settings: Settings, st
             run = await engine.finished(run_id)
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
         assert run["status"] == "cancelled"
         assert steps.started == []
         assert [e["type"] for e in await engine.events(run_id)] == [
@@ -342,3 +343,94 @@ async def test_redrive_refuses_what_it_cannot_do(engine: Engine) -> None:
         assert (await engine.finished(run_id))["status"] == "failed"
     with pytest.raises(RedriveError, match="no step 'nope'"):
         await redrive(engine.conn, run_id, from_step="nope")
+
+
+async def test_a_cancellation_whose_notification_was_missed_is_found_by_the_slow_poll(
+    steps_engine: Engine, steps: Steps
+) -> None:
+    await steps_engine.register(LONG)
+    run_id = await steps_engine.submit("long")
+    await wait_for(lambda: "busy" in steps.started, message="busy never started")
+
+    # The request, with the trigger that NOTIFYs the owner switched off for this session:
+    # as if the owner's LISTEN connection was down when it was made.
+    async with steps_engine.conn.transaction():
+        await steps_engine.conn.execute("SET LOCAL session_replication_role = replica")
+        await steps_engine.conn.execute(
+            "UPDATE flowforge.runs SET cancel_requested = true WHERE id = $1", run_id
+        )
+    run = await steps_engine.finished(run_id)
+    assert run["status"] == "cancelled"
+    events = await steps_engine.events(run_id)
+    assert _types(events, "busy")[-1] == _types(events, "next")[-1] == "step.cancelled"
+    await wait_for(lambda: steps.aborted == ["busy"], message="the worker was not told")
+
+
+async def test_a_run_cancelled_while_redis_is_down_still_ends_cancelled(
+    settings: Settings, steps: Steps
+) -> None:
+    """The abort cannot reach the worker (best effort): the run ends cancelled anyway,
+    and the result the worker writes later is stored and ignored."""
+    own_redis = LocalRedis(durable=False).start()
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    stop, tasks = await start_engine(settings, {"hold": steps.hold, "echo": steps.echo})
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(LONG)
+        run_id = await engine.submit("long")
+        await wait_for(lambda: "busy" in steps.started, message="busy never started")
+
+        own_redis.stop()
+        assert await store.request_cancel(conn, run_id) == (True, "running")
+        run = await engine.finished(run_id)
+        assert run["status"] == "cancelled"
+        assert steps.aborted == []  # no abort could reach it: it still runs
+
+        steps.release.set()
+        stored = "SELECT outcome FROM flowforge.step_results WHERE attempt_id = $1"
+        busy = await dispatched_attempt(conn, run_id, "busy")
+        await wait_for(lambda: conn.fetchval(stored, busy), message="no result stored")
+        assert await conn.fetchval(stored, busy) == "succeeded"
+        # The late result changes nothing.
+        assert (await engine.run(run_id))["status"] == "cancelled"
+        assert _types(await engine.events(run_id), "next") == ["step.cancelled"]
+    finally:
+        steps.release.set()
+        stop.set()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()
+            own_redis.stop()
+
+
+async def test_a_step_whose_output_is_not_json_fails_once_with_the_reason(
+    settings: Settings,
+) -> None:
+    async def odd(params: Any, ctx: StepContext) -> Any:
+        return {"when": {1, 2}}  # a set: JSON has no such thing
+
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    stop, tasks = await start_engine(settings, {"odd": odd})
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(
+            "name: odd\nversion: 1\nsteps:\n  - id: a\n    type: odd\n    with: {}\n"
+            "    retry: {max_retries: 3, initial_interval: 0.05s, retry_on: [TypeError]}\n"
+        )
+        run = await engine.finished(await engine.submit("odd"))
+        assert run["status"] == "failed"
+        attempts = await store.run_attempts(conn, run["id"])
+        assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "failed")]  # not retried
+        error = attempts[0]["error"]
+        assert (error["category"], error["retryable"]) == ("invalid_output", False)
+        assert "not JSON" in error["message"]
+    finally:
+        stop.set()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()

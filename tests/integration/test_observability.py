@@ -12,7 +12,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import free_port
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import load_step_types, run_worker
-from tests.helpers import wait_for
+from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps
 
 
@@ -91,5 +91,7 @@ async def test_probes_and_metrics_of_a_running_orchestrator_and_worker(
             )
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()

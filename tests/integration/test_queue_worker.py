@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
@@ -12,8 +14,9 @@ from arq.worker import func
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import redis_settings
+from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.queue_worker import WakeableWorker, wake_channel
-from tests.helpers import wait_for
+from tests.helpers import cancel_tasks, stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 
@@ -36,8 +39,10 @@ async def test_a_worker_with_a_long_poll_delay_still_starts_a_step_at_once(
         assert run["status"] == "completed", run["error"]
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()
 
 
 async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_runs(
@@ -85,9 +90,10 @@ async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_ru
         running = [t for t in worker.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=10)
-        serving.cancel()
-        await asyncio.gather(serving, return_exceptions=True)
-        await worker.aclose()
+        try:
+            await cancel_tasks([serving])
+        finally:
+            await worker.aclose()
         await client.aclose()
 
 
@@ -116,11 +122,11 @@ async def _enqueue(redis_url: str, function: str, ids: list[str]) -> None:
 
 
 async def _stop(*workers: WakeableWorker, serving: list[asyncio.Task[None]]) -> None:
-    for task in serving:
-        task.cancel()
-    await asyncio.gather(*serving, return_exceptions=True)
-    for worker in workers:
-        await worker.aclose()
+    try:
+        await cancel_tasks(serving)
+    finally:
+        for worker in workers:
+            await worker.aclose()
 
 
 async def test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one(
@@ -169,3 +175,87 @@ async def test_a_full_worker_takes_the_next_job_when_a_slot_frees_not_at_its_nex
         for gate in gates.values():
             gate.set()
         await _stop(worker, serving=serving)
+
+
+class _ClaimHook(WakeableWorker):
+    """A worker that runs `during_claim` (once) after a poll has counted its free slots and
+    before its claim returns: the window in which a running job may end."""
+
+    during_claim: Callable[[], Awaitable[None]] | None = None
+
+    async def _claim_due(self, ids: list[str], wanted: int) -> list[tuple[str, int]]:
+        hook, self.during_claim = self.during_claim, None
+        if hook is not None:
+            await hook()
+        return await super()._claim_due(ids, wanted)
+
+
+async def test_a_slot_freed_while_a_poll_claims_wakes_another_poll(redis_url: str) -> None:
+    # Two slots, four jobs, a poll every 30 s: only wakes make the worker poll. A job that
+    # ends while a poll's claim is on its way frees a slot that claim did not count; the
+    # jobs left in the queue must not wait for the next poll.
+    gates = {f"job-{i}": asyncio.Event() for i in range(4)}
+    started: list[str] = []
+
+    async def hold(ctx: dict[str, Any], job_id: str) -> None:
+        started.append(job_id)
+        await gates[job_id].wait()
+
+    await _enqueue(redis_url, "hold", list(gates))  # before the worker: no wake message
+    worker = _ClaimHook(
+        [func(hold, name="hold")],
+        queue_name="test-claims",
+        redis_settings=redis_settings(redis_url),
+        handle_signals=False,
+        poll_delay=30,
+        max_jobs=2,
+    )
+    serving = [asyncio.create_task(worker.main())]
+    try:
+        await wait_for(lambda: len(started) == 2, message="the first two never started")
+        first, second = started
+
+        async def second_ends_meanwhile() -> None:
+            gates[second].set()
+            await wait_for(lambda: worker.job_counter == 0, message="the second never ended")
+
+        worker.during_claim = second_ends_meanwhile
+        gates[first].set()  # its freed slot wakes a poll, whose claim sees the second end
+        await wait_for(lambda: worker.during_claim is None, message="no poll claimed")
+        await wait_for(lambda: len(started) == 4, message="a job waited for the next poll")
+        assert sorted(started) == sorted(gates)
+    finally:
+        for gate in gates.values():
+            gate.set()
+        await _stop(worker, serving=serving)
+
+
+async def test_a_worker_closes_its_connections_even_when_redis_is_gone() -> None:
+    # At shutdown arq deletes the worker's health key; with Redis gone that fails, and
+    # the pool must be closed all the same (an unclosed connection is a ResourceWarning,
+    # an error under this suite's filterwarnings, once collected).
+    own = LocalRedis(durable=False).start()
+    try:
+        worker = WakeableWorker(
+            [func(_never_called, name="never")],
+            queue_name="test-gone",
+            redis_settings=redis_settings(own.url),
+            handle_signals=False,
+            poll_delay=30,
+        )
+        serving = asyncio.create_task(worker.main())
+        await wait_for(lambda: worker._pool is not None, message="the worker never connected")
+        assert await worker.pool.ping()
+        own.stop()
+        serving.cancel()  # main ends cancelled, or with Redis' error: either is expected here
+        await asyncio.gather(serving, return_exceptions=True)
+
+        await worker.aclose()
+        assert worker._pool is None
+        gc.collect()  # a connection left open would warn now, inside this test
+    finally:
+        own.stop()
+
+
+async def _never_called(ctx: dict[str, Any]) -> None:
+    raise AssertionError("no job was enqueued")

@@ -6,14 +6,15 @@ import asyncio
 from datetime import UTC, datetime
 
 import redis.asyncio as aioredis
+from arq.constants import job_key_prefix
 
-from flowforge_orchestrator import store
+from flowforge_orchestrator import metrics, store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 from flowforge_orchestrator.nodes import attempt_id
 from flowforge_orchestrator.orchestrator import run_orchestrator
 from flowforge_orchestrator.worker import run_worker
-from tests.helpers import verifier, wait_for
+from tests.helpers import dispatched_attempt, stop_tasks, verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 # A step that waits to be released, then one after it.
@@ -35,33 +36,45 @@ async def test_attempts_redis_lost_are_sent_again_and_runs_complete(
 ) -> None:
     await store.apply_migrations(settings.database_url or "")
     conn = await store.connect(settings.database_url or "")
+    client = aioredis.Redis.from_url(settings.redis_url or "")
+    measures = metrics.OrchestratorMetrics(metrics.new_registry(process=False))
     stop = asyncio.Event()
-    orchestrator = asyncio.create_task(run_orchestrator(settings, stop))
-    worker: asyncio.Task[None] | None = None
+    tasks = [asyncio.create_task(run_orchestrator(settings, stop, measures=measures))]
     try:
         engine = Engine(settings, conn)
         await engine.register(LATE)
         run_id = await engine.submit("late")
+        job = job_key_prefix + str(await dispatched_attempt(conn, run_id, "a"))
 
-        async def dispatched() -> bool:
-            return bool(await store.run_attempts(conn, run_id))
-
-        await wait_for(dispatched, message="the step was never dispatched")
-        # No worker took the job yet; now Redis loses everything it held.
-        client = aioredis.Redis.from_url(settings.redis_url or "")
+        # The job is in Redis (no worker runs yet to take it); now Redis loses everything.
+        await wait_for(lambda: client.exists(job), message="the job never reached Redis")
+        resent = _redelivered(measures)
         await client.flushall()
-        await client.aclose()
+        await wait_for(lambda: client.exists(job), message="the reconciler did not send it again")
+        assert _redelivered(measures) - resent == 1
 
-        worker = asyncio.create_task(run_worker(settings, {"echo": steps.echo}, stop=stop))
+        tasks.append(asyncio.create_task(run_worker(settings, {"echo": steps.echo}, stop=stop)))
         run = await engine.finished(run_id)
         assert run["status"] == "completed", run["error"]
         assert steps.started == ["a"]  # sent again under the same attempt id, run once
         attempts = await store.run_attempts(conn, run_id)
         assert [(a["attempt"], a["status"]) for a in attempts] == [(1, "succeeded")]
+        assert _redelivered(measures) - resent == 1  # once: Redis knew the job from then on
     finally:
         stop.set()
-        await asyncio.gather(orchestrator, *([worker] if worker else []), return_exceptions=True)
-        await conn.close()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await client.aclose()
+            await conn.close()
+
+
+def _redelivered(measures: metrics.OrchestratorMetrics) -> float:
+    """Jobs the orchestrator sent again (the reconciler's, and failed dispatches')."""
+    value = measures.registry.get_sample_value(
+        "flowforge_reconciler_actions_total", {"action": "redelivered"}
+    )
+    return value or 0.0
 
 
 async def test_a_redis_restart_that_loses_everything_loses_no_run(
@@ -89,9 +102,11 @@ async def test_a_redis_restart_that_loses_everything_loses_no_run(
         assert all(not task.done() for task in tasks)  # neither process gave up
     finally:
         stop.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await conn.close()
-        own_redis.stop()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()
+            own_redis.stop()
 
 
 async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
@@ -126,7 +141,7 @@ async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
             await conn.close()
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
     finally:
         own_pg.stop()
 
@@ -173,7 +188,7 @@ async def test_an_adopted_attempt_that_already_has_a_result_is_not_sent_again(
             run = await engine.finished(run_id)
         finally:
             stop.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await stop_tasks(tasks)
         assert run["status"] == "completed", run["error"]
         assert steps.started == ["b"]  # "a" ran once, before the crash
         assert run["output"] == {"b": {"n": 2}}

@@ -1,0 +1,353 @@
+"""Hand-written mutations of the engine's critical decisions: `python -m tests.mutants`
+(`just mutants`; not in CI, it takes minutes).
+
+Each mutation replaces an exact snippet (rarely two) with code that gets a decision
+wrong, in a copy of the repository, and runs the few tests that must notice. It is
+*killed* when they fail, and *survives* when they pass: then the suite would let that bug
+through. The command prints every mutation with its verdict and the test that killed it,
+and exits 1 when one survived, when a snippet no longer occurs exactly once (the code
+moved on: update the table), or when the tests could not run at all.
+
+The copy holds the working tree's files (tracked and untracked, not ignored), and
+everything runs inside it: pytest's rootdir and PYTHONPATH are the copy, so the tests and
+the daemons they start (which put their own REPO on PYTHONPATH) import the mutated
+package, never the checkout. The two canaries at the head of the table prove it, one
+in process and one in a subprocess: each breaks something trivially, and must be killed.
+
+    python -m tests.mutants              # every mutation
+    python -m tests.mutants -k epoch     # those whose name contains "epoch"
+    python -m tests.mutants --list       # the table, nothing run
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MUTATIONS", "Edit", "Mutation", "main"]
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT = 900  # seconds for one mutation's tests
+
+
+@dataclass(frozen=True)
+class Edit:
+    """`original`, which must occur exactly once in `file`, becomes `replacement`."""
+
+    file: str
+    original: str
+    replacement: str
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One wrong decision: its edits (usually one) are applied together; `tests` must fail."""
+
+    name: str
+    edits: tuple[Edit, ...]
+    tests: tuple[str, ...]
+
+    @property
+    def files(self) -> str:
+        return ", ".join(dict.fromkeys(e.file for e in self.edits))
+
+
+def mutation(name: str, file: str, original: str, replacement: str, *tests: str) -> Mutation:
+    """A mutation of one edit."""
+    return Mutation(name, (Edit(file, original, replacement),), tests)
+
+
+T_RECOVERY = "tests/integration/test_recovery.py"
+T_STORE = "tests/integration/test_store.py"
+T_WRITER = "tests/integration/test_result_writer.py"
+T_FLOW = "tests/integration/test_control_flow.py"
+T_FAILURES = "tests/integration/test_failures.py"
+T_QUEUE = "tests/integration/test_queue_worker.py"
+T_E2E = "tests/e2e/test_processes.py"
+
+MUTATIONS: tuple[Mutation, ...] = (
+    # -- canaries: the copy is what runs, in process and in the daemons ---------------------
+    mutation(
+        "canary: the tests import the copy (in process)",
+        "flowforge_orchestrator/durations.py",
+        "    return _checked(value, _parse_units(value, text))\n",
+        "    return -1.0  # the mutated copy\n",
+        "tests/unit/test_durations.py",
+    ),
+    mutation(
+        "canary: the daemons the tests start run the copy (subprocess)",
+        "flowforge_orchestrator/cli/daemons.py",
+        "    types = load_step_types(args.types_module)\n    await require_schema(",
+        '    raise ConfigError("the mutated copy runs in the worker daemon")\n'
+        "    types = load_step_types(args.types_module)\n    await require_schema(",
+        f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
+    ),
+    # -- the engine's critical decisions ---------------------------------------------------
+    mutation(
+        "the reconciler does not send again the jobs Redis lost",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "            self._undelivered.extend(sent[a] for a in lost)\n"
+        "            await self._redeliver()\n",
+        "            pass\n",
+        f"{T_RECOVERY}::test_attempts_redis_lost_are_sent_again_and_runs_complete",
+    ),
+    mutation(
+        "the group commit writes without the epoch fence",
+        "flowforge_orchestrator/store/queries.py",
+        "    WHERE r.id = u.id AND r.epoch = u.epoch\n",
+        "    WHERE r.id = u.id\n",
+        f"{T_STORE}::test_write_changes_is_fenced_by_the_epoch",
+    ),
+    mutation(
+        "a worker's results are not batched (one transaction each)",
+        "flowforge_orchestrator/result_writer.py",
+        "MAX_BATCH = 500\n",
+        "MAX_BATCH = 1\n",
+        f"{T_WRITER}::test_results_finishing_together_share_transactions_and_each_waits_for_its_own",
+    ),
+    mutation(
+        "the losers of a join are not aborted on the worker",
+        "flowforge_orchestrator/orchestrator.py",
+        "        if changes.aborts:\n",
+        "        if False:\n",
+        f"{T_FLOW}::test_join_any_cancels_the_losers_and_aborts_them_on_the_worker",
+    ),
+    mutation(
+        "an error that says retryable: false is retried",
+        "flowforge_orchestrator/retry.py",
+        '    if error.get("retryable", True) is False:\n',
+        "    if False:\n",
+        "tests/unit/test_retry.py",
+        f"{T_FAILURES}::test_a_400_is_not_retried",
+    ),
+    mutation(
+        "a result of an attempt that is no longer the step's current one is applied",
+        "flowforge_orchestrator/graph.py",
+        "        if node is None or node.attempt_id != result.attempt_id:\n",
+        "        if node is None:\n",
+        "tests/unit/test_graph.py::test_a_stale_attempt_is_ignored",
+        f"{T_FAILURES}::test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored",
+    ),
+    mutation(
+        "a cancellation whose notification was missed is never acted on",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "        for run_id in wanted:\n            self._cancel(run_id)\n",
+        "        pass\n",
+        f"{T_FAILURES}::test_a_cancellation_whose_notification_was_missed_is_found_by_the_slow_poll",
+    ),
+    mutation(
+        "the orchestrator does not renew its leases",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "            return await store.renew_leases(\n"
+        "                conn, self.node, self.settings.lease_seconds, list(self.runs)\n"
+        "            )\n",
+        "            return {run_id: owned.epoch for run_id, owned in self.runs.items()}\n",
+        "tests/integration/test_leases.py",
+    ),
+    Mutation(  # the fence itself still holds: runs complete, only the epoch tells
+        "a claim does not move the run's epoch on (in the row and in the owner's fence)",
+        (
+            Edit(
+                "flowforge_orchestrator/orchestrator.py",
+                "                        new_epoch=row.epoch + 1,\n",
+                "                        new_epoch=row.epoch,\n",
+            ),
+            Edit(
+                "flowforge_orchestrator/orchestrator.py",
+                "            owned.epoch = row.epoch + 1\n",
+                "            owned.epoch = row.epoch\n",
+            ),
+        ),
+        (f"{T_E2E}::test_two_orchestrators_share_a_burst_of_runs",),
+    ),
+    mutation(
+        "a slot freed while a poll claims wakes no poll (the lost wake-up)",
+        "flowforge_orchestrator/queue_worker.py",
+        "        if left_behind and self._freed_meanwhile:\n",
+        "        if False:\n",
+        f"{T_QUEUE}::test_a_slot_freed_while_a_poll_claims_wakes_another_poll",
+    ),
+    mutation(
+        "two workers may claim the same job",
+        "flowforge_orchestrator/queue_worker.py",
+        "    if redis.call('EXISTS', key) == 0 then\n",
+        "    if true then\n",
+        f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
+    ),
+    # -- what teardowns must not swallow ----------------------------------------------------
+    mutation(  # everything is still closed: only the task's outcome tells
+        "the orchestrator's shutdown lets its loops' cancellation out (in-process teardowns)",
+        "flowforge_orchestrator/orchestrator.py",
+        "        await asyncio.gather(*tasks.values(), return_exceptions=True)\n"
+        "        await self._release()\n",
+        "        await asyncio.gather(*tasks.values())\n        await self._release()\n",
+        f"{T_FLOW}::test_for_each_over_an_empty_list_completes_with_an_empty_output",
+    ),
+    mutation(
+        "SIGTERM kills the daemons instead of stopping them (seen by e2e exit codes)",
+        "flowforge_orchestrator/cli/daemons.py",
+        "    for sig in (signal.SIGTERM, signal.SIGINT):\n",
+        "    for sig in (signal.SIGINT,):\n",
+        f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: str  # killed | survived | no match | error
+    detail: str
+    seconds: float
+
+
+def _copy_repository(into: Path) -> Path:
+    """The working tree's files (tracked and untracked, not ignored) under `into`."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+    ).stdout.decode()
+    root = into / "repo"
+    for name in filter(None, listed.split("\0")):
+        source = REPO / name
+        if not source.is_file():  # deleted in the working tree
+            continue
+        target = root / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    return root
+
+
+def _environment(root: Path) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLOWFORGE_", "OTEL_", "COVERAGE_", "PYTEST_"))
+    }
+    env["PYTHONPATH"] = str(root)
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    return env
+
+
+# pytest -rfE: "FAILED <node id> - <message>"; a parametrized id may hold spaces.
+_FAILED = re.compile(r"^(?:FAILED|ERROR) (.+?)(?: - |$)", re.M)
+
+
+def _run_tests(root: Path, tests: tuple[str, ...]) -> tuple[int, str]:
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-x",
+        "-q",
+        "-rfE",
+        "-p",
+        "no:cacheprovider",
+        "-p",
+        "no:randomly",
+        *tests,
+    ]
+    try:
+        done = subprocess.run(
+            command,
+            cwd=root,
+            env=_environment(root),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return -1, f"the tests ran past {TIMEOUT} s"
+    return done.returncode, done.stdout + done.stderr
+
+
+def run_mutation(root: Path, mutation: Mutation) -> Outcome:
+    began = time.monotonic()
+    originals = {e.file: (root / e.file).read_text(encoding="utf-8") for e in mutation.edits}
+    mutated = dict(originals)
+    for edit in mutation.edits:
+        found = mutated[edit.file].count(edit.original)
+        if found != 1:
+            first = edit.original.strip().splitlines()[0]
+            detail = f"{edit.file}: the snippet {first!r}... occurs {found} times"
+            return Outcome("no match", detail, 0.0)
+        mutated[edit.file] = mutated[edit.file].replace(edit.original, edit.replacement)
+    try:
+        for name, text in mutated.items():
+            (root / name).write_text(text, encoding="utf-8")
+        code, output = _run_tests(root, mutation.tests)
+    finally:
+        for name, text in originals.items():
+            (root / name).write_text(text, encoding="utf-8")
+    seconds = time.monotonic() - began
+    if code == 1:  # pytest: some tests failed
+        killers = _FAILED.findall(output)
+        return Outcome("killed", killers[0] if killers else "(a test failed)", seconds)
+    if code == 0:
+        return Outcome("survived", "every selected test passed", seconds)
+    tail = "\n".join(output.strip().splitlines()[-15:])
+    return Outcome("error", f"pytest exited with {code}:\n{tail}", seconds)
+
+
+def _baseline(root: Path, mutations: list[Mutation]) -> str | None:
+    """The selected tests must pass on the unmutated copy, or no verdict means anything."""
+    tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+    code, output = _run_tests(root, tests)
+    if code == 0:
+        return None
+    return "\n".join(output.strip().splitlines()[-30:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.mutants", description=__doc__)
+    parser.add_argument("-k", dest="keyword", help="only mutations whose name contains this")
+    parser.add_argument("--list", action="store_true", help="print the table and exit")
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="skip running the tests unmutated first"
+    )
+    args = parser.parse_args(argv)
+    chosen = [m for m in MUTATIONS if not args.keyword or args.keyword in m.name]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name}\n    {m.files}\n    tests: {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print("no mutation matches", file=sys.stderr)
+        return 1
+    with tempfile.TemporaryDirectory(prefix="flowforge-mutants-") as tmp:
+        root = _copy_repository(Path(tmp))
+        print(f"copy: {root}", flush=True)
+        if not args.no_baseline:
+            failure = _baseline(root, chosen)
+            if failure is not None:
+                print(f"the selected tests fail without any mutation:\n{failure}")
+                return 1
+            print("baseline: the selected tests pass unmutated", flush=True)
+        outcomes: list[tuple[Mutation, Outcome]] = []
+        for mutation in chosen:
+            outcome = run_mutation(root, mutation)
+            outcomes.append((mutation, outcome))
+            print(
+                f"{outcome.verdict.upper():<9} {mutation.name}  [{outcome.seconds:.0f}s]\n"
+                f"          {outcome.detail}",
+                flush=True,
+            )
+    bad = [(m, o) for m, o in outcomes if o.verdict != "killed"]
+    print(f"\n{len(outcomes) - len(bad)} of {len(outcomes)} mutations killed")
+    for mutation, outcome in bad:
+        print(f"  {outcome.verdict}: {mutation.name} ({mutation.files})")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
