@@ -26,7 +26,7 @@ from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.graph import RunState
 from flowforge_orchestrator.orchestrator import Orchestrator, run_orchestrator
 from flowforge_orchestrator.worker import load_step_types, run_worker
-from tests.helpers import wait_for
+from tests.helpers import dispatched_attempt, wait_for
 from tests.integration.conftest import SECRETS, Engine, Steps
 
 CHAIN = """
@@ -327,6 +327,110 @@ async def test_a_reconciler_without_redis_rights_waits_for_them(
             assert run["status"] == "completed"
             await _history_is_exactly_once(engine, run_id)
             assert steps.started.count("h") == 1  # not sent again while Redis could not tell
+    finally:
+        await admin.acl_deluser(user)
+        await admin.aclose()
+
+
+DELAYED = """
+name: delayed
+version: 1
+steps:
+  - {id: pause, type: delay, duration: 0.2s}
+  - {id: after, type: echo, depends_on: [pause], with: {n: 1}}
+"""
+
+UNSERVED = """
+name: unserved
+version: 1
+steps:
+  - id: orphan
+    type: nobody_serves_this
+    timeout: 1s
+    schedule_to_start: 0.3s
+    with: {n: 1}
+"""
+
+
+async def test_a_bug_while_cancelling_gives_the_run_back_and_it_ends_alone(
+    faults: Faults, steps: Steps, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await faults.register(HELD)
+    await faults.register(CHAIN)
+    bad = await faults.submit("held")
+    await wait_for(lambda: "h" in steps.started, message="the held step never started")
+    monkeypatch.setattr(RunState, "cancel", _fail_for(bad, RunState.cancel))
+    released = faults.action("released")
+
+    await store.request_cancel(faults.conn, bad)
+
+    await wait_for(lambda: faults.action("released") > released, message="not given back")
+    good = [await faults.submit("chain", {"n": n}) for n in range(3)]
+    for run_id in good:
+        assert (await faults.finished(run_id))["status"] == "completed"
+    run = await faults.finished(bad, timeout=30)  # claimed again; its cancel fails it
+    assert run["status"] == "failed"
+    assert run["error"]["category"] == "internal_error"
+
+
+async def test_a_bug_while_firing_a_timer_fails_that_run_after_its_strikes(
+    faults: Faults, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await faults.register(DELAYED)
+    await faults.register(CHAIN)
+    bad = uuid4()
+    monkeypatch.setattr(RunState, "fire_timers", _fail_for(bad, RunState.fire_timers))
+    await faults.submit("delayed", run_id=bad)
+    good = [await faults.submit("delayed") for _ in range(3)]
+
+    run = await faults.finished(bad, timeout=30)
+
+    assert run["status"] == "failed"
+    assert "failed on this run 3 times" in run["error"]["message"]
+    for run_id in good:
+        assert (await faults.finished(run_id))["status"] == "completed"
+
+
+async def test_a_bug_while_timing_out_an_untaken_attempt_gives_the_run_back(
+    faults: Faults, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.ERROR)
+    await faults.register(UNSERVED)
+    bad = uuid4()
+    monkeypatch.setattr(RunState, "not_picked_up", _fail_for(bad, RunState.not_picked_up))
+    await faults.submit("unserved", run_id=bad)
+
+    run = await faults.finished(bad, timeout=30)
+
+    assert run["status"] == "failed"
+    assert any("timing out attempts failed" in r.getMessage() for r in caplog.records)
+    assert faults.action("released") >= 1
+
+
+async def test_an_untaken_attempt_is_timed_out_by_its_deadline_when_redis_cannot_tell(
+    settings: Settings, steps: Steps, caplog: pytest.LogCaptureFixture
+) -> None:
+    """At schedule_to_start the orchestrator asks Redis whether a worker took the attempt;
+    Redis refusing to answer leaves the attempt to its deadline, which still ends it."""
+    caplog.set_level(logging.WARNING)
+    url = settings.redis_url or ""
+    admin = aioredis.Redis.from_url(url)
+    user = f"orch{uuid4().hex[:8]}"
+    await admin.acl_setuser(
+        user, enabled=True, passwords=["+pw"], keys=["*"], channels=["*"], commands=["+@all"]
+    )
+    orch_url = url.replace("redis://", f"redis://{user}:pw@", 1)
+    try:
+        async with _engine(settings, steps, orchestrator_redis=orch_url) as engine:
+            await engine.register(UNSERVED)
+            run_id = await engine.submit("unserved")
+            await dispatched_attempt(engine.conn, run_id, "orphan")
+            await admin.acl_setuser(user, commands=["-exists"])
+            run = await engine.finished(run_id, timeout=20)
+            assert run["status"] == "failed"
+            assert run["error"]["category"] == "timeout"  # the deadline, not the probe
+            assert any("could not check" in r.getMessage() for r in caplog.records)
+            await admin.acl_setuser(user, commands=["+exists"])
     finally:
         await admin.acl_deluser(user)
         await admin.aclose()

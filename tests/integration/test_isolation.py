@@ -244,6 +244,11 @@ async def test_a_row_locked_by_another_session_delays_only_its_own_run(
         # Every good run completes while the row is still locked (and the locked run's
         # lease is renewed past the lock, or skipped without dropping it).
         await _all_completed(steps_engine, good)
+        # The lease renewal met the lock too, and renewed the other leases without it.
+        await wait_for(
+            lambda: any("renewing the others" in r.getMessage() for r in caplog.records),
+            message="the renewal never met the lock",
+        )
         assert (await steps_engine.run(locked))["status"] == "running"
         await lock.rollback()
     finally:
