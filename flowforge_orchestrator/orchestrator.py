@@ -895,12 +895,27 @@ class Orchestrator(Upkeep):
             self._attempts.pop(attempt_id, None)
         owned.attempts.clear()
 
+    async def _release_given_back(self) -> None:
+        """Expire the leases of runs given back now, so that a claim (this replica's, woken
+        here, or another's) resumes them at once; the lease loop tries again on failure."""
+        try:
+            async with self._owned_rows, self.pool.acquire() as conn:
+                released = list(self._to_release)
+                if released:
+                    await store.release_leases(conn, self.node, released)
+                    self._to_release.difference_update(released)
+        except Exception as exc:
+            log.warning("could not release given-back runs now (%s); trying again later", exc)
+            return
+        self._wake_claim.set()
+
     def _drop(self, run_id: UUID, why: str, *, give_back: bool = False) -> None:
         """Forget a run. `give_back`: we still own it but cannot go on (an error); expire
         its lease so it is resumed from its last checkpoint, and count the strike."""
         self.metrics.reconciled("released" if give_back else "dropped")
         if give_back:
             self._to_release.add(run_id)
+            self._in_background(self._release_given_back())
             self._strikes[run_id] = self._strikes.get(run_id, 0) + 1
         owned = self.runs.pop(run_id, None)
         self._dirty.discard(run_id)

@@ -58,9 +58,10 @@ class Faults(Engine):
 
 @pytest.fixture
 async def faults(settings: Settings, steps: Steps) -> AsyncIterator[Faults]:
-    """An orchestrator and a worker in this process; the orchestrator may get its own Redis
-    URL (`orchestrator_redis`), so that a test can take rights away from it alone."""
-    async with _engine(settings, steps) as engine:
+    """An orchestrator and a worker in this process (leases of 2 s: a run dropped by its
+    owner is adopted soon); `_engine` may give the orchestrator a Redis URL of its own, so
+    that a test can take rights away from it alone."""
+    async with _engine(settings.model_copy(update={"lease_seconds": 2.0}), steps) as engine:
         yield engine
 
 
