@@ -89,9 +89,7 @@ def _decode(text: str | None) -> Any:
         value = json.loads(text)
     except RecursionError:
         raise ValueError(f"it is nested more than {jsonb.MAX_DEPTH} levels deep") from None
-    if text.count("[") + text.count("{") <= jsonb.MAX_DEPTH:
-        return value  # too few brackets to be too deep: no need to walk it
-    problem = jsonb.depth_problem(value)
+    problem = jsonb.text_depth_problem(text, value)
     if problem is not None:
         raise ValueError(problem)
     return value

@@ -18,7 +18,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-__all__ = ["MAX_DEPTH", "depth_problem", "storable", "text_problem", "value_problem"]
+__all__ = [
+    "MAX_DEPTH",
+    "depth_problem",
+    "storable",
+    "text_depth_problem",
+    "text_problem",
+    "value_problem",
+]
 
 MAX_DEPTH = 64
 """Deepest nesting of lists and objects accepted in inputs and outputs."""
@@ -56,6 +63,14 @@ def depth_problem(value: Any, limit: int = MAX_DEPTH) -> str | None:
             return f"it is nested more than {limit} levels deep"
         stack.extend((child, depth + 1) for child in children)
     return None
+
+
+def text_depth_problem(text: str, value: Any, limit: int = MAX_DEPTH) -> str | None:
+    """`depth_problem` of `value`, whose JSON text is `text`: a text with fewer brackets
+    than the limit cannot be too deep, and is not walked (the common case costs a count)."""
+    if text.count("[") + text.count("{") <= limit:
+        return None
+    return depth_problem(value, limit)
 
 
 def value_problem(value: Any, limit: int = MAX_DEPTH) -> str | None:

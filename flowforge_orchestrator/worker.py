@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from arq.worker import Worker, func
 from opentelemetry import trace
 from redis.exceptions import RedisError
 
-from flowforge_orchestrator import health, logs, metrics, store, telemetry
+from flowforge_orchestrator import health, jsonb, logs, metrics, store, telemetry
 from flowforge_orchestrator.changes import json_size
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.dispatch import (
@@ -140,12 +141,26 @@ def _now() -> datetime:
 
 
 def _output_size(output: Any) -> int:
+    """The output's size in JSON bytes; StepError (`invalid_output`, not retried) when it is
+    not JSON or is nested deeper than the engine reads (`jsonb.MAX_DEPTH`)."""
     try:
-        return json_size(output)
+        text = json.dumps(output, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode())
+    except RecursionError:
+        problem: str | None = f"it is nested more than {jsonb.MAX_DEPTH} levels deep"
     except (TypeError, ValueError) as exc:
         raise StepError(
             f"the step's output is not JSON: {exc}", category="invalid_output", retryable=False
         ) from exc
+    else:
+        problem = jsonb.text_depth_problem(text, output)
+    if problem is not None:
+        raise StepError(
+            f"the step's output cannot be used: {problem}",
+            category="invalid_output",
+            retryable=False,
+        )
+    return size
 
 
 def _error_of(exc: BaseException, timeout: float) -> dict[str, Any]:
@@ -265,15 +280,9 @@ class WorkerRuntime:
         checked again: `[REDACTED]` may be longer than what it replaced)."""
         if redactor.empty:
             return outcome, output, error
-        try:
-            output, error = redactor.value(output), redactor.value(error)
-        except RecursionError:
-            failure = StepError(
-                "the step's output is nested too deeply to be checked for secrets",
-                category="invalid_output",
-                retryable=False,
-            )
-            return "failed", None, failure.to_dict()
+        # Outputs nested deeper than jsonb.MAX_DEPTH were refused already: this recursion
+        # is bounded.
+        output, error = redactor.value(output), redactor.value(error)
         if output is not None:
             size = json_size(output)
             if size > self.settings.max_output_bytes:
