@@ -72,6 +72,9 @@ T_FLOW = "tests/integration/test_control_flow.py"
 T_FAILURES = "tests/integration/test_failures.py"
 T_QUEUE = "tests/integration/test_queue_worker.py"
 T_E2E = "tests/e2e/test_processes.py"
+T_ISOLATION = "tests/integration/test_isolation.py"
+T_FAULTS = "tests/integration/test_engine_faults.py"
+T_WORKER = "tests/integration/test_worker_faults.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # -- canaries: the copy is what runs, in process and in the daemons ---------------------
@@ -102,8 +105,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     mutation(
         "the group commit writes without the epoch fence",
         "flowforge_orchestrator/store/queries.py",
-        "    WHERE r.id = u.id AND r.epoch = u.epoch\n",
-        "    WHERE r.id = u.id\n",
+        "    WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}\n",
+        "    WHERE r.id = u.id{only_locked}\n",
         f"{T_STORE}::test_write_changes_is_fenced_by_the_epoch",
     ),
     mutation(
@@ -146,10 +149,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     mutation(
         "the orchestrator does not renew its leases",
         "flowforge_orchestrator/orchestrator_upkeep.py",
-        "            return await store.renew_leases(\n"
-        "                conn, self.node, self.settings.lease_seconds, list(self.runs)\n"
-        "            )\n",
-        "            return {run_id: owned.epoch for run_id, owned in self.runs.items()}\n",
+        "                return await store.renew_leases(conn, self.node, "
+        "self.settings.lease_seconds, owned)\n",
+        "                return {run_id: o.epoch for run_id, o in self.runs.items()}\n",
         "tests/integration/test_leases.py",
     ),
     Mutation(  # the fence itself still holds: runs complete, only the epoch tells
@@ -181,6 +183,139 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    if redis.call('EXISTS', key) == 0 then\n",
         "    if true then\n",
         f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
+    ),
+    # -- one run's fault stays its own (the claim, the group commit, the leases) ------------
+    mutation(
+        "a claim the database refuses is not halved: no run of it is claimed",
+        "flowforge_orchestrator/orchestrator.py",
+        "            if not store.is_member_fault(exc) or not tried:\n",
+        "            if True:\n",
+        f"{T_ISOLATION}::test_a_run_refused_at_claim_fails_alone_and_the_others_complete",
+    ),
+    mutation(
+        "a group commit the database refuses fails every run of it",
+        "flowforge_orchestrator/orchestrator.py",
+        "                return _Verdict(failed=[(items[0], exc)])\n"
+        "            half = len(items) // 2\n",
+        "                return _Verdict(failed=[(items[0], exc)])\n"
+        "            return _Verdict(failed=[(item, exc) for item in items])\n"
+        "            half = len(items) // 2\n",
+        f"{T_ISOLATION}::test_a_run_refused_mid_way_fails_after_its_last_stored_transition",
+    ),
+    mutation(
+        "a run whose failure cannot be stored is claimed again and again",
+        "flowforge_orchestrator/orchestrator.py",
+        "        self._set_apart.add(run_id)\n",
+        "        pass\n",
+        f"{T_ISOLATION}::test_a_run_whose_failure_cannot_be_stored_is_set_apart",
+    ),
+    mutation(
+        "the orchestrator waits as long as it takes for a row locked elsewhere",
+        "flowforge_orchestrator/orchestrator.py",
+        "            lock_timeout=settings.lock_timeout,\n",
+        "            lock_timeout=None,\n",
+        f"{T_ISOLATION}::test_a_row_locked_by_another_session_delays_only_its_own_run",
+    ),
+    mutation(
+        "the lease renewal does not renew the others when one row is locked",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "                if not store.is_lock_timeout(exc):\n                    raise\n",
+        "                raise\n",
+        f"{T_ISOLATION}::test_a_row_locked_by_another_session_delays_only_its_own_run",
+    ),
+    mutation(
+        "an input over the context limit is not refused at claim",
+        "flowforge_orchestrator/orchestrator.py",
+        "                    if size > limit:\n",
+        "                    if False:\n",
+        f"{T_ISOLATION}::test_an_input_over_the_context_limit_is_refused_before_any_step",
+    ),
+    mutation(
+        "a deleted run leaves its history and results behind",
+        "sql/0010_isolation.sql",
+        "CREATE TRIGGER runs_forget_deleted AFTER DELETE ON flowforge.runs\n"
+        "    REFERENCING OLD TABLE AS deleted_runs\n"
+        "    FOR EACH STATEMENT EXECUTE FUNCTION flowforge.runs_forget_deleted();\n",
+        "",
+        f"{T_ISOLATION}::test_a_deleted_run_takes_its_rows_and_its_id_starts_afresh",
+    ),
+    mutation(
+        "attempt ids ignore the run's incarnation",
+        "flowforge_orchestrator/nodes.py",
+        '    run = f"{run_id}@{incarnation}" if incarnation else str(run_id)\n',
+        "    run = str(run_id)\n",
+        f"{T_ISOLATION}::test_a_deleted_run_takes_its_rows_and_its_id_starts_afresh",
+    ),
+    mutation(
+        "a run may be inserted running, with an owner or a checkpoint",
+        "sql/0010_isolation.sql",
+        "    IF NEW.status <> 'pending' OR NEW.owner IS NOT NULL",
+        "    IF false AND NEW.owner IS NOT NULL",
+        f"{T_ISOLATION}::test_a_run_is_inserted_pending_and_nothing_else",
+    ),
+    # -- the orchestrator's error paths -------------------------------------------------------
+    mutation(
+        "a run the engine keeps failing on is never failed (no strike limit)",
+        "flowforge_orchestrator/orchestrator.py",
+        "MAX_STRIKES = 3 ",
+        "MAX_STRIKES = 10**9 ",
+        f"{T_FAULTS}::test_a_run_whose_results_cannot_be_applied_fails_after_its_strikes",
+    ),
+    mutation(
+        "a bug while starting one run fails the whole claim",
+        "flowforge_orchestrator/orchestrator.py",
+        "                    if store.is_database_error(exc):\n",
+        "                    if True:\n",
+        f"{T_FAULTS}::test_a_bug_while_starting_one_run_fails_that_run_only",
+    ),
+    mutation(
+        "a commit refused by the epoch is taken as written",
+        "flowforge_orchestrator/orchestrator.py",
+        "            else:\n                verdict.lost.append(item)\n",
+        "            else:\n                verdict.written.append(item)\n",
+        f"{T_FAULTS}::test_a_commit_after_the_epoch_moved_on_is_refused_and_the_run_resumes_once",
+    ),
+    mutation(
+        "a lease lost to another owner is kept",
+        "flowforge_orchestrator/orchestrator_upkeep.py",
+        '                    self._drop(run_id, "lease lost")\n',
+        "                    pass\n",
+        f"{T_FAULTS}::test_a_lease_lost_to_another_owner_is_dropped_and_the_run_adopted",
+    ),
+    # -- the worker's error paths --------------------------------------------------------------
+    mutation(
+        "a custom step's output over the limit is stored",
+        "flowforge_orchestrator/worker.py",
+        "        if size > self.settings.max_output_bytes:\n"
+        "            too_large = PayloadTooLarge(\n"
+        "                step_id=job.step_id,\n",
+        "        if False:\n"
+        "            too_large = PayloadTooLarge(\n"
+        "                step_id=job.step_id,\n",
+        f"{T_WORKER}::test_a_custom_steps_output_over_the_limit_fails_its_attempt",
+    ),
+    mutation(
+        "a job for a type the worker lacks fails as a retryable TypeError",
+        "flowforge_orchestrator/worker.py",
+        "        if fn is None:\n",
+        "        if False:\n",
+        f"{T_WORKER}::test_a_job_for_a_type_this_worker_lacks_fails_without_retry",
+    ),
+    mutation(
+        "results whose write failed unexpectedly are acknowledged unwritten",
+        "flowforge_orchestrator/result_writer.py",
+        "                    self._queue[:0] = batch\n"
+        "                    await asyncio.sleep(1.0)\n",
+        "                    for result in batch:\n"
+        "                        result.done.set_result(None)\n",
+        f"{T_WORKER}::test_a_result_write_failing_for_an_unforeseen_reason_is_tried_again",
+    ),
+    mutation(
+        "bounded retries try once more than they are allowed",
+        "flowforge_orchestrator/store/db.py",
+        "            if attempts is not None and attempt >= attempts:\n",
+        "            if attempts is not None and attempt > attempts:\n",
+        f"{T_WORKER}::test_bounded_retries_give_up_with_a_transient_store_error",
     ),
     # -- what teardowns must not swallow ----------------------------------------------------
     mutation(  # everything is still closed: only the task's outcome tells
