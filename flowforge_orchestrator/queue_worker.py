@@ -22,6 +22,7 @@ per poll: the next poll serves every slot freed until it counts its own.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import Any
 
@@ -173,6 +174,13 @@ class WakeableWorker(Worker):
         except Exception as exc:  # the poll delay still brings it round
             log.debug("waking the poll of %s failed: %s", self.queue_name, exc)
             self._wake_sent = False  # none is on its way: the next freed slot tries again
+
+    async def drop_idle_connections(self) -> None:
+        """Close the pool's idle connections (after Redis failed, they are dead: the server
+        closed them); the next command opens a new one."""
+        if self._pool is not None:
+            with contextlib.suppress(Exception):
+                await self._pool.connection_pool.disconnect(inuse_connections=False)
 
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call; the pool is closed

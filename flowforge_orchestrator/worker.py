@@ -395,21 +395,34 @@ async def _serve_health(
     return server
 
 
-async def _serve_queue(worker: Worker) -> None:
+REDIS_RETRY_MAX = 1.0  # seconds: a Redis that is back is used within about this
+
+
+async def _serve_queue(worker: WakeableWorker) -> None:
     """arq's poll loop, started again when Redis goes away (arq lets the error out): a
     restarted or failed-over Redis must not end the worker. Attempts in flight go on; their
-    results go to PostgreSQL, which needs no Redis."""
-    delay = 0.1
+    results go to PostgreSQL, which needs no Redis. Tries again at most a second apart, and
+    warns once per outage; the pool's idle connections, which the server closed, are
+    dropped rather than kept half-closed."""
+    loop = asyncio.get_running_loop()
+    delay, failed_at = 0.1, None
     while True:
         try:
             await worker.main()
             return
         except (OSError, RedisError) as exc:
-            log.warning(
-                "queue %s: Redis failed (%s); polling again in %.1fs", worker.queue_name, exc, delay
-            )
+            now = loop.time()
+            if failed_at is None or now - failed_at > 5 * REDIS_RETRY_MAX:  # a new outage
+                delay = 0.1
+                log.warning(
+                    "queue %s: Redis failed (%s); trying again until it answers",
+                    worker.queue_name,
+                    exc,
+                )
+            failed_at = now
+            await worker.drop_idle_connections()
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+            delay = min(delay * 2, REDIS_RETRY_MAX)
 
 
 async def run_worker(

@@ -284,6 +284,13 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     # -- the worker's error paths --------------------------------------------------------------
     mutation(
+        "a worker keeps the connections Redis closed in its pool",
+        "flowforge_orchestrator/queue_worker.py",
+        "                await self._pool.connection_pool.disconnect(inuse_connections=False)\n",
+        "                pass\n",
+        f"{T_RECOVERY}::test_after_each_redis_outage_steps_flow_within_seconds_and_no_socket_is_left",
+    ),
+    mutation(
         "a custom step's output over the limit is stored",
         "flowforge_orchestrator/worker.py",
         "        if size > self.settings.max_output_bytes:\n"

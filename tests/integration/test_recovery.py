@@ -109,6 +109,58 @@ async def test_a_redis_restart_that_loses_everything_loses_no_run(
             own_redis.stop()
 
 
+def _half_closed(port: int) -> int:
+    """TCP connections to `port` that the server closed and this machine's side did not
+    (CLOSE_WAIT): sockets a client leaks when it keeps dead connections in a pool."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                remote, state = fields[2], fields[3]
+                if state == "08" and int(remote.rsplit(":", 1)[1], 16) == port:
+                    count += 1
+    return count
+
+
+async def test_after_each_redis_outage_steps_flow_within_seconds_and_no_socket_is_left(
+    settings: Settings, steps: Steps
+) -> None:
+    """Three outages of Redis (down for a second each, back empty): after each, a new run's
+    step reaches the worker within seconds, and no connection the server closed is kept."""
+    own_redis = LocalRedis(durable=False).start()
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    await store.apply_migrations(settings.database_url or "")
+    conn = await store.connect(settings.database_url or "")
+    stop, tasks = await start_engine(settings, {"echo": steps.echo, "hold": steps.hold})
+    try:
+        engine = Engine(settings, conn)
+        await engine.register(LATE)
+        steps.release.set()
+        for outage in range(3):
+            before = await engine.submit("late")
+            assert (await engine.finished(before))["status"] == "completed"
+            own_redis._stop_process()  # down, keeping the port
+            await wait_for(lambda: not own_redis.pid, message="Redis did not stop")
+            await asyncio.sleep(1.0)  # an outage of a second: the processes notice it
+            own_redis.start()
+            after = await engine.submit("late")
+            # Within seconds (the worker retries at most a second apart), not a poll delay.
+            run = await engine.finished(after, timeout=8)
+            assert run["status"] == "completed", (outage, run["error"])
+            await wait_for(
+                lambda: _half_closed(own_redis.port) == 0,
+                message=f"connections to Redis left half-closed after outage {outage + 1}",
+            )
+    finally:
+        stop.set()
+        try:
+            await stop_tasks(tasks)
+        finally:
+            await conn.close()
+            own_redis.stop()
+
+
 async def test_a_postgres_restart_is_ridden_out_by_orchestrator_and_worker(
     settings: Settings, steps: Steps
 ) -> None:
