@@ -38,6 +38,7 @@ chaos *ARGS:
     python -m tests.chaos {{ARGS}}
 
 lint:
+    lint-imports
     ruff check flowforge_orchestrator tests
     ruff format --check flowforge_orchestrator tests
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from flowforge_orchestrator.steps.destinations import parse_entries
+from flowforge_orchestrator.core.destinations import parse_entries
 
 __all__ = ["Settings"]
 

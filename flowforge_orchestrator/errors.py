@@ -124,9 +124,11 @@ class NotFound(FlowForgeError):
 class JobRefused(FlowForgeError):
     """A job a worker will not run: unsigned, altered, or not the job it claims to be.
 
-    `reason` is a short label for logs and metrics (`bad_signature`, `wrong_job_id`, ...);
-    the message never quotes the job's parameters.
+    `reason` is a short label for logs and metrics (one of `REASONS`); the message never
+    quotes the job's parameters.
     """
+
+    REASONS = ("malformed", "bad_signature", "wrong_job_id", "wrong_queue")
 
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)

@@ -23,10 +23,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "flowforge_orchestrator"
 
 # What each floor covers (files, or a directory taken as a whole) -> its floor in percent.
 FLOORS: dict[str, float] = {
-    "orchestrator.py": 90.0,
-    "orchestrator_upkeep.py": 90.0,
-    "result_writer.py": 90.0,
-    "worker.py": 90.0,
+    "engine/orchestrator.py": 90.0,
+    "engine/upkeep.py": 90.0,
+    "worker/results.py": 90.0,
+    "worker/runtime.py": 90.0,
     "store/": 90.0,
 }
 

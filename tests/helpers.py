@@ -11,7 +11,7 @@ from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.attempt_tokens import AttemptTokens, ResultVerifier
+from flowforge_orchestrator.core.tokens import AttemptTokens, ResultVerifier
 
 __all__ = [
     "cancel_tasks",

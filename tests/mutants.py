@@ -80,7 +80,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- canaries: the copy is what runs, in process and in the daemons ---------------------
     mutation(
         "canary: the tests import the copy (in process)",
-        "flowforge_orchestrator/durations.py",
+        "flowforge_orchestrator/core/durations.py",
         "    return _checked(value, _parse_units(value, text))\n",
         "    return -1.0  # the mutated copy\n",
         "tests/unit/test_durations.py",
@@ -96,7 +96,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the engine's critical decisions ---------------------------------------------------
     mutation(
         "the reconciler does not send again the jobs Redis lost",
-        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "flowforge_orchestrator/engine/upkeep.py",
         "            self._undelivered.extend(sent[a] for a in lost)\n"
         "            await self._redeliver()\n",
         "            pass\n",
@@ -111,21 +111,21 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a worker's results are not batched (one transaction each)",
-        "flowforge_orchestrator/result_writer.py",
+        "flowforge_orchestrator/worker/results.py",
         "MAX_BATCH = 500\n",
         "MAX_BATCH = 1\n",
         f"{T_WRITER}::test_results_finishing_together_share_transactions_and_each_waits_for_its_own",
     ),
     mutation(
         "the losers of a join are not aborted on the worker",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "        if changes.aborts:\n",
         "        if False:\n",
         f"{T_FLOW}::test_join_any_cancels_the_losers_and_aborts_them_on_the_worker",
     ),
     mutation(
         "an error that says retryable: false is retried",
-        "flowforge_orchestrator/retry.py",
+        "flowforge_orchestrator/core/retry.py",
         '    if error.get("retryable", True) is False:\n',
         "    if False:\n",
         "tests/unit/test_retry.py",
@@ -133,7 +133,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a result of an attempt that is no longer the step's current one is applied",
-        "flowforge_orchestrator/graph.py",
+        "flowforge_orchestrator/core/graph/run.py",
         "        if node is None or node.attempt_id != result.attempt_id:\n",
         "        if node is None:\n",
         "tests/unit/test_graph.py::test_a_stale_attempt_is_ignored",
@@ -141,14 +141,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a cancellation whose notification was missed is never acted on",
-        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "flowforge_orchestrator/engine/upkeep.py",
         "        for run_id in wanted:\n            self._cancel(run_id)\n",
         "        pass\n",
         f"{T_FAILURES}::test_a_cancellation_whose_notification_was_missed_is_found_by_the_slow_poll",
     ),
     mutation(
         "the orchestrator does not renew its leases",
-        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "flowforge_orchestrator/engine/upkeep.py",
         "                return await store.renew_leases(conn, self.node, "
         "self.settings.lease_seconds, owned)\n",
         "                return {run_id: o.epoch for run_id, o in self.runs.items()}\n",
@@ -158,12 +158,12 @@ MUTATIONS: tuple[Mutation, ...] = (
         "a claim does not move the run's epoch on (in the row and in the owner's fence)",
         (
             Edit(
-                "flowforge_orchestrator/orchestrator.py",
+                "flowforge_orchestrator/engine/orchestrator.py",
                 "                        new_epoch=row.epoch + 1,\n",
                 "                        new_epoch=row.epoch,\n",
             ),
             Edit(
-                "flowforge_orchestrator/orchestrator.py",
+                "flowforge_orchestrator/engine/orchestrator.py",
                 "            owned.epoch = row.epoch + 1\n",
                 "            owned.epoch = row.epoch\n",
             ),
@@ -172,14 +172,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a slot freed while a poll claims wakes no poll (the lost wake-up)",
-        "flowforge_orchestrator/queue_worker.py",
+        "flowforge_orchestrator/queue/woken.py",
         "        if left_behind and self._freed_meanwhile:\n",
         "        if False:\n",
         f"{T_QUEUE}::test_a_slot_freed_while_a_poll_claims_wakes_another_poll",
     ),
     mutation(
         "two workers may claim the same job",
-        "flowforge_orchestrator/queue_worker.py",
+        "flowforge_orchestrator/queue/woken.py",
         "    if redis.call('EXISTS', key) == 0 then\n",
         "    if true then\n",
         f"{T_QUEUE}::test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_share_one",
@@ -187,14 +187,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- one run's fault stays its own (the claim, the group commit, the leases) ------------
     mutation(
         "a claim the database refuses is not halved: no run of it is claimed",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "            if not store.is_member_fault(exc) or not tried:\n",
         "            if True:\n",
         f"{T_ISOLATION}::test_a_run_refused_at_claim_fails_alone_and_the_others_complete",
     ),
     mutation(
         "a group commit the database refuses fails every run of it",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "                return _Verdict(failed=[(items[0], exc)])\n"
         "            half = len(items) // 2\n",
         "                return _Verdict(failed=[(items[0], exc)])\n"
@@ -204,28 +204,28 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a run whose failure cannot be stored is claimed again and again",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "        self._set_apart.add(run_id)\n",
         "        pass\n",
         f"{T_ISOLATION}::test_a_run_whose_failure_cannot_be_stored_is_set_apart",
     ),
     mutation(
         "the orchestrator waits as long as it takes for a row locked elsewhere",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "            lock_timeout=settings.lock_timeout,\n",
         "            lock_timeout=None,\n",
         f"{T_ISOLATION}::test_a_row_locked_by_another_session_delays_only_its_own_run",
     ),
     mutation(
         "the lease renewal does not renew the others when one row is locked",
-        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "flowforge_orchestrator/engine/upkeep.py",
         "                if not store.is_lock_timeout(exc):\n                    raise\n",
         "                raise\n",
         f"{T_ISOLATION}::test_a_row_locked_by_another_session_delays_only_its_own_run",
     ),
     mutation(
         "an input over the context limit is not refused at claim",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "                    if size > limit:\n",
         "                    if False:\n",
         f"{T_ISOLATION}::test_an_input_over_the_context_limit_is_refused_before_any_step",
@@ -241,7 +241,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "attempt ids ignore the run's incarnation",
-        "flowforge_orchestrator/nodes.py",
+        "flowforge_orchestrator/core/graph/nodes.py",
         '    run = f"{run_id}@{incarnation}" if incarnation else str(run_id)\n',
         "    run = str(run_id)\n",
         f"{T_ISOLATION}::test_a_deleted_run_takes_its_rows_and_its_id_starts_afresh",
@@ -256,28 +256,28 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the orchestrator's error paths -------------------------------------------------------
     mutation(
         "a run the engine keeps failing on is never failed (no strike limit)",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "MAX_STRIKES = 3 ",
         "MAX_STRIKES = 10**9 ",
         f"{T_FAULTS}::test_a_run_whose_results_cannot_be_applied_fails_after_its_strikes",
     ),
     mutation(
         "a bug while starting one run fails the whole claim",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "                    if store.is_database_error(exc):\n",
         "                    if True:\n",
         f"{T_FAULTS}::test_a_bug_while_starting_one_run_fails_that_run_only",
     ),
     mutation(
         "a commit refused by the epoch is taken as written",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "            else:\n                verdict.lost.append(item)\n",
         "            else:\n                verdict.written.append(item)\n",
         f"{T_FAULTS}::test_a_commit_after_the_epoch_moved_on_is_refused_and_the_run_resumes_once",
     ),
     mutation(
         "a lease lost to another owner is kept",
-        "flowforge_orchestrator/orchestrator_upkeep.py",
+        "flowforge_orchestrator/engine/upkeep.py",
         '                    self._drop(run_id, "lease lost")\n',
         "                    pass\n",
         f"{T_FAULTS}::test_a_lease_lost_to_another_owner_is_dropped_and_the_run_adopted",
@@ -285,14 +285,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the worker's error paths --------------------------------------------------------------
     mutation(
         "a worker keeps the connections Redis closed in its pool",
-        "flowforge_orchestrator/queue_worker.py",
+        "flowforge_orchestrator/queue/woken.py",
         "                await self._pool.connection_pool.disconnect(inuse_connections=False)\n",
         "                pass\n",
         f"{T_RECOVERY}::test_after_each_redis_outage_steps_flow_within_seconds_and_no_socket_is_left",
     ),
     mutation(
         "a custom step's output over the limit is stored",
-        "flowforge_orchestrator/worker.py",
+        "flowforge_orchestrator/worker/runtime.py",
         "        if size > self.settings.max_output_bytes:\n"
         "            too_large = PayloadTooLarge(\n"
         "                step_id=job.step_id,\n",
@@ -303,14 +303,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a job for a type the worker lacks fails as a retryable TypeError",
-        "flowforge_orchestrator/worker.py",
+        "flowforge_orchestrator/worker/runtime.py",
         "        if fn is None:\n",
         "        if False:\n",
         f"{T_WORKER}::test_a_job_for_a_type_this_worker_lacks_fails_without_retry",
     ),
     mutation(
         "results whose write failed unexpectedly are acknowledged unwritten",
-        "flowforge_orchestrator/result_writer.py",
+        "flowforge_orchestrator/worker/results.py",
         "                    self._queue[:0] = batch\n"
         "                    await asyncio.sleep(1.0)\n",
         "                    for result in batch:\n"
@@ -327,7 +327,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- what teardowns must not swallow ----------------------------------------------------
     mutation(  # everything is still closed: only the task's outcome tells
         "the orchestrator's shutdown lets its loops' cancellation out (in-process teardowns)",
-        "flowforge_orchestrator/orchestrator.py",
+        "flowforge_orchestrator/engine/orchestrator.py",
         "        await asyncio.gather(*tasks.values(), return_exceptions=True)\n"
         "        await self._release()\n",
         "        await asyncio.gather(*tasks.values())\n        await self._release()\n",

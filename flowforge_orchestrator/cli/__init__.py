@@ -22,7 +22,7 @@ from flowforge_orchestrator.cli import daemons, definitions, ops, runs
 from flowforge_orchestrator.cli.common import load_settings
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
-from flowforge_orchestrator.logs import configure_logging
+from flowforge_orchestrator.ops.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 

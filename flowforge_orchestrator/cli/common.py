@@ -16,7 +16,7 @@ from pydantic import SecretStr, ValidationError
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.durations import ACCEPTED_FORMS, parse_duration
+from flowforge_orchestrator.core.durations import ACCEPTED_FORMS, parse_duration
 from flowforge_orchestrator.errors import ConfigError
 
 __all__ = [

@@ -12,11 +12,12 @@ from typing import Any
 
 from pydantic import SecretStr
 
-from flowforge_orchestrator import sdnotify, store, telemetry
+from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import add_command, need_db, secrets, with_job_key
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.destinations import allow_loopback
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.steps.destinations import allow_loopback
+from flowforge_orchestrator.ops import sdnotify, telemetry
 
 __all__ = ["add_commands", "require_schema"]
 
@@ -77,8 +78,8 @@ async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from flowforge_orchestrator.orchestrator import run_orchestrator
-    from flowforge_orchestrator.worker import load_step_types, run_worker
+    from flowforge_orchestrator.engine.orchestrator import run_orchestrator
+    from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 
     console = settings.otel_console or args.otel_console
     telemetry.configure(service_name="flowforge-orchestrator", console=console)
@@ -108,7 +109,7 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
-    from flowforge_orchestrator.worker import load_step_types, run_worker
+    from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 
     if not settings.database_url or not settings.redis_url:
         raise ConfigError(
@@ -131,7 +132,7 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
-    from flowforge_orchestrator.demo import run_demo
+    from flowforge_orchestrator.cli.demo import run_demo
 
     async with _services(settings) as live:
         # The demo serves its endpoints on 127.0.0.1, whichever servers it uses.

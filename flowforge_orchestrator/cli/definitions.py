@@ -5,23 +5,32 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import add_command, connection
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.definitions import (
+from flowforge_orchestrator.core.definition.models import (
+    WorkflowDefinition,
     definition_json_schema,
-    load_definition,
-    parse_definition,
 )
-from flowforge_orchestrator.errors import ConfigError, FlowForgeError, NotFound
+from flowforge_orchestrator.core.definition.parse import parse_definition, parse_definition_text
+from flowforge_orchestrator.errors import (
+    ConfigError,
+    DefinitionError,
+    DefinitionProblem,
+    FlowForgeError,
+    NotFound,
+)
 from flowforge_orchestrator.store import reads
 
-__all__ = ["add_commands", "spec_yaml"]
+__all__ = ["add_commands", "load_definition", "spec_yaml"]
+
+Format = Literal["yaml", "json"]
 
 
 def spec_yaml(spec: Any) -> str:
@@ -149,3 +158,21 @@ def add_commands(sub: Any) -> None:
     diff.add_argument("old", type=int, metavar="V1")
     diff.add_argument("new", type=int, metavar="V2", nargs="?", help="default: the latest")
     diff.add_argument("-U", "--context", type=int, default=3, help="lines of context")
+
+
+def load_definition(
+    path: Path | str, *, known_types: Collection[str] | None = None
+) -> WorkflowDefinition:
+    """Read and validate a `.yaml`, `.yml` or `.json` file."""
+    path = Path(path)
+    source = str(path)
+    formats: dict[str, Format] = {".yaml": "yaml", ".yml": "yaml", ".json": "json"}
+    format = formats.get(path.suffix.lower())
+    if format is None:
+        problem = "unsupported file type: use .yaml, .yml or .json"
+        raise DefinitionError([DefinitionProblem(problem, source)])
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DefinitionError([DefinitionProblem(f"cannot read the file: {exc}", source)]) from exc
+    return parse_definition_text(text, format=format, source=source, known_types=known_types)

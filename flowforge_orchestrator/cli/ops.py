@@ -24,9 +24,10 @@ from flowforge_orchestrator.cli.config_view import (
     settings_table,
 )
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.definitions import TaskStep, parse_definition
-from flowforge_orchestrator.dispatch import queue_name
+from flowforge_orchestrator.core.definition.models import TaskStep
+from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
+from flowforge_orchestrator.queue.dispatch import queue_name
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.store.migrations import load_migrations
 

@@ -15,19 +15,19 @@ from flowforge_orchestrator.cli.common import (
     point_in_time,
     run_id_arg,
 )
-from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.enqueue import enqueue, redrive
-from flowforge_orchestrator.errors import ConfigError, NotFound, RedriveError
-from flowforge_orchestrator.run_pictures import render_dot, render_mermaid
-from flowforge_orchestrator.run_render import MAX_ELEMENTS, render_tree
-from flowforge_orchestrator.runs_view import (
+from flowforge_orchestrator.cli.follow import (
     follow_run,
     format_run,
     run_details,
     run_steps,
     steps_json,
 )
+from flowforge_orchestrator.client import enqueue, redrive
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.errors import ConfigError, NotFound, RedriveError
 from flowforge_orchestrator.store import reads
+from flowforge_orchestrator.views.pictures import render_dot, render_mermaid
+from flowforge_orchestrator.views.render import MAX_ELEMENTS, render_tree
 
 __all__ = ["add_commands"]
 

@@ -314,7 +314,7 @@ ON CONFLICT DO NOTHING
 # -- results -------------------------------------------------------------------------------
 
 # Output and error as text: each row is decoded (and its token checked) on its own, so one
-# row that cannot be decoded never fails the fetch of the others (attempt_tokens.py).
+# row that cannot be decoded never fails the fetch of the others (core/tokens.py).
 RESULT_COLUMNS = (
     "attempt_id, run_id, step_id, outcome, output::text AS output, error::text AS error,"
     " token, worker, started_at, finished_at"

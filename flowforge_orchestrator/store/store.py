@@ -15,17 +15,19 @@ from uuid import UUID
 
 import asyncpg
 
-from flowforge_orchestrator.attempt_tokens import ResultVerifier, StoredResult
-from flowforge_orchestrator.changes import RunChanges, StepResult
-from flowforge_orchestrator.definitions import WorkflowDefinition
+from flowforge_orchestrator.core.definition.models import WorkflowDefinition
+from flowforge_orchestrator.core.records import RunChanges, StepResult
+from flowforge_orchestrator.core.tokens import ResultVerifier, StoredResult
 from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.store import queries as q
 from flowforge_orchestrator.store.db import json_texts
+from flowforge_orchestrator.store.migrations import pending_on
 
 __all__ = [
     "ClaimedRun",
     "Definition",
     "acquire_concurrency",
+    "answers",
     "claim_runs",
     "definition_spec",
     "engine_secret",
@@ -37,6 +39,7 @@ __all__ = [
     "insert_definition",
     "insert_result",
     "last_seq",
+    "missing_migrations",
     "register_definition",
     "write_changes",
     "write_changes_skip_locked",
@@ -535,6 +538,19 @@ async def run_events(
 async def ping(conn: asyncpg.Connection) -> None:
     """A round trip: the database answers on this connection."""
     await conn.fetchval(q.PING)
+
+
+async def answers(pool: asyncpg.Pool) -> None:
+    """A round trip on a pooled connection (the readiness probe's)."""
+    async with pool.acquire() as conn:
+        await ping(conn)
+
+
+async def missing_migrations(pool: asyncpg.Pool) -> list[str]:
+    """The migrations this code knows that the database lacks (`0012_name`), on a pooled
+    connection (the readiness probe's: it opens none of its own)."""
+    async with pool.acquire() as conn:
+        return [f"{m.version:04d}_{m.name}" for m in await pending_on(conn)]
 
 
 @dataclass(frozen=True)

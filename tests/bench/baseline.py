@@ -29,7 +29,7 @@ from arq.jobs import deserialize_result
 from arq.utils import timestamp_ms
 from arq.worker import Worker, func
 
-from flowforge_orchestrator.dispatch import json_deserializer, json_serializer, redis_settings
+from flowforge_orchestrator.queue.dispatch import json_deserializer, json_serializer, redis_settings
 from tests.bench.processes import WorkloadFailed, until
 
 __all__ = ["RAW_QUEUE", "RawArq", "serve"]

@@ -26,10 +26,10 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.dispatch import queue_name
+from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.errors import DefinitionError
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
+from flowforge_orchestrator.queue.dispatch import queue_name
 from tests.bench.baseline import RAW_QUEUE, RawArq
 from tests.bench.processes import Proc, start
 

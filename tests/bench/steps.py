@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowforge_orchestrator.worker import StepContext, step_type
+from flowforge_orchestrator.worker.runtime import StepContext, step_type
 
 __all__ = ["noop"]
 

@@ -17,7 +17,7 @@ from collections import defaultdict
 from itertools import pairwise
 from typing import Any
 
-from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.client import enqueue
 from tests.bench.cluster import STEP_TYPE, Cluster
 from tests.bench.processes import WorkloadFailed, until
 

@@ -40,8 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.client import enqueue
+from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.errors import FlowForgeError
 from tests.bench.cluster import REPO
 from tests.chaos.audit import audit, histories

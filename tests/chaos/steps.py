@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowforge_orchestrator.steps.http import run_http_step
-from flowforge_orchestrator.worker import StepContext, step_type
+from flowforge_orchestrator.worker.runtime import StepContext, step_type
+from flowforge_orchestrator.worker.steps.http import run_http_step
 
 __all__ = ["ATTEMPT_HEADER", "RUN_HEADER", "STEP_HEADER", "TRY_HEADER", "tracked_http"]
 

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.signed_jobs import JobKeys
+from flowforge_orchestrator.queue.jobs import JobKeys
 from tests.deploy.paths import DEPLOY, required_tool, venv_tool
 
 KUBERNETES = DEPLOY / "kubernetes"

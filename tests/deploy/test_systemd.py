@@ -11,7 +11,7 @@ import pytest
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.signed_jobs import JobKeys
+from flowforge_orchestrator.queue.jobs import JobKeys
 from tests.deploy.paths import DEPLOY, required_tool, venv_tool
 
 SYSTEMD = DEPLOY / "systemd"

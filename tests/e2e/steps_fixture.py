@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from flowforge_orchestrator.worker import StepContext, step_type
+from flowforge_orchestrator.worker.runtime import StepContext, step_type
 from tests.helpers import poll
 
 __all__ = ["echo", "slow"]

@@ -26,8 +26,8 @@ import pytest
 import yaml
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.client import enqueue
+from flowforge_orchestrator.core.definition.parse import parse_definition
 from tests.chaos.audit import audit
 from tests.conftest import TEST_JOB_KEY
 from tests.helpers import wait_for

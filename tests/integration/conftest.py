@@ -13,12 +13,18 @@ import yaml
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from flowforge_orchestrator import store, telemetry
+from flowforge_orchestrator import store
+from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.enqueue import enqueue
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import StepContext, StepFunction, load_step_types, run_worker
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
+from flowforge_orchestrator.ops import telemetry
+from flowforge_orchestrator.worker.runtime import (
+    StepContext,
+    StepFunction,
+    load_step_types,
+    run_worker,
+)
 from tests.helpers import stop_tasks, wait_for
 
 SECRETS = {"TOKEN": "s3cret-value"}

@@ -11,8 +11,8 @@ import asyncpg
 import pytest
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.client import enqueue, redrive
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.enqueue import enqueue, redrive
 from tests.helpers import wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 

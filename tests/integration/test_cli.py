@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 
 from flowforge_orchestrator.cli import main
-from flowforge_orchestrator.demo import DemoShop
+from flowforge_orchestrator.cli.demo import DemoShop
 from tests.conftest import TEST_JOB_KEY, Services, database_dsn, run_sync
 
 REPO = Path(__file__).resolve().parents[2]

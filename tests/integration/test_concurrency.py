@@ -12,7 +12,7 @@ import pytest
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.orchestrator import run_orchestrator
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from tests.helpers import wait_for
 from tests.integration.conftest import Engine
 

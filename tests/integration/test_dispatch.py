@@ -8,15 +8,15 @@ from uuid import uuid4
 from arq.constants import abort_jobs_ss
 from arq.jobs import Job, JobStatus
 
-from flowforge_orchestrator.attempt_tokens import AttemptTokens
-from flowforge_orchestrator.changes import Dispatch
-from flowforge_orchestrator.dispatch import (
+from flowforge_orchestrator.core.records import Dispatch
+from flowforge_orchestrator.core.tokens import AttemptTokens
+from flowforge_orchestrator.queue.dispatch import (
     Dispatcher,
     job_arguments,
     json_deserializer,
     queue_name,
 )
-from flowforge_orchestrator.signed_jobs import JobKeys
+from flowforge_orchestrator.queue.jobs import JobKeys
 from tests.conftest import TEST_JOB_KEY
 
 KEYS = JobKeys.parse(TEST_JOB_KEY)

@@ -20,13 +20,14 @@ from uuid import UUID, uuid4
 import pytest
 import redis.asyncio as aioredis
 
-from flowforge_orchestrator import metrics, store
+from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.graph.run import RunState
+from flowforge_orchestrator.engine.orchestrator import Orchestrator, run_orchestrator
 from flowforge_orchestrator.errors import StoreError
-from flowforge_orchestrator.graph import RunState
-from flowforge_orchestrator.orchestrator import Orchestrator, run_orchestrator
-from flowforge_orchestrator.worker import load_step_types, run_worker
-from tests.helpers import dispatched_attempt, wait_for
+from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
+from tests.helpers import dispatched_attempt, stop_tasks, wait_for
 from tests.integration.conftest import SECRETS, Engine, Steps
 
 CHAIN = """
@@ -98,9 +99,7 @@ def _engine(settings: Settings, steps: Steps, orchestrator_redis: str | None = N
             steps.release.set()
             self.stop.set()
             await self.engine.conn.close()
-            for result in await asyncio.gather(*self.tasks, return_exceptions=True):
-                if isinstance(result, BaseException):
-                    raise result
+            await stop_tasks(self.tasks)  # bounded, and what the engine ended with is raised
 
     return Starter()
 

@@ -18,8 +18,8 @@ import pytest
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import load_step_types, run_worker
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
+from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 from tests.helpers import free_port, wait_for
 from tests.integration.conftest import Engine
 

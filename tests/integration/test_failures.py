@@ -11,11 +11,11 @@ import pytest
 import respx
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.client import redrive
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.enqueue import redrive
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.local_services import LocalRedis
-from flowforge_orchestrator.worker import StepContext
+from flowforge_orchestrator.worker.runtime import StepContext
 from tests.helpers import dispatched_attempt, stop_tasks, verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 
 import httpx
@@ -11,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.dispatch import Dispatcher
+from flowforge_orchestrator.engine.sampler import sample_database
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.health import (
+from flowforge_orchestrator.ops.health import (
     HealthServer,
     database_check,
     listening_check,
@@ -21,7 +22,8 @@ from flowforge_orchestrator.health import (
     redis_check,
     serve_health,
 )
-from flowforge_orchestrator.metrics import OrchestratorMetrics, new_registry, sample_database
+from flowforge_orchestrator.ops.metrics import OrchestratorMetrics, new_registry
+from flowforge_orchestrator.queue.dispatch import Dispatcher
 from tests.conftest import Services, database_dsn
 from tests.helpers import free_port, migration_names
 from tests.integration.conftest import Engine
@@ -66,10 +68,10 @@ async def test_probes_and_readiness_against_real_servers(
     listening = asyncio.Event()
     listening.set()
     checks = {
-        "database": database_check(pool),
+        "database": database_check(functools.partial(store.answers, pool)),
         "redis": redis_check(dispatcher.ping),
         "listen": listening_check(listening),
-        "migrations": migrations_check(pool),
+        "migrations": migrations_check(functools.partial(store.missing_migrations, pool)),
     }
     async with (
         HealthServer(host="127.0.0.1", port=0, checks=checks, cache_seconds=0) as server,
@@ -105,7 +107,7 @@ async def test_readiness_names_what_fails_and_why(services: Services, template_d
     # the admin database has no flowforge schema at all
     admin = await store.create_pool(database_dsn(services.database_url, "postgres"), size=2)
     checks = {
-        "migrations": migrations_check(admin),
+        "migrations": migrations_check(functools.partial(store.missing_migrations, admin)),
         "slow": hangs,
         "down": raises,
         "no": says_no,
@@ -129,14 +131,17 @@ async def test_readiness_names_what_fails_and_why(services: Services, template_d
 
 async def test_a_storm_of_probes_costs_one_round_of_checks_per_interval(pool: store.Pool) -> None:
     calls = 0
-    database = database_check(pool)
+    database = database_check(functools.partial(store.answers, pool))
 
     async def counted() -> None:
         nonlocal calls
         calls += 1
         await database()
 
-    checks = {"database": counted, "migrations": migrations_check(pool)}
+    checks = {
+        "database": counted,
+        "migrations": migrations_check(functools.partial(store.missing_migrations, pool)),
+    }
     server = HealthServer(host="127.0.0.1", port=0, checks=checks, cache_seconds=60)
     limits = httpx.Limits(max_connections=600)
     async with server, httpx.AsyncClient(base_url=server.url, limits=limits) as http:

@@ -14,7 +14,7 @@ from flowforge_orchestrator.cli import main
 from flowforge_orchestrator.cli.common import JOB_KEY_FILE, with_job_key
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.worker import run_worker
+from flowforge_orchestrator.worker.runtime import run_worker
 
 
 def _settings(tmp_path: Path, key: str | None = None) -> Settings:

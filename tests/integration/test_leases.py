@@ -8,7 +8,7 @@ from datetime import timedelta
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.orchestrator import run_orchestrator
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from tests.chaos.audit import audit
 from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine

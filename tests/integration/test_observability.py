@@ -9,9 +9,9 @@ import httpx
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.local_services import free_port
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import load_step_types, run_worker
+from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps
 

@@ -25,21 +25,22 @@ from arq.utils import timestamp_ms
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowforge_orchestrator import metrics, store
-from flowforge_orchestrator.attempt_tokens import AttemptTokens
-from flowforge_orchestrator.changes import Dispatch
+from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.dispatch import (
+from flowforge_orchestrator.core.expressions.templates import render_at
+from flowforge_orchestrator.core.records import Dispatch
+from flowforge_orchestrator.core.tokens import AttemptTokens
+from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.queue.dispatch import (
     JOB_FUNCTION,
     Dispatcher,
     job_arguments,
     json_serializer,
     queue_name,
 )
-from flowforge_orchestrator.expressions import render_at
-from flowforge_orchestrator.queue_worker import wake_channel
-from flowforge_orchestrator.signed_jobs import JobKeys
-from flowforge_orchestrator.worker import StepContext, run_worker
+from flowforge_orchestrator.queue.jobs import JobKeys
+from flowforge_orchestrator.queue.woken import wake_channel
+from flowforge_orchestrator.worker.runtime import StepContext, run_worker
 from tests.helpers import wait_for
 
 log = logging.getLogger(__name__)

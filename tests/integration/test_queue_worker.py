@@ -13,9 +13,9 @@ from arq.worker import func
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.dispatch import redis_settings
 from flowforge_orchestrator.local_services import LocalRedis
-from flowforge_orchestrator.queue_worker import WakeableWorker, wake_channel
+from flowforge_orchestrator.queue.dispatch import redis_settings
+from flowforge_orchestrator.queue.woken import WakeableWorker, wake_channel
 from tests.helpers import cancel_tasks, stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 

@@ -8,12 +8,13 @@ from datetime import UTC, datetime
 import redis.asyncio as aioredis
 from arq.constants import job_key_prefix
 
-from flowforge_orchestrator import metrics, store
+from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.graph.nodes import attempt_id
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
-from flowforge_orchestrator.nodes import attempt_id
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import run_worker
+from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.worker.runtime import run_worker
 from tests.helpers import dispatched_attempt, stop_tasks, verifier, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 

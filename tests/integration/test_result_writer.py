@@ -11,7 +11,7 @@ import pytest
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.errors import StoreError
-from flowforge_orchestrator.result_writer import Result, ResultWriter
+from flowforge_orchestrator.worker.results import Result, ResultWriter
 
 NOW = datetime(2024, 5, 1, tzinfo=UTC)
 
@@ -30,7 +30,7 @@ async def pool(db_url: str) -> AsyncIterator[store.Pool]:
 @pytest.fixture
 def long_window(monkeypatch: pytest.MonkeyPatch) -> None:
     """A coalescing window far longer than any test's deadline."""
-    monkeypatch.setattr("flowforge_orchestrator.result_writer.COALESCE", 60.0)
+    monkeypatch.setattr("flowforge_orchestrator.worker.results.COALESCE", 60.0)
 
 
 async def test_results_finishing_together_share_transactions_and_each_waits_for_its_own(

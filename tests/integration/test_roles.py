@@ -18,13 +18,14 @@ import asyncpg
 import pytest
 import yaml
 
-from flowforge_orchestrator import metrics, store
+from flowforge_orchestrator import store
+from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.errors import StoreError
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import StepContext, run_worker
+from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.worker.runtime import StepContext, run_worker
 from tests.conftest import Services, _admin, database_dsn
 from tests.helpers import wait_for
 

@@ -27,8 +27,8 @@ import redis.asyncio
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli import main
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.orchestrator import run_orchestrator
-from flowforge_orchestrator.worker import load_step_types, run_worker
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
+from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 from tests.integration.conftest import Engine
 
 SECRETS = {"TOKEN": "s3cret-token-42", "ODD": "p@ss/w0rd+x y"}

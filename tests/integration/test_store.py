@@ -16,12 +16,12 @@ import asyncpg
 import pytest
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.changes import Limits, RunChanges, StepResult
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.enqueue import enqueue
+from flowforge_orchestrator.client import enqueue
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult
+from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.errors import MigrationError
-from flowforge_orchestrator.graph import CompiledWorkflow, RunState
-from flowforge_orchestrator.state import RunStatus
 from flowforge_orchestrator.store import OwnedChanges
 from tests.conftest import Services, _admin, database_dsn
 from tests.helpers import migration_names, verifier, wait_for

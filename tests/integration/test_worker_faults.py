@@ -16,11 +16,12 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from flowforge_orchestrator import result_writer, store
+from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import StoreError, TransientStoreError
-from flowforge_orchestrator.signed_jobs import Job, JobKeys
-from flowforge_orchestrator.worker import StepContext, WorkerRuntime
+from flowforge_orchestrator.queue.jobs import Job, JobKeys
+from flowforge_orchestrator.worker import results as result_writer
+from flowforge_orchestrator.worker.runtime import StepContext, WorkerRuntime
 from tests.conftest import TEST_JOB_KEY
 from tests.helpers import free_port
 

@@ -12,7 +12,7 @@ import pytest
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.worker import run_worker
+from flowforge_orchestrator.worker.runtime import run_worker
 from tests.helpers import free_port, wait_for
 from tests.integration.conftest import Steps
 

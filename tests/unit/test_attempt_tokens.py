@@ -8,13 +8,13 @@ import json
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
 
-from flowforge_orchestrator.attempt_tokens import (
+from flowforge_orchestrator.core.jsonb import MAX_DEPTH
+from flowforge_orchestrator.core.tokens import (
     AttemptTokens,
     RefusedResult,
     ResultVerifier,
     StoredResult,
 )
-from flowforge_orchestrator.jsonb import MAX_DEPTH
 
 SECRET = bytes(range(32))
 NOW = datetime(2024, 5, 1, tzinfo=UTC)

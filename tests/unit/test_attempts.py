@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flowforge_orchestrator.graph import RunState
-from flowforge_orchestrator.nodes import attempt_id
-from flowforge_orchestrator.state import RunStatus, StepStatus
+from flowforge_orchestrator.core.graph.nodes import attempt_id
+from flowforge_orchestrator.core.graph.run import RunState
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_graph import (
     RUN_ID,
     Recorder,

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 
-from flowforge_orchestrator.concurrency import (
+from flowforge_orchestrator.core.concurrency import (
     MAX_KEY_CHARS,
     concurrency_keys,
     key_of_value,
     workflow_key,
 )
-from flowforge_orchestrator.definitions import WorkflowDefinition, parse_definition
+from flowforge_orchestrator.core.definition.models import WorkflowDefinition
+from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.errors import ExpressionError
 
 RUN = uuid.UUID("00000000-0000-4000-8000-000000000001")

@@ -10,11 +10,11 @@ from typing import Any
 
 import pytest
 
-from flowforge_orchestrator.changes import Dispatch, RunChanges, StepResult
+from flowforge_orchestrator.core.graph.nodes import attempt_id
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.records import Dispatch, RunChanges, StepResult
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from flowforge_orchestrator.errors import DefinitionError
-from flowforge_orchestrator.graph import CompiledWorkflow, RunState
-from flowforge_orchestrator.nodes import attempt_id
-from flowforge_orchestrator.state import RunStatus, StepStatus
 from tests.unit.test_graph import (
     RUN_ID,
     Recorder,

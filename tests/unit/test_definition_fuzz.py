@@ -21,10 +21,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flowforge_orchestrator.definitions import WorkflowDefinition, parse_definition_text
+from flowforge_orchestrator.core.definition.models import WorkflowDefinition
+from flowforge_orchestrator.core.definition.parse import parse_definition_text
+from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
+from flowforge_orchestrator.core.jsonb import value_problem
 from flowforge_orchestrator.errors import DefinitionError
-from flowforge_orchestrator.jsonb import value_problem
-from flowforge_orchestrator.plan import CompiledWorkflow
 
 settings.register_profile(
     "ci",

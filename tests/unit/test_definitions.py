@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from flowforge_orchestrator.definition_checks import MAX_STEP_DEPTH, MAX_TEXT_CHARS
-from flowforge_orchestrator.definitions import (
+from flowforge_orchestrator.cli.definitions import load_definition
+from flowforge_orchestrator.core.definition.checks import MAX_STEP_DEPTH, MAX_TEXT_CHARS
+from flowforge_orchestrator.core.definition.models import (
     BUILTIN_STEP_TYPES,
     INLINE_STEP_TYPES,
     AtLeast,
@@ -26,14 +27,12 @@ from flowforge_orchestrator.definitions import (
     child_lists,
     compile_definition,
     definition_json_schema,
-    load_definition,
-    parse_definition,
-    parse_definition_text,
     topological_order,
 )
+from flowforge_orchestrator.core.definition.parse import parse_definition, parse_definition_text
+from flowforge_orchestrator.core.expressions.templates import build_context
+from flowforge_orchestrator.core.jsonb import MAX_DEPTH
 from flowforge_orchestrator.errors import DefinitionError, DefinitionProblem
-from flowforge_orchestrator.expressions import build_context
-from flowforge_orchestrator.jsonb import MAX_DEPTH
 
 EXAMPLE = Path(__file__).parent / "data" / "order_fulfilment.yaml"
 SOURCE = "wf.yaml"

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.steps.destinations import (
+from flowforge_orchestrator.core.destinations import (
     DEFAULT_DENIED,
     DestinationPolicy,
     allow_loopback,

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from flowforge_orchestrator.durations import ACCEPTED_FORMS, format_duration, parse_duration
+from flowforge_orchestrator.core.durations import ACCEPTED_FORMS, format_duration, parse_duration
 
 
 @pytest.mark.parametrize(

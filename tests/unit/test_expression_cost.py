@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from flowforge_orchestrator.expression_cost import (
+from flowforge_orchestrator.core.expressions.cost import (
     INLINE_NODES,
     MAX_VALUE_DEPTH,
     Budget,
@@ -17,7 +17,7 @@ from flowforge_orchestrator.expression_cost import (
     shape_of,
     weigh,
 )
-from flowforge_orchestrator.expressions import compile_expression
+from flowforge_orchestrator.core.expressions.templates import compile_expression
 
 BUDGET = Budget(timeout=0.1)
 

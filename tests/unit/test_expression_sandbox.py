@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
+from flowforge_orchestrator.core.expressions.cost import Budget, Route
+from flowforge_orchestrator.core.expressions.templates import build_context, compile_expression
+from flowforge_orchestrator.engine.sandbox.pool import BoundedEvaluator, Sandbox
 from flowforge_orchestrator.errors import ExpressionError
-from flowforge_orchestrator.expression_cost import Budget, Route
-from flowforge_orchestrator.expression_sandbox import BoundedEvaluator, Sandbox
-from flowforge_orchestrator.expressions import build_context, compile_expression
 
 GENEROUS = Budget(timeout=10.0, memory_bytes=256 << 20, max_result_bytes=4 << 20)
 TIGHT = Budget(timeout=0.1, memory_bytes=256 << 20, max_result_bytes=4 << 20)

@@ -10,9 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowforge_orchestrator.errors import ExpressionError
-from flowforge_orchestrator.expression_cost import Weight
-from flowforge_orchestrator.expressions import (
+from flowforge_orchestrator.core.expressions.cost import Weight
+from flowforge_orchestrator.core.expressions.templates import (
     build_context,
     compile_expression,
     compile_template,
@@ -21,6 +20,7 @@ from flowforge_orchestrator.expressions import (
     to_json_value,
     to_text,
 )
+from flowforge_orchestrator.errors import ExpressionError
 
 SECRETS = frozenset({"secrets"})
 

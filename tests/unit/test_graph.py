@@ -10,7 +10,9 @@ from uuid import UUID
 
 import pytest
 
-from flowforge_orchestrator.changes import (
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.records import (
     Dispatch,
     Event,
     Limits,
@@ -19,9 +21,7 @@ from flowforge_orchestrator.changes import (
     json_size,
     rejected_run,
 )
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.graph import CompiledWorkflow, RunState
-from flowforge_orchestrator.state import IllegalTransition, RunStatus, StepStatus
+from flowforge_orchestrator.core.state import IllegalTransition, RunStatus, StepStatus
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 RUN_ID = UUID("00000000-0000-4000-8000-00000000abcd")

@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from flowforge_orchestrator.changes import Limits
-from flowforge_orchestrator.definition_checks import MAX_STEP_DEPTH
-from flowforge_orchestrator.expression_cost import Budget, Weight, weigh
-from flowforge_orchestrator.expression_sandbox import BoundedEvaluator, Sandbox
-from flowforge_orchestrator.expressions import Expression
-from flowforge_orchestrator.graph import RunState
-from flowforge_orchestrator.jsonb import value_problem
-from flowforge_orchestrator.nodes import FrameWeigher
-from flowforge_orchestrator.state import RunStatus, StepStatus
+from flowforge_orchestrator.core.definition.checks import MAX_STEP_DEPTH
+from flowforge_orchestrator.core.expressions.cost import Budget, Weight, weigh
+from flowforge_orchestrator.core.expressions.templates import Expression
+from flowforge_orchestrator.core.graph.nodes import FrameWeigher
+from flowforge_orchestrator.core.graph.run import RunState
+from flowforge_orchestrator.core.jsonb import value_problem
+from flowforge_orchestrator.core.records import Limits
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
+from flowforge_orchestrator.engine.sandbox.pool import BoundedEvaluator, Sandbox
 from tests.unit.test_definitions import nested
 from tests.unit.test_graph import (
     LIMITS,

@@ -21,9 +21,9 @@ from uuid import UUID
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowforge_orchestrator.changes import Dispatch, Event, Limits, RunChanges
-from flowforge_orchestrator.graph import CompiledWorkflow, RunState
-from flowforge_orchestrator.state import RunStatus, StepStatus
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.records import Dispatch, Event, Limits, RunChanges
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_graph import Recorder, at, failed, new_run, ok, workflow
 
 # No example database: nothing is written to the working tree, and every run is the same.

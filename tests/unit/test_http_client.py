@@ -18,10 +18,14 @@ import httpcore
 import httpx
 import pytest
 
+from flowforge_orchestrator.core.destinations import DestinationPolicy
 from flowforge_orchestrator.errors import StepError
-from flowforge_orchestrator.steps.destinations import DestinationPolicy
-from flowforge_orchestrator.steps.http import run_http_step
-from flowforge_orchestrator.steps.http_client import GuardedBackend, Resolver, make_http_client
+from flowforge_orchestrator.worker.steps.http import run_http_step
+from flowforge_orchestrator.worker.steps.http_client import (
+    GuardedBackend,
+    Resolver,
+    make_http_client,
+)
 
 LOOPBACK_ALLOWED = DestinationPolicy.parse(allow="127.0.0.0/8")
 

@@ -9,11 +9,11 @@ from uuid import UUID
 
 import pytest
 
-from flowforge_orchestrator.changes import Dispatch, Limits, RunChanges
-from flowforge_orchestrator.definitions import parse_definition
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.records import Dispatch, Limits, RunChanges
+from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.errors import DefinitionError
-from flowforge_orchestrator.graph import CompiledWorkflow, RunState
-from flowforge_orchestrator.state import RunStatus
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits(max_output_bytes=10_000, max_context_bytes=100_000, default_timeout=30.0)

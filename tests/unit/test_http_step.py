@@ -22,11 +22,11 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from flowforge_orchestrator import telemetry
-from flowforge_orchestrator.definitions import RetryPolicy
+from flowforge_orchestrator.core.definition.models import RetryPolicy
+from flowforge_orchestrator.core.retry import decide
 from flowforge_orchestrator.errors import StepError
-from flowforge_orchestrator.retry import decide
-from flowforge_orchestrator.steps.http import redact_url, run_http_step
+from flowforge_orchestrator.ops import telemetry
+from flowforge_orchestrator.worker.steps.http import redact_url, run_http_step
 
 URL = "https://api.test/items"
 LIMIT = 64 * 1024

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.logs import configure_logging, log_context
+from flowforge_orchestrator.ops.logs import configure_logging, log_context
 
 TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 SPAN_ID = 0x00F067AA0BA902B7

@@ -10,14 +10,20 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from flowforge_orchestrator.changes import AttemptFinished, Dispatch, Event, RunChanges, StepResult
-from flowforge_orchestrator.metrics import (
+from flowforge_orchestrator.core.records import (
+    AttemptFinished,
+    Dispatch,
+    Event,
+    RunChanges,
+    StepResult,
+)
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
+from flowforge_orchestrator.ops.metrics import (
     OrchestratorMetrics,
     WorkerMetrics,
     _Bounded,
     new_registry,
 )
-from flowforge_orchestrator.state import RunStatus, StepStatus
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 

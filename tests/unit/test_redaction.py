@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.logs import JsonFormatter
-from flowforge_orchestrator.redaction import (
+from flowforge_orchestrator.ops.logs import JsonFormatter
+from flowforge_orchestrator.worker.redaction import (
     MIN_SECRET_LENGTH,
     REDACTED,
     RedactingFilter,

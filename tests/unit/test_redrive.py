@@ -6,11 +6,11 @@ from typing import Any
 
 import pytest
 
+from flowforge_orchestrator.core.graph.nodes import attempt_id
+from flowforge_orchestrator.core.graph.run import RunState
+from flowforge_orchestrator.core.redrive import redrive_checkpoint
+from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.errors import RedriveError
-from flowforge_orchestrator.graph import RunState
-from flowforge_orchestrator.nodes import attempt_id
-from flowforge_orchestrator.redrive import redrive_checkpoint
-from flowforge_orchestrator.state import RunStatus
 from tests.unit.test_graph import LIMITS, RUN_ID, Recorder, at, failed, http, ok, workflow
 
 CHAIN = workflow(http("a"), http("b", "a"), http("c", "b"))

@@ -11,14 +11,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowforge_orchestrator.definitions import (
+from flowforge_orchestrator.core.definition.models import (
     DEFAULT_RETRY_ON,
     RetryPolicy,
     definition_json_schema,
-    parse_definition,
 )
-from flowforge_orchestrator.errors import DefinitionError, PayloadTooLarge, StepError
-from flowforge_orchestrator.retry import (
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.retry import (
     RetryDecision,
     backoff,
     decide,
@@ -27,6 +26,7 @@ from flowforge_orchestrator.retry import (
     parse_retry_after,
     should_retry,
 )
+from flowforge_orchestrator.errors import DefinitionError, PayloadTooLarge, StepError
 
 NOW = datetime(2025, 1, 1, 12, 0, 0, tzinfo=UTC)
 YEAR = 365 * 86400.0

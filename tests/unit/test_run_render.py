@@ -12,10 +12,10 @@ import pydot
 import pytest
 import yaml
 
-from flowforge_orchestrator.definitions import parse_definition
-from flowforge_orchestrator.plan import CompiledWorkflow
-from flowforge_orchestrator.run_pictures import render_dot, render_mermaid
-from flowforge_orchestrator.run_render import StepNode, build_tree, render_tree, timing, walk
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
+from flowforge_orchestrator.views.pictures import render_dot, render_mermaid
+from flowforge_orchestrator.views.render import StepNode, build_tree, render_tree, timing, walk
 
 with warnings.catch_warnings():  # pydot's grammar still uses pyparsing's old method names
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from flowforge_orchestrator import sdnotify
+from flowforge_orchestrator.ops import sdnotify
 
 
 @pytest.fixture

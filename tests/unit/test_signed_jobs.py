@@ -10,7 +10,7 @@ from uuid import UUID, uuid4
 import pytest
 
 from flowforge_orchestrator.errors import ConfigError, JobRefused
-from flowforge_orchestrator.signed_jobs import MIN_KEY_LENGTH, Job, JobKeys
+from flowforge_orchestrator.queue.jobs import MIN_KEY_LENGTH, Job, JobKeys
 
 KEY = "k" * MIN_KEY_LENGTH
 OTHER = "o" * MIN_KEY_LENGTH

@@ -8,7 +8,7 @@ from enum import StrEnum
 
 import pytest
 
-from flowforge_orchestrator.state import (
+from flowforge_orchestrator.core.state import (
     IllegalTransition,
     RunStatus,
     StepStatus,

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from flowforge_orchestrator.errors import ConfigError
-from flowforge_orchestrator.worker import StepContext, load_step_types, step_type
+from flowforge_orchestrator.worker.runtime import StepContext, load_step_types, step_type
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 
 def test_a_module_s_step_types_join_the_built_in_ones(modules: Path) -> None:
     (modules / "ff_types_ok.py").write_text(
-        "from flowforge_orchestrator.worker import step_type\n"
+        "from flowforge_orchestrator.worker.runtime import step_type\n"
         "@step_type('sms_send')\n"
         "async def sms(params, ctx):\n"
         "    return {'sent': True}\n"

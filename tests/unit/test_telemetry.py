@@ -19,8 +19,8 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from flowforge_orchestrator import telemetry
-from flowforge_orchestrator.telemetry import (
+from flowforge_orchestrator.ops import telemetry
+from flowforge_orchestrator.ops.telemetry import (
     context_from_traceparent,
     current_traceparent,
     setup_tracing,
@@ -132,7 +132,7 @@ def test_instrument_asyncpg_is_idempotent(caplog: pytest.LogCaptureFixture) -> N
 # the global provider of this one can be set only once.
 
 _SCRIPT = """
-from flowforge_orchestrator import telemetry
+from flowforge_orchestrator.ops import telemetry
 telemetry.setup_tracing(service_name="from-code", console=True)
 telemetry.setup_tracing(service_name="from-code", console=True)
 with telemetry.tracer().start_as_current_span("probe"):
@@ -213,7 +213,7 @@ def test_otlp_exporter_when_endpoint_is_set_and_flushed_at_shutdown() -> None:
 _CONFIGURE = """
 import sys
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
-from flowforge_orchestrator import telemetry
+from flowforge_orchestrator.ops import telemetry
 telemetry.configure(service_name="daemon", console=sys.argv[1] == "console")
 print(AsyncPGInstrumentor().is_instrumented_by_opentelemetry)
 """

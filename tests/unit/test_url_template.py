@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from flowforge_orchestrator.core.definition.urls import UrlTemplate, url_template_problem
+from flowforge_orchestrator.core.expressions.templates import build_context
 from flowforge_orchestrator.errors import ExpressionError
-from flowforge_orchestrator.expressions import build_context
-from flowforge_orchestrator.url_template import UrlTemplate, url_template_problem
 
 ATTACK = "../../admin/delete?all=1#"
 # Text that is valid Unicode (no lone surrogates): what JSON input can hold and UTF-8 encode.

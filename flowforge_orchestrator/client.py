@@ -1,0 +1,71 @@
+"""Start a run from your own code, inside your own transaction; run a failed one again.
+
+    async with conn.transaction():
+        order_id = await conn.fetchval("INSERT INTO orders ... RETURNING id")
+        run = await enqueue(conn, "order-fulfilment", {"order_id": order_id},
+                            idempotency_key=f"order-{order_id}")
+
+The run exists only if your transaction commits; the trigger wakes the orchestrators then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from uuid import UUID
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
+from flowforge_orchestrator.core.redrive import redrive_checkpoint
+from flowforge_orchestrator.errors import NotFound, RedriveError
+
+__all__ = ["EnqueuedRun", "enqueue", "redrive"]
+
+
+@dataclass(frozen=True)
+class EnqueuedRun:
+    id: UUID
+    created: bool  # False: the idempotency key matched an existing run, returned instead
+
+
+async def enqueue(
+    conn: store.Connection,
+    workflow: str,
+    input: Any = None,
+    *,
+    run_id: UUID | None = None,
+    version: int | None = None,
+    idempotency_key: str | None = None,
+) -> EnqueuedRun:
+    """Insert a pending run of `workflow` (latest version unless `version` is given)."""
+    run, created = await store.enqueue_run(
+        conn,
+        workflow,
+        input,
+        run_id=run_id,
+        version=version,
+        idempotency_key=idempotency_key,
+    )
+    return EnqueuedRun(run, created)
+
+
+async def redrive(conn: store.Connection, run_id: UUID, *, from_step: str | None = None) -> int:
+    """Run a failed or cancelled run again from its failed steps (or from `from_step`),
+    keeping the outputs of the steps that succeeded; returns how many times it was redriven.
+    The run goes back to pending under its own id, and its history goes on."""
+    async with conn.transaction():
+        run = await store.lock_run(conn, run_id)
+        if run is None:
+            raise NotFound(f"there is no run {run_id}")
+        if run["status"] not in ("failed", "cancelled"):
+            raise RedriveError(
+                f"run {run_id} is {run['status']}: only a failed or cancelled run runs again"
+            )
+        name, version = run["workflow_name"], run["workflow_version"]
+        found = await store.get_definition(conn, name, version) if version else None
+        if found is None:
+            raise RedriveError(f"run {run_id}: workflow '{name}' v{version} is not registered")
+        workflow = CompiledWorkflow(parse_definition(found.spec, source=f"{name} v{version}"))
+        checkpoint = redrive_checkpoint(workflow, run["checkpoint"] or {}, from_step=from_step)
+        return await store.redrive_run(conn, run_id, checkpoint)

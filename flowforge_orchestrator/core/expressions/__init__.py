@@ -1,0 +1,2 @@
+"""CEL expressions and `${{ }}` templates (`templates`), and what an evaluation may cost
+(`cost`)."""

@@ -1,0 +1,171 @@
+"""What a run's graph hands over for one commit, and what workers report back.
+
+Plain records, no behaviour: the graph produces them, the store writes them, the
+orchestrator dispatches what they say to dispatch.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "AttemptFinished",
+    "Dispatch",
+    "Event",
+    "InlineResult",
+    "Limits",
+    "RunChanges",
+    "StepResult",
+    "json_size",
+    "rejected_run",
+]
+
+CHECKPOINT_VERSION = 3  # 3: attempt ids carry the run's incarnation
+
+
+def json_size(value: Any) -> int:
+    """Bytes of the compact JSON form: what the limits are measured in."""
+    return len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode())
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_output_bytes: int
+    max_context_bytes: int
+    default_timeout: float
+
+
+@dataclass(frozen=True)
+class Event:
+    """One transition: a history row and an outbox row share it."""
+
+    seq: int
+    type: str
+    at: datetime
+    to_status: str
+    from_status: str | None = None
+    step_id: str | None = None
+    attempt_id: UUID | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """A job for the queue; sent only after the commit that records it."""
+
+    attempt_id: UUID
+    run_id: UUID
+    step_id: str
+    step_type: str
+    attempt: int
+    params: Any
+    timeout: float
+    secret_paths: list[list[str | int]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AttemptFinished:
+    attempt_id: UUID
+    status: StepStatus
+    at: datetime
+    error: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class InlineResult:
+    """Output of a step the orchestrator ran itself, stored like a worker's result."""
+
+    attempt_id: UUID
+    step_id: str
+    outcome: str
+    output: Any
+    error: dict[str, Any] | None
+    at: datetime
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a worker reported for one attempt."""
+
+    attempt_id: UUID
+    step_id: str
+    outcome: str  # succeeded | failed
+    output: Any
+    error: dict[str, Any] | None
+    started_at: datetime | None
+    finished_at: datetime
+    worker: str | None = None
+
+
+@dataclass
+class RunChanges:
+    """Everything one commit must write for one run, in order."""
+
+    run_id: UUID
+    status: RunStatus
+    checkpoint: dict[str, Any]
+    events: list[Event] = field(default_factory=list)
+    attempts_finished: list[AttemptFinished] = field(default_factory=list)
+    inline_results: list[InlineResult] = field(default_factory=list)
+    dispatches: list[Dispatch] = field(default_factory=list)
+    aborts: list[UUID] = field(default_factory=list)  # attempts to cancel on the workers
+    # Attempts whose schedule_to_start passed: is a worker on them? (key, attempt, type)
+    probes: list[tuple[str, UUID, str]] = field(default_factory=list)
+    output: Any = None
+    error: dict[str, Any] | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    def then(self, later: RunChanges | None) -> RunChanges:
+        """These changes (not written yet) followed by `later`, as one commit: the events
+        of both in order, the state of the later. A dispatch whose attempt `later` already
+        ends is dropped: it was never sent, and must not be."""
+        if later is None:
+            return self
+        ended = {a.attempt_id for a in later.attempts_finished}
+        return RunChanges(
+            run_id=self.run_id,
+            status=later.status,
+            checkpoint=later.checkpoint,
+            events=self.events + later.events,
+            attempts_finished=self.attempts_finished + later.attempts_finished,
+            inline_results=self.inline_results + later.inline_results,
+            dispatches=[d for d in self.dispatches if d.attempt_id not in ended] + later.dispatches,
+            aborts=self.aborts + later.aborts,
+            probes=self.probes + later.probes,
+            output=later.output,
+            error=later.error,
+            started_at=self.started_at or later.started_at,
+            finished_at=later.finished_at or self.finished_at,
+        )
+
+
+def rejected_run(
+    run_id: UUID, status: RunStatus, seq: int, error: dict[str, Any], now: datetime
+) -> RunChanges:
+    """Changes that fail a run the engine cannot even build (its definition is missing or
+    invalid): the run records why, and nothing else is touched."""
+    check_run(status, RunStatus.FAILED)
+    event = Event(
+        seq=seq + 1,
+        type="workflow.failed",
+        at=now,
+        to_status=RunStatus.FAILED.value,
+        from_status=status.value,
+        data={"error": error},
+    )
+    return RunChanges(
+        run_id=run_id,
+        status=RunStatus.FAILED,
+        checkpoint={"v": CHECKPOINT_VERSION, "seq": seq + 1, "steps": {}},
+        events=[event],
+        error=error,
+        finished_at=now,
+    )

@@ -1,0 +1,1 @@
+"""What operators read and wire: health probes, metrics, logs, traces, systemd readiness."""

@@ -1,0 +1,1 @@
+"""The only arq code: jobs (signed), their dispatch, and the worker woken by enqueues."""

@@ -1,0 +1,527 @@
+"""The worker: an arq worker per step-type queue, reporting results through PostgreSQL.
+
+One attempt = one arq job. The worker first verifies the job (its signature, that its id
+is the attempt's, that it came off its type's queue: `queue.jobs`) and refuses one that
+does not verify: not run, no result written, logged and counted. It runs the step function
+under the attempt's deadline, fills in `${{ secrets.X }}` only there, then writes exactly
+one result row with the attempt's token (`ON CONFLICT DO NOTHING`, NOTIFY by trigger), with
+every secret value and credential header redacted from it (`redaction`). A result that
+cannot be written because PostgreSQL is away is kept and the write retried: a finished
+attempt is never silently lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import ModuleType
+from typing import Any, TypeVar, cast
+from uuid import UUID
+
+import httpx
+from arq.worker import Worker, func
+from opentelemetry import trace
+from redis.exceptions import RedisError
+
+from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core import jsonb
+from flowforge_orchestrator.core.destinations import DestinationPolicy
+from flowforge_orchestrator.core.expressions.templates import render_at
+from flowforge_orchestrator.core.records import json_size
+from flowforge_orchestrator.errors import (
+    ConfigError,
+    ExpressionError,
+    JobRefused,
+    PayloadTooLarge,
+    StepError,
+    StoreError,
+)
+from flowforge_orchestrator.ops import health, logs, metrics, telemetry
+from flowforge_orchestrator.queue.dispatch import (
+    JOB_FUNCTION,
+    job_deserializer,
+    json_serializer,
+    queue_name,
+    redis_settings,
+)
+from flowforge_orchestrator.queue.jobs import Job, JobKeys
+from flowforge_orchestrator.queue.woken import WakeableWorker
+from flowforge_orchestrator.worker.redaction import (
+    Redactor,
+    attempt_redaction,
+    check_secrets,
+    credential_values,
+    redact_logs,
+)
+from flowforge_orchestrator.worker.results import Result, ResultWriter
+from flowforge_orchestrator.worker.steps.http import run_http_step
+from flowforge_orchestrator.worker.steps.http_client import make_http_client
+
+__all__ = [
+    "StepContext",
+    "StepFunction",
+    "WorkerRuntime",
+    "load_step_types",
+    "run_worker",
+    "step_type",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """What a step function knows about the attempt it runs."""
+
+    run_id: UUID
+    step_id: str
+    attempt_id: UUID
+    attempt: int
+    timeout: float
+    http: httpx.AsyncClient
+    settings: Settings
+
+
+StepFunction = Callable[[Any, StepContext], Awaitable[Any]]
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+_MARK = "__flowforge_step_type__"
+
+
+def step_type(name: str) -> Callable[[F], F]:
+    """Mark an async function `fn(params, ctx) -> output` as the handler of a step type."""
+
+    def mark(fn: F) -> F:
+        if not inspect.iscoroutinefunction(cast(Any, fn)):
+            raise ConfigError(f"step type '{name}': {fn!r} must be an async function")
+        setattr(fn, _MARK, name)
+        return fn
+
+    return mark
+
+
+async def http_step(params: Any, ctx: StepContext) -> Any:
+    """The built-in `http` type."""
+    return await run_http_step(
+        params,
+        client=ctx.http,
+        default_timeout=ctx.timeout,
+        max_body_bytes=ctx.settings.max_output_bytes,
+    )
+
+
+BUILTIN_WORKER_TYPES: dict[str, StepFunction] = {"http": http_step}
+
+
+def load_step_types(module_names: list[str]) -> dict[str, StepFunction]:
+    """The built-in types plus every `@step_type` function of the named modules."""
+    types = dict(BUILTIN_WORKER_TYPES)
+    for name in module_names:
+        try:
+            module: ModuleType = importlib.import_module(name)
+        except ImportError as exc:
+            raise ConfigError(f"cannot import step module '{name}': {exc}") from exc
+        found = 0
+        for value in vars(module).values():
+            type_name = getattr(value, _MARK, None)
+            if isinstance(type_name, str):
+                types[type_name] = value
+                found += 1
+        if not found:
+            raise ConfigError(f"step module '{name}' defines no @step_type function")
+    return types
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _output_size(output: Any) -> int:
+    """The output's size in JSON bytes; StepError (`invalid_output`, not retried) when it is
+    not JSON or is nested deeper than the engine reads (`jsonb.MAX_DEPTH`)."""
+    try:
+        text = json.dumps(output, separators=(",", ":"), ensure_ascii=False)
+        size = len(text.encode())
+    except RecursionError:
+        problem: str | None = f"it is nested more than {jsonb.MAX_DEPTH} levels deep"
+    except (TypeError, ValueError) as exc:
+        raise StepError(
+            f"the step's output is not JSON: {exc}", category="invalid_output", retryable=False
+        ) from exc
+    else:
+        problem = jsonb.text_depth_problem(text, output)
+    if problem is not None:
+        raise StepError(
+            f"the step's output cannot be used: {problem}",
+            category="invalid_output",
+            retryable=False,
+        )
+    return size
+
+
+def _error_of(exc: BaseException, timeout: float) -> dict[str, Any]:
+    if isinstance(exc, StepError):
+        return exc.to_dict()
+    if isinstance(exc, ExpressionError):  # a missing secret: another attempt will not help
+        return StepError(str(exc), category="expression_error", retryable=False).to_dict()
+    if isinstance(exc, TimeoutError):
+        return StepError(
+            f"the attempt ran past its timeout of {timeout:g}s", category="timeout"
+        ).to_dict()
+    return StepError(
+        f"{type(exc).__name__}: {exc}", category=type(exc).__name__, retryable=True
+    ).to_dict()
+
+
+class WorkerRuntime:
+    """Shared state of one worker process: the database pool, HTTP client and step types."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        pool: store.Pool,
+        types: Mapping[str, StepFunction],
+        keys: JobKeys,
+        secrets: Mapping[str, str] | None = None,
+        measures: metrics.WorkerMetrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.metrics = measures or metrics.WorkerMetrics(metrics.new_registry(process=False))
+        self.pool = pool
+        self.types = dict(types)
+        self.keys = keys
+        self.secrets = dict(secrets or {})
+        check_secrets(self.secrets)
+        self.redactor = Redactor(self.secrets.values())
+        policy = DestinationPolicy.parse(settings.http_deny, settings.http_allow)
+        self.http = make_http_client(policy)
+        self.node = settings.node_id
+        self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
+        self.results = ResultWriter(pool, settings.node_id, in_progress=self._in_progress)
+
+    def _in_progress(self) -> int:
+        """Jobs the arq workers took and have not finished: those whose results may join
+        a batch. arq's own count, kept as jobs start and end: this runs at every result."""
+        return sum(w.job_counter for w in self.queues)
+
+    async def close(self) -> None:
+        await self.results.close()
+        await self.http.aclose()
+
+    def open_job(self, ctx: Mapping[str, Any], args: tuple[Any, ...], kwargs: Any) -> Job | None:
+        """The verified job behind arq's arguments, or None: refused, logged and counted."""
+        job_id = str(ctx.get("job_id"))
+        try:
+            return self.keys.open(job_id, ctx["flowforge_queue"], args, kwargs, queue_name)
+        except JobRefused as exc:
+            self.metrics.jobs_refused.labels(exc.reason).inc()
+            # The job id (quoted and bounded: anyone may have written it) and the reason;
+            # never the payload.
+            log.error("job %.80r refused (%s): %s", job_id, exc.reason, exc)
+            return None
+
+    async def execute(self, job: Job) -> str:
+        """Run one attempt of a verified job and report it; returns the outcome."""
+        started = _now()
+        redactor = self.redactor.with_values(credential_values(job.params))
+        parent = telemetry.context_from_traceparent(job.traceparent)
+        with telemetry.tracer().start_as_current_span(
+            f"step {job.step_id}",
+            context=parent,
+            kind=trace.SpanKind.CONSUMER,
+            attributes={
+                "flowforge.run_id": str(job.run_id),
+                "flowforge.step_id": job.step_id,
+                "flowforge.step_type": job.type,
+                "flowforge.attempt": job.attempt,
+            },
+        ) as span:
+            context = logs.log_context(
+                run_id=str(job.run_id),
+                step_id=job.step_id,
+                attempt=job.attempt,
+                attempt_id=str(job.attempt_id),
+            )
+            with (
+                context,
+                attempt_redaction(redactor),
+                self.metrics.attempt(job.type) as timer,
+            ):
+                outcome, output, error = self._redacted(redactor, job, *await self._run(job))
+                timer.outcome = outcome
+            if error is not None:
+                span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
+        await self._report(
+            redactor,
+            attempt_id=job.attempt_id,
+            run_id=job.run_id,
+            step_id=job.step_id,
+            outcome=outcome,
+            output=output,
+            error=error,
+            started_at=started,
+            token=job.token,
+        )
+        return outcome
+
+    def _redacted(
+        self,
+        redactor: Redactor,
+        job: Job,
+        outcome: str,
+        output: Any,
+        error: dict[str, Any] | None,
+    ) -> tuple[str, Any, dict[str, Any] | None]:
+        """The outcome, with no secret value left in its output or error (the output's size
+        checked again: `[REDACTED]` may be longer than what it replaced)."""
+        if redactor.empty:
+            return outcome, output, error
+        # Outputs nested deeper than jsonb.MAX_DEPTH were refused already: this recursion
+        # is bounded.
+        output, error = redactor.value(output), redactor.value(error)
+        if output is not None:
+            size = json_size(output)
+            if size > self.settings.max_output_bytes:
+                too_large = PayloadTooLarge(
+                    step_id=job.step_id,
+                    what="the output",
+                    size=size,
+                    limit=self.settings.max_output_bytes,
+                )
+                return "failed", None, too_large.to_dict()
+        return outcome, output, error
+
+    async def _run(self, job: Job) -> tuple[str, Any, dict[str, Any] | None]:
+        fn = self.types.get(job.type)
+        if fn is None:
+            error = StepError(
+                f"this worker has no step type '{job.type}'",
+                category="unknown_step_type",
+                retryable=False,
+            )
+            return "failed", None, error.to_dict()
+        timeout = job.timeout or self.settings.step_timeout
+        ctx = StepContext(
+            run_id=job.run_id,
+            step_id=job.step_id,
+            attempt_id=job.attempt_id,
+            attempt=job.attempt,
+            timeout=timeout,
+            http=self.http,
+            settings=self.settings,
+        )
+        try:
+            params = job.params
+            if job.secret_paths:  # only ever from a verified job: see open_job
+                params = render_at(
+                    params,
+                    job.secret_paths,
+                    {"secrets": self.secrets},
+                    step_id=job.step_id,
+                    field="with",
+                )
+            async with asyncio.timeout(timeout):
+                output = await fn(params, ctx)
+            size = _output_size(output)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            return "failed", None, _error_of(exc, timeout)
+        if size > self.settings.max_output_bytes:
+            too_large = PayloadTooLarge(
+                step_id=job.step_id,
+                what="the output",
+                size=size,
+                limit=self.settings.max_output_bytes,
+            )
+            return "failed", None, too_large.to_dict()
+        return "succeeded", output, None
+
+    async def _report(self, redactor: Redactor, **result: Any) -> None:
+        try:
+            await self._write(result)
+        except StoreError as exc:
+            # The database refused this result (e.g. a NUL character, which JSONB cannot
+            # hold): report the attempt as failed, so the run records why and goes on. The
+            # database's message may quote the value: it is redacted like the rest.
+            reason = redactor.text(str(exc))
+            log.error("result of attempt %s refused: %s", result["attempt_id"], reason)
+            error = StepError(
+                f"the step's result could not be stored: {reason}",
+                category="unstorable_result",
+                retryable=False,
+            )
+            await self._write(
+                {**result, "outcome": "failed", "output": None, "error": error.to_dict()}
+            )
+
+    async def _write(self, result: dict[str, Any]) -> None:
+        """Stored with the results that finish at the same time, in one transaction; a
+        refusal of this result comes out as a StoreError."""
+        await self.results.write(Result(finished_at=_now(), **result))
+
+
+async def _job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
+    """arq's entry point: whatever a queue holds arrives here, and is verified first."""
+    runtime: WorkerRuntime = ctx["flowforge"]
+    job = runtime.open_job(ctx, args, kwargs)
+    if job is None:
+        return "refused"  # no result row: the orchestrator's deadline or reconciler acts
+    enqueued = ctx.get("enqueue_time")
+    if isinstance(enqueued, datetime):
+        runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
+    return await runtime.execute(job)
+
+
+async def _serve_health(
+    settings: Settings, measures: metrics.WorkerMetrics, checks: dict[str, Any]
+) -> Any:
+    """The worker's probes and metrics, or None (port 0, or a port that is taken: logged,
+    not fatal, as for the orchestrator)."""
+    if settings.http_port == 0:
+        return None
+    server = health.HealthServer(
+        host=settings.http_host, port=settings.http_port, registry=measures.registry, checks=checks
+    )
+    try:
+        await server.__aenter__()
+    except (OSError, ConfigError) as exc:  # the port is taken
+        log.error("%s", exc)
+        return None
+    return server
+
+
+REDIS_RETRY_MAX = 1.0  # seconds: a Redis that is back is used within about this
+
+
+async def _serve_queue(worker: WakeableWorker) -> None:
+    """arq's poll loop, started again when Redis goes away (arq lets the error out): a
+    restarted or failed-over Redis must not end the worker. Attempts in flight go on; their
+    results go to PostgreSQL, which needs no Redis. Tries again at most a second apart, and
+    warns once per outage; the pool's idle connections, which the server closed, are
+    dropped rather than kept half-closed."""
+    loop = asyncio.get_running_loop()
+    delay, failed_at = 0.1, None
+    while True:
+        try:
+            await worker.main()
+            return
+        except (OSError, RedisError) as exc:
+            now = loop.time()
+            if failed_at is None or now - failed_at > 5 * REDIS_RETRY_MAX:  # a new outage
+                delay = 0.1
+                log.warning(
+                    "queue %s: Redis failed (%s); trying again until it answers",
+                    worker.queue_name,
+                    exc,
+                )
+            failed_at = now
+            await worker.drop_idle_connections()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, REDIS_RETRY_MAX)
+
+
+async def run_worker(
+    settings: Settings,
+    types: Mapping[str, StepFunction],
+    *,
+    queues: list[str] | None = None,
+    stop: asyncio.Event | None = None,
+    ready: asyncio.Event | None = None,
+    secrets: Mapping[str, str] | None = None,
+    measures: metrics.WorkerMetrics | None = None,
+    serve_http: bool = True,
+) -> None:
+    """Serve the given step types until `stop` is set (or cancellation); with an HTTP port
+    and `serve_http`, also /healthz, /readyz and /metrics."""
+    if not settings.database_url or not settings.redis_url:
+        raise ConfigError("the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL")
+    keys = JobKeys.required(
+        settings.job_key.get_secret_value() if settings.job_key else None, "worker"
+    )
+    check_secrets(secrets or {})
+    served = sorted(queues or types)
+    unknown = [t for t in served if t not in types]
+    if unknown:
+        raise ConfigError(f"no step function for type(s): {', '.join(unknown)}")
+    # A worker (re)started while PostgreSQL restarts waits for it, as the orchestrator does,
+    # rather than exiting and leaving its restart to the supervisor's backoff.
+    dsn, size = settings.database_url, max(2, settings.worker_max_jobs // 2)
+    pool = await store.retrying(
+        lambda: store.create_pool(dsn, size=size), what="connecting to PostgreSQL", attempts=30
+    )
+    measures = measures or metrics.WorkerMetrics(metrics.new_registry())
+    measures.serves(served)
+    runtime = WorkerRuntime(settings, pool, types, keys, secrets, measures)
+    stop_redacting = redact_logs(runtime.redactor)
+    try:
+
+        async def register() -> None:
+            async with pool.acquire() as conn:
+                await store.register_step_types(conn, served, settings.node_id)
+
+        await store.retrying(register, what="registering step types", attempts=30)
+        workers = [
+            WakeableWorker(
+                [func(_job, name=JOB_FUNCTION, max_tries=1)],
+                queue_name=queue_name(t),
+                redis_settings=redis_settings(settings.redis_url),
+                ctx={"flowforge": runtime, "flowforge_queue": queue_name(t)},
+                handle_signals=False,
+                max_jobs=settings.worker_max_jobs,
+                poll_delay=settings.worker_poll_delay,
+                job_timeout=24 * 3600,  # the attempt's own deadline applies inside the job
+                keep_result=60,
+                allow_abort_jobs=True,
+                job_serializer=json_serializer,
+                job_deserializer=job_deserializer,
+                log_results=False,
+            )
+            for t in served
+        ]
+        runtime.queues = list(workers)
+        stop = stop or asyncio.Event()
+        tasks = [asyncio.create_task(_serve_queue(w)) for w in workers]
+        checks = {
+            "database": health.database_check(functools.partial(store.answers, pool)),
+            "redis": health.redis_check(lambda: workers[0].pool.ping()),  # None until up
+            "migrations": health.migrations_check(
+                functools.partial(store.missing_migrations, pool)
+            ),
+        }
+        served_http = await _serve_health(settings, measures, checks) if serve_http else None
+        log.info("worker %s serving step types: %s", settings.node_id, ", ".join(served))
+        if ready is not None:
+            ready.set()
+        try:
+            waiter = asyncio.create_task(stop.wait())
+            await asyncio.wait([waiter, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            for task in tasks:
+                if task.done() and task.exception():
+                    raise task.exception()  # type: ignore[misc]
+        finally:
+            # Stop picking, let in-flight attempts finish (bounded), then close: cancelling
+            # a job mid-pipeline would leak its Redis connection and waste the attempt.
+            for w in workers:
+                w.allow_pick_jobs = False
+            running = [t for w in workers for t in w.tasks.values() if not t.done()]
+            if running:
+                await asyncio.wait(running, timeout=settings.worker_shutdown_grace)
+            for task in tasks:  # the poll loops first, so nothing reopens a connection
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*(w.aclose() for w in workers), return_exceptions=True)
+            if served_http is not None:
+                await served_http.__aexit__(None, None, None)
+    finally:
+        stop_redacting()
+        await runtime.close()
+        await pool.close()

@@ -1,0 +1,1 @@
+"""The built-in step types a worker runs."""
