@@ -64,7 +64,7 @@ _LETTERS = {
 }
 _STATUSES = {letter: status for status, letter in _LETTERS.items()}
 
-Entry = str | dict[str, Any]  # one node's saved form
+Entry = str | dict[str, object]  # one node's saved form
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def write_checkpoint(
         steps[fan_out.key] = saved_entry
         steps.update(alone)
     version = CHECKPOINT_VERSION if incarnation else _WITHOUT_INCARNATION
-    saved: dict[str, Any] = {"v": version, "seq": seq, "steps": steps}
+    saved: dict[str, object] = {"v": version, "seq": seq, "steps": steps}
     if generation:
         saved["g"] = generation
     if deadline is not None:
@@ -138,7 +138,7 @@ def write_checkpoint(
 
 def _encode(node: Node, *, full: bool = False) -> Entry:
     letter = _LETTERS[node.status]
-    extra: dict[str, Any] = {}
+    extra: dict[str, object] = {}
     if node.error is not None:
         # Some failures are the orchestrator's verdict (a limit, a template, a join): no
         # worker result holds them, so the checkpoint does.

@@ -17,7 +17,7 @@ __all__ = ["Reading", "context", "evaluate"]
 class Reading(Protocol):
     """What evaluating an expression uses of the run."""
 
-    input: Any
+    input: object
     workflow: CompiledWorkflow
     _run_info: dict[str, str | int]  # `run` as expressions see it
     _evaluator: Evaluator | None  # None: in process, unbounded

@@ -11,7 +11,6 @@ frame (`item`, `index`); once it finishes they leave memory and the checkpoint.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from flowforge_orchestrator.core.definition.models import (
     ConditionStep,
@@ -91,7 +90,7 @@ def _start_delay(run: Dispatching, node: Node, step: DelayStep, now: datetime) -
         run._timers.set(node, fire_at)
 
 
-def _timestamp(value: Any, expression: Expression) -> datetime:
+def _timestamp(value: object, expression: Expression) -> datetime:
     """`until` gives a CEL timestamp or an RFC 3339 string; naive means UTC."""
     if isinstance(value, str):
         try:
@@ -166,7 +165,7 @@ def _judge(run: Dispatching, node: Node, now: datetime) -> None:
         f"step '{node.key}': {len(failed)} of {node.join.total} branches failed; "
         f"the join needs {node.join.need} to succeed"
     )
-    details: dict[str, Any] = {"branches": output}
+    details: dict[str, object] = {"branches": output}
     if failed:
         details["first_error"] = failed[0].failure
     error = StepError(message, category="join_failed", retryable=False, details=details)
@@ -187,8 +186,8 @@ def launch(run: Dispatching, node: Node, now: datetime) -> None:
         run._queue.append(Launch(node))
 
 
-def _branch_entry(scope: Scope) -> dict[str, Any]:
-    entry: dict[str, Any] = {"status": scope.outcome or "cancelled", "output": None}
+def _branch_entry(scope: Scope) -> dict[str, object]:
+    entry: dict[str, object] = {"status": scope.outcome or "cancelled", "output": None}
     if scope.outcome == "succeeded":
         entry["output"] = list_output(scope)
     elif scope.outcome == "failed":

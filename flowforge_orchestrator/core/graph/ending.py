@@ -38,7 +38,9 @@ class Ending(Moving, Protocol):
     limits: Limits
 
 
-def succeed(run: Ending, node: Node, output: Any, now: datetime, *, computed: bool = False) -> None:
+def succeed(
+    run: Ending, node: Node, output: object, now: datetime, *, computed: bool = False
+) -> None:
     """Succeed with `output`, or fail the step if the output breaks a byte limit.
     `computed`: the orchestrator made it (a transform), so it is also checked for what
     PostgreSQL cannot store (a NUL, a lone surrogate, nesting past jsonb.MAX_DEPTH)."""

@@ -31,7 +31,7 @@ def expression_error(exc: ExpressionError) -> dict[str, Any]:
     ).to_dict()
 
 
-def measure(value: Any) -> tuple[int, str | None]:
+def measure(value: object) -> tuple[int, str | None]:
     """Bytes of the compact JSON of a value the orchestrator computed, and why PostgreSQL
     could not store it (a NUL, a lone surrogate, nesting past jsonb.MAX_DEPTH), or None.
     One encoding serves both; the nesting is walked only when the text has brackets enough."""

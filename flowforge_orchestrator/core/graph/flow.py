@@ -36,7 +36,7 @@ class Flowing(Dispatching, Protocol):
     own status, output and error."""
 
     status: RunStatus
-    output: Any
+    output: object
     error: dict[str, Any] | None
 
 
@@ -158,7 +158,7 @@ def fail_run(run: Flowing, error: dict[str, Any], now: datetime) -> None:
 
 
 def finish(
-    run: Flowing, status: RunStatus, now: datetime, event: str, data: dict[str, Any]
+    run: Flowing, status: RunStatus, now: datetime, event: str, data: dict[str, object]
 ) -> None:
     """The run ends in `status`: no timer and no follow-up is left."""
     previous = run.status

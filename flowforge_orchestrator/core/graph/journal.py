@@ -4,7 +4,6 @@ else the commit must write (`records.RunChanges`), gathered as the graph moves."
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.core.records import Event, RunChanges
@@ -44,7 +43,7 @@ class Journal:
         from_status: str | None = None,
         step_id: str | None = None,
         attempt_id: UUID | None = None,
-        data: dict[str, Any] | None = None,
+        data: dict[str, object] | None = None,
     ) -> None:
         """One transition: a history row and an outbox event, numbered in order."""
         self.seq += 1

@@ -5,8 +5,9 @@ attempt gets its number and its derived id."""
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any, Protocol
+from typing import Protocol
 from uuid import UUID
 
 from flowforge_orchestrator.core.graph.followups import Finished, FollowUp
@@ -40,7 +41,7 @@ def to(
     at: datetime,
     event: str,
     *,
-    data: dict[str, Any] | None = None,
+    data: Mapping[str, object] | None = None,
 ) -> None:
     """Move `node` to `target`, journalling `event` (its data: the step id, the attempt
     and `data`)."""
@@ -48,7 +49,7 @@ def to(
     previous = node.status
     node.status = target
     node.weight = None  # what expressions read of it changed
-    payload: dict[str, Any] = {"step_id": node.key}
+    payload: dict[str, object] = {"step_id": node.key}
     if node.attempt:
         payload["attempt"] = node.attempt
     if data:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from flowforge_orchestrator.core.definition.models import Step, TaskStep
@@ -42,7 +42,7 @@ __all__ = [
     "weigh_capped",
 ]
 
-_NO_ITEM: Any = object()
+_NO_ITEM: Final = object()
 FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)  # ends that fail a list (unless tolerated)
 WITH_WORKER = (StepStatus.DISPATCHED, StepStatus.RUNNING)  # a worker step's attempt is out
 # Weighing stops past what could still be evaluated inline: beyond it, "big" is all the
@@ -51,7 +51,7 @@ WEIGH_CAP = INLINE_NODES
 _SMALL = Weight(4, 64, 3)  # `run`, `index`: a few short values
 
 
-def weigh_capped(value: Any) -> Weight:
+def weigh_capped(value: object) -> Weight:
     return weigh(value, cap=WEIGH_CAP)
 
 
@@ -250,6 +250,6 @@ def list_succeeded(scope: Scope) -> bool:
     )
 
 
-def kind_of(value: Any) -> str:
+def kind_of(value: object) -> str:
     """A value's type as error messages name it."""
     return "null" if value is None else type(value).__name__

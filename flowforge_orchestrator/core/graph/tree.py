@@ -4,7 +4,7 @@ and a finished fan-out's elements forgotten."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Protocol
 
 from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, TaskStep
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
@@ -50,7 +50,7 @@ def new_scope(run: Growing, plan: ListPlan, frame: Frame, owner: Node | None) ->
     return scope
 
 
-def expand(run: Growing, node: Node, items: list[Any]) -> None:
+def expand(run: Growing, node: Node, items: list[object]) -> None:
     """One list instance per element, each with its own frame (`item`, `index`)."""
     node.items = items
     (template,) = run.workflow.children[node.step.id]
