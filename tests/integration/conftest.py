@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
@@ -70,7 +70,7 @@ class Engine:
 
 
 async def start_engine(
-    settings: Settings, extra_types: dict[str, StepFunction] | None = None
+    settings: Settings, extra_types: Mapping[str, StepFunction] | None = None
 ) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
     stop = asyncio.Event()
     ready_o, ready_w = asyncio.Event(), asyncio.Event()

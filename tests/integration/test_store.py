@@ -788,8 +788,9 @@ async def test_a_row_that_cannot_be_decoded_fails_no_fetch_of_the_others(
     assert set(by_attempt) == {deep, fine}
     assert by_attempt[fine].output == {"ok": True}
     assert by_attempt[deep].outcome == "failed"
-    assert by_attempt[deep].error is not None
-    assert by_attempt[deep].error["category"] == "unreadable_result"
+    error = by_attempt[deep].error
+    assert error is not None
+    assert error["category"] == "unreadable_result"
     assert {(r.attempt_id, r.reason) for r in refused} == {
         (deep, "unreadable"),
         (forged, "bad_token"),
