@@ -19,7 +19,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, TypeVar, cast
@@ -35,7 +35,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core import jsonb
 from flowforge_orchestrator.core.destinations import DestinationPolicy
 from flowforge_orchestrator.core.expressions.templates import render_at
-from flowforge_orchestrator.core.records import json_size
+from flowforge_orchestrator.core.records import StepResult, json_size
 from flowforge_orchestrator.errors import (
     ConfigError,
     ExpressionError,
@@ -61,7 +61,7 @@ from flowforge_orchestrator.worker.redaction import (
     credential_values,
     redact_logs,
 )
-from flowforge_orchestrator.worker.results import Result, ResultWriter
+from flowforge_orchestrator.worker.results import ResultWriter
 from flowforge_orchestrator.worker.steps.http import run_http_step
 from flowforge_orchestrator.worker.steps.http_client import make_http_client
 
@@ -204,7 +204,7 @@ class WorkerRuntime:
         self.http = make_http_client(policy)
         self.node = settings.node_id
         self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
-        self.results = ResultWriter(pool, settings.node_id, in_progress=self._in_progress)
+        self.results = ResultWriter(pool, in_progress=self._in_progress)
 
     def _in_progress(self) -> int:
         """Jobs the arq workers took and have not finished: those whose results may join
@@ -258,17 +258,19 @@ class WorkerRuntime:
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
-        await self._report(
-            redactor,
+        result = StepResult(
             attempt_id=job.attempt_id,
-            run_id=job.run_id,
             step_id=job.step_id,
             outcome=outcome,
             output=output,
             error=error,
             started_at=started,
+            finished_at=_now(),
+            worker=self.node,
+            run_id=job.run_id,
             token=job.token,
         )
+        await self._report(redactor, result)
         return outcome
 
     def _redacted(
@@ -344,28 +346,25 @@ class WorkerRuntime:
             return "failed", None, too_large.to_dict()
         return "succeeded", output, None
 
-    async def _report(self, redactor: Redactor, **result: Any) -> None:
+    async def _report(self, redactor: Redactor, result: StepResult) -> None:
+        """Store the result with those that finish at the same time, in one transaction."""
         try:
-            await self._write(result)
+            await self.results.write(result)
         except StoreError as exc:
             # The database refused this result (e.g. a NUL character, which JSONB cannot
             # hold): report the attempt as failed, so the run records why and goes on. The
             # database's message may quote the value: it is redacted like the rest.
             reason = redactor.text(str(exc))
-            log.error("result of attempt %s refused: %s", result["attempt_id"], reason)
+            log.error("result of attempt %s refused: %s", result.attempt_id, reason)
             error = StepError(
                 f"the step's result could not be stored: {reason}",
                 category="unstorable_result",
                 retryable=False,
             )
-            await self._write(
-                {**result, "outcome": "failed", "output": None, "error": error.to_dict()}
+            failed = replace(
+                result, outcome="failed", output=None, error=error.to_dict(), finished_at=_now()
             )
-
-    async def _write(self, result: dict[str, Any]) -> None:
-        """Stored with the results that finish at the same time, in one transaction; a
-        refusal of this result comes out as a StoreError."""
-        await self.results.write(Result(finished_at=_now(), **result))
+            await self.results.write(failed)
 
 
 async def _job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
