@@ -18,7 +18,7 @@ import importlib
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import ModuleType
@@ -26,6 +26,7 @@ from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import httpx
+from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
 from opentelemetry import trace
 from redis.exceptions import RedisError
@@ -215,11 +216,13 @@ class WorkerRuntime:
         await self.results.close()
         await self.http.aclose()
 
-    def open_job(self, ctx: Mapping[str, Any], args: tuple[Any, ...], kwargs: Any) -> Job | None:
-        """The verified job behind arq's arguments, or None: refused, logged and counted."""
-        job_id = str(ctx.get("job_id"))
+    def open_job(
+        self, job_id: str, queue: str, args: Sequence[object], kwargs: Mapping[str, object]
+    ) -> Job | None:
+        """The verified job behind arq's arguments (job `job_id` taken from `queue`), or
+        None: refused, logged and counted."""
         try:
-            return self.keys.open(job_id, ctx["flowforge_queue"], args, kwargs, queue_name)
+            return self.keys.open(job_id, queue, args, kwargs, queue_name)
         except JobRefused as exc:
             self.metrics.jobs_refused.labels(exc.reason).inc()
             # The job id (quoted and bounded: anyone may have written it) and the reason;
@@ -367,21 +370,25 @@ class WorkerRuntime:
             await self.results.write(failed)
 
 
-async def _job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
-    """arq's entry point: whatever a queue holds arrives here, and is verified first."""
-    runtime: WorkerRuntime = ctx["flowforge"]
-    job = runtime.open_job(ctx, args, kwargs)
-    if job is None:
-        return "refused"  # no result row: the orchestrator's deadline or reconciler acts
-    enqueued = ctx.get("enqueue_time")
-    if isinstance(enqueued, datetime):
-        runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
-    return await runtime.execute(job)
+def _job_function(runtime: WorkerRuntime, queue: str) -> WorkerCoroutine:
+    """arq's entry point for one queue: whatever the queue holds arrives here, and is
+    verified first. From arq's context it reads only the job's id and enqueue time."""
+
+    async def run(ctx: Mapping[str, object], *args: object, **kwargs: object) -> str:
+        job = runtime.open_job(str(ctx.get("job_id")), queue, args, kwargs)
+        if job is None:
+            return "refused"  # no result row: the orchestrator's deadline or reconciler acts
+        enqueued = ctx.get("enqueue_time")
+        if isinstance(enqueued, datetime):
+            runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
+        return await runtime.execute(job)
+
+    return run
 
 
 async def _serve_health(
-    settings: Settings, measures: metrics.WorkerMetrics, checks: dict[str, Any]
-) -> Any:
+    settings: Settings, measures: metrics.WorkerMetrics, checks: Mapping[str, health.ReadinessCheck]
+) -> health.HealthServer | None:
     """The worker's probes and metrics, or None (port 0, or a port that is taken: logged,
     not fatal, as for the orchestrator)."""
     if settings.http_port == 0:
@@ -469,10 +476,9 @@ async def run_worker(
         await store.retrying(register, what="registering step types", attempts=30)
         workers = [
             WakeableWorker(
-                [func(_job, name=JOB_FUNCTION, max_tries=1)],
+                [func(_job_function(runtime, queue_name(t)), name=JOB_FUNCTION, max_tries=1)],
                 queue_name=queue_name(t),
                 redis_settings=redis_settings(settings.redis_url),
-                ctx={"flowforge": runtime, "flowforge_queue": queue_name(t)},
                 handle_signals=False,
                 max_jobs=settings.worker_max_jobs,
                 poll_delay=settings.worker_poll_delay,
