@@ -82,7 +82,7 @@ def _node_json(node: StepNode) -> dict[str, Any]:
     return data
 
 
-def _seconds(start: Any, end: Any) -> str:
+def _seconds(start: datetime | None, end: datetime | None) -> str:
     return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
 
 

@@ -16,7 +16,7 @@ from arq.constants import health_check_key_suffix
 from redis.asyncio import Redis
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.cli.common import add_command, connection, run_id_arg
+from flowforge_orchestrator.cli.common import Subcommands, add_command, connection, run_id_arg
 from flowforge_orchestrator.cli.config_view import (
     effective_settings,
     mask_url,
@@ -353,7 +353,7 @@ async def cmd_outbox_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     doc = add_command(
         sub,
         "doctor",

@@ -10,6 +10,7 @@ from typing import Any
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import (
+    Subcommands,
     add_command,
     connection,
     point_in_time,
@@ -141,7 +142,7 @@ def _when(text: str) -> datetime:
     return point_in_time(text, datetime.now(UTC))
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     submit = add_command(sub, "submit", cmd_submit, "enqueue a run of a workflow")
     submit.add_argument("workflow")
     submit.add_argument("--input", default="{}", help="the run input as JSON")

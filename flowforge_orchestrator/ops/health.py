@@ -66,7 +66,7 @@ def database_check(ping: Callable[[], Awaitable[object]]) -> ReadinessCheck:
     return check
 
 
-def redis_check(ping: Callable[[], Awaitable[Any]]) -> ReadinessCheck:
+def redis_check(ping: Callable[[], Awaitable[object]]) -> ReadinessCheck:
     """Redis answers a PING (e.g. `Dispatcher.ping`, or an arq pool's `ping`)."""
 
     async def check() -> object:

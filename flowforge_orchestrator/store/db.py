@@ -49,11 +49,11 @@ _TRANSIENT = (
 )
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def json_texts(values: Iterable[Any]) -> list[str | None]:
+def json_texts(values: Iterable[object]) -> list[str | None]:
     """JSON values for a `text[]` parameter cast to jsonb per element. A `jsonb[]` parameter
     cannot carry them: asyncpg reads a value that is a list as one more array dimension."""
     return [None if value is None else _dumps(value) for value in values]

@@ -144,7 +144,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _output_size(output: Any) -> int:
+def _output_size(output: object) -> int:
     """The output's size in JSON bytes; StepError (`invalid_output`, not retried) when it is
     not JSON or is nested deeper than the engine reads (`jsonb.MAX_DEPTH`)."""
     try:
