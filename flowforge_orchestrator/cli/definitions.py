@@ -7,7 +7,7 @@ import difflib
 import json
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
@@ -33,7 +33,7 @@ __all__ = ["add_commands", "load_definition", "spec_yaml"]
 Format = Literal["yaml", "json"]
 
 
-def spec_yaml(spec: Any) -> str:
+def spec_yaml(spec: object) -> str:
     """A stored spec as YAML, its keys in the model's order (`jsonb` keeps its own)."""
     try:
         spec = store.definition_spec(parse_definition(spec))

@@ -153,7 +153,7 @@ async def follow_run(
         await asyncio.sleep(interval)
 
 
-def _describe(event: Any) -> str:
+def _describe(event: store.Record) -> str:
     data = event["data"] or {}
     where = f" {data['step_id']}" if "step_id" in data else ""
     attempt = f" (attempt {data['attempt']})" if "attempt" in data else ""

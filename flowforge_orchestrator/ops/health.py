@@ -139,7 +139,7 @@ class HealthServer:
         self._report: tuple[float, tuple[bool, dict[str, str]]] | None = None  # (at, report)
         self._checking: asyncio.Task[tuple[bool, dict[str, str]]] | None = None
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._connections: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
 
     @property
     def url(self) -> str:

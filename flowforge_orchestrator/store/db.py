@@ -17,6 +17,7 @@ from flowforge_orchestrator.errors import StoreError, TransientStoreError
 __all__ = [
     "Connection",
     "Pool",
+    "Record",
     "connect",
     "create_pool",
     "is_database_error",
@@ -30,6 +31,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Connection = asyncpg.Connection
+Record = asyncpg.Record
 Pool = asyncpg.Pool
 T = TypeVar("T")
 
