@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import (
@@ -56,7 +56,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if status == "completed" else 1
 
 
-def _title(run: dict[str, Any]) -> str:
+def _title(run: Mapping[str, object]) -> str:
     version = run["workflow_version"] or "?"
     return f"{run['workflow_name']} v{version} · run {run['id']} · {run['status']}"
 

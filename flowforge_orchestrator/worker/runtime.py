@@ -100,6 +100,7 @@ def step_type(name: str) -> Callable[[F], F]:
     """Mark an async function `fn(params, ctx) -> output` as the handler of a step type."""
 
     def mark(fn: F) -> F:
+        # Through Any: iscoroutinefunction is a TypeGuard that would narrow `fn` away from F.
         if not inspect.iscoroutinefunction(cast(Any, fn)):
             raise ConfigError(f"step type '{name}': {fn!r} must be an async function")
         setattr(fn, _MARK, name)
