@@ -234,6 +234,11 @@ class OwnedRuns:
     def has_undelivered(self) -> bool:
         return bool(self._undelivered)
 
+    @property
+    def undelivered_count(self) -> int:
+        """How many dispatches wait to be delivered (some may be answered meanwhile)."""
+        return len(self._undelivered)
+
     def take_undelivered(self) -> list[tuple[Dispatch, str | None]]:
         """The dispatches to enqueue (still outstanding), with their trace context."""
         taken, self._undelivered = self._undelivered, {}
