@@ -6,11 +6,12 @@ blocking each other:
 * `OwnedRuns` (owned):      the runs owned here, their outstanding attempts, what waits;
 * `Claimer` (claimer):      NOTIFY on `flowforge_runs` or the slow poll -> lock runs, build
                             their graphs, write their first transitions, take the lease;
-* results (here):           NOTIFY on `flowforge_results` (payload: attempt ids) or the slow
-                            poll -> fetch those results, apply them to the graphs;
+* `ResultApplier` (results): NOTIFY on `flowforge_results` (payload: attempt ids) or the
+                            slow poll -> fetch those results, apply them to the graphs;
 * `Committer` (committer):  whatever the graphs changed since the last commit goes out in
                             ONE statement; only after it is durable are attempts enqueued;
-* `TimerHeap` (timers):     the runs' next timers, one loop sleeping until the earliest;
+* `Timekeeper` (timekeeper): the runs' next timers (`timers`), one loop sleeping until
+                            the earliest;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -44,9 +45,10 @@ from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.reconciler import Reconciler
+from flowforge_orchestrator.engine.results import ResultApplier
 from flowforge_orchestrator.engine.sampler import run_sampler
 from flowforge_orchestrator.engine.sandbox.pool import BoundedEvaluator, Sandbox
-from flowforge_orchestrator.engine.timers import TimerHeap
+from flowforge_orchestrator.engine.timekeeper import Timekeeper
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.ops import health, metrics, sdnotify
 from flowforge_orchestrator.queue.dispatch import Dispatcher
@@ -100,71 +102,11 @@ class Orchestrator:
         self.metrics = measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False))
         self.runs = OwnedRuns()
         self.metrics.active_runs.set_function(lambda: len(self.runs))
-        self.timers = TimerHeap()
         self.background = Background()
         self._committing = False
-        self._wake_results = asyncio.Event()
         self._wake_commit = asyncio.Event()
-        self._wake_timers = asyncio.Event()
-        # The group commit and the lease renewal update the same run rows, each in its own
-        # order: run at once, they can deadlock each other. One at a time, they cannot.
-        owned_rows = asyncio.Lock()
-        limits = Limits(
-            max_output_bytes=settings.max_output_bytes,
-            max_context_bytes=settings.max_context_bytes,
-            default_timeout=settings.step_timeout,
-        )
-        self.claimer = Claimer(
-            settings,
-            pool,
-            self.metrics,
-            self.runs,
-            verifier=self.verifier,
-            limits=limits,
-            evaluator=evaluator,
-            clock=clock,
-            claimed=self._claimed,
-        )
-        self.leases = LeaseKeeper(
-            settings,
-            pool,
-            self.metrics,
-            self.runs,
-            owned_rows=owned_rows,
-            drop=self._drop,
-            wake_claim=self.claimer.wake.set,
-        )
-        self.committer = Committer(
-            settings,
-            pool,
-            self.metrics,
-            self.runs,
-            owned_rows=owned_rows,
-            clock=clock,
-            committed=self._committed,
-            changed=self._changed,
-            drop=self._drop,
-        )
-        self.reconciler = Reconciler(
-            dispatcher,
-            self.metrics,
-            self.runs,
-            poll_interval=settings.poll_interval,
-            fetch=lambda wanted: self._fetch(wanted),
-            clock=clock,
-            changed=self._changed,
-            drop=self._drop,
-            spawn=self.background.spawn,
-        )
-        self.cancels = CancellationWatcher(
-            pool,
-            self.node,
-            self.runs,
-            clock=clock,
-            changed=self._changed,
-            drop=self._drop,
-            spawn=self.background.spawn,
-        )
+        self._compose_writers(evaluator)
+        self._compose_watchers()
         self.listener = Listener(
             settings.database_url,
             {
@@ -175,6 +117,81 @@ class Orchestrator:
             on_connect=self._reconnected,
         )
         self.ready = asyncio.Event()
+
+    def _compose_writers(self, evaluator: Evaluator | None) -> None:
+        """The parts that write the owned runs' rows: claims, commits, leases."""
+        # The group commit and the lease renewal update the same run rows, each in its own
+        # order: run at once, they can deadlock each other. One at a time, they cannot.
+        owned_rows = asyncio.Lock()
+        settings = self.settings
+        limits = Limits(
+            max_output_bytes=settings.max_output_bytes,
+            max_context_bytes=settings.max_context_bytes,
+            default_timeout=settings.step_timeout,
+        )
+        self.claimer = Claimer(
+            settings,
+            self.pool,
+            self.metrics,
+            self.runs,
+            verifier=self.verifier,
+            limits=limits,
+            evaluator=evaluator,
+            clock=self.clock,
+            claimed=self._claimed,
+        )
+        self.committer = Committer(
+            settings,
+            self.pool,
+            self.metrics,
+            self.runs,
+            owned_rows=owned_rows,
+            clock=self.clock,
+            committed=self._committed,
+            changed=self._changed,
+            drop=self._drop,
+        )
+        self.leases = LeaseKeeper(
+            settings,
+            self.pool,
+            self.metrics,
+            self.runs,
+            owned_rows=owned_rows,
+            drop=self._drop,
+            wake_claim=self.claimer.wake.set,
+        )
+
+    def _compose_watchers(self) -> None:
+        """The parts that watch the owned runs: results, timers, cancellations, Redis."""
+        clock, changed, drop = self.clock, self._changed, self._drop
+
+        async def fetch(wanted: list[UUID]) -> list[tuple[UUID, StepResult]]:
+            return await self._fetch(wanted)  # looked up at each call, not bound once
+
+        self.results = ResultApplier(
+            self.metrics, self.runs, fetch=fetch, clock=clock, changed=changed, drop=drop
+        )
+        self.timekeeper = Timekeeper(self.runs, clock=clock, changed=changed, drop=drop)
+        self.reconciler = Reconciler(
+            self.dispatcher,
+            self.metrics,
+            self.runs,
+            poll_interval=self.settings.poll_interval,
+            fetch=fetch,
+            clock=clock,
+            changed=changed,
+            drop=drop,
+            spawn=self.background.spawn,
+        )
+        self.cancels = CancellationWatcher(
+            self.pool,
+            self.node,
+            self.runs,
+            clock=clock,
+            changed=changed,
+            drop=drop,
+            spawn=self.background.spawn,
+        )
 
     # -- notifications -------------------------------------------------------------------
 
@@ -188,7 +205,7 @@ class Orchestrator:
             with contextlib.suppress(ValueError):
                 attempt_ids.append(UUID(text))
         if self.runs.notify(attempt_ids):
-            self._wake_results.set()
+            self.results.wake.set()
 
     def _reconnected(self) -> None:
         self.metrics.reconciled("caught_up")
@@ -197,7 +214,7 @@ class Orchestrator:
     def _catch_up(self) -> None:
         """After (re)connecting LISTEN: look for everything we may have missed."""
         self.runs.notify_all()
-        self._wake_results.set()
+        self.results.wake.set()
         self.claimer.wake.set()
 
     def _result_refused(self, refused: RefusedResult) -> None:
@@ -217,11 +234,11 @@ class Orchestrator:
         loops = {
             "listener": self.listener.run,
             "claim": self.claimer.loop,
-            "results": self._results_loop,
+            "results": self.results.loop,
             "commit": self._commit_loop,
             "leases": self.leases.loop,
             "poll": self._poll_loop,
-            "timers": self._timer_loop,
+            "timers": self.timekeeper.loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
@@ -267,48 +284,11 @@ class Orchestrator:
             await self.cancels.missed()
             await self.reconciler.reconcile_jobs()
 
-    # -- results -------------------------------------------------------------------------
-
-    async def _results_loop(self) -> None:
-        while True:
-            await self._wake_results.wait()
-            self._wake_results.clear()
-            wanted = self.runs.take_notified()
-            if not wanted:
-                continue
-            try:
-                rows = await store.retrying(
-                    functools.partial(self._fetch, wanted), what="fetching results"
-                )
-            except FlowForgeError as exc:
-                log.error("fetching results failed: %s", exc)
-                self.runs.notify(wanted)
-                continue
-            now = self.clock()
-            for run_id, result in rows:
-                self._apply(run_id, result, now)
-            if self.runs.has_dirty:
-                self._wake_commit.set()
-
-    def _apply(self, run_id: UUID, result: StepResult, now: datetime) -> None:
-        owned = self.runs.answered(run_id, result.attempt_id)
-        if owned is None:
-            return
-        try:
-            applied = owned.state.apply_result(result, now)
-        except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: applying a result failed", run_id, extra={"run_id": str(run_id)})
-            self._drop(run_id, "internal error while applying a result", give_back=True)
-            return
-        if applied:
-            self.runs.mark_dirty(run_id)
-            self.metrics.observe_result(result, owned.state.step_type(result.step_id))
+    # -- results and commits -------------------------------------------------------------
 
     async def _fetch(self, wanted: list[UUID]) -> list[tuple[UUID, StepResult]]:
         async with self.pool.acquire() as conn:
             return await store.fetch_results(conn, wanted, self.verifier)
-
-    # -- group commit --------------------------------------------------------------------
 
     async def _commit_loop(self) -> None:
         while True:
@@ -332,7 +312,7 @@ class Orchestrator:
     ) -> None:
         self._committed(owned, changes, answered)
         if adopted and self.runs.notify(owned.state.outstanding()):
-            self._wake_results.set()  # results may have arrived while it was unowned
+            self.results.wake.set()  # results may have arrived while it was unowned
 
     def _committed(
         self, owned: Owned, changes: RunChanges, answered: Collection[UUID] = ()
@@ -347,9 +327,9 @@ class Orchestrator:
         if changes.probes:
             self.background.spawn(self.reconciler.probe(run_id, changes.probes))
         if going_on:
-            self._schedule(run_id, owned)
+            self.timekeeper.schedule(run_id)
         else:
-            self.timers.discard(run_id)
+            self.timekeeper.discard(run_id)
             if changes.status is RunStatus.FAILED:
                 owned.span.set_status(
                     trace.StatusCode.ERROR, str((changes.error or {}).get("message"))
@@ -365,7 +345,7 @@ class Orchestrator:
         its lease so it is resumed from its last checkpoint, and count the strike."""
         self.metrics.reconciled("released" if give_back else "dropped")
         owned = self.runs.drop(run_id, give_back=give_back)
-        self.timers.discard(run_id)
+        self.timekeeper.discard(run_id)
         if give_back:
             self.background.spawn(self.leases.release_given_back())
         if owned is not None:
@@ -376,39 +356,6 @@ class Orchestrator:
                 why,
                 extra={"run_id": str(run_id)},
             )
-
-    # -- timers --------------------------------------------------------------------------
-
-    def _schedule(self, run_id: UUID, owned: Owned) -> None:
-        """Set the run's next timer; the loop wakes if it is now the earliest."""
-        if self.timers.set(run_id, owned.state.next_timer()):
-            self._wake_timers.set()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            self._wake_timers.clear()
-            now = self.clock()
-            due = self.timers.pop_due(now)
-            for run_id in due:
-                self._fire(run_id, now)
-            if due:
-                self._wake_commit.set()
-            earliest = self.timers.next_due()
-            delay = (earliest - now).total_seconds() if earliest is not None else None
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake_timers.wait(), timeout=delay)
-
-    def _fire(self, run_id: UUID, now: datetime) -> None:
-        owned = self.runs.get(run_id)
-        if owned is None:
-            return
-        try:
-            if owned.state.fire_timers(now):
-                self.runs.mark_dirty(run_id)
-            self._schedule(run_id, owned)
-        except Exception:  # a bug must not take the daemon down with it
-            log.exception("run %s: firing a timer failed", run_id, extra={"run_id": str(run_id)})
-            self._drop(run_id, "internal error while firing a timer", give_back=True)
 
 
 async def run_orchestrator(
