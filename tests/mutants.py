@@ -224,9 +224,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "an input over the context limit is not refused at claim",
-        "flowforge_orchestrator/engine/claimer.py",
-        "                    if size > limit:\n",
-        "                    if False:\n",
+        "flowforge_orchestrator/engine/admission.py",
+        "                if size > limit:\n",
+        "                if False:\n",
         f"{T_ISOLATION}::test_an_input_over_the_context_limit_is_refused_before_any_step",
     ),
     mutation(

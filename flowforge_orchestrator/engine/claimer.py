@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import time
 from collections.abc import Callable, Collection
@@ -30,11 +29,11 @@ from flowforge_orchestrator.core.records import (
     Limits,
     RunChanges,
     StepResult,
-    json_size,
     rejected_run,
 )
 from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.core.tokens import ResultVerifier
+from flowforge_orchestrator.engine.admission import read_inputs, reject
 from flowforge_orchestrator.engine.faults import cause, set_aside
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.workflows import Rejected, Workflows
@@ -56,14 +55,6 @@ def _incarnation(created_at: datetime | None) -> str | None:
     """When the run's row was created, to the microsecond: what tells two runs inserted
     under one id apart (`nodes.attempt_id`)."""
     return created_at.astimezone(UTC).strftime("%Y%m%dT%H%M%S.%f") if created_at else None
-
-
-def _reject(
-    row: store.ClaimedRun, message: str, now: datetime, *, category: str = "internal_error"
-) -> RunChanges:
-    seq = int((row.checkpoint or {}).get("seq", 0))
-    error = {"message": jsonb.storable(message), "category": category, "retryable": False}
-    return rejected_run(row.id, RunStatus(row.status), seq, error, now)
 
 
 @dataclass
@@ -174,7 +165,7 @@ class Claimer:
         self, conn: store.Connection, rows: list[store.ClaimedRun], now: datetime
     ) -> _Batch:
         """What each claimed row becomes: a run of ours, a failed run, or one left waiting."""
-        inputs, refused = self._read_inputs(rows, now)
+        inputs, refused = read_inputs(rows, self.settings.max_context_bytes, now)
         adopted = [r.id for r in rows if r.status == RunStatus.RUNNING]
         # A redriven run is pending with a checkpoint: it reads earlier outputs too.
         restored = adopted + [r.id for r in rows if r.status == "pending" and r.checkpoint]
@@ -194,7 +185,7 @@ class Claimer:
                 # A bug on this run's path must not stop the claiming of every other
                 # run: fail this one, with the reason, and go on.
                 log.exception("run %s could not be started", row.id, extra={"run_id": str(row.id)})
-                owned, changes = None, _reject(row, f"internal error: {exc}", now)
+                owned, changes = None, reject(row, f"internal error: {exc}", now)
             if owned is not None:
                 batch.claimed[row.id] = owned
             batch.writes.append(
@@ -225,42 +216,6 @@ class Claimer:
             owned.seq = int(written[row.id].checkpoint.get("seq", 0))
             answered = batch.results.get(row.id, {})
             self._claimed(owned, written[row.id], answered, row.status == RunStatus.RUNNING)
-
-    def _read_inputs(
-        self, rows: list[store.ClaimedRun], now: datetime
-    ) -> tuple[dict[UUID, object], dict[UUID, tuple[None, RunChanges]]]:
-        """Each claimed run's input, decoded and checked before any step runs: a run whose
-        input is over the context limit, nested too deep or not JSON is failed at once."""
-        inputs: dict[UUID, object] = {}
-        refused: dict[UUID, tuple[None, RunChanges]] = {}
-        limit = self.settings.max_context_bytes
-        for row in rows:
-            text = row.input_text
-            problem, category = None, "invalid_input"
-            if len(text.encode()) > 2 * limit:  # jsonb's text has a space after each , and :
-                problem, category = f"the input is over {limit} bytes", "payload_too_large"
-            else:
-                try:
-                    value = json.loads(text)
-                except (ValueError, RecursionError):
-                    problem = "the input is not JSON this engine can read (nested too deep?)"
-                else:
-                    problem = jsonb.depth_problem(value)
-                    size = json_size(value) if problem is None else 0
-                    if size > limit:
-                        problem, category = (
-                            f"the input is {size} bytes, over the run context limit of "
-                            f"{limit} bytes (FLOWFORGE_MAX_CONTEXT_BYTES)",
-                            "payload_too_large",
-                        )
-                    elif problem is not None:
-                        problem = f"the input cannot be used: {problem}"
-                    else:
-                        inputs[row.id] = value
-            if problem is not None:
-                log.warning("run %s rejected: %s", row.id, problem, extra={"run_id": str(row.id)})
-                refused[row.id] = None, _reject(row, problem, now, category=category)
-        return inputs, refused
 
     async def _reject_alone(self, run_id: UUID, fault: StoreError) -> None:
         """Fail a run the database refused to claim, in a transaction of its own, after any
@@ -299,7 +254,7 @@ class Claimer:
         """Build the graph of a claimed run; a run that cannot be built is failed instead."""
         status = RunStatus(row.status)
         if self._runs.strikes(row.id) >= MAX_STRIKES:
-            return None, _reject(
+            return None, reject(
                 row, f"the engine failed on this run {MAX_STRIKES} times; see its logs", now
             )
         workflow = await self._workflows.get(conn, row.workflow_name, row.workflow_version)
@@ -307,7 +262,7 @@ class Claimer:
             log.warning(
                 "run %s rejected: %s", row.id, workflow.reason, extra={"run_id": str(row.id)}
             )
-            return None, _reject(row, workflow.reason, now, category="definition_error")
+            return None, reject(row, workflow.reason, now, category="definition_error")
         assert row.workflow_version is not None
         state = RunState(
             run_id=row.id,
@@ -379,7 +334,7 @@ class Claimer:
                 )
             except ExpressionError as exc:
                 log.warning("run %s rejected: %s", row.id, exc, extra={"run_id": str(row.id)})
-                failed = _reject(row, str(exc), now, category="expression_error")
+                failed = reject(row, str(exc), now, category="expression_error")
                 refused[row.id] = None, failed
                 continue
             if keys:
