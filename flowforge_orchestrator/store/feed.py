@@ -14,6 +14,7 @@ come again, with the same ids, for the broker's consumers to de-duplicate.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -31,6 +32,9 @@ __all__ = [
     "read_outbox",
     "register_consumer",
 ]
+
+# What sql/0012 accepts as a consumer name (checked here first, for a clearer error).
+CONSUMER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}")
 
 # The NOTIFY channel the outbox's insert trigger signals (payload empty).
 OUTBOX_CHANNEL = "flowforge_outbox"
@@ -93,6 +97,11 @@ async def register_consumer(conn: asyncpg.Connection, name: str, *, from_now: bo
     """Register consumer `name` (False if it already was): it reads every event still in
     the outbox, or with `from_now` only those committed from now on. From then on retention
     keeps each event until this consumer has read it (FLOWFORGE_OUTBOX_MAX_AGE at most)."""
+    if not CONSUMER_NAME.fullmatch(name):
+        raise ValueError(
+            f"consumer name {name!r}: use 1 to 100 letters, digits and _ . : - "
+            "(starting with a letter or digit)"
+        )
     return await conn.fetchval(REGISTER_CONSUMER, name, from_now) is not None
 
 
