@@ -26,6 +26,7 @@ from flowforge_orchestrator.cli.config_view import (
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.durations import format_duration
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.queue.dispatch import queue_name
 from flowforge_orchestrator.store import reads
@@ -85,16 +86,17 @@ class _Doctor:
             database = self.findings[-1].status == "ok"
         await self.guarded("redis", self.redis, self.settings.redis_url)
         if not database:
-            for check in ("migrations", "roles", "workers"):
+            for check in ("migrations", "roles", "workers", "outbox"):
                 self.add(check, "skip", "needs PostgreSQL")
             return
         await self.guarded("migrations", self.migrations)
         if not self.migrated:
-            for check in ("roles", "workers"):
+            for check in ("roles", "workers", "outbox"):
                 self.add(check, "skip", "needs the schema: run `flowforge-orchestrator migrate`")
             return
         await self.guarded("roles", self.roles)
         await self.guarded("workers", self.workers)
+        await self.guarded("outbox", self.outbox)
 
     async def postgresql(self) -> None:
         dsn = self.settings.database_url or ""
@@ -178,6 +180,39 @@ class _Doctor:
             )
         else:
             self.add("roles", "ok", f"{', '.join(names)} exist and are granted here")
+
+    async def outbox(self) -> None:
+        """The feed's registered consumers, how far behind each is, and which are stuck:
+        one retention deleted events from (past FLOWFORGE_OUTBOX_MAX_AGE), or will."""
+        async with connection(self.settings) as conn:
+            lags = await store.consumer_lags(conn)
+        if not lags:
+            self.add("outbox", "ok", "no registered consumers: retention waits for no relay")
+            return
+        max_age = self.settings.outbox_max_age
+        for lag in lags:
+            behind = f"{lag.events_behind} events"
+            if lag.seconds_behind is not None:
+                behind += f", {format_duration(round(lag.seconds_behind, 1))} behind"
+            name = f"consumer '{lag.name}'"
+            if lag.lost_events:
+                self.add(
+                    "outbox",
+                    "warn",
+                    f"{name} is stuck: retention deleted {lag.lost_events} events it had not "
+                    f"read (last at {lag.lost_at:%Y-%m-%d %H:%M:%S}); {behind}; drop it if "
+                    "it is gone (client.drop_consumer)",
+                )
+            elif lag.seconds_behind is not None and lag.seconds_behind > max_age:
+                self.add(
+                    "outbox",
+                    "warn",
+                    f"{name} is stuck: {behind}, more than FLOWFORGE_OUTBOX_MAX_AGE "
+                    f"({format_duration(max_age)}): retention deletes what it has not read",
+                )
+            else:
+                read = f"last read {lag.read_at:%Y-%m-%d %H:%M:%S}" if lag.read_at else "never read"
+                self.add("outbox", "ok", f"{name}: {behind} ({read})")
 
     async def workers(self) -> None:
         async with connection(self.settings) as conn:

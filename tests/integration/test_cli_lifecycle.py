@@ -1,5 +1,5 @@
-"""`runs export`: finished runs, one JSON line each with their history, read back equal to
-what the database holds."""
+"""`runs export` (finished runs, one JSON line each with their history, read back equal to
+what the database holds) and `doctor`'s outbox consumers, their lag and the stuck ones."""
 
 from __future__ import annotations
 
@@ -10,8 +10,12 @@ from typing import Any
 
 import pytest
 
+from flowforge_orchestrator import store
+from flowforge_orchestrator.client import read_outbox, register_consumer
+from flowforge_orchestrator.config import Settings
 from tests.integration.cli_helpers import Cli, cli
 from tests.integration.conftest import Engine
+from tests.integration.test_cli_ops import lines_of
 from tests.integration.test_cli_runs import SLOW, completed_tree_run
 
 __all__ = ["cli"]  # the fixture
@@ -73,3 +77,39 @@ async def test_export_before_a_time_leaves_later_runs_out(
     assert _lines(target) == []
     bad = await cli("runs", "export", "--before", "yesterday-ish", "--to", str(target))
     assert bad.code == 2
+
+
+async def test_doctor_shows_consumers_their_lag_and_the_stuck_ones(
+    settings: Settings, cli: Cli
+) -> None:
+    conn = await store.connect(settings.database_url or "")
+    try:
+        assert lines_of((await cli("doctor")).out)["outbox"] == [
+            ("ok", "no registered consumers: retention waits for no relay")
+        ]
+        for name in ("current", "behind", "stuck", "old"):
+            await register_consumer(conn, name)
+        await conn.execute(
+            "INSERT INTO flowforge.outbox (run_id, seq, type, time, data, to_status)"
+            " SELECT gen_random_uuid(), 1, 'workflow.started', now() - interval '8 days',"
+            " '{}', 'started' FROM generate_series(1, 3)"
+        )
+        await read_outbox(conn, "current", 10)
+        await read_outbox(conn, "behind", 1)
+        await conn.execute(
+            "UPDATE flowforge.outbox_consumers SET lost_events = 5, lost_at = now()"
+            " WHERE name = 'stuck'"
+        )
+        result = await cli("doctor")
+    finally:
+        await conn.close()
+    found = dict(
+        (detail.split("'")[1], (status, detail))
+        for status, detail in lines_of(result.out)["outbox"]
+    )
+    assert found["current"][0] == "ok" and "0 events (last read" in found["current"][1]
+    assert found["behind"][0] == "warn" and "2 events, 8d" in found["behind"][1]
+    assert "more than FLOWFORGE_OUTBOX_MAX_AGE (7d)" in found["behind"][1]
+    assert found["stuck"][0] == "warn"
+    assert "retention deleted 5 events it had not read" in found["stuck"][1]
+    assert found["old"][0] == "warn" and "3 events" in found["old"][1]
