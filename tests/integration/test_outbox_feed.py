@@ -8,13 +8,16 @@ import asyncio
 import logging
 import random
 from collections import defaultdict
+from urllib.parse import urlsplit, urlunsplit
 from uuid import UUID, uuid4
 
+import asyncpg
 import pytest
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import drop_consumer, read_outbox, register_consumer
 from flowforge_orchestrator.errors import NotFound
+from tests.conftest import _admin
 from tests.integration.conftest import Engine
 
 log = logging.getLogger(__name__)
@@ -227,3 +230,52 @@ async def test_two_consumers_get_every_event_once_in_order_while_runs_complete(
             by_run[run_id].append(seq)
         for run_id, seqs in by_run.items():
             assert seqs == list(range(1, len(seqs) + 1)), f"{name}: run {run_id} out of order"
+
+
+RELAY_REFUSED = [
+    "SELECT id FROM flowforge.runs",
+    "SELECT * FROM flowforge.step_results",
+    "SELECT data FROM flowforge.outbox",
+    "SELECT secret FROM flowforge.engine_secret",
+    "INSERT INTO flowforge.outbox (run_id, seq, type, time, data, to_status)"
+    " VALUES (gen_random_uuid(), 1, 'workflow.failed', now(), '{}', 'failed')",
+    "DELETE FROM flowforge.outbox",
+    "INSERT INTO flowforge.outbox_consumers (name) VALUES ('mine')",
+    "DELETE FROM flowforge.outbox_consumers",
+    "UPDATE flowforge.outbox_consumers SET lost_events = 0",
+    "INSERT INTO flowforge.runs (workflow_name) VALUES ('x')",
+]
+
+
+async def test_the_relay_role_reads_the_feed_and_nothing_else(engine: Engine) -> None:
+    dsn = engine.settings.database_url or ""
+    await store.apply_roles(dsn)
+    user, password = f"ff_relay_{uuid4().hex[:10]}", uuid4().hex
+    await _admin(dsn, f"CREATE ROLE {user} LOGIN PASSWORD '{password}' IN ROLE flowforge_relay")
+    parts = urlsplit(dsn)
+    login = urlunsplit(parts._replace(netloc=f"{user}:{password}@{parts.hostname}:{parts.port}"))
+    await register_consumer(engine.conn, "relay")
+    await engine.conn.execute(INSERT_EVENT, uuid4(), 1)
+    conn = await store.connect(login)
+    try:
+        async with conn.transaction():
+            assert len(await read_outbox(conn, "relay", 10)) == 1
+        assert await read_outbox(conn, "relay", 10) == []
+        await conn.execute("UPDATE flowforge.outbox SET published_at = now()")  # still allowed
+        allowed = []
+        for sql in RELAY_REFUSED:
+            try:
+                async with conn.transaction():
+                    await conn.execute(sql)
+            except asyncpg.InsufficientPrivilegeError:
+                continue
+            allowed.append(sql)
+        assert allowed == []
+    finally:
+        await conn.close()
+        await _admin(
+            dsn,
+            f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{user}'",
+            f"DROP OWNED BY {user}",
+            f"DROP ROLE {user}",
+        )
