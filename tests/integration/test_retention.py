@@ -5,6 +5,7 @@ FLOWFORGE_OUTBOX_MAX_AGE more."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from uuid import UUID
 
 import pytest
@@ -63,6 +64,13 @@ async def _gone(conn: store.Connection, run_id: UUID) -> bool:
     return sum((await _rows(conn, run_id)).values()) == 0
 
 
+def _is_gone(conn: store.Connection, run_id: UUID) -> Callable[[], Awaitable[bool]]:
+    async def gone() -> bool:
+        return await _gone(conn, run_id)
+
+    return gone
+
+
 async def test_finished_runs_go_with_their_rows_open_runs_stay(steps_engine: Engine) -> None:
     engine = steps_engine
     await engine.register(ECHO)
@@ -81,9 +89,7 @@ async def test_finished_runs_go_with_their_rows_open_runs_stay(steps_engine: Eng
         assert rows["runs"] == 1 and rows["outbox"] >= 2
     assert (await _rows(engine.conn, done[0]))["results"] == 1
     for run_id in [*done, cancelled]:
-        await wait_for(
-            lambda r=run_id: _gone(engine.conn, r), timeout=10, message="finished run stayed"
-        )
+        await wait_for(_is_gone(engine.conn, run_id), timeout=10, message="run stayed")
     assert (await engine.run(running))["status"] == "running"
     assert (await engine.run(pending))["status"] == "pending"
     assert (await _rows(engine.conn, running))["outbox"] > 0
@@ -102,11 +108,11 @@ async def test_events_stay_until_every_consumer_has_read_them(engine: Engine) ->
     while await read_outbox(engine.conn, "fast", 100):
         pass
     # Retention is 2 s and ticks every 0.5 s: 4 s is twice what the run would need.
-    assert not await poll(lambda: _gone(engine.conn, run_id), timeout=4)
+    assert not await poll(_is_gone(engine.conn, run_id), timeout=4)
     assert (await _rows(engine.conn, run_id))["outbox"] >= 3
     while await read_outbox(engine.conn, "slow", 1):
         pass
-    await wait_for(lambda: _gone(engine.conn, run_id), timeout=5, message="read run stayed")
+    await wait_for(_is_gone(engine.conn, run_id), timeout=5, message="read run stayed")
 
 
 async def test_a_stuck_consumer_holds_back_at_most_the_max_age(
