@@ -13,8 +13,8 @@
 --    writes nothing. Within one run the order is `seq` order: a run's events are written
 --    by its owner under the epoch fence, one commit after the other, so a later commit of
 --    the run takes a later xid. A statement trigger NOTIFYs `flowforge_outbox`.
---    A long transaction anywhere in the cluster (xids are cluster-wide) holds the feed
---    back until it ends; the consumer's lag shows it.
+--    A long writing transaction anywhere in the cluster (xids are cluster-wide) holds the
+--    feed back until it ends; the consumer's lag shows it.
 --
 -- 2. `published_at` stays, and a relay may still set it, but nothing reads it any more:
 --    its partial index (every row of a feed-reading deployment) is replaced by the feed's
