@@ -386,10 +386,14 @@ CROSS JOIN LATERAL (
                 SELECT FROM flowforge.outbox o
                 WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
                 LIMIT 1000000) x) AS behind,
-           extract(epoch FROM now() - (
-                SELECT o.time FROM flowforge.outbox o
-                WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
-                ORDER BY o.xid, o.position LIMIT 1))::float8 AS age
+           extract(epoch FROM now() - coalesce(
+                (SELECT o.time FROM flowforge.outbox o
+                 WHERE c.last_xid = '0'::xid8 AND o.xid = '0'::xid8
+                   AND o.position > c.last_position
+                 ORDER BY o.position LIMIT 1),
+                (SELECT o.time FROM flowforge.outbox o
+                 WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
+                 ORDER BY o.xid, o.position LIMIT 1)))::float8 AS age
 ) l
 """
 

@@ -279,3 +279,25 @@ async def test_the_relay_role_reads_the_feed_and_nothing_else(engine: Engine) ->
             f"DROP OWNED BY {user}",
             f"DROP ROLE {user}",
         )
+
+
+async def test_events_from_before_the_feed_come_first_in_position_order(engine: Engine) -> None:
+    """Rows written before sql/0012 read as xid 0 (all committed): a consumer registered
+    from the start gets them first, by position, then the feed's, each once."""
+    await register_consumer(engine.conn, "relay")
+    old_run, new_run = uuid4(), uuid4()
+    for seq in (1, 2, 3):
+        await engine.conn.execute(INSERT_EVENT, new_run, seq)
+    await engine.conn.executemany(
+        "INSERT INTO flowforge.outbox (run_id, seq, type, time, data, to_status, xid)"
+        " VALUES ($1, $2, 'workflow.started', now() - interval '1 hour', '{}', 'started', '0')",
+        [(old_run, seq) for seq in (1, 2, 3, 4, 5)],
+    )
+    lag = {c.name: c for c in await store.consumer_lags(engine.conn)}["relay"]
+    assert lag.events_behind == 8 and (lag.seconds_behind or 0) >= 3600
+    got = []
+    while batch := await read_outbox(engine.conn, "relay", 2):
+        got.extend((e.run_id, e.seq) for e in batch)
+    assert got == [(old_run, s) for s in range(1, 6)] + [(new_run, s) for s in (1, 2, 3)]
+    lag = {c.name: c for c in await store.consumer_lags(engine.conn)}["relay"]
+    assert (lag.events_behind, lag.seconds_behind, lag.events_read) == (0, None, 8)
