@@ -1,4 +1,4 @@
-"""Operating commands: `doctor`, `config`, `outbox tail`."""
+"""Operating commands: `doctor`, `config`, `outbox tail|consumers|register|drop`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -327,6 +328,42 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- outbox consumers ------------------------------------------------------------------------
+
+
+async def cmd_outbox_consumers(settings: Settings, args: argparse.Namespace) -> int:
+    async with connection(settings) as conn:
+        lags = await store.consumer_lags(conn)
+    for lag in lags:
+        behind = "-" if lag.seconds_behind is None else f"{lag.seconds_behind:.1f}s"
+        read = f"{lag.read_at:%Y-%m-%d %H:%M:%S}" if lag.read_at else "never"
+        print(
+            f"{lag.name}  behind {lag.events_behind} events / {behind}  read {lag.events_read}"
+            f" (last {read})  lost {lag.lost_events}"
+        )
+    return 0
+
+
+async def cmd_outbox_register(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        async with connection(settings) as conn:
+            created = await store.register_consumer(conn, args.name, from_now=args.from_now)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"consumer '{args.name}' " + ("registered" if created else "was already registered"))
+    return 0
+
+
+async def cmd_outbox_drop(settings: Settings, args: argparse.Namespace) -> int:
+    async with connection(settings) as conn:
+        dropped = await store.drop_consumer(conn, args.name)
+    if not dropped:
+        print(f"no consumer '{args.name}'", file=sys.stderr)
+        return 2
+    print(f"consumer '{args.name}' dropped: retention no longer waits for it")
+    return 0
+
+
 # -- outbox tail -----------------------------------------------------------------------------
 
 _LOOKBACK = 1000  # positions re-read on each poll: an event may commit after a later one
@@ -423,3 +460,13 @@ def add_commands(sub: Any) -> None:
     tail.add_argument("--timeout", type=float, default=None, help="stop following after N s")
     tail.add_argument("--interval", type=float, default=0.5, help="poll interval, s")
     tail.add_argument("--json", action="store_true", help="one CloudEvent JSON per line")
+    add_command(outbox, "consumers", cmd_outbox_consumers, "registered feed consumers and lag")
+    register = add_command(
+        outbox, "register", cmd_outbox_register, "register a feed consumer (retention waits for it)"
+    )
+    register.add_argument("name")
+    register.add_argument(
+        "--from-now", action="store_true", help="skip the events already committed"
+    )
+    drop = add_command(outbox, "drop", cmd_outbox_drop, "forget a feed consumer")
+    drop.add_argument("name")

@@ -113,3 +113,20 @@ async def test_doctor_shows_consumers_their_lag_and_the_stuck_ones(
     assert found["stuck"][0] == "warn"
     assert "retention deleted 5 events it had not read" in found["stuck"][1]
     assert found["old"][0] == "warn" and "3 events" in found["old"][1]
+
+
+async def test_outbox_consumers_are_registered_listed_and_dropped(cli: Cli) -> None:
+    assert (await cli("outbox", "register", "billing")).out.strip() == (
+        "consumer 'billing' registered"
+    )
+    again = await cli("outbox", "register", "billing", "--from-now")
+    assert again.code == 0 and "was already registered" in again.out
+    bad = await cli("outbox", "register", "no spaces")
+    assert bad.code == 2 and "consumer name 'no spaces'" in bad.err
+    listed = await cli("outbox", "consumers")
+    assert listed.code == 0
+    assert listed.out.startswith("billing  behind 0 events / -  read 0 (last never)  lost 0")
+    assert (await cli("outbox", "drop", "billing")).code == 0
+    gone = await cli("outbox", "drop", "billing")
+    assert gone.code == 2 and "no consumer 'billing'" in gone.err
+    assert (await cli("outbox", "consumers")).out == ""
