@@ -5,14 +5,17 @@ Each tick deletes batches until one comes back short (or the tick's batch budget
 so a large first clean-up is spread over ticks instead of one vacuum storm), then samples
 every consumer's lag for /metrics. A run whose events a registered consumer has not read
 waits for it, at most FLOWFORGE_OUTBOX_MAX_AGE more; a run deleted past that is logged as a
-warning naming the consumer, and counted. A failed tick is logged and retried at the next:
-retention never stops the orchestrator.
+warning naming the consumer, and counted. A batch that fails (a row locked past the lock
+timeout, a row the database refuses) is retried run by run: the run at fault is skipped
+until the next tick, with a warning naming it, and the others go. A failed tick is logged
+and retried at the next: retention never stops the orchestrator.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from uuid import UUID
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
@@ -69,11 +72,15 @@ class Retention:
 
     async def delete_expired(self) -> int:
         deleted = 0
+        skip: set[UUID] = set()  # runs that could not be deleted this tick
         for _ in range(BATCHES_PER_TICK):
-            async with self.pool.acquire() as conn:
-                batch = await store.delete_finished_runs(
-                    conn, retention=self.retention, max_age=self.max_age, batch=self.batch
-                )
+            try:
+                batch = await self._delete(skip=skip)
+            except Exception as exc:
+                # One run's rows may be locked or refused: find it, delete the others.
+                log.info("a retention batch failed (%s); deleting its runs one by one", exc)
+                deleted += await self._delete_one_by_one(skip)
+                continue
             if batch.locked_out:
                 break  # another orchestrator is at it
             self._observe(batch)
@@ -81,6 +88,45 @@ class Retention:
             if batch.runs < self.batch:
                 break
             await asyncio.sleep(0)  # let the engine's loops in between batches
+        return deleted
+
+    async def _delete(
+        self, *, skip: set[UUID], among: list[UUID] | None = None
+    ) -> store.RetentionBatch:
+        async with self.pool.acquire() as conn:
+            return await store.delete_finished_runs(
+                conn,
+                retention=self.retention,
+                max_age=self.max_age,
+                batch=self.batch,
+                skip=sorted(skip),
+                among=among,
+            )
+
+    async def _delete_one_by_one(self, skip: set[UUID]) -> int:
+        async with self.pool.acquire() as conn:
+            candidates = await store.expired_runs(
+                conn,
+                retention=self.retention,
+                max_age=self.max_age,
+                batch=self.batch,
+                skip=sorted(skip),
+            )
+        deleted = 0
+        for run_id in candidates:
+            try:
+                batch = await self._delete(skip=skip, among=[run_id])
+            except Exception as exc:
+                skip.add(run_id)
+                log.warning(
+                    "retention could not delete run %s (tried again at the next tick): %s",
+                    run_id,
+                    exc,
+                    extra={"run_id": str(run_id)},
+                )
+                continue
+            self._observe(batch)
+            deleted += batch.runs
         return deleted
 
     def _observe(self, batch: store.RetentionBatch) -> None:

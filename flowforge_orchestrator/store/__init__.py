@@ -21,7 +21,12 @@ from flowforge_orchestrator.store.feed import (
     read_outbox,
     register_consumer,
 )
-from flowforge_orchestrator.store.lifecycle import RetentionBatch, delete_finished_runs, export_runs
+from flowforge_orchestrator.store.lifecycle import (
+    RetentionBatch,
+    delete_finished_runs,
+    expired_runs,
+    export_runs,
+)
 from flowforge_orchestrator.store.migrations import apply_migrations, pending_migrations, pending_on
 from flowforge_orchestrator.store.roles import ROLES, apply_roles, roles_sql
 from flowforge_orchestrator.store.store import (
@@ -99,6 +104,7 @@ __all__ = [
     "engine_secret",
     "enqueue_run",
     "existing_runs",
+    "expired_runs",
     "export_runs",
     "fetch_results",
     "fetch_run_results",

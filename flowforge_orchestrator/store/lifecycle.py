@@ -10,7 +10,7 @@ run delays only that run), behind a transaction advisory lock: one orchestrator 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,34 +18,40 @@ from uuid import UUID
 
 import asyncpg
 
-__all__ = ["RetentionBatch", "delete_finished_runs", "export_runs"]
+__all__ = ["RetentionBatch", "delete_finished_runs", "expired_runs", "export_runs"]
 
 RETENTION_LOCK = "SELECT pg_try_advisory_xact_lock(hashtextextended('flowforge_retention', 0))"
 
-# $1 retention (s), $2 outbox max age (s), $3 batch size. The counts are read before the
-# delete (same snapshot), the deletes of dependent rows happen in the statement's trigger.
-DELETE_FINISHED_RUNS = """
-WITH doomed AS (
-    SELECT r.id, r.finished_at < now() - make_interval(secs => $1::float8 + $2::float8) AS overdue
-    FROM flowforge.runs r
-    WHERE r.status IN ('completed', 'failed', 'cancelled')
-      AND r.finished_at < now() - make_interval(secs => $1::float8)
-      AND (r.finished_at < now() - make_interval(secs => $1::float8 + $2::float8)
-           OR NOT EXISTS (
-               SELECT FROM flowforge.outbox o
-               JOIN flowforge.outbox_consumers c
-                 ON (o.xid, o.position) > (c.last_xid, c.last_position)
-               WHERE o.run_id = r.id))
-    ORDER BY r.finished_at
-    LIMIT $3
-    FOR UPDATE OF r SKIP LOCKED
-),
-unread AS (
+# The oldest finished runs past retention ($1 s) whose events every registered consumer has
+# read, or that waited the outbox max age ($2 s) more (`overdue`); $3 at most, none of $4,
+# only among $5 when given.
+EXPIRED_RUNS = """
+SELECT r.id, r.finished_at < now() - make_interval(secs => $1::float8 + $2::float8) AS overdue
+FROM flowforge.runs r
+WHERE r.status IN ('completed', 'failed', 'cancelled')
+  AND r.finished_at < now() - make_interval(secs => $1::float8)
+  AND r.id <> ALL ($4::uuid[])
+  AND ($5::uuid[] IS NULL OR r.id = ANY ($5::uuid[]))
+  AND (r.finished_at < now() - make_interval(secs => $1::float8 + $2::float8)
+       OR NOT EXISTS (
+           SELECT FROM flowforge.outbox o
+           JOIN flowforge.outbox_consumers c
+             ON (o.xid, o.position) > (c.last_xid, c.last_position)
+           WHERE o.run_id = r.id))
+ORDER BY r.finished_at
+LIMIT $3
+FOR UPDATE OF r SKIP LOCKED
+"""
+
+# Delete the runs $1 (locked above); $2: the overdue ones, whose unread events are counted
+# as lost for each consumer that had not read them. The counts are read before the delete
+# (same snapshot); the dependent rows go in the statement's trigger (sql/0010, sql/0012).
+DELETE_RUNS = """
+WITH unread AS (
     SELECT c.name, count(*) AS n
-    FROM doomed d
-    JOIN flowforge.outbox o ON o.run_id = d.id
+    FROM flowforge.outbox o
     JOIN flowforge.outbox_consumers c ON (o.xid, o.position) > (c.last_xid, c.last_position)
-    WHERE d.overdue
+    WHERE o.run_id = ANY ($2::uuid[])
     GROUP BY c.name
 ),
 lost AS (
@@ -55,11 +61,11 @@ lost AS (
     RETURNING c.name, u.n
 ),
 gone AS (
-    DELETE FROM flowforge.runs r USING doomed d WHERE r.id = d.id RETURNING r.id
+    DELETE FROM flowforge.runs r WHERE r.id = ANY ($1::uuid[]) RETURNING r.id
 )
 SELECT (SELECT count(*) FROM gone) AS runs,
-       (SELECT count(*) FROM flowforge.outbox o JOIN doomed d ON o.run_id = d.id) AS outbox,
-       (SELECT count(*) FROM flowforge.step_results s JOIN doomed d ON s.run_id = d.id)
+       (SELECT count(*) FROM flowforge.outbox o WHERE o.run_id = ANY ($1::uuid[])) AS outbox,
+       (SELECT count(*) FROM flowforge.step_results s WHERE s.run_id = ANY ($1::uuid[]))
            AS step_results,
        (SELECT coalesce(jsonb_object_agg(name, n), '{}') FROM lost) AS lost
 """
@@ -88,32 +94,66 @@ LIMIT $4
 
 @dataclass(frozen=True)
 class RetentionBatch:
-    """What one batch deleted; `locked_out` when another orchestrator holds the lock."""
+    """What one batch deleted (`ids`); `locked_out` when another orchestrator holds the
+    lock."""
 
-    runs: int = 0
+    ids: list[UUID] = field(default_factory=list)
     outbox: int = 0
     step_results: int = 0
     lost: dict[str, int] = field(default_factory=dict)  # consumer -> events it never read
     locked_out: bool = False
 
+    @property
+    def runs(self) -> int:
+        return len(self.ids)
+
 
 async def delete_finished_runs(
-    conn: asyncpg.Connection, *, retention: float, max_age: float, batch: int
+    conn: asyncpg.Connection,
+    *,
+    retention: float,
+    max_age: float,
+    batch: int,
+    skip: Sequence[UUID] = (),
+    among: Sequence[UUID] | None = None,
 ) -> RetentionBatch:
-    """Delete up to `batch` finished runs older than `retention` seconds (one transaction)."""
+    """Delete up to `batch` finished runs older than `retention` seconds, none of `skip`,
+    only `among` these when given (one transaction). A failure names no run: list the
+    candidates (`expired_runs`) and delete them one by one to find the one at fault."""
     async with conn.transaction():
         if not await conn.fetchval(RETENTION_LOCK):
             return RetentionBatch(locked_out=True)
-        row = await conn.fetchrow(DELETE_FINISHED_RUNS, retention, max_age, batch)
+        rows = await conn.fetch(
+            EXPIRED_RUNS,
+            retention,
+            max_age,
+            batch,
+            list(skip),
+            None if among is None else list(among),
+        )
+        if not rows:
+            return RetentionBatch()
+        ids = [r["id"] for r in rows]
+        overdue = [r["id"] for r in rows if r["overdue"]]
+        row = await conn.fetchrow(DELETE_RUNS, ids, overdue)
     assert row is not None
     lost = row["lost"]
     lost = json.loads(lost) if isinstance(lost, str) else lost
     return RetentionBatch(
-        runs=row["runs"],
+        ids=ids,
         outbox=row["outbox"],
         step_results=row["step_results"],
         lost={str(k): int(v) for k, v in lost.items()},
     )
+
+
+async def expired_runs(
+    conn: asyncpg.Connection, *, retention: float, max_age: float, batch: int, skip: Sequence[UUID]
+) -> list[UUID]:
+    """The runs the next batch would take, none of `skip` (locked only while reading)."""
+    async with conn.transaction():
+        rows = await conn.fetch(EXPIRED_RUNS, retention, max_age, batch, list(skip), None)
+    return [r["id"] for r in rows]
 
 
 async def export_runs(

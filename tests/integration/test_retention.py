@@ -198,3 +198,47 @@ async def test_zero_keeps_everything_and_lag_is_sampled(settings: Settings) -> N
             assert await _gone(conn, run_id)
     finally:
         await pool.close()
+
+
+async def test_a_run_whose_rows_are_locked_delays_only_itself(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Someone holds a lock on one finished run's history: retention deletes the other runs,
+    names the one it could not delete, and deletes it once the lock is gone."""
+    metrics = OrchestratorMetrics(new_registry(process=False))
+    pool = await store.create_pool(settings.database_url or "", size=2, lock_timeout=0.2)
+    holder = await store.connect(settings.database_url or "")
+    brief = settings.model_copy(update={"run_retention": 1.0})
+    try:
+        async with pool.acquire() as conn:
+            run_ids = [
+                await conn.fetchval(
+                    "INSERT INTO flowforge.runs (workflow_name) VALUES ('x') RETURNING id"
+                )
+                for _ in range(3)
+            ]
+            await conn.execute(
+                "UPDATE flowforge.runs SET status = 'completed',"
+                " finished_at = now() - interval '1 day'"
+            )
+            await conn.executemany(
+                "INSERT INTO flowforge.outbox (run_id, seq, type, time, data, to_status)"
+                " VALUES ($1, 1, 'workflow.completed', now(), '{}', 'completed')",
+                [(r,) for r in run_ids],
+            )
+        locked = run_ids[1]
+        held = holder.transaction()
+        await held.start()
+        await holder.execute("SELECT * FROM flowforge.outbox WHERE run_id = $1 FOR UPDATE", locked)
+        retention = Retention(pool, brief, metrics)
+        with caplog.at_level(logging.WARNING, logger="flowforge_orchestrator.engine.retention"):
+            assert await retention.tick() == 2
+        assert f"could not delete run {locked}" in caplog.text
+        async with pool.acquire() as conn:
+            assert [await _gone(conn, r) for r in run_ids] == [True, False, True]
+            await held.rollback()
+            assert await retention.tick() == 1
+            assert await _gone(conn, locked)
+    finally:
+        await holder.close()
+        await pool.close()
