@@ -1,4 +1,4 @@
--- Least-privilege database roles for FlowForge: three NOLOGIN group roles, each granted what
+-- Least-privilege database roles for FlowForge: four NOLOGIN group roles, each granted what
 -- its processes need and nothing more.
 --
 -- Not a numbered migration: later migrations add tables, so run this script again after every
