@@ -42,6 +42,7 @@ TABLES = {
     "concurrency_queue",
     "engine_secret",
     "cancel_requests",
+    "outbox_consumers",
 }
 WF = CompiledWorkflow(
     parse_definition(
