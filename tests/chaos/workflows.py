@@ -13,6 +13,8 @@ Redis, ends by its deadline and is tried again. `max_retries` is high enough tha
 
 from __future__ import annotations
 
+import copy
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -192,13 +194,24 @@ class Workflow:
 
     @property
     def spec(self) -> dict[str, Any]:
-        spec = yaml.safe_load(self.text)
-        assert isinstance(spec, dict)
-        return spec
+        return _parsed(self.text)
 
     @property
     def name(self) -> str:
         return str(self.spec["name"])
+
+
+@functools.cache
+def _parsed_once(text: str) -> dict[str, Any]:
+    spec = yaml.safe_load(text)
+    assert isinstance(spec, dict)
+    return spec
+
+
+def _parsed(text: str) -> dict[str, Any]:
+    """The definition as data, parsed once per text (a plan asks for names hundreds of
+    times); a deep copy, so no caller can change another's."""
+    return copy.deepcopy(_parsed_once(text))
 
 
 def _x(rng: random.Random) -> dict[str, Any]:
