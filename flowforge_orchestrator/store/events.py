@@ -1,0 +1,233 @@
+"""Events, outside completions and heartbeats (sql/0012): the rows, and every query on them.
+
+The senders' side (`send_event`, `complete_attempt`) runs in the caller's transaction on any
+asyncpg connection, like `enqueue_run`: values travel as JSON text, so no type codec is
+needed. The orchestrator's side reads events by id range (a notification) or by the waits
+it holds (after a claim, a missed notification), and writes consumptions in its group commit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+import asyncpg
+
+from flowforge_orchestrator.core.jsonb import value_problem
+from flowforge_orchestrator.errors import InvalidEvent, NotFound
+
+__all__ = [
+    "Completion",
+    "Event",
+    "EventAddress",
+    "complete_attempt",
+    "events_by_ids",
+    "events_for_waits",
+    "record_heartbeats",
+    "send_event",
+]
+
+MAX_NAME = 200
+MAX_KEY = 1000
+
+_SEND_EVENT = """
+INSERT INTO flowforge.events (run_id, name, key, payload)
+VALUES ($1, $2, $3, $4::text::jsonb)
+RETURNING id
+"""
+
+_COMPLETE_ATTEMPT = """
+INSERT INTO flowforge.step_completions (attempt_id, token, output, error)
+VALUES ($1, $2, $3::text::jsonb, $4::text::jsonb)
+RETURNING id
+"""
+
+_EVENT_COLUMNS = "e.id, e.run_id, e.name, e.key, e.payload::text AS payload, e.created_at"
+
+_EVENTS_BETWEEN = f"""
+SELECT {_EVENT_COLUMNS} FROM flowforge.events e WHERE e.id BETWEEN $1 AND $2 ORDER BY e.id
+"""
+
+# The oldest event each wait may take: addressed to its run, or to its name and key, and
+# not taken by that run yet (keyed events only within the retention window). One query for
+# every wait of a batch; a wait may see an event another wait of its run takes first, so
+# the caller hands out events in order and asks again for what was left without one.
+_EVENTS_FOR_WAITS = f"""
+SELECT w.ord, {_EVENT_COLUMNS}
+FROM unnest($1::uuid[], $2::text[], $3::text[]) WITH ORDINALITY AS w(run_id, name, key, ord)
+CROSS JOIN LATERAL (
+    SELECT e.* FROM flowforge.events e
+    WHERE e.name = w.name
+      AND (e.run_id = w.run_id
+           OR (w.key IS NOT NULL AND e.key = w.key
+               AND e.created_at > now() - make_interval(secs => $4)))
+      AND NOT EXISTS (
+          SELECT FROM flowforge.event_consumptions c
+          WHERE c.run_id = w.run_id AND c.event_id = e.id)
+      AND e.id <> ALL ($5::bigint[])
+    ORDER BY e.id
+    LIMIT 1
+) e
+"""
+
+_RECORD_HEARTBEATS = (
+    "SELECT flowforge.heartbeat($1::uuid[], $2::uuid[], $3::bytea[], $4::text[]::jsonb[])"
+)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One event row: addressed to `run_id`, or to every run waiting on (`name`, `key`)."""
+
+    id: int
+    run_id: UUID | None
+    name: str
+    key: str | None
+    payload: Any
+    created_at: datetime
+
+    def as_output(self) -> dict[str, Any]:
+        """What a wait step that took this event gives its dependents."""
+        return {
+            "name": self.name,
+            "key": self.key,
+            "payload": self.payload,
+            "id": self.id,
+            "received_at": self.created_at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class EventAddress:
+    """What one wait step listens for: its run's events of `name`, and those sent by key."""
+
+    run_id: UUID
+    name: str
+    key: str | None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A step completed from outside: an output, or an error (a dict with a category)."""
+
+    id: int
+    attempt_id: UUID
+    token: str
+    output: Any
+    error: Any
+
+
+def _event(row: asyncpg.Record) -> Event:
+    return Event(
+        id=row["id"],
+        run_id=row["run_id"],
+        name=row["name"],
+        key=row["key"],
+        payload=json.loads(row["payload"]),
+        created_at=row["created_at"],
+    )
+
+
+def _json_text(what: str, value: Any) -> str:
+    problem = value_problem(value)
+    if problem is not None:
+        raise InvalidEvent(f"{what}: {problem}")
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise InvalidEvent(f"{what} is not JSON: {exc}") from None
+
+
+def _check_address(name: str, run_id: UUID | None, key: str | None) -> None:
+    if not name or len(name) > MAX_NAME:
+        raise InvalidEvent(f"an event's name has 1 to {MAX_NAME} characters (got {len(name)})")
+    if (run_id is None) == (key is None):
+        raise InvalidEvent(f"event {name!r}: give a run id or a key, not both or neither")
+    if key is not None and len(key) > MAX_KEY:
+        raise InvalidEvent(f"event {name!r}: a key has at most {MAX_KEY} characters")
+
+
+async def send_event(
+    conn: asyncpg.Connection,
+    name: str,
+    payload: Any = None,
+    *,
+    run_id: UUID | None = None,
+    key: str | None = None,
+) -> int:
+    """Insert an event for one run or for a key; returns its id. Delivered when the caller's
+    transaction commits; nothing is delivered if it rolls back."""
+    _check_address(name, run_id, key)
+    text = _json_text(f"event {name!r}: the payload", payload if payload is not None else {})
+    try:
+        event_id: int = await conn.fetchval(_SEND_EVENT, run_id, name, key, text)
+    except asyncpg.ForeignKeyViolationError:
+        raise NotFound(f"event {name!r}: there is no run {run_id}") from None
+    return event_id
+
+
+async def complete_attempt(
+    conn: asyncpg.Connection,
+    attempt_id: UUID,
+    token: str,
+    *,
+    output: Any = None,
+    error: Any = None,
+) -> int:
+    """Insert the completion of a handed-off attempt (an output, or an error); returns its
+    id. A late, duplicate or wrongly signed completion is stored and changes nothing."""
+    if output is not None and error is not None:
+        raise InvalidEvent(f"attempt {attempt_id}: a completion has an output or an error")
+    out = None if output is None else _json_text(f"attempt {attempt_id}: the output", output)
+    err = None if error is None else _json_text(f"attempt {attempt_id}: the error", error)
+    completion_id: int = await conn.fetchval(_COMPLETE_ATTEMPT, attempt_id, token, out, err)
+    return completion_id
+
+
+async def events_by_ids(conn: asyncpg.Connection, first: int, last: int) -> list[Event]:
+    """The events whose ids a notification named (`first-last`), in order."""
+    return [_event(row) for row in await conn.fetch(_EVENTS_BETWEEN, first, last)]
+
+
+async def events_for_waits(
+    conn: asyncpg.Connection,
+    waits: Sequence[EventAddress],
+    *,
+    retention_seconds: float,
+    taken: Sequence[int] = (),
+) -> dict[int, Event]:
+    """For each wait (by its index in `waits`), the oldest event it may take, if any; events
+    in `taken` are skipped (handed to another wait of the batch)."""
+    if not waits:
+        return {}
+    rows = await conn.fetch(
+        _EVENTS_FOR_WAITS,
+        [w.run_id for w in waits],
+        [w.name for w in waits],
+        [w.key for w in waits],
+        retention_seconds,
+        list(taken),
+    )
+    return {row["ord"] - 1: _event(row) for row in rows}
+
+
+async def record_heartbeats(
+    conn: asyncpg.Connection,
+    beats: Sequence[tuple[UUID, UUID, bytes, Any]],
+) -> int:
+    """Record many attempts' last heartbeats in one statement: (run id, attempt id, token,
+    details). Heartbeats whose token does not match are dropped; returns how many counted."""
+    if not beats:
+        return 0
+    recorded: int = await conn.fetchval(
+        _RECORD_HEARTBEATS,
+        [b[0] for b in beats],
+        [b[1] for b in beats],
+        [b[2] for b in beats],
+        [json.dumps(b[3], separators=(",", ":")) for b in beats],
+    )
+    return recorded
