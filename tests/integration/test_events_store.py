@@ -195,8 +195,7 @@ WORKER_REFUSED_EVENTS = [
     "INSERT INTO flowforge.heartbeats (attempt_id, run_id)"
     " VALUES (gen_random_uuid(), gen_random_uuid())",
     "UPDATE flowforge.heartbeats SET details = '{}'",
-    "INSERT INTO flowforge.step_completions (attempt_id, token)"
-    " VALUES (gen_random_uuid(), 't')",
+    "INSERT INTO flowforge.step_completions (attempt_id, token) VALUES (gen_random_uuid(), 't')",
     "SELECT * FROM flowforge.event_consumptions",
 ]
 
