@@ -18,7 +18,7 @@ from typing import Any
 
 from flowforge_orchestrator.core.definition.models import ConditionStep, Step, child_lists
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
-from flowforge_orchestrator.core.graph.nodes import decode
+from flowforge_orchestrator.core.graph.checkpoint import for_redrive, read_checkpoint
 from flowforge_orchestrator.core.state import StepStatus
 from flowforge_orchestrator.errors import RedriveError
 
@@ -31,8 +31,7 @@ def redrive_checkpoint(
     workflow: CompiledWorkflow, checkpoint: Mapping[str, Any], *, from_step: str | None = None
 ) -> dict[str, Any]:
     """A new checkpoint for the run; its status goes back to pending alongside it."""
-    saved = dict(checkpoint.get("steps", {}))
-    decoded = {key: decode(value) for key, value in saved.items()}
+    decoded = read_checkpoint(checkpoint).steps
     lists, owners = _structure(workflow)
     failed = {key for key, entry in decoded.items() if entry.status in _RERUN and key in lists}
     if from_step is not None:
@@ -44,22 +43,12 @@ def redrive_checkpoint(
     else:
         raise RedriveError("no step failed or was cancelled: name one with --from")
     reset = _spread(workflow, start, failed, lists, owners)
-    for key in list(saved):
-        base = key.split("[", 1)[0]
-        if key != base and _within(base, owners, reset):
-            del saved[key]  # an element of a fan-out that runs again
-    for step_id in reset:
-        entry = decoded.get(step_id)
-        if entry is None:
-            continue
-        if entry.attempt:  # attempt numbers go on, so attempt records stay distinct
-            saved[step_id] = f"p{entry.attempt}"
-        else:
-            del saved[step_id]
-    out = {key: value for key, value in checkpoint.items() if key != "deadline"}
-    out["steps"] = saved
-    out["g"] = int(checkpoint.get("g", 0)) + 1
-    return out
+    # The elements of a fan-out that runs again go: it expands them afresh.
+    dropped = {
+        key for key in decoded if "[" in key and _within(key.split("[", 1)[0], owners, reset)
+    }
+    rerun = {key: decoded[key].attempt for key in reset if key in decoded}
+    return for_redrive(checkpoint, dropped=dropped, rerun=rerun)
 
 
 def _structure(workflow: CompiledWorkflow) -> tuple[dict[str, ListPlan], dict[str, str | None]]:

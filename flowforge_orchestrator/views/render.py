@@ -22,7 +22,7 @@ from typing import Any
 
 from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, Step
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
-from flowforge_orchestrator.core.graph.nodes import decode
+from flowforge_orchestrator.core.graph.checkpoint import Saved, read_checkpoint
 
 __all__ = [
     "MAX_ELEMENTS",
@@ -119,7 +119,7 @@ def _message(error: Any) -> str | None:
 @dataclass
 class _Builder:
     workflow: CompiledWorkflow
-    saved: Mapping[str, Any]
+    saved: Mapping[str, Saved]
     times: dict[str, _Times]
     errors: dict[str, str]
     tries: Counter[str]
@@ -131,7 +131,7 @@ class _Builder:
 
     def node(self, step: Step, suffix: str) -> StepNode:
         key = step.id + suffix
-        entry = decode(self.saved[key]) if key in self.saved else None
+        entry = self.saved.get(key)
         times = self.times.get(key, _Times())
         node = StepNode(
             key=key,
@@ -220,7 +220,7 @@ def build_tree(
     Without a definition (a run of a workflow that was never registered) the steps the
     checkpoint and the attempts know are listed flat.
     """
-    saved: Mapping[str, Any] = (checkpoint or {}).get("steps", {})
+    saved = read_checkpoint(checkpoint).steps
     tries: Counter[str] = Counter(str(a["step_id"]) for a in attempts)
     errors = {
         str(a["step_id"]): message
@@ -235,7 +235,7 @@ def build_tree(
 
 
 def _flat(
-    saved: Mapping[str, Any],
+    saved: Mapping[str, Saved],
     attempts: Sequence[Mapping[str, Any]],
     times: dict[str, _Times],
     tries: Counter[str],
@@ -244,7 +244,7 @@ def _flat(
     kinds = {str(a["step_id"]): str(a["step_type"]) for a in attempts}
     nodes = []
     for key in sorted(set(saved) | set(kinds)):
-        entry = decode(saved[key]) if key in saved else None
+        entry = saved.get(key)
         t = times.get(key, _Times())
         nodes.append(
             StepNode(

@@ -9,7 +9,8 @@ the name spaces expressions read (frames).
 * A **frame** is what `steps.<id>` and `item`/`index` mean: the top level has one, each
   for_each element another (its steps are visible inside it, the outer ones too).
 
-Kept apart from `graph`, which holds the rules; these are the records the rules move.
+Kept apart from the rules (`run` and its parts); these are the records the rules move, and
+`checkpoint` saves.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 from flowforge_orchestrator.core.definition.models import Step, TaskStep
@@ -28,29 +29,29 @@ from flowforge_orchestrator.core.state import StepStatus
 
 __all__ = [
     "FAILED",
+    "WITH_WORKER",
     "Frame",
     "FrameWeigher",
     "Node",
     "Scope",
     "StepsView",
     "attempt_id",
-    "decode",
-    "encode",
     "kind_of",
     "list_output",
-    "pack",
-    "unpack",
+    "list_succeeded",
+    "weigh_capped",
 ]
 
-_NO_ITEM: Any = object()
+_NO_ITEM: Final = object()
 FAILED = (StepStatus.FAILED, StepStatus.TIMED_OUT)  # ends that fail a list (unless tolerated)
+WITH_WORKER = (StepStatus.DISPATCHED, StepStatus.RUNNING)  # a worker step's attempt is out
 # Weighing stops past what could still be evaluated inline: beyond it, "big" is all the
 # router needs from the cache (it weighs the values actually read then).
 WEIGH_CAP = INLINE_NODES
 _SMALL = Weight(4, 64, 3)  # `run`, `index`: a few short values
 
 
-def weigh_capped(value: Any) -> Weight:
+def weigh_capped(value: object) -> Weight:
     return weigh(value, cap=WEIGH_CAP)
 
 
@@ -213,6 +214,11 @@ class Node:
     elements: list[Node] = field(default_factory=list)  # a packed fan-out's, in order
     weight: Weight | None = None  # of context_entry(), cached while its status holds
 
+    @property
+    def with_worker(self) -> bool:
+        """A worker step whose current attempt is out: dispatched or running."""
+        return self.status in WITH_WORKER and isinstance(self.step, TaskStep)
+
     def context_entry(self) -> dict[str, Any]:
         return {"output": self.output, "status": self.status.value, "error": self.error}
 
@@ -220,115 +226,6 @@ class Node:
         if self.weight is None:
             self.weight = weigh_capped(self.context_entry())
         return self.weight
-
-
-# -- checkpoint encoding ---------------------------------------------------------------------
-#
-# A node that is not pending is saved as "<status letter><attempt>" ("S1": succeeded on its
-# first attempt), or as a dict when it has more to say (an error, a timer, a chosen branch,
-# a fan-out size). Compact because the whole checkpoint is rewritten by every commit of the
-# run: a fan-out of 1,000 costs ~20 bytes per element, not ~60.
-
-_LETTERS = {
-    StepStatus.DISPATCHED: "d",
-    StepStatus.RUNNING: "r",
-    StepStatus.RETRYING: "w",
-    StepStatus.PENDING: "p",  # saved only with attempts behind it (a redriven step)
-    StepStatus.SUCCEEDED: "S",
-    StepStatus.FAILED: "F",
-    StepStatus.TIMED_OUT: "T",
-    StepStatus.SKIPPED: "K",
-    StepStatus.CANCELLED: "C",
-}
-_STATUSES = {letter: status for status, letter in _LETTERS.items()}
-
-
-def encode(node: Node, *, full: bool = False) -> str | dict[str, Any]:
-    letter = _LETTERS[node.status]
-    extra: dict[str, Any] = {}
-    if node.error is not None:
-        # Some failures are the orchestrator's verdict (a limit, a template, a join): no
-        # worker result holds them, so the checkpoint does.
-        extra["e"] = node.error
-    # A worker step's deadline is not saved: a restore gives its attempt a fresh one. Delays
-    # and retry backoffs are, so they end at their time whoever holds the run.
-    with_worker = isinstance(node.step, TaskStep) and node.status is not StepStatus.RETRYING
-    if node.fire_at is not None and not node.status.finished and not with_worker:
-        extra["t"] = node.fire_at.isoformat()
-    if node.branch is not None:
-        extra["b"] = node.branch
-    if node.items is not None:
-        extra["x"] = len(node.items)
-    if node.generation:
-        extra["g"] = node.generation
-    if not extra and not full:
-        return f"{letter}{node.attempt or ''}"
-    return {"s": letter, "n": node.attempt, **extra}
-
-
-@dataclass(frozen=True)
-class Saved:
-    """A decoded checkpoint entry."""
-
-    status: StepStatus
-    attempt: int
-    attempt_id: UUID | None = None  # only version-1 checkpoints stored ids
-    error: dict[str, Any] | None = None
-    fire_at: datetime | None = None
-    branch: str | None = None
-    items: int | None = None
-    generation: int = 0
-    elements: str | None = None  # a packed fan-out: one letter per element
-    element_attempts: dict[str, int] = field(default_factory=dict)  # those past attempt 1
-
-
-def pack(fan_out: Node) -> tuple[str, dict[str, int], dict[str, str | dict[str, Any]]]:
-    """A fan-out's element states as one letter each ('p': pending, or saved on its own),
-    the attempt numbers past 1 ("na"), and the elements saved on their own (an error, a
-    retry timer). A 1,000-element fan-out saves ~1 KB, not ~20 KB, at each of the many
-    commits it takes; this runs at every one of them, hence the flat loops."""
-    letters = _LETTERS
-    pending, retrying = StepStatus.PENDING, StepStatus.RETRYING
-    codes: list[str] = []
-    attempts: dict[str, int] = {}
-    alone: dict[str, str | dict[str, Any]] = {}
-    for index, element in enumerate(fan_out.elements):
-        status = element.status
-        if status is pending:
-            codes.append("p")
-        elif element.error is not None or status is retrying:
-            codes.append("p")
-            alone[element.key] = encode(element)
-        else:
-            codes.append(letters[status])
-            if element.attempt != 1:
-                attempts[str(index)] = element.attempt
-    return "".join(codes), attempts, alone
-
-
-def unpack(letter: str, attempt: int | None, generation: int) -> Saved | None:
-    if letter == "p":
-        return None
-    return Saved(_STATUSES[letter], attempt if attempt is not None else 1, generation=generation)
-
-
-def decode(saved: str | Mapping[str, Any]) -> Saved:
-    if isinstance(saved, str):
-        return Saved(_STATUSES[saved[0]], int(saved[1:] or 0))
-    status = saved["s"]
-    explicit = saved.get("a")
-    return Saved(
-        status=_STATUSES[status] if len(status) == 1 else StepStatus(status),
-        attempt=int(saved.get("n", 0)),
-        attempt_id=UUID(explicit) if explicit not in (None, "None") else None,
-        error=saved.get("e"),
-        fire_at=datetime.fromisoformat(saved["t"]) if saved.get("t") else None,
-        branch=saved.get("b"),
-        items=saved.get("x"),
-        generation=int(saved.get("g", 0)),
-        elements=saved.get("i"),
-        element_attempts=dict(saved.get("na", {})),
-    )
 
 
 def list_output(scope: Scope) -> Any:
@@ -341,6 +238,18 @@ def list_output(scope: Scope) -> Any:
     return {sid: scope.nodes[sid].output for sid in sinks}
 
 
-def kind_of(value: Any) -> str:
+def list_succeeded(scope: Scope) -> bool:
+    """Every step of the open list finished, and no failure is still waiting in the queue
+    to close it (a step started by the same follow-up may have failed at once)."""
+    return (
+        not scope.closed
+        and scope.done
+        and not any(
+            n.status in FAILED and not n.step.continue_on_failure for n in scope.nodes.values()
+        )
+    )
+
+
+def kind_of(value: object) -> str:
     """A value's type as error messages name it."""
     return "null" if value is None else type(value).__name__
