@@ -15,7 +15,7 @@ here only (the graph, the redrive and the views all go through this module).
 * `steps`: by node key, each node that is not pending (or pending with attempts behind it:
   redriven) as `"<status letter><attempt>"` ("S1": succeeded on its first attempt), or as a
   dict when it has more to say: `e` its error, `t` its timer, `b` a condition's branch,
-  `x` a fan-out's size, `g` the generation of its attempt.
+  `x` a fan-out's size, `g` the generation of its attempt, `k` a running wait's key.
 * A running fan-out of one worker step packs its elements into its own entry: `i`, one
   letter per element ('p': pending, or saved on its own entry for an error or a retry
   timer) and `na`, the attempt numbers past 1 by element index.
@@ -77,6 +77,7 @@ class Saved:
     error: dict[str, Any] | None = None
     fire_at: datetime | None = None
     branch: str | None = None
+    wait_key: str | None = None
     items: int | None = None
     generation: int = 0
     elements: str | None = None  # a packed fan-out: one letter per element
@@ -150,6 +151,8 @@ def _encode(node: Node, *, full: bool = False) -> Entry:
         extra["t"] = node.fire_at.isoformat()
     if node.branch is not None:
         extra["b"] = node.branch
+    if node.wait_key is not None and not node.status.finished:
+        extra["k"] = node.wait_key
     if node.items is not None:
         extra["x"] = len(node.items)
     if node.generation:
@@ -211,6 +214,7 @@ def _decode(saved: str | Mapping[str, Any]) -> Saved:
         error=saved.get("e"),
         fire_at=datetime.fromisoformat(saved["t"]) if saved.get("t") else None,
         branch=saved.get("b"),
+        wait_key=saved.get("k"),
         items=saved.get("x"),
         generation=int(saved.get("g", 0)),
         elements=saved.get("i"),

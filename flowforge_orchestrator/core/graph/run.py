@@ -10,7 +10,7 @@ of it, and each calling only those below it:
 
     run       RunState: the entry points, what the engine reads
     flow      the follow-up queue; lists and the run closing
-    control   steps and lists starting; delay, condition, transform, parallel (joins)
+    control   steps and lists starting; delay, wait, condition, transform, parallel (joins)
     attempts  worker attempts: dispatch, deadlines, schedule-to-start, timeouts
     ending    steps ending: succeed, fail (or retry), skip, cancel
     moves     one step's move: the event, the follow-up; attempt ids
@@ -20,7 +20,7 @@ of it, and each calling only those below it:
 
 How it moves: every entry point changes some nodes, and each node that finishes queues a
 follow-up (`followups`); `flow.drain` works the queue until nothing is left to decide.
-Control steps (condition, parallel, delay, transform) run here, in the orchestrator; leaf
+Control steps (condition, parallel, delay, wait, transform) run here, in the orchestrator; leaf
 steps are dispatched to workers.
 """
 
@@ -32,7 +32,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from flowforge_orchestrator.core.definition.models import DelayStep
+from flowforge_orchestrator.core.definition.models import DelayStep, WaitStep
 from flowforge_orchestrator.core.definition.plan import SECRET_ROOTS, CompiledWorkflow
 from flowforge_orchestrator.core.expressions.cost import Weight
 from flowforge_orchestrator.core.expressions.templates import Evaluator
@@ -58,8 +58,16 @@ from flowforge_orchestrator.core.graph.nodes import WITH_WORKER, Frame, Node, we
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
-from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult, json_size
+from flowforge_orchestrator.core.records import (
+    EventTaken,
+    Limits,
+    RunChanges,
+    StepResult,
+    WaitStarted,
+    json_size,
+)
 from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
+from flowforge_orchestrator.errors import StepError
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "RunState"]
 
@@ -156,6 +164,21 @@ class RunState:
         node = self._nodes.get(key)
         return node.step.type if node is not None else "?"
 
+    def waiting(self) -> list[WaitStarted]:
+        """The wait steps listening now: after a claim or an adoption, listen again."""
+        return [
+            WaitStarted(node.key, node.attempt_id, node.step.event, node.wait_key)
+            for node in self._nodes.values()
+            if node.attempt_id is not None
+            and node.status is StepStatus.RUNNING
+            and isinstance(node.step, WaitStep)
+        ]
+
+    def is_waiting(self, key: str, attempt_id: UUID) -> bool:
+        """Whether the wait step at `key` still listens with this attempt."""
+        node = self._nodes.get(key)
+        return node is not None and node.attempt_id == attempt_id and _is_waiting(node)
+
     def next_timer(self) -> datetime | None:
         """When `fire_timers` next has something to do (None: no timer is set)."""
         return self._timers.next()
@@ -223,6 +246,29 @@ class RunState:
         drain(self, now)
         return True
 
+    def take_event(
+        self, key: str, attempt_id: UUID, event_id: int, output: object, now: datetime
+    ) -> bool:
+        """The wait step at `key` takes event `event_id` (its `output`: name, key, payload,
+        id, received_at): recorded as taken in this commit, and the step succeeds with it.
+        False if the step no longer waits with that attempt (nothing is recorded)."""
+        if self.status is not RunStatus.RUNNING or not self.is_waiting(key, attempt_id):
+            return False
+        node = self._nodes[key]
+        self._journal.emit(
+            now,
+            "step.event_received",
+            StepStatus.RUNNING,
+            from_status=StepStatus.RUNNING,
+            step_id=key,
+            attempt_id=attempt_id,
+            data={"step_id": key, "attempt": node.attempt, "event_id": event_id},
+        )
+        self._journal.changes().events_taken.append(EventTaken(event_id, key, attempt_id))
+        succeed(self, node, output, now)
+        drain(self, now)
+        return True
+
     def fire_timers(self, now: datetime) -> bool:
         """Fire every timer due at `now`; True if any fired."""
         due = self._timers.due(now)
@@ -238,6 +284,8 @@ class RunState:
                 timer_fired(self, node, now)
             elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
                 succeed(self, node, {"waited_until": iso(now)}, now)
+            elif _is_waiting(node):
+                fail(self, node, _event_timeout(node), now)
         drain(self, now)
         return bool(due)
 
@@ -267,3 +315,20 @@ class RunState:
         if self._input_weight is None:
             self._input_weight = weigh_capped(self.input)
         return self._input_weight
+
+
+def _is_waiting(node: Node) -> bool:
+    return node.status is StepStatus.RUNNING and isinstance(node.step, WaitStep)
+
+
+def _event_timeout(node: Node) -> dict[str, Any]:
+    step = node.step
+    assert isinstance(step, WaitStep)
+    return StepError(
+        f"step '{node.key}': no event '{step.event}'"
+        + (f" with key {node.wait_key!r}" if node.wait_key is not None else "")
+        + f" arrived within its timeout of {step.timeout:g}s",
+        category="event_timeout",
+        retryable=False,
+        details={"event": step.event, "key": node.wait_key, "timeout": step.timeout},
+    ).to_dict()

@@ -1,0 +1,125 @@
+"""The wait step in one run's graph: it listens once started, takes one event (recorded as
+taken in the same commit), times out with `event_timeout`, and survives a restore."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flowforge_orchestrator.core.records import EventTaken, WaitStarted
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
+from tests.unit.test_graph import (
+    Recorder,
+    at,
+    by_step,
+    http,
+    kinds,
+    new_run,
+    ok,
+    transform,
+    workflow,
+)
+
+
+def wait(step_id: str, *deps: str, **extra: Any) -> dict[str, Any]:
+    return {"id": step_id, "type": "wait", "depends_on": list(deps), **extra}
+
+
+def _event(event_id: int, payload: Any) -> dict[str, Any]:
+    return {"name": "paid", "key": "o-7", "payload": payload, "id": event_id, "received_at": "t"}
+
+
+def test_a_wait_listens_then_takes_an_event_and_its_payload_reaches_the_next_step() -> None:
+    wf = workflow(
+        http("reserve"),
+        wait("paid", "reserve", event="paid", key="'o-' + string(input.order)", timeout="1h"),
+        transform("receipt", "${{ steps.paid.output.payload.amount * 2 }}", "paid"),
+    )
+    run, rec = new_run(wf, {"order": 7}), Recorder()
+    run.start(at(0))
+    first = rec.drain(run)
+    assert first is not None
+    rec.apply(run, ok(by_step(first)["reserve"], {"ok": True}), at(1))
+    waits = [e for e in rec.events if e.type == "step.waiting"]
+    assert len(waits) == 1 and waits[0].data["key"] == "o-7" and waits[0].data["event"] == "paid"
+    assert waits[0].data["deadline"] == "2024-05-01T13:00:01Z"
+    (listening,) = run.waiting()
+    assert listening == WaitStarted("paid", listening.attempt_id, "paid", "o-7")
+    assert run.next_timer() == at(3601)
+
+    assert not run.take_event("paid", listening.attempt_id.__class__(int=1), 5, {}, at(2))
+    assert run.take_event("paid", listening.attempt_id, 5, _event(5, {"amount": 21}), at(2))
+    changes = run.take_changes()
+    assert changes is not None
+    assert changes.events_taken == [EventTaken(5, "paid", listening.attempt_id)]
+    assert kinds(changes.events)[:3] == [
+        ("step.event_received", "paid"),
+        ("step.succeeded", "paid"),
+        ("step.succeeded", "receipt"),
+    ]
+    assert run.status is RunStatus.COMPLETED and run.output == {"receipt": 42}
+    assert run.waiting() == [] and not run.is_waiting("paid", listening.attempt_id)
+    # A second event for the same step changes nothing.
+    assert not run.take_event("paid", listening.attempt_id, 6, _event(6, {}), at(3))
+
+
+def test_a_wait_without_an_event_fails_with_event_timeout_at_its_deadline() -> None:
+    wf = workflow(wait("approval", event="approved", timeout="2s"), http("after", "approval"))
+    run, rec = new_run(wf), Recorder()
+    run.start(at(0))
+    rec.drain(run)
+    assert not run.fire_timers(at(1.9))
+    assert run.fire_timers(at(2))
+    rec.drain(run)
+    assert run.step_status("approval") is StepStatus.FAILED
+    assert run.status is RunStatus.FAILED
+    failed = [e for e in rec.events if e.type == "step.failed"]
+    assert failed[0].data["error"]["category"] == "event_timeout"  # type: ignore[index]
+    assert "no event 'approved' arrived within its timeout of 2s" in str(failed[0].data["error"])
+
+
+def test_a_timed_out_wait_may_continue_on_failure() -> None:
+    wf = workflow(
+        wait("approval", event="approved", timeout="2s", continue_on_failure=True),
+        transform("after", "${{ steps.approval.status }}", "approval"),
+    )
+    run = new_run(wf)
+    run.start(at(0))
+    run.fire_timers(at(2))
+    assert run.status is RunStatus.COMPLETED and run.output == {"after": "failed"}
+
+
+def test_the_workflow_default_timeout_does_not_bound_a_wait() -> None:
+    wf = workflow(wait("w", event="e"), defaults={"timeout": "1s"})
+    run = new_run(wf)
+    run.start(at(0))
+    assert run.next_timer() is None and run.waiting()
+
+
+def test_a_restored_wait_listens_again_with_its_key_and_deadline() -> None:
+    wf = workflow(wait("w", event="e", key="input.customer", timeout="10s"))
+    run, rec = new_run(wf, {"customer": "c-1"}), Recorder()
+    run.start(at(0))
+    rec.drain(run)
+    assert rec.checkpoint["steps"]["w"]["k"] == "c-1"
+    adopted = rec.restore(new_run(wf, {"customer": "changed-later"}))
+    assert adopted.waiting() == run.waiting()
+    assert adopted.next_timer() == at(10)
+    assert adopted.take_event("w", run.waiting()[0].attempt_id, 1, _event(1, None), at(3))
+    assert adopted.status is RunStatus.COMPLETED
+
+
+def test_a_cancelled_run_stops_listening() -> None:
+    wf = workflow(wait("w", event="e"))
+    run = new_run(wf)
+    run.start(at(0))
+    (listening,) = run.waiting()
+    run.cancel(at(1))
+    assert run.waiting() == [] and not run.take_event("w", listening.attempt_id, 1, {}, at(2))
+
+
+def test_a_key_that_is_not_a_string_or_an_integer_fails_the_step() -> None:
+    wf = workflow(wait("w", event="e", key="input.customer"))
+    run = new_run(wf, {"customer": {"id": 1}})
+    run.start(at(0))
+    assert run.status is RunStatus.FAILED
+    assert "`key` must give a string or an integer, got dict" in str(run.error)
