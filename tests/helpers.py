@@ -7,7 +7,7 @@ import inspect
 import socket
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar, cast, overload
 from uuid import UUID
 
 from flowforge_orchestrator import store
@@ -60,9 +60,19 @@ async def dispatched_attempt(
     return await wait_for(found, message=f"attempt {attempt} of {step_id} never dispatched")
 
 
+@overload
 async def poll(
-    predicate: Callable[[], T | Awaitable[T]], *, timeout: float, interval: float = 0.02
-) -> T:
+    predicate: Callable[[], Awaitable[T]], *, timeout: float, interval: float = 0.02
+) -> T: ...
+
+
+@overload
+async def poll(predicate: Callable[[], T], *, timeout: float, interval: float = 0.02) -> T: ...
+
+
+async def poll(
+    predicate: Callable[[], object], *, timeout: float, interval: float = 0.02
+) -> object:
     """Call `predicate` (sync or async) until it returns something truthy or `timeout`
     seconds pass; returns its last value either way. An exception it raises propagates."""
     loop = asyncio.get_running_loop()
@@ -72,18 +82,39 @@ async def poll(
         if inspect.isawaitable(value):
             value = await value
         if value or loop.time() >= deadline:
-            return cast(T, value)
+            return value
         await asyncio.sleep(interval)
 
 
+@overload
 async def wait_for(
-    predicate: Callable[[], T | Awaitable[T]],
+    predicate: Callable[[], Awaitable[T | None]],
     *,
     timeout: float = 10.0,
     interval: float = 0.02,
     message: str = "condition was not met",
-) -> T:
-    """`poll`, and AssertionError with `message` and the last value if it never held."""
+) -> T: ...
+
+
+@overload
+async def wait_for(
+    predicate: Callable[[], T | None],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition was not met",
+) -> T: ...
+
+
+async def wait_for(
+    predicate: Callable[[], object],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str = "condition was not met",
+) -> object:
+    """`poll`, and AssertionError with `message` and the last value if it never held (so
+    what it returns is never None)."""
     value = await poll(predicate, timeout=timeout, interval=interval)
     if not value:
         raise AssertionError(f"{message} (waited {timeout:g} s; last value: {value!r})")

@@ -9,7 +9,7 @@ import secrets as random_secrets
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 from uuid import UUID
 
 from pydantic import SecretStr, ValidationError
@@ -23,6 +23,7 @@ __all__ = [
     "JOB_KEY_FILE",
     "SECRET_PREFIX",
     "Command",
+    "Subcommands",
     "add_command",
     "connection",
     "load_settings",
@@ -34,6 +35,8 @@ __all__ = [
 ]
 
 Command = Callable[[Settings, argparse.Namespace], Coroutine[Any, Any, int]]
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+"""What `add_subparsers` returns: where the modules of this package add their commands."""
 
 SECRET_PREFIX = "FLOWFORGE_SECRET_"
 JOB_KEY_FILE = "job.key"
@@ -144,9 +147,9 @@ def point_in_time(text: str, now: datetime) -> datetime:
 
 
 def add_command(
-    parent: Any, name: str, fn: Command, help: str, **defaults: Any
+    parent: Subcommands, name: str, fn: Command, help: str, **defaults: object
 ) -> argparse.ArgumentParser:
     """A subcommand that runs `fn(settings, args)`."""
-    parser: argparse.ArgumentParser = parent.add_parser(name, help=help, description=help)
+    parser = parent.add_parser(name, help=help, description=help)
     parser.set_defaults(fn=fn, **defaults)
     return parser

@@ -8,12 +8,17 @@ import contextlib
 import signal
 from collections.abc import AsyncIterator
 from secrets import token_urlsafe
-from typing import Any
 
 from pydantic import SecretStr
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.cli.common import add_command, need_db, secrets, with_job_key
+from flowforge_orchestrator.cli.common import (
+    Subcommands,
+    add_command,
+    need_db,
+    secrets,
+    with_job_key,
+)
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.destinations import allow_loopback
 from flowforge_orchestrator.errors import ConfigError
@@ -144,7 +149,7 @@ async def cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
         return await run_demo(live, order_id=args.order_id)
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     migrate = add_command(sub, "migrate", cmd_migrate, "apply the missing SQL migrations")
     migrate.add_argument(
         "--roles",
@@ -168,7 +173,7 @@ def add_commands(sub: Any) -> None:
     worker.add_argument("--otel-console", action="store_true", help="print spans to stderr")
 
 
-def add_demo(sub: Any) -> None:
+def add_demo(sub: Subcommands) -> None:
     demo = add_command(
         sub, "demo", cmd_demo, "run the example workflow end to end on private servers"
     )

@@ -7,12 +7,12 @@ import difflib
 import json
 from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.cli.common import add_command, connection
+from flowforge_orchestrator.cli.common import Subcommands, add_command, connection
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.models import (
     WorkflowDefinition,
@@ -33,7 +33,7 @@ __all__ = ["add_commands", "load_definition", "spec_yaml"]
 Format = Literal["yaml", "json"]
 
 
-def spec_yaml(spec: Any) -> str:
+def spec_yaml(spec: object) -> str:
     """A stored spec as YAML, its keys in the model's order (`jsonb` keeps its own)."""
     try:
         spec = store.definition_spec(parse_definition(spec))
@@ -130,7 +130,7 @@ _APPLY_ALLOWS = "accept this custom step type even if no worker registered it"
 _VALIDATE_ALLOWS = "check step types against the built-ins and these"
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     defs = sub.add_parser("definitions", help="workflow definitions").add_subparsers(
         dest="definitions_command", required=True
     )

@@ -82,7 +82,7 @@ def _node_json(node: StepNode) -> dict[str, Any]:
     return data
 
 
-def _seconds(start: Any, end: Any) -> str:
+def _seconds(start: datetime | None, end: datetime | None) -> str:
     return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
 
 
@@ -153,7 +153,7 @@ async def follow_run(
         await asyncio.sleep(interval)
 
 
-def _describe(event: Any) -> str:
+def _describe(event: store.Record) -> str:
     data = event["data"] or {}
     where = f" {data['step_id']}" if "step_id" in data else ""
     attempt = f" (attempt {data['attempt']})" if "attempt" in data else ""

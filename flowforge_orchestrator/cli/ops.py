@@ -6,7 +6,7 @@ import argparse
 import asyncio
 import json
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from arq.constants import health_check_key_suffix
 from redis.asyncio import Redis
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.cli.common import add_command, connection, run_id_arg
+from flowforge_orchestrator.cli.common import Subcommands, add_command, connection, run_id_arg
 from flowforge_orchestrator.cli.config_view import (
     effective_settings,
     mask_url,
@@ -213,7 +213,7 @@ class _Doctor:
                 )
 
 
-def _unserved_types(specs: list[Any], served: dict[str, str]) -> dict[str, list[str]]:
+def _unserved_types(specs: Sequence[store.Record], served: dict[str, str]) -> dict[str, list[str]]:
     """Worker step types that the latest definitions use and no worker registered."""
     unserved: dict[str, list[str]] = {}
     for row in specs:
@@ -320,7 +320,7 @@ class _Tail:
     cursor: int = 0  # the highest position printed
     ended: bool = False  # the followed run reached a final event
 
-    def show(self, rows: list[Any]) -> None:
+    def show(self, rows: Sequence[store.Record]) -> None:
         for row in rows:
             position = row["position"]
             if position in self.printed:
@@ -353,7 +353,7 @@ async def cmd_outbox_tail(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     doc = add_command(
         sub,
         "doctor",

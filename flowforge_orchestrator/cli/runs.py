@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from datetime import UTC, datetime
-from typing import Any
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import (
+    Subcommands,
     add_command,
     connection,
     point_in_time,
@@ -55,7 +56,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if status == "completed" else 1
 
 
-def _title(run: dict[str, Any]) -> str:
+def _title(run: Mapping[str, object]) -> str:
     version = run["workflow_version"] or "?"
     return f"{run['workflow_name']} v{version} · run {run['id']} · {run['status']}"
 
@@ -141,7 +142,7 @@ def _when(text: str) -> datetime:
     return point_in_time(text, datetime.now(UTC))
 
 
-def add_commands(sub: Any) -> None:
+def add_commands(sub: Subcommands) -> None:
     submit = add_command(sub, "submit", cmd_submit, "enqueue a run of a workflow")
     submit.add_argument("workflow")
     submit.add_argument("--input", default="{}", help="the run input as JSON")

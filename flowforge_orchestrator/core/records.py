@@ -94,7 +94,9 @@ class InlineResult:
 
 @dataclass(frozen=True)
 class StepResult:
-    """What a worker reported for one attempt."""
+    """What a worker reported for one attempt: the one record of an attempt's outcome, as
+    the worker builds it, the store writes it (`step_results`, a row per attempt) and the
+    orchestrator applies it."""
 
     attempt_id: UUID
     step_id: str
@@ -104,6 +106,10 @@ class StepResult:
     started_at: datetime | None
     finished_at: datetime
     worker: str | None = None
+    # What the row is filed under when a worker writes it: its run, and the attempt's
+    # token from the signed job (without it the orchestrator ignores the row).
+    run_id: UUID | None = None
+    token: bytes | None = None
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def database_check(ping: Callable[[], Awaitable[object]]) -> ReadinessCheck:
     return check
 
 
-def redis_check(ping: Callable[[], Awaitable[Any]]) -> ReadinessCheck:
+def redis_check(ping: Callable[[], Awaitable[object]]) -> ReadinessCheck:
     """Redis answers a PING (e.g. `Dispatcher.ping`, or an arq pool's `ping`)."""
 
     async def check() -> object:
@@ -139,7 +139,7 @@ class HealthServer:
         self._report: tuple[float, tuple[bool, dict[str, str]]] | None = None  # (at, report)
         self._checking: asyncio.Task[tuple[bool, dict[str, str]]] | None = None
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[Any], asyncio.StreamWriter] = {}
+        self._connections: dict[asyncio.Task[object], asyncio.StreamWriter] = {}
 
     @property
     def url(self) -> str:

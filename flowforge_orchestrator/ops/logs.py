@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import Any, TextIO
+from typing import TextIO
 
 from opentelemetry import trace
 
@@ -41,8 +41,8 @@ CONTEXT_FIELDS = ("run_id", "step_id", "attempt", "attempt_id", "workflow", "tra
 _TEXT_FIELDS = ("run_id", "step_id", "attempt", "trace_id")
 _NOISY = ("arq", "httpx", "httpcore", "asyncio")
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
-_context: ContextVar[Mapping[str, Any]] = ContextVar("flowforge_log_context", default=_EMPTY)
+_EMPTY: Mapping[str, object] = MappingProxyType({})
+_context: ContextVar[Mapping[str, object]] = ContextVar("flowforge_log_context", default=_EMPTY)
 
 # Attributes every LogRecord has: anything else on a record came from `extra=`.
 _STANDARD = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", None, None))) | {
@@ -53,7 +53,7 @@ _STANDARD = frozenset(vars(logging.LogRecord("", logging.INFO, "", 0, "", None, 
 
 
 @contextmanager
-def log_context(**fields: Any) -> Iterator[None]:
+def log_context(**fields: object) -> Iterator[None]:
     """Add fields (None values are skipped) to every record logged inside the block."""
     added = {key: value for key, value in fields.items() if value is not None}
     token = _context.set(MappingProxyType({**_context.get(), **added}))
@@ -82,7 +82,7 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line."""
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, Any] = {
+        line: dict[str, object] = {
             "timestamp": datetime.fromtimestamp(record.created, UTC)
             .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),

@@ -75,7 +75,7 @@ class Job:
         }
 
     @classmethod
-    def from_json(cls, data: Any) -> Job:
+    def from_json(cls, data: object) -> Job:
         """The job in `data`; JobRefused("malformed") naming the first field that is wrong."""
         if not isinstance(data, Mapping):
             raise _malformed("the payload is not a JSON object")
@@ -109,11 +109,11 @@ def _malformed(problem: str) -> JobRefused:
     return JobRefused("malformed", f"malformed job: {problem}")
 
 
-def _is_number(value: Any) -> bool:
+def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _uuid(data: Mapping[str, Any], name: str) -> UUID:
+def _uuid(data: Mapping[str, object], name: str) -> UUID:
     value = data.get(name)
     if isinstance(value, str):
         try:
@@ -123,14 +123,14 @@ def _uuid(data: Mapping[str, Any], name: str) -> UUID:
     raise _malformed(f"field '{name}' is not a UUID")
 
 
-def _text(data: Mapping[str, Any], name: str) -> str:
+def _text(data: Mapping[str, object], name: str) -> str:
     value = data.get(name)
     if not isinstance(value, str) or not value:
         raise _malformed(f"field '{name}' is not a non-empty string")
     return value
 
 
-def _paths(value: Any) -> tuple[tuple[str | int, ...], ...]:
+def _paths(value: object) -> tuple[tuple[str | int, ...], ...]:
     if value is None:
         return ()
     if not isinstance(value, list) or not all(
@@ -140,7 +140,7 @@ def _paths(value: Any) -> tuple[tuple[str | int, ...], ...]:
     return tuple(tuple(path) for path in value)
 
 
-def _is_path_part(part: Any) -> bool:
+def _is_path_part(part: object) -> bool:
     return isinstance(part, str) or (isinstance(part, int) and not isinstance(part, bool))
 
 
@@ -210,8 +210,8 @@ class JobKeys:
         self,
         job_id: str,
         queue: str,
-        args: Sequence[Any],
-        kwargs: Mapping[str, Any],
+        args: Sequence[object],
+        kwargs: Mapping[str, object],
         queue_of: Callable[[str], str],
     ) -> Job:
         """The job behind arq's `args` and `kwargs`, if it verifies; else JobRefused.
@@ -220,9 +220,9 @@ class JobKeys:
         the queue of a step type. Nothing of the payload is parsed before its signature is
         checked.
         """
-        if kwargs or len(args) != 2 or not all(isinstance(a, str) for a in args):
+        text, signature = args if len(args) == 2 else (None, None)
+        if kwargs or not isinstance(text, str) or not isinstance(signature, str):
             raise _malformed("the job's arguments are not (payload, signature)")
-        text, signature = args
         if not text.isascii():
             raise JobRefused("bad_signature", "the job's signature does not verify")
         key = self._verifying_key(_message(queue, text), signature)

@@ -24,12 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any
 
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
+from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
@@ -221,7 +221,7 @@ class WakeableWorker(Worker):
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
 
-    async def _wait(self, pubsub: Any) -> None:
+    async def _wait(self, pubsub: PubSub) -> None:
         message = await pubsub.get_message(
             ignore_subscribe_messages=True, timeout=self.poll_delay_s
         )

@@ -3,6 +3,7 @@
 from flowforge_orchestrator.store.db import (
     Connection,
     Pool,
+    Record,
     connect,
     create_pool,
     is_database_error,
@@ -69,6 +70,7 @@ __all__ = [
     "OutboxBacklog",
     "OwnedChanges",
     "Pool",
+    "Record",
     "acquire_concurrency",
     "answers",
     "apply_migrations",

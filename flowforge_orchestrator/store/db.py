@@ -17,6 +17,7 @@ from flowforge_orchestrator.errors import StoreError, TransientStoreError
 __all__ = [
     "Connection",
     "Pool",
+    "Record",
     "connect",
     "create_pool",
     "is_database_error",
@@ -30,6 +31,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Connection = asyncpg.Connection
+Record = asyncpg.Record
 Pool = asyncpg.Pool
 T = TypeVar("T")
 
@@ -49,11 +51,11 @@ _TRANSIENT = (
 )
 
 
-def _dumps(value: Any) -> str:
+def _dumps(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def json_texts(values: Iterable[Any]) -> list[str | None]:
+def json_texts(values: Iterable[object]) -> list[str | None]:
     """JSON values for a `text[]` parameter cast to jsonb per element. A `jsonb[]` parameter
     cannot carry them: asyncpg reads a value that is a list as one more array dimension."""
     return [None if value is None else _dumps(value) for value in values]

@@ -439,60 +439,39 @@ async def engine_secret(conn: asyncpg.Connection) -> bytes:
     return bytes(secret)
 
 
-ResultRow = tuple[UUID, UUID, str, str, Any, Any, str, datetime, datetime, bytes]
-"""attempt id, run id, step id, outcome, output, error, worker, started at, finished at,
-the attempt's token"""
+def _filed(result: StepResult) -> tuple[UUID, bytes]:
+    """The run and the token a result is filed under; StoreError naming the attempt when
+    the record lacks one (it was built for reading, not for writing)."""
+    if result.run_id is None or result.token is None:
+        missing = "run id" if result.run_id is None else "token"
+        raise StoreError(f"the result of attempt {result.attempt_id} has no {missing}")
+    return result.run_id, result.token
 
 
-async def insert_results(conn: asyncpg.Connection, rows: Sequence[ResultRow]) -> int:
+async def insert_results(conn: asyncpg.Connection, results: Sequence[StepResult]) -> int:
     """Many results in one statement (a duplicate (attempt id, token) is skipped); the
-    statement's trigger NOTIFYs their attempt ids when the transaction commits. Returns the
-    rows new."""
-    columns = list(zip(*rows, strict=True))
+    statement's trigger NOTIFYs their attempt ids when the transaction commits. Each result
+    needs its `run_id` and `token`. Returns the rows new."""
+    filed = [_filed(r) for r in results]
     status = await conn.execute(
         q.INSERT_RESULTS,
-        list(columns[0]),
-        list(columns[1]),
-        list(columns[2]),
-        list(columns[3]),
-        json_texts(columns[4]),
-        json_texts(columns[5]),
-        list(columns[6]),
-        list(columns[7]),
-        list(columns[8]),
-        list(columns[9]),
+        [r.attempt_id for r in results],
+        [run_id for run_id, _ in filed],
+        [r.step_id for r in results],
+        [r.outcome for r in results],
+        json_texts(r.output for r in results),
+        json_texts(r.error for r in results),
+        [r.worker for r in results],
+        [r.started_at for r in results],
+        [r.finished_at for r in results],
+        [token for _, token in filed],
     )
     return int(status.rsplit(" ", 1)[-1])
 
 
-async def insert_result(
-    conn: asyncpg.Connection,
-    *,
-    attempt_id: UUID,
-    run_id: UUID,
-    step_id: str,
-    outcome: str,
-    output: Any,
-    error: dict[str, Any] | None,
-    worker: str,
-    started_at: datetime,
-    finished_at: datetime,
-    token: bytes,
-) -> bool:
+async def insert_result(conn: asyncpg.Connection, result: StepResult) -> bool:
     """One result; False if this attempt already had one with this token (a duplicate)."""
-    row = (
-        attempt_id,
-        run_id,
-        step_id,
-        outcome,
-        output,
-        error,
-        worker,
-        started_at,
-        finished_at,
-        token,
-    )
-    return await insert_results(conn, [row]) == 1
+    return await insert_results(conn, [result]) == 1
 
 
 async def register_step_types(conn: asyncpg.Connection, types: Sequence[str], worker: str) -> None:

@@ -110,7 +110,7 @@ def _kind(step: Step) -> str:
     return step.type
 
 
-def _message(error: Any) -> str | None:
+def _message(error: object) -> str | None:
     if isinstance(error, Mapping):
         return str(error.get("message") or error.get("category") or "failed")
     return None if error is None else str(error)

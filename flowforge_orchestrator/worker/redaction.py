@@ -57,7 +57,7 @@ def check_secrets(secrets: Mapping[str, str]) -> None:
         )
 
 
-def credential_values(params: Any) -> list[str]:
+def credential_values(params: object) -> list[str]:
     """The values an attempt sends as credentials: its `Authorization`, `Proxy-Authorization`
     and `Cookie` headers, their credentials without the scheme (`Bearer xyz` -> `xyz`), and
     each cookie's value."""

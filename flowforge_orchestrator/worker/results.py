@@ -21,14 +21,12 @@ import asyncio
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
-from typing import Any
-from uuid import UUID
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.errors import StoreError
 
-__all__ = ["Result", "ResultWriter"]
+__all__ = ["Pending", "ResultWriter"]
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +37,11 @@ MAX_BATCH = 500
 COALESCE = 0.005
 
 
-@dataclass
-class Result:
-    attempt_id: UUID
-    run_id: UUID
-    step_id: str
-    outcome: str
-    output: Any
-    error: dict[str, Any] | None
-    started_at: datetime
-    finished_at: datetime
-    token: bytes  # the attempt's token, from its signed job: without it the result is ignored
+@dataclass(frozen=True)
+class Pending:
+    """A result handed to the writer, and what its `write` call waits for."""
+
+    result: StepResult
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -57,29 +49,27 @@ class Result:
 
 class ResultWriter:
     """`await write(result)` returns once the result is stored (or raises StoreError if the
-    database refuses that result)."""
+    database refuses that result). Each result carries its run id, token and worker."""
 
-    def __init__(
-        self, pool: store.Pool, worker: str, *, in_progress: Callable[[], int] = lambda: 0
-    ) -> None:
+    def __init__(self, pool: store.Pool, *, in_progress: Callable[[], int] = lambda: 0) -> None:
         """`in_progress`: how many jobs the worker holds (taken, not finished), counting
         those waiting in `write`; the others may still join a batch."""
         self.pool = pool
-        self.worker = worker
         self._in_progress = in_progress
         self._handed = 0  # write() calls not returned yet
-        self._queue: list[Result] = []
+        self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def write(self, result: Result) -> None:
+    async def write(self, result: StepResult) -> None:
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
-        self._queue.append(result)
+        pending = Pending(result)
+        self._queue.append(pending)
         self._wake.set()
         self._handed += 1
         try:
-            await asyncio.shield(result.done)
+            await asyncio.shield(pending.done)
         finally:
             self._handed -= 1
 
@@ -87,9 +77,9 @@ class ResultWriter:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for result in self._queue:
-            if not result.done.done():
-                result.done.set_exception(StoreError("the worker stopped before writing it"))
+        for pending in self._queue:
+            if not pending.done.done():
+                pending.done.set_exception(StoreError("the worker stopped before writing it"))
 
     async def _run(self) -> None:
         while True:
@@ -123,41 +113,24 @@ class ResultWriter:
                 break
         self._wake.clear()
 
-    async def _flush(self, batch: list[Result]) -> None:
+    async def _flush(self, batch: list[Pending]) -> None:
         try:
             await self._store(batch)
         except StoreError as exc:
             if len(batch) == 1:
                 batch[0].done.set_exception(exc)
                 return
-            for result in batch:  # find the one the database refuses
-                await self._flush([result])
+            for pending in batch:  # find the one the database refuses
+                await self._flush([pending])
             return
-        for result in batch:
-            if not result.done.done():
-                result.done.set_result(None)
+        for pending in batch:
+            if not pending.done.done():
+                pending.done.set_result(None)
 
-    async def _store(self, batch: list[Result]) -> None:
+    async def _store(self, batch: list[Pending]) -> None:
         async def write() -> None:
             async with self.pool.acquire() as conn:
-                await store.insert_results(
-                    conn,
-                    [
-                        (
-                            r.attempt_id,
-                            r.run_id,
-                            r.step_id,
-                            r.outcome,
-                            r.output,
-                            r.error,
-                            self.worker,
-                            r.started_at,
-                            r.finished_at,
-                            r.token,
-                        )
-                        for r in batch
-                    ],
-                )
+                await store.insert_results(conn, [p.result for p in batch])
 
         what = f"writing {len(batch)} result(s)"
         await store.retrying(write, what=what)

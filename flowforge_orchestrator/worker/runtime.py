@@ -18,14 +18,15 @@ import importlib
 import inspect
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import httpx
+from arq.typing import WorkerCoroutine
 from arq.worker import Worker, func
 from opentelemetry import trace
 from redis.exceptions import RedisError
@@ -35,7 +36,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core import jsonb
 from flowforge_orchestrator.core.destinations import DestinationPolicy
 from flowforge_orchestrator.core.expressions.templates import render_at
-from flowforge_orchestrator.core.records import json_size
+from flowforge_orchestrator.core.records import StepResult, json_size
 from flowforge_orchestrator.errors import (
     ConfigError,
     ExpressionError,
@@ -61,7 +62,7 @@ from flowforge_orchestrator.worker.redaction import (
     credential_values,
     redact_logs,
 )
-from flowforge_orchestrator.worker.results import Result, ResultWriter
+from flowforge_orchestrator.worker.results import ResultWriter
 from flowforge_orchestrator.worker.steps.http import run_http_step
 from flowforge_orchestrator.worker.steps.http_client import make_http_client
 
@@ -99,6 +100,7 @@ def step_type(name: str) -> Callable[[F], F]:
     """Mark an async function `fn(params, ctx) -> output` as the handler of a step type."""
 
     def mark(fn: F) -> F:
+        # Through Any: iscoroutinefunction is a TypeGuard that would narrow `fn` away from F.
         if not inspect.iscoroutinefunction(cast(Any, fn)):
             raise ConfigError(f"step type '{name}': {fn!r} must be an async function")
         setattr(fn, _MARK, name)
@@ -143,7 +145,7 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _output_size(output: Any) -> int:
+def _output_size(output: object) -> int:
     """The output's size in JSON bytes; StepError (`invalid_output`, not retried) when it is
     not JSON or is nested deeper than the engine reads (`jsonb.MAX_DEPTH`)."""
     try:
@@ -204,7 +206,7 @@ class WorkerRuntime:
         self.http = make_http_client(policy)
         self.node = settings.node_id
         self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
-        self.results = ResultWriter(pool, settings.node_id, in_progress=self._in_progress)
+        self.results = ResultWriter(pool, in_progress=self._in_progress)
 
     def _in_progress(self) -> int:
         """Jobs the arq workers took and have not finished: those whose results may join
@@ -215,11 +217,13 @@ class WorkerRuntime:
         await self.results.close()
         await self.http.aclose()
 
-    def open_job(self, ctx: Mapping[str, Any], args: tuple[Any, ...], kwargs: Any) -> Job | None:
-        """The verified job behind arq's arguments, or None: refused, logged and counted."""
-        job_id = str(ctx.get("job_id"))
+    def open_job(
+        self, job_id: str, queue: str, args: Sequence[object], kwargs: Mapping[str, object]
+    ) -> Job | None:
+        """The verified job behind arq's arguments (job `job_id` taken from `queue`), or
+        None: refused, logged and counted."""
         try:
-            return self.keys.open(job_id, ctx["flowforge_queue"], args, kwargs, queue_name)
+            return self.keys.open(job_id, queue, args, kwargs, queue_name)
         except JobRefused as exc:
             self.metrics.jobs_refused.labels(exc.reason).inc()
             # The job id (quoted and bounded: anyone may have written it) and the reason;
@@ -258,17 +262,19 @@ class WorkerRuntime:
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
-        await self._report(
-            redactor,
+        result = StepResult(
             attempt_id=job.attempt_id,
-            run_id=job.run_id,
             step_id=job.step_id,
             outcome=outcome,
             output=output,
             error=error,
             started_at=started,
+            finished_at=_now(),
+            worker=self.node,
+            run_id=job.run_id,
             token=job.token,
         )
+        await self._report(redactor, result)
         return outcome
 
     def _redacted(
@@ -344,45 +350,46 @@ class WorkerRuntime:
             return "failed", None, too_large.to_dict()
         return "succeeded", output, None
 
-    async def _report(self, redactor: Redactor, **result: Any) -> None:
+    async def _report(self, redactor: Redactor, result: StepResult) -> None:
+        """Store the result with those that finish at the same time, in one transaction."""
         try:
-            await self._write(result)
+            await self.results.write(result)
         except StoreError as exc:
             # The database refused this result (e.g. a NUL character, which JSONB cannot
             # hold): report the attempt as failed, so the run records why and goes on. The
             # database's message may quote the value: it is redacted like the rest.
             reason = redactor.text(str(exc))
-            log.error("result of attempt %s refused: %s", result["attempt_id"], reason)
+            log.error("result of attempt %s refused: %s", result.attempt_id, reason)
             error = StepError(
                 f"the step's result could not be stored: {reason}",
                 category="unstorable_result",
                 retryable=False,
             )
-            await self._write(
-                {**result, "outcome": "failed", "output": None, "error": error.to_dict()}
+            failed = replace(
+                result, outcome="failed", output=None, error=error.to_dict(), finished_at=_now()
             )
-
-    async def _write(self, result: dict[str, Any]) -> None:
-        """Stored with the results that finish at the same time, in one transaction; a
-        refusal of this result comes out as a StoreError."""
-        await self.results.write(Result(finished_at=_now(), **result))
+            await self.results.write(failed)
 
 
-async def _job(ctx: dict[str, Any], *args: Any, **kwargs: Any) -> str:
-    """arq's entry point: whatever a queue holds arrives here, and is verified first."""
-    runtime: WorkerRuntime = ctx["flowforge"]
-    job = runtime.open_job(ctx, args, kwargs)
-    if job is None:
-        return "refused"  # no result row: the orchestrator's deadline or reconciler acts
-    enqueued = ctx.get("enqueue_time")
-    if isinstance(enqueued, datetime):
-        runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
-    return await runtime.execute(job)
+def _job_function(runtime: WorkerRuntime, queue: str) -> WorkerCoroutine:
+    """arq's entry point for one queue: whatever the queue holds arrives here, and is
+    verified first. From arq's context it reads only the job's id and enqueue time."""
+
+    async def run(ctx: Mapping[str, object], *args: object, **kwargs: object) -> str:
+        job = runtime.open_job(str(ctx.get("job_id")), queue, args, kwargs)
+        if job is None:
+            return "refused"  # no result row: the orchestrator's deadline or reconciler acts
+        enqueued = ctx.get("enqueue_time")
+        if isinstance(enqueued, datetime):
+            runtime.metrics.observe_queue_wait(job.type, enqueued, _now())
+        return await runtime.execute(job)
+
+    return run
 
 
 async def _serve_health(
-    settings: Settings, measures: metrics.WorkerMetrics, checks: dict[str, Any]
-) -> Any:
+    settings: Settings, measures: metrics.WorkerMetrics, checks: Mapping[str, health.ReadinessCheck]
+) -> health.HealthServer | None:
     """The worker's probes and metrics, or None (port 0, or a port that is taken: logged,
     not fatal, as for the orchestrator)."""
     if settings.http_port == 0:
@@ -470,10 +477,9 @@ async def run_worker(
         await store.retrying(register, what="registering step types", attempts=30)
         workers = [
             WakeableWorker(
-                [func(_job, name=JOB_FUNCTION, max_tries=1)],
+                [func(_job_function(runtime, queue_name(t)), name=JOB_FUNCTION, max_tries=1)],
                 queue_name=queue_name(t),
                 redis_settings=redis_settings(settings.redis_url),
-                ctx={"flowforge": runtime, "flowforge_queue": queue_name(t)},
                 handle_signals=False,
                 max_jobs=settings.worker_max_jobs,
                 poll_delay=settings.worker_poll_delay,

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 from uuid import UUID
 
 import pytest
 import yaml
+from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
@@ -30,6 +31,21 @@ from tests.helpers import stop_tasks, wait_for
 SECRETS = {"TOKEN": "s3cret-value"}
 _EXPORTER = InMemorySpanExporter()
 telemetry.add_span_processor(SimpleSpanProcessor(_EXPORTER))
+
+
+@pytest.fixture(autouse=True)
+def tracing_outlives_daemon_commands(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The tracer provider of this process is the session's (the exporter above). A daemon
+    command run in-process (`main(["worker"])`) would shut it down on its way out, and
+    instrument asyncpg: every later test would lose its spans, and each span end would log
+    a warning into the stderr a later command's test reads. Both are undone here."""
+    monkeypatch.setattr(telemetry, "shutdown_tracing", lambda: None)
+    # The instrumentor is a singleton with an unannotated __init__.
+    instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
+    instrumented = instrumentor.is_instrumented_by_opentelemetry
+    yield
+    if instrumentor.is_instrumented_by_opentelemetry and not instrumented:
+        instrumentor.uninstrument()
 
 
 @pytest.fixture
@@ -70,7 +86,7 @@ class Engine:
 
 
 async def start_engine(
-    settings: Settings, extra_types: dict[str, StepFunction] | None = None
+    settings: Settings, extra_types: Mapping[str, StepFunction] | None = None
 ) -> tuple[asyncio.Event, list[asyncio.Task[None]]]:
     stop = asyncio.Event()
     ready_o, ready_w = asyncio.Event(), asyncio.Event()

@@ -136,14 +136,18 @@ async def test_runs_show_pictures_are_mermaid_and_dot(steps_engine: Engine, cli:
     )
     assert re.search(r"^\s+s\d+ -\.->\|else\| s\d+$", mermaid.out, re.M)
 
-    (graph,) = pydot.graph_from_dot_data(dot.out)
+    graphs = pydot.graph_from_dot_data(dot.out)
+    assert graphs is not None
+    (graph,) = graphs
     names = {
         n.get_name(): n.get("label").strip('"').split("\\n")[0]
         for g in [graph, *graph.get_subgraphs()]
         for n in g.get_nodes()
         if n.get("label")
     }
-    edges = {(names[e.get_source()], names[e.get_destination()]) for e in graph.get_edges()}
+    edges = {
+        (names[str(e.get_source())], names[str(e.get_destination())]) for e in graph.get_edges()
+    }
     assert {("fetch", "route"), ("route", "big"), ("charge_all", "charge[1]")} <= edges
     assert {("route", "shape"), ("charge_all", "shape")} <= edges
 

@@ -124,12 +124,12 @@ async def test_a_limit_of_two_lets_two_runs_at_a_time_into_the_endpoint(
 
         for done in range(10):
             # `done` requests answered: the next one (if any) has come in, and no other.
-            await wait_for(
-                lambda done=done: (
-                    len(endpoint.arrived) == min(done + 2, 10)
-                    and endpoint.in_flight == min(2, 10 - done)
+            def next_one_in(done: int = done) -> bool:
+                return len(endpoint.arrived) == min(done + 2, 10) and endpoint.in_flight == min(
+                    2, 10 - done
                 )
-            )
+
+            await wait_for(next_one_in)
             assert await _count(engine, "running") <= 2
             endpoint.release(endpoint.arrived[done])
         runs = [await engine.finished(run_id) for run_id in ids]

@@ -60,14 +60,14 @@ async def test_a_batch_is_enqueued_once_and_arq_reads_it_as_its_own(redis_url: s
         assert info.function == "flowforge_step"
         assert list(info.args) == list(job_arguments(first, "00-tp", KEYS, TOKENS))
         # What a worker opens: the attempt as dispatched, with its token.
-        job = KEYS.open(str(first.attempt_id), queue_name("http"), info.args, {}, queue_name)
-        assert (job.attempt_id, job.run_id, job.params, job.traceparent) == (
+        opened = KEYS.open(str(first.attempt_id), queue_name("http"), info.args, {}, queue_name)
+        assert (opened.attempt_id, opened.run_id, opened.params, opened.traceparent) == (
             first.attempt_id,
             first.run_id,
             first.params,
             "00-tp",
         )
-        assert job.token == TOKENS.token(first.attempt_id)
+        assert opened.token == TOKENS.token(first.attempt_id)
         assert await dispatcher.waiting([(second.attempt_id, "sms")]) == [True]
 
         await dispatcher.abort(first.attempt_id)

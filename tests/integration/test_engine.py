@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Iterator
 
 import pytest
 import respx
@@ -35,7 +36,7 @@ steps:
 
 
 @pytest.fixture
-def svc() -> respx.MockRouter:
+def svc() -> Iterator[respx.MockRouter]:
     with respx.mock(assert_all_called=False) as router:
         router.get("http://svc.test/users/42").respond(json={"id": 7, "name": "ada"})
         router.post("http://svc.test/accounts").respond(json={"account": "acc-7"})

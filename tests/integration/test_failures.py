@@ -13,6 +13,7 @@ import respx
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import redrive
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.worker.runtime import StepContext
@@ -180,16 +181,18 @@ async def test_an_attempt_no_worker_takes_times_out_and_a_late_result_is_ignored
     late_at = attempts[1]["dispatched_at"]
     assert await store.insert_result(
         steps_engine.conn,
-        attempt_id=first,
-        run_id=run_id,
-        step_id="orphan",
-        outcome="succeeded",
-        output={"late": True},
-        error=None,
-        worker="late-worker",
-        started_at=late_at,
-        finished_at=late_at,
-        token=(await verifier(steps_engine.conn)).tokens.token(first),
+        StepResult(
+            attempt_id=first,
+            run_id=run_id,
+            step_id="orphan",
+            outcome="succeeded",
+            output={"late": True},
+            error=None,
+            worker="late-worker",
+            started_at=late_at,
+            finished_at=late_at,
+            token=(await verifier(steps_engine.conn)).tokens.token(first),
+        ),
     )
     run = await steps_engine.finished(run_id)
     assert run["status"] == "failed"

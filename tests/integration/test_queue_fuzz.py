@@ -202,7 +202,8 @@ class Garbage:
 
 
 def _envelope(served: Served, dispatch: Dispatch) -> dict[str, Any]:
-    return json.loads(served.sealed(dispatch))  # type: ignore[no-any-return]
+    envelope: dict[str, Any] = json.loads(served.sealed(dispatch))
+    return envelope
 
 
 @st.composite

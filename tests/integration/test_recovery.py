@@ -11,6 +11,7 @@ from arq.constants import job_key_prefix
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.graph.nodes import attempt_id
+from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 from flowforge_orchestrator.ops import metrics
@@ -225,16 +226,18 @@ async def test_an_adopted_attempt_that_already_has_a_result_is_not_sent_again(
         now = datetime.now(UTC)
         await store.insert_result(
             conn,
-            attempt_id=attempt_id(run_id, "a", 1),
-            run_id=run_id,
-            step_id="a",
-            outcome="succeeded",
-            output={"n": 1, "from": "the offline worker"},
-            error=None,
-            worker="w-gone",
-            started_at=now,
-            finished_at=now,
-            token=(await verifier(conn)).tokens.token(attempt_id(run_id, "a", 1)),
+            StepResult(
+                attempt_id=attempt_id(run_id, "a", 1),
+                run_id=run_id,
+                step_id="a",
+                outcome="succeeded",
+                output={"n": 1, "from": "the offline worker"},
+                error=None,
+                worker="w-gone",
+                started_at=now,
+                finished_at=now,
+                token=(await verifier(conn)).tokens.token(attempt_id(run_id, "a", 1)),
+            ),
         )
         stop, tasks = await start_engine(settings, {"echo": steps.echo})
         try:

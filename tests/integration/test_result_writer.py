@@ -10,14 +10,19 @@ from uuid import UUID, uuid4
 import pytest
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.errors import StoreError
-from flowforge_orchestrator.worker.results import Result, ResultWriter
+from flowforge_orchestrator.worker.results import Pending, ResultWriter
 
 NOW = datetime(2024, 5, 1, tzinfo=UTC)
 
 
-def result(output: object = None, attempt: UUID | None = None, token: bytes = bytes(16)) -> Result:
-    return Result(attempt or uuid4(), uuid4(), "s", "succeeded", output, None, NOW, NOW, token)
+def result(
+    output: object = None, attempt: UUID | None = None, token: bytes = bytes(16)
+) -> StepResult:
+    return StepResult(
+        attempt or uuid4(), "s", "succeeded", output, None, NOW, NOW, "w-1", uuid4(), token
+    )
 
 
 @pytest.fixture
@@ -36,10 +41,10 @@ def long_window(monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_results_finishing_together_share_transactions_and_each_waits_for_its_own(
     pool: store.Pool,
 ) -> None:
-    writer = ResultWriter(pool, "w-1")
+    writer = ResultWriter(pool)
     stored_on_return: list[bool] = []
 
-    async def write(r: Result) -> None:
+    async def write(r: StepResult) -> None:
         await writer.write(r)
         async with pool.acquire() as conn:  # acknowledged: it must be durable already
             stored_on_return.append(
@@ -68,7 +73,7 @@ async def test_results_finishing_together_share_transactions_and_each_waits_for_
 
 
 async def test_a_result_the_database_refuses_is_refused_alone(pool: store.Pool) -> None:
-    writer = ResultWriter(pool, "w-1")
+    writer = ResultWriter(pool)
     try:
         good = [result({"ok": i}) for i in range(5)]
         bad = result({"text": "nul \u0000 byte"})  # JSONB cannot hold a NUL character
@@ -84,8 +89,8 @@ async def test_a_result_the_database_refuses_is_refused_alone(pool: store.Pool) 
 
 
 async def test_closing_fails_what_was_never_written(pool: store.Pool) -> None:
-    writer = ResultWriter(pool, "w-1")
-    pending = result()
+    writer = ResultWriter(pool)
+    pending = Pending(result())
     writer._queue.append(pending)  # queued, never flushed: the writer task never started
     await writer.close()
     with pytest.raises(StoreError, match="stopped before writing"):
@@ -96,7 +101,7 @@ async def test_a_result_nobody_else_can_join_is_written_at_once(
     pool: store.Pool, long_window: None
 ) -> None:
     # Only "nothing else is executing" can explain a prompt write.
-    writer = ResultWriter(pool, "w-1", in_progress=lambda: 1)  # its own job only
+    writer = ResultWriter(pool, in_progress=lambda: 1)  # its own job only
     try:
         await asyncio.wait_for(writer.write(result()), 10)
     finally:
@@ -107,7 +112,7 @@ async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_
     pool: store.Pool, long_window: None
 ) -> None:
     # Two jobs held: this result's, and another one still executing.
-    writer = ResultWriter(pool, "w-1", in_progress=lambda: 2)
+    writer = ResultWriter(pool, in_progress=lambda: 2)
     try:
         first = asyncio.ensure_future(writer.write(result()))
         async with pool.acquire() as conn:  # a round trip: the writer had its chance
@@ -124,7 +129,7 @@ async def test_a_result_waits_for_the_attempts_still_executing_and_shares_their_
 async def test_a_row_under_another_token_never_stands_in_the_way_of_the_real_one(
     pool: store.Pool,
 ) -> None:
-    writer = ResultWriter(pool, "w-1")
+    writer = ResultWriter(pool)
     try:
         attempt = uuid4()
         forged, real = bytes(16), bytes(range(16))

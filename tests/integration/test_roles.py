@@ -22,6 +22,7 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.ops import metrics
@@ -252,20 +253,20 @@ async def test_worker_reports_results_and_nothing_else(logins: Logins) -> None:
     try:
         attempt = uuid.uuid4()
         now = datetime.now(UTC)
-        result: dict[str, Any] = {
-            "attempt_id": attempt,
-            "run_id": uuid.uuid4(),
-            "step_id": "s",
-            "outcome": "succeeded",
-            "output": {"ok": True},
-            "error": None,
-            "worker": "w1",
-            "started_at": now,
-            "finished_at": now,
-            "token": bytes(16),
-        }
-        assert await store.insert_result(conn, **result)
-        assert not await store.insert_result(conn, **result)  # a duplicate delivery
+        result = StepResult(
+            attempt_id=attempt,
+            run_id=uuid.uuid4(),
+            step_id="s",
+            outcome="succeeded",
+            output={"ok": True},
+            error=None,
+            worker="w1",
+            started_at=now,
+            finished_at=now,
+            token=bytes(16),
+        )
+        assert await store.insert_result(conn, result)
+        assert not await store.insert_result(conn, result)  # a duplicate delivery
         assert await asyncio.wait_for(heard.get(), 5) == str(attempt)  # the trigger's NOTIFY
         await store.register_step_types(conn, ["echo", "http"], "w1")
         await store.register_step_types(conn, ["echo"], "w2")  # the upsert path
@@ -390,16 +391,18 @@ async def test_a_run_completes_with_each_process_in_its_role_and_forgeries_chang
         for token in (bytes(16), uuid.uuid4().bytes):
             assert await store.insert_result(
                 forger,
-                attempt_id=attempt,
-                run_id=run_id,
-                step_id="echo",
-                outcome="succeeded",
-                output={"n": 999},
-                error=None,
-                worker="forger",
-                started_at=now,
-                finished_at=now,
-                token=token,
+                StepResult(
+                    attempt_id=attempt,
+                    run_id=run_id,
+                    step_id="echo",
+                    outcome="succeeded",
+                    output={"n": 999},
+                    error=None,
+                    worker="forger",
+                    started_at=now,
+                    finished_at=now,
+                    token=token,
+                ),
             )
         await wait_for(lambda: _refused(measures, "bad_token") == 2, message="not refused")
         gate._event(gate.release, 41).set()

@@ -7,6 +7,7 @@ import hashlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
 from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult
 from flowforge_orchestrator.core.state import RunStatus
-from flowforge_orchestrator.errors import MigrationError
+from flowforge_orchestrator.errors import MigrationError, StoreError
 from flowforge_orchestrator.store import OwnedChanges
 from tests.conftest import Services, _admin, database_dsn
 from tests.helpers import migration_names, verifier, wait_for
@@ -368,7 +369,7 @@ async def test_results_stored_together_are_notified_together_in_bounded_payloads
         received = await _listen(listener, "flowforge_results")
         run_id = uuid.uuid4()
         rows = [
-            (uuid.uuid4(), run_id, f"s{i}", "succeeded", i, None, "w", T0, T0, bytes(16))
+            StepResult(uuid.uuid4(), f"s{i}", "succeeded", i, None, T0, T0, "w", run_id, bytes(16))
             for i in range(450)
         ]
         assert await store.insert_results(conn, rows) == 450
@@ -377,7 +378,7 @@ async def test_results_stored_together_are_notified_together_in_bounded_payloads
         assert await asyncio.wait_for(received.get(), 5) == "marker"  # and nothing else
         assert all(len(p) < 8000 for p in payloads)
         notified = [UUID(i) for p in payloads for i in p.split(",")]
-        assert sorted(notified) == sorted(r[0] for r in rows)
+        assert sorted(notified) == sorted(r.attempt_id for r in rows)
     finally:
         await listener.close()
 
@@ -718,22 +719,22 @@ async def test_renew_and_release_only_touch_this_owners_running_runs(
 
 
 async def _insert_result(
-    conn: asyncpg.Connection, attempt_id: UUID, run_id: UUID, output: Any, **kw: Any
+    conn: asyncpg.Connection, attempt_id: UUID, run_id: UUID, output: Any, step_id: str = "fetch"
 ) -> StepResult:
-    args: dict[str, Any] = {
-        "attempt_id": attempt_id,
-        "run_id": run_id,
-        "step_id": "fetch",
-        "outcome": "succeeded",
-        "output": output,
-        "error": None,
-        "worker": "w-1",
-        "started_at": T0 + timedelta(seconds=1),
-        "finished_at": T0 + timedelta(seconds=2),
-    }
-    args.update(kw)
     check = await verifier(conn)
-    await store.insert_result(conn, token=check.tokens.token(attempt_id), **args)
+    written = StepResult(
+        attempt_id=attempt_id,
+        run_id=run_id,
+        step_id=step_id,
+        outcome="succeeded",
+        output=output,
+        error=None,
+        worker="w-1",
+        started_at=T0 + timedelta(seconds=1),
+        finished_at=T0 + timedelta(seconds=2),
+        token=check.tokens.token(attempt_id),
+    )
+    await store.insert_result(conn, written)
     [(stored_run, result)] = await store.fetch_results(conn, [attempt_id], check)
     assert stored_run == run_id
     return result
@@ -742,23 +743,42 @@ async def _insert_result(
 async def test_a_result_is_stored_once_per_attempt(conn: asyncpg.Connection) -> None:
     attempt_id, run_id = uuid.uuid4(), uuid.uuid4()
     check = await verifier(conn)
-    common: dict[str, Any] = {
-        "attempt_id": attempt_id,
-        "run_id": run_id,
-        "step_id": "fetch",
-        "error": None,
-        "worker": "w-1",
-        "started_at": T0,
-        "finished_at": T0 + timedelta(seconds=1),
-        "token": check.tokens.token(attempt_id),
-    }
-    assert await store.insert_result(conn, outcome="succeeded", output={"n": 1}, **common)
-    assert not await store.insert_result(conn, outcome="failed", output={"n": 2}, **common)
+    first = StepResult(
+        attempt_id=attempt_id,
+        run_id=run_id,
+        step_id="fetch",
+        outcome="succeeded",
+        output={"n": 1},
+        error=None,
+        worker="w-1",
+        started_at=T0,
+        finished_at=T0 + timedelta(seconds=1),
+        token=check.tokens.token(attempt_id),
+    )
+    assert await store.insert_result(conn, first)
+    assert not await store.insert_result(conn, replace(first, outcome="failed", output={"n": 2}))
     assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 1
     [(_, result)] = await store.fetch_results(conn, [attempt_id], check)
     assert (result.outcome, result.output, result.worker) == ("succeeded", {"n": 1}, "w-1")
     assert (result.started_at, result.finished_at) == (T0, T0 + timedelta(seconds=1))
     assert await store.fetch_run_results(conn, [run_id], check) == {run_id: {attempt_id: result}}
+
+
+async def test_a_result_without_its_run_or_token_is_refused_by_name_and_nothing_is_written(
+    conn: asyncpg.Connection,
+) -> None:
+    # A result as the orchestrator reads it (no run id, no token) cannot be filed.
+    attempt_id = uuid.uuid4()
+    filed = StepResult(
+        attempt_id, "fetch", "succeeded", 1, None, T0, T0, "w-1", uuid.uuid4(), bytes(16)
+    )
+    for unfiled, missing in (
+        (replace(filed, run_id=None), "run id"),
+        (replace(filed, token=None), "token"),
+    ):
+        with pytest.raises(StoreError, match=f"result of attempt {attempt_id} has no {missing}"):
+            await store.insert_results(conn, [filed, unfiled])
+    assert await conn.fetchval("SELECT count(*) FROM flowforge.step_results") == 0
 
 
 async def test_a_row_that_cannot_be_decoded_fails_no_fetch_of_the_others(
@@ -788,8 +808,9 @@ async def test_a_row_that_cannot_be_decoded_fails_no_fetch_of_the_others(
     assert set(by_attempt) == {deep, fine}
     assert by_attempt[fine].output == {"ok": True}
     assert by_attempt[deep].outcome == "failed"
-    assert by_attempt[deep].error is not None
-    assert by_attempt[deep].error["category"] == "unreadable_result"
+    error = by_attempt[deep].error
+    assert error is not None
+    assert error["category"] == "unreadable_result"
     assert {(r.attempt_id, r.reason) for r in refused} == {
         (deep, "unreadable"),
         (forged, "bad_token"),

@@ -20,7 +20,6 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import StoreError, TransientStoreError
 from flowforge_orchestrator.queue.jobs import Job, JobKeys
-from flowforge_orchestrator.worker import results as result_writer
 from flowforge_orchestrator.worker.runtime import StepContext, WorkerRuntime
 from tests.conftest import TEST_JOB_KEY
 from tests.helpers import free_port
@@ -141,7 +140,7 @@ async def test_a_result_write_failing_for_an_unforeseen_reason_is_tried_again(
             raise RuntimeError("an unforeseen failure")
         return await original(conn, rows)
 
-    monkeypatch.setattr(result_writer.store, "insert_results", fails_once)
+    monkeypatch.setattr(store, "insert_results", fails_once)
     job = _job("fine")
     assert await runtime.execute(job) == "succeeded"
     assert (await _stored(runtime, job.attempt_id))["output"] == {"ok": True}

@@ -118,13 +118,13 @@ def test_main_configures_logging_from_the_settings_and_removes_its_handler(
     import logging
 
     from flowforge_orchestrator import cli
+    from flowforge_orchestrator.ops.logs import configure_logging as configure
 
     for name in ("FLOWFORGE_LOG_FORMAT", "FLOWFORGE_LOG_LEVEL"):
         monkeypatch.delenv(name, raising=False)
     for name, value in environ.items():
         monkeypatch.setenv(name, value)
     seen: list[tuple[str, bool | None]] = []
-    configure = cli.configure_logging
 
     def recording(level: str, *, json: bool | None = None) -> logging.Handler:
         seen.append((level, json))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -217,10 +217,10 @@ def mutated_texts(draw: st.DrawFn) -> str:
     return text
 
 
-def check(text: str, format: str = "yaml") -> None:
+def check(text: str, format: Literal["yaml", "json"] = "yaml") -> None:
     """The property: a definition that compiles and can be stored, or a DefinitionError."""
     try:
-        definition = parse_definition_text(text, format=format, source="fuzz")  # type: ignore[arg-type]
+        definition = parse_definition_text(text, format=format, source="fuzz")
     except DefinitionError as exc:
         assert exc.problems
         assert all(p.source == "fuzz" for p in exc.problems)

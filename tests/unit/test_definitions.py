@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 import yaml
@@ -93,8 +93,9 @@ def test_example_parses_with_its_custom_type() -> None:
     assert [s.id for s in route.else_] == ["approve"]
     assert isinstance(notify, ParallelStep) and notify.join == "all" and not notify.fail_fast
     assert [[s.id for s in b] for b in child_lists(notify)] == [["email"], ["cooldown", "sms"]]
-    assert isinstance(defn.step("cooldown"), DelayStep)
-    assert defn.step("cooldown").duration == 600.0  # type: ignore[union-attr]
+    cooldown = defn.step("cooldown")
+    assert isinstance(cooldown, DelayStep)
+    assert cooldown.duration == 600.0
     assert isinstance(charge_all, ParallelStep) and charge_all.join == AtLeast(at_least=1)
     charge = defn.step("charge")
     assert isinstance(charge, TaskStep) and charge.with_["json"] == "${{ item }}"
@@ -314,7 +315,9 @@ def test_join_policies() -> None:
     problem(workflow({**base, "join": {"at_least": 0}}), "p", "join.at_least")
     assert "only 2 branches" in problem(workflow({**base, "join": {"at_least": 3}}), "p", "join")
     defn = parse_definition(workflow({**base, "join": {"at_least": 2}, "max_parallel": 1}))
-    assert defn.steps[0].join == AtLeast(at_least=2)  # type: ignore[union-attr]
+    step = defn.steps[0]
+    assert isinstance(step, ParallelStep)
+    assert step.join == AtLeast(at_least=2)
 
 
 def test_delay_needs_exactly_one_of_duration_and_until() -> None:
@@ -674,9 +677,9 @@ LAUGHS = "".join(
 )
 
 
-def text_problem(text: str, format: str = "yaml") -> str:
+def text_problem(text: str, format: Literal["yaml", "json"] = "yaml") -> str:
     with pytest.raises(DefinitionError) as info:
-        parse_definition_text(text, format=format, source=SOURCE)  # type: ignore[arg-type]
+        parse_definition_text(text, format=format, source=SOURCE)
     assert len(info.value.problems) >= 1
     return str(info.value)
 
@@ -714,7 +717,9 @@ steps:
   - {id: b, type: http, depends_on: [a], with: *params, retry: {max_retries: 1}}
 """
     definition = parse_definition_text(text)
-    assert definition.step("b").with_ == definition.step("a").with_  # type: ignore[union-attr]
+    a, b = definition.step("a"), definition.step("b")
+    assert isinstance(a, TaskStep) and isinstance(b, TaskStep)
+    assert b.with_ == a.with_
 
 
 def test_an_alias_inside_the_node_it_names_is_refused() -> None:
@@ -732,7 +737,7 @@ def test_an_alias_inside_the_node_it_names_is_refused() -> None:
     ],
 )
 def test_text_nested_past_the_limit_is_refused_not_a_recursion_error(
-    text: str, format: str
+    text: str, format: Literal["yaml", "json"]
 ) -> None:
     started = time.perf_counter()
     assert "nested more than 256 levels deep" in text_problem(text, format)

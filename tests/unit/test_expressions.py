@@ -84,7 +84,7 @@ def test_syntax_error_names_expression_step_and_field() -> None:
 
 def test_non_string_source_is_an_expression_error() -> None:
     with pytest.raises(ExpressionError, match="expected a CEL expression string"):
-        compile_expression(42, field="if")  # type: ignore[arg-type]
+        compile_expression(42, field="if")  # type: ignore[arg-type]  # the wrong type on purpose
 
 
 @pytest.mark.parametrize(

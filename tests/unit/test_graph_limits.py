@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 import pytest
@@ -172,7 +173,9 @@ def test_weights_come_from_the_cached_outputs_and_input() -> None:
     run = new_run(wf, {"big": list(range(10))})
     recorder = Recorder()
     run.start(at(0))
-    (dispatch,) = recorder.drain(run).dispatches  # type: ignore[union-attr]
+    changes = recorder.drain(run)
+    assert changes is not None
+    (dispatch,) = changes.dispatches
     output = {"x": "y" * 50, "l": [1, 2, 3]}
     recorder.apply(run, ok(dispatch, output), at(1))
     frame = run._root.frame
@@ -227,9 +230,10 @@ def test_a_cel_bomb_fails_its_step_naming_the_limit_and_nothing_else(
 
 
 def frames() -> int:
-    depth, frame = 0, sys._getframe()
+    depth = 0
+    frame: FrameType | None = sys._getframe()
     while frame is not None:
-        depth, frame = depth + 1, frame.f_back  # type: ignore[assignment]
+        depth, frame = depth + 1, frame.f_back
     return depth
 
 
@@ -253,7 +257,9 @@ def test_a_definition_nested_as_deep_as_allowed_runs_restores_and_completes(
     run = new_run(wf)
     recorder = Recorder()
     run.start(at(0))
-    (dispatch,) = recorder.drain(run).dispatches  # type: ignore[union-attr]
+    changes = recorder.drain(run)
+    assert changes is not None
+    (dispatch,) = changes.dispatches
     assert dispatch.step_id.count("[0]") == len(range(2, MAX_STEP_DEPTH, 3))
     adopted = recorder.restore(run)
     adopted.resume(at(1))

@@ -156,6 +156,6 @@ def test_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (settings.http_host, settings.http_port) == ("0.0.0.0", 9464)
     assert Settings(log_format="auto").log_format == "auto"
     with pytest.raises(ValidationError):
-        Settings(log_format="xml")  # type: ignore[arg-type]
+        Settings(log_format="xml")  # type: ignore[arg-type]  # the wrong value on purpose
     with pytest.raises(ValidationError):
         Settings(http_port=70000)

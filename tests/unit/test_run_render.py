@@ -74,7 +74,7 @@ def checkpoint(elements: int = 3, **steps: Any) -> dict[str, Any]:
     return {"v": 2, "seq": 40, "steps": saved}
 
 
-TRANSITIONS = [
+TRANSITIONS: list[dict[str, object]] = [
     {"step_id": None, "to_status": "running", "at": at(0)},
     {"step_id": "order", "to_status": "dispatched", "at": at(0)},
     {"step_id": "order", "to_status": "running", "at": at(0.1)},
@@ -86,7 +86,7 @@ TRANSITIONS = [
     {"step_id": "cooldown", "to_status": "running", "at": at(2)},
 ]
 
-ATTEMPTS = [
+ATTEMPTS: list[dict[str, object]] = [
     {"step_id": "review", "step_type": "http", "error": {"message": "HTTP 503"}},
     {"step_id": "review", "step_type": "http", "error": None},
 ]
@@ -267,7 +267,9 @@ def test_dot_is_a_digraph_graphviz_parses_with_a_cluster_per_list() -> None:
 
     text = render_dot(build_tree(workflow(), saved), NOW, title="order v1")
 
-    (graph,) = pydot.graph_from_dot_data(text)
+    graphs = pydot.graph_from_dot_data(text)
+    assert graphs is not None
+    (graph,) = graphs
     assert graph.get_type() == "digraph"
     labels: dict[str, str] = {}
 
@@ -287,7 +289,9 @@ def test_dot_is_a_digraph_graphviz_parses_with_a_cluster_per_list() -> None:
         "branch 2",
         "charge_all: for each",
     ]
-    edges = {(labels[e.get_source()], labels[e.get_destination()]) for e in graph.get_edges()}
+    edges = {
+        (labels[str(e.get_source())], labels[str(e.get_destination())]) for e in graph.get_edges()
+    }
     assert {("order", "route"), ("route", "review"), ("cooldown", "sms")} <= edges
     (failed,) = [n for n in graph.get_nodes() if (n.get("label") or "").startswith('"order')]
     assert failed.get("label") == '"order\\nhttp · failed · attempt 1\\nsaid \\"no\\"\\\\ and left"'

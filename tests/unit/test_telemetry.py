@@ -117,6 +117,7 @@ def test_bad_traceparent_gives_a_root_even_inside_a_span(
 def test_instrument_asyncpg_is_idempotent(caplog: pytest.LogCaptureFixture) -> None:
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
+    # opentelemetry-instrumentation-asyncpg leaves its constructor unannotated.
     instrumentor = AsyncPGInstrumentor()  # type: ignore[no-untyped-call]
     try:
         with caplog.at_level(logging.WARNING):

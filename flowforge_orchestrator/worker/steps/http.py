@@ -321,7 +321,7 @@ def _parse_params(params: Mapping[str, Any], default_timeout: float) -> _Request
     )
 
 
-def _parse_url(value: Any, query: Any) -> httpx.URL:
+def _parse_url(value: object, query: object) -> httpx.URL:
     if not isinstance(value, str) or not value.strip():
         _invalid("url", "is required and must be a non-empty string")
     try:
@@ -349,7 +349,7 @@ def _url_problem(exc: httpx.InvalidURL) -> str:
     return words.lower() or "unparseable"
 
 
-def _parse_headers(value: Any) -> dict[str, str]:
+def _parse_headers(value: object) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, Mapping):
@@ -368,7 +368,7 @@ def _parse_headers(value: Any) -> dict[str, str]:
     return dict(value)
 
 
-def _parse_timeout(value: Any, default: float) -> float:
+def _parse_timeout(value: object, default: float) -> float:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
@@ -378,7 +378,7 @@ def _parse_timeout(value: Any, default: float) -> float:
     return float(value)
 
 
-def _parse_expected_status(value: Any) -> frozenset[int] | None:
+def _parse_expected_status(value: object) -> frozenset[int] | None:
     if value is None:
         return None
     if not isinstance(value, list | tuple) or not all(
@@ -388,7 +388,7 @@ def _parse_expected_status(value: Any) -> frozenset[int] | None:
     return frozenset(value)
 
 
-def _parse_names(value: Any) -> tuple[str, ...]:
+def _parse_names(value: object) -> tuple[str, ...]:
     if not isinstance(value, list | tuple) or not all(isinstance(v, str) and v for v in value):
         _invalid("response_headers", "must be a list of header names")
     return tuple(v.lower() for v in value)
