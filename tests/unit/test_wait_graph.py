@@ -73,7 +73,7 @@ def test_a_wait_without_an_event_fails_with_event_timeout_at_its_deadline() -> N
     assert run.step_status("approval") is StepStatus.FAILED
     assert run.status is RunStatus.FAILED
     failed = [e for e in rec.events if e.type == "step.failed"]
-    assert failed[0].data["error"]["category"] == "event_timeout"  # type: ignore[index]
+    assert failed[0].data["error"]["category"] == "event_timeout"
     assert "no event 'approved' arrived within its timeout of 2s" in str(failed[0].data["error"])
 
 
