@@ -70,6 +70,8 @@ class Dispatch:
     params: Any
     timeout: float
     secret_paths: list[list[str | int]] = field(default_factory=list)
+    heartbeat_timeout: float | None = None  # the step's, when it must beat
+    last_heartbeat: Any = None  # the previous attempt's last heartbeat details
 
 
 @dataclass(frozen=True)

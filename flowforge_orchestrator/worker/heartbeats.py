@@ -58,10 +58,6 @@ class Heartbeats:
             self._interval = max(timeout / 4, 0.05)
         self._wake.set()
 
-    def forget(self, attempt_id: UUID) -> None:
-        """The attempt ended: a beat not written yet is no longer worth writing."""
-        self._pending.pop(attempt_id, None)
-
     async def flush(self) -> None:
         beats, self._pending = self._pending, {}
         if not beats:
