@@ -56,6 +56,8 @@ from flowforge_orchestrator.queue.dispatch import (
 )
 from flowforge_orchestrator.queue.jobs import Job, JobKeys
 from flowforge_orchestrator.queue.woken import WakeableWorker
+from flowforge_orchestrator.store import events as store_events
+from flowforge_orchestrator.worker.heartbeats import Beat, Heartbeats
 from flowforge_orchestrator.worker.redaction import (
     Redactor,
     attempt_redaction,
@@ -63,8 +65,6 @@ from flowforge_orchestrator.worker.redaction import (
     credential_values,
     redact_logs,
 )
-from flowforge_orchestrator.store import events as store_events
-from flowforge_orchestrator.worker.heartbeats import Beat, Heartbeats
 from flowforge_orchestrator.worker.results import ResultWriter
 from flowforge_orchestrator.worker.steps.http import run_http_step
 from flowforge_orchestrator.worker.steps.http_client import make_http_client
