@@ -71,6 +71,8 @@ class Dispatch:
     timeout: float
     secret_paths: list[list[str | int]] = field(default_factory=list)
     heartbeat_timeout: float | None = None  # the step's, when it must beat
+    # The attempt before this one, whose last heartbeat the engine hands to this one.
+    previous_attempt_id: UUID | None = None
     last_heartbeat: Any = None  # the previous attempt's last heartbeat details
 
 

@@ -96,7 +96,7 @@ async def test_heartbeats_are_written_and_the_last_details_go_to_the_next_attemp
 
     # The last beat is written even after the step ended: a retry would resume from it.
     async def last_written() -> bool:
-        return await details() == {"page": 13}
+        return bool(await details() == {"page": 13})
 
     await wait_for(last_written, message="the last heartbeat was not written")
 

@@ -123,3 +123,40 @@ def test_a_key_that_is_not_a_string_or_an_integer_fails_the_step() -> None:
     run.start(at(0))
     assert run.status is RunStatus.FAILED
     assert "`key` must give a string or an integer, got dict" in str(run.error)
+
+
+# -- heartbeats ----------------------------------------------------------------------------
+
+
+def test_a_beating_step_dispatches_its_heartbeat_timeout_and_its_retry_the_last_attempt() -> None:
+    wf = workflow(
+        http("long", heartbeat_timeout="2s", timeout="1m", retry={"max_retries": 2}),
+    )
+    run, rec = new_run(wf), Recorder()
+    run.start(at(0))
+    first = by_step(rec.drain(run) or drain_none())["long"]
+    assert (first.heartbeat_timeout, first.previous_attempt_id) == (2.0, None)
+
+    assert not run.heartbeat_missed("long", first.attempt_id.__class__(int=3), 2.5, at(5))
+    assert run.heartbeat_missed("long", first.attempt_id, 2.5, at(5))
+    changes = rec.drain(run)
+    assert changes is not None and changes.aborts == [first.attempt_id]
+    retrying = [e for e in rec.events if e.type == "step.retrying"]
+    assert retrying[0].data["error"]["category"] == "heartbeat_timeout"
+    assert "sent no heartbeat for 2.5s" in str(retrying[0].data["error"])
+    run.fire_timers(at(60))
+    second = by_step(rec.drain(run) or drain_none())["long"]
+    assert second.attempt == 2 and second.previous_attempt_id == first.attempt_id
+    # Once answered, a late verdict on the old attempt changes nothing.
+    assert not run.heartbeat_missed("long", first.attempt_id, 9, at(61))
+
+
+def test_a_step_without_heartbeat_timeout_dispatches_none() -> None:
+    run, rec = new_run(workflow(http("short"))), Recorder()
+    run.start(at(0))
+    (only,) = (rec.drain(run) or drain_none()).dispatches
+    assert only.heartbeat_timeout is None and only.previous_attempt_id is None
+
+
+def drain_none() -> Any:
+    raise AssertionError("the run had no changes")

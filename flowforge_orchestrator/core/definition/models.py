@@ -249,6 +249,11 @@ class TaskStep(StepBase):
         },
     )
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    heartbeat_timeout: PositiveDuration | None = Field(
+        default=None,
+        description="The step must call ctx.heartbeat() at least this often once started; "
+        "an attempt that stops beating fails with heartbeat_timeout (retried by policy).",
+    )
 
     @field_validator("type")
     @classmethod

@@ -17,7 +17,8 @@ from flowforge_orchestrator.core.graph.context import Reading, context
 from flowforge_orchestrator.core.graph.ending import Ending, fail
 from flowforge_orchestrator.core.graph.failures import expression_error, invalid_output, measure
 from flowforge_orchestrator.core.graph.moves import begin_attempt, to
-from flowforge_orchestrator.core.graph.nodes import Node
+from flowforge_orchestrator.core.definition.models import TaskStep
+from flowforge_orchestrator.core.graph.nodes import Node, attempt_id
 from flowforge_orchestrator.core.records import Dispatch
 from flowforge_orchestrator.core.state import StepStatus
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
@@ -26,6 +27,7 @@ __all__ = [
     "Dispatching",
     "dispatch_new_attempt",
     "dispatch_of",
+    "heartbeat_missed",
     "not_picked_up",
     "set_deadline",
     "timer_fired",
@@ -103,7 +105,39 @@ def dispatch_of(run: Dispatching, node: Node, now: datetime) -> Dispatch | None:
         params=params,
         timeout=timeout,
         secret_paths=run.workflow.secret_paths.get(step.id, []),
+        heartbeat_timeout=step.heartbeat_timeout if isinstance(step, TaskStep) else None,
+        previous_attempt_id=_previous_attempt(run, node),
     )
+
+
+def _previous_attempt(run: Dispatching, node: Node) -> UUID | None:
+    """The attempt before this one, for a beating step (its last beat goes to this one)."""
+    step = node.step
+    if node.attempt < 2 or not isinstance(step, TaskStep) or step.heartbeat_timeout is None:
+        return None
+    previous = node.attempt - 1
+    return attempt_id(run.run_id, node.key, previous, node.generation, run._incarnation)
+
+
+def heartbeat_missed(
+    run: Dispatching, node: Node | None, attempt: UUID, silent: float, now: datetime
+) -> bool:
+    """The attempt's worker has not beaten for `silent` seconds, over its heartbeat_timeout:
+    it fails with `heartbeat_timeout` (retried per policy) and is aborted on the worker.
+    False if the attempt is no longer current or out with a worker."""
+    if node is None or node.attempt_id != attempt or not node.with_worker:
+        return False
+    step = node.step
+    assert isinstance(step, TaskStep) and step.heartbeat_timeout is not None
+    error = StepError(
+        f"step '{node.key}': attempt {node.attempt} sent no heartbeat for {silent:.1f}s "
+        f"(heartbeat_timeout {step.heartbeat_timeout:g}s; did its worker stop?)",
+        category="heartbeat_timeout",
+        details={"heartbeat_timeout": step.heartbeat_timeout, "silent": round(silent, 3)},
+    ).to_dict()
+    run._journal.changes().aborts.append(attempt)
+    fail(run, node, error, now, status=StepStatus.TIMED_OUT)
+    return True
 
 
 def timer_fired(run: Dispatching, node: Node, now: datetime) -> None:

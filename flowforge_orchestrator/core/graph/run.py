@@ -38,6 +38,7 @@ from flowforge_orchestrator.core.expressions.cost import Weight
 from flowforge_orchestrator.core.expressions.templates import Evaluator
 from flowforge_orchestrator.core.graph.attempts import (
     dispatch_of,
+    heartbeat_missed,
     not_picked_up,
     set_deadline,
     timer_fired,
@@ -293,6 +294,15 @@ class RunState:
         """No worker took the attempt within its schedule_to_start: it times out (and is
         retried per policy). False if the attempt is no longer current."""
         if not not_picked_up(self, self._nodes.get(key), attempt, now):
+            return False
+        drain(self, now)
+        return True
+
+    def heartbeat_missed(self, key: str, attempt: UUID, silent: float, now: datetime) -> bool:
+        """The attempt's worker stopped beating `silent` seconds ago, past the step's
+        heartbeat_timeout: it times out (`heartbeat_timeout`, retried per policy). False if
+        the attempt is no longer current."""
+        if not heartbeat_missed(self, self._nodes.get(key), attempt, silent, now):
             return False
         drain(self, now)
         return True
