@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 from typing import Protocol
 from uuid import UUID
 
+from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.definition.plan import SECRET_ROOTS
 from flowforge_orchestrator.core.graph.context import Reading, context
 from flowforge_orchestrator.core.graph.ending import Ending, fail
 from flowforge_orchestrator.core.graph.failures import expression_error, invalid_output, measure
 from flowforge_orchestrator.core.graph.moves import begin_attempt, to
-from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.graph.nodes import Node, attempt_id
 from flowforge_orchestrator.core.records import Dispatch
 from flowforge_orchestrator.core.state import StepStatus
