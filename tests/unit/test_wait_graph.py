@@ -160,3 +160,57 @@ def test_a_step_without_heartbeat_timeout_dispatches_none() -> None:
 
 def drain_none() -> Any:
     raise AssertionError("the run had no changes")
+
+
+# -- steps completed from outside ------------------------------------------------------------
+
+
+def _handed_off(d: Any, *, started: float = 1) -> Any:
+    result = ok(d, None, started=started, finished=started + 0.1)
+    return type(result)(
+        attempt_id=result.attempt_id,
+        step_id=result.step_id,
+        outcome="handed_off",
+        output=None,
+        error=None,
+        started_at=result.started_at,
+        finished_at=result.finished_at,
+        worker="w-1",
+    )
+
+
+def test_a_handed_off_attempt_waits_for_its_completion_which_the_orchestrator_stores() -> None:
+    wf = workflow(http("ship", timeout="1m"), transform("done", "${{ steps.ship.output }}", "ship"))
+    run, rec = new_run(wf), Recorder()
+    run.start(at(0))
+    ship = by_step(rec.drain(run) or drain_none())["ship"]
+    assert rec.apply(run, _handed_off(ship), at(2))
+    assert not rec.apply(run, _handed_off(ship), at(2.5))  # a duplicate changes nothing
+    assert run.step_status("ship") is StepStatus.RUNNING
+    assert run.handed_off() == [ship.attempt_id] and run.outstanding() == [ship.attempt_id]
+    assert [e.type for e in rec.events][-2:] == ["step.started", "step.handed_off"]
+    assert run.next_timer() == at(61)  # the step's timeout from when the worker started
+    assert rec.checkpoint["steps"]["ship"]["h"] == 1
+
+    # An orchestrator that adopts it keeps waiting, with the same deadline.
+    adopted = rec.restore(run)
+    assert adopted.handed_off() == [ship.attempt_id] and adopted.next_timer() == at(61)
+
+    completion = ok(ship, {"tracking": "T-1"}, started=1, finished=30)
+    changes_before = len(rec.events)
+    assert rec.apply(adopted, completion, at(30))
+    assert adopted.status is RunStatus.COMPLETED and adopted.output == {"done": {"tracking": "T-1"}}
+    assert rec.results[ship.attempt_id].output == {"tracking": "T-1"}  # an inline result
+    assert len(rec.events) > changes_before
+
+
+def test_a_handed_off_attempt_not_completed_in_time_times_out() -> None:
+    wf = workflow(http("ship", timeout="10s", retry={"max_retries": 0}))
+    run, rec = new_run(wf), Recorder()
+    run.start(at(0))
+    ship = by_step(rec.drain(run) or drain_none())["ship"]
+    rec.apply(run, _handed_off(ship), at(1))
+    run.fire_timers(at(11))
+    rec.drain(run)
+    assert run.status is RunStatus.FAILED
+    assert "was handed off and not completed within its timeout of 10s" in str(run.error)

@@ -27,6 +27,7 @@ __all__ = [
     "Dispatching",
     "dispatch_new_attempt",
     "dispatch_of",
+    "hand_off",
     "heartbeat_missed",
     "not_picked_up",
     "set_deadline",
@@ -110,6 +111,25 @@ def dispatch_of(run: Dispatching, node: Node, now: datetime) -> Dispatch | None:
     )
 
 
+def hand_off(run: Dispatching, node: Node, started: datetime, now: datetime) -> None:
+    """The worker handed the attempt to another system: it stays running, its deadline now
+    the step's timeout from when the worker started it, and waits for its completion."""
+    assert node.attempt_id is not None
+    node.handed_off = True
+    node.probing = False
+    timeout = run.workflow.definition.effective_timeout(node.step, run.limits.default_timeout)
+    run._timers.set(node, max(started + timedelta(seconds=timeout), now))
+    run._journal.emit(
+        now,
+        "step.handed_off",
+        StepStatus.RUNNING,
+        from_status=StepStatus.RUNNING,
+        step_id=node.key,
+        attempt_id=node.attempt_id,
+        data={"step_id": node.key, "attempt": node.attempt},
+    )
+
+
 def _previous_attempt(run: Dispatching, node: Node) -> UUID | None:
     """The attempt before this one, for a beating step (its last beat goes to this one)."""
     step = node.step
@@ -158,6 +178,15 @@ def timer_fired(run: Dispatching, node: Node, now: datetime) -> None:
 def _timed_out(run: Dispatching, node: Node, now: datetime) -> None:
     assert node.attempt_id is not None
     timeout = run.workflow.definition.effective_timeout(node.step, run.limits.default_timeout)
+    if node.handed_off:
+        error = StepError(
+            f"step '{node.key}': attempt {node.attempt} was handed off and not completed "
+            f"within its timeout of {timeout:g}s",
+            category="timeout",
+            details={"timeout": timeout, "handed_off": True},
+        ).to_dict()
+        fail(run, node, error, now, status=StepStatus.TIMED_OUT)
+        return
     waited = node.step.schedule_to_start or timeout
     error = StepError(
         f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "

@@ -38,6 +38,7 @@ from flowforge_orchestrator.core.expressions.cost import Weight
 from flowforge_orchestrator.core.expressions.templates import Evaluator
 from flowforge_orchestrator.core.graph.attempts import (
     dispatch_of,
+    hand_off,
     heartbeat_missed,
     not_picked_up,
     set_deadline,
@@ -150,11 +151,21 @@ class RunState:
         return self._journal.seq
 
     def outstanding(self) -> list[UUID]:
-        """Attempts handed to workers and not yet answered."""
+        """Attempts handed to workers and not yet answered (handed-off ones included: their
+        completion is routed like a result)."""
         return [
             node.attempt_id
             for node in self._nodes.values()
             if node.attempt_id is not None and node.with_worker
+        ]
+
+    def handed_off(self) -> list[UUID]:
+        """Attempts a worker handed to another system: none is sent to a worker again;
+        each waits for its completion (or its deadline)."""
+        return [
+            node.attempt_id
+            for node in self._nodes.values()
+            if node.attempt_id is not None and node.with_worker and node.handed_off
         ]
 
     def step_status(self, key: str) -> StepStatus:
@@ -229,7 +240,7 @@ class RunState:
         node = self._nodes.get(result.step_id)
         if node is None or node.attempt_id != result.attempt_id:
             return False
-        if node.status not in WITH_WORKER:
+        if node.status not in WITH_WORKER or (result.outcome == "handed_off" and node.handed_off):
             return False
         if node.status is StepStatus.DISPATCHED:
             to(
@@ -240,6 +251,9 @@ class RunState:
                 "step.started",
                 data={"worker": result.worker} if result.worker else None,
             )
+        if result.outcome == "handed_off":
+            hand_off(self, node, result.started_at or result.finished_at, now)
+            return True
         if result.outcome == "succeeded":
             succeed(self, node, result.output, now)
         else:
