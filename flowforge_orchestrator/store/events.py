@@ -28,6 +28,9 @@ __all__ = [
     "events_by_ids",
     "events_for_waits",
     "record_heartbeats",
+    "run_events_not_taken",
+    "run_heartbeats",
+    "run_waits",
     "send_event",
 ]
 
@@ -72,6 +75,34 @@ CROSS JOIN LATERAL (
     ORDER BY e.id
     LIMIT 1
 ) e
+"""
+
+# What `runs show` tells of a run: the waits still open (their `step.waiting` event with no
+# later end of the same step), the events sent to it that no wait took, the last heartbeats.
+_RUN_WAITS = """
+SELECT w.step_id, w.data ->> 'event' AS event, w.data ->> 'key' AS key,
+       w.data ->> 'deadline' AS deadline, w.time AS since
+FROM flowforge.outbox w
+WHERE w.run_id = $1 AND w.type = 'step.waiting'
+  AND NOT EXISTS (
+      SELECT FROM flowforge.outbox o
+      WHERE o.run_id = w.run_id AND o.step_id = w.step_id AND o.seq > w.seq
+        AND o.type IN ('step.succeeded', 'step.failed', 'step.timed_out', 'step.cancelled',
+                       'step.skipped', 'step.retrying'))
+ORDER BY w.seq
+"""
+
+_RUN_EVENTS_NOT_TAKEN = """
+SELECT e.id, e.name, e.payload::text AS payload, e.created_at
+FROM flowforge.events e
+WHERE e.run_id = $1
+  AND NOT EXISTS (SELECT FROM flowforge.event_consumptions c
+                  WHERE c.run_id = e.run_id AND c.event_id = e.id)
+ORDER BY e.id
+"""
+
+_RUN_HEARTBEATS = """
+SELECT attempt_id, details::text AS details, at FROM flowforge.heartbeats WHERE run_id = $1
 """
 
 _RECORD_HEARTBEATS = (
@@ -213,6 +244,26 @@ async def events_for_waits(
         list(taken),
     )
     return {row["ord"] - 1: _event(row) for row in rows}
+
+
+async def run_waits(conn: asyncpg.Connection, run_id: UUID) -> list[dict[str, object]]:
+    """The run's wait steps still listening: step, event, key, deadline, since."""
+    return [dict(row) for row in await conn.fetch(_RUN_WAITS, run_id)]
+
+
+async def run_events_not_taken(conn: asyncpg.Connection, run_id: UUID) -> list[dict[str, object]]:
+    """Events sent to the run (by its id) that no wait step of it has taken."""
+    rows = await conn.fetch(_RUN_EVENTS_NOT_TAKEN, run_id)
+    return [{**dict(row), "payload": json.loads(row["payload"])} for row in rows]
+
+
+async def run_heartbeats(conn: asyncpg.Connection, run_id: UUID) -> dict[UUID, dict[str, object]]:
+    """The last heartbeat of each of the run's attempts that beat: details and time."""
+    rows = await conn.fetch(_RUN_HEARTBEATS, run_id)
+    return {
+        row["attempt_id"]: {"details": json.loads(row["details"] or "null"), "at": row["at"]}
+        for row in rows
+    }
 
 
 async def record_heartbeats(
