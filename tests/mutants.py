@@ -96,9 +96,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the engine's critical decisions ---------------------------------------------------
     mutation(
         "the reconciler does not send again the jobs Redis lost",
-        "flowforge_orchestrator/engine/upkeep.py",
-        "            self._undelivered.extend(sent[a] for a in lost)\n"
-        "            await self._redeliver()\n",
+        "flowforge_orchestrator/engine/reconciler.py",
+        "            self._runs.deliver_again(lost)\n            await self.redeliver()\n",
         "            pass\n",
         f"{T_RECOVERY}::test_attempts_redis_lost_are_sent_again_and_runs_complete",
     ),
@@ -141,29 +140,29 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a cancellation whose notification was missed is never acted on",
-        "flowforge_orchestrator/engine/upkeep.py",
-        "        for run_id in wanted:\n            self._cancel(run_id)\n",
+        "flowforge_orchestrator/engine/cancels.py",
+        "        for run_id in wanted:\n            self.cancel(run_id)\n",
         "        pass\n",
         f"{T_FAILURES}::test_a_cancellation_whose_notification_was_missed_is_found_by_the_slow_poll",
     ),
     mutation(
         "the orchestrator does not renew its leases",
-        "flowforge_orchestrator/engine/upkeep.py",
+        "flowforge_orchestrator/engine/leases.py",
         "                return await store.renew_leases(conn, self.node, "
         "self.settings.lease_seconds, owned)\n",
-        "                return {run_id: o.epoch for run_id, o in self.runs.items()}\n",
+        "                return self._runs.epochs()\n",
         "tests/integration/test_leases.py",
     ),
     Mutation(  # the fence itself still holds: runs complete, only the epoch tells
         "a claim does not move the run's epoch on (in the row and in the owner's fence)",
         (
             Edit(
-                "flowforge_orchestrator/engine/orchestrator.py",
-                "                        new_epoch=row.epoch + 1,\n",
-                "                        new_epoch=row.epoch,\n",
+                "flowforge_orchestrator/engine/claimer.py",
+                "                    new_epoch=row.epoch + 1,\n",
+                "                    new_epoch=row.epoch,\n",
             ),
             Edit(
-                "flowforge_orchestrator/engine/orchestrator.py",
+                "flowforge_orchestrator/engine/claimer.py",
                 "            owned.epoch = row.epoch + 1\n",
                 "            owned.epoch = row.epoch\n",
             ),
@@ -187,14 +186,14 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- one run's fault stays its own (the claim, the group commit, the leases) ------------
     mutation(
         "a claim the database refuses is not halved: no run of it is claimed",
-        "flowforge_orchestrator/engine/orchestrator.py",
+        "flowforge_orchestrator/engine/claimer.py",
         "            if not store.is_member_fault(exc) or not tried:\n",
         "            if True:\n",
         f"{T_ISOLATION}::test_a_run_refused_at_claim_fails_alone_and_the_others_complete",
     ),
     mutation(
         "a group commit the database refuses fails every run of it",
-        "flowforge_orchestrator/engine/orchestrator.py",
+        "flowforge_orchestrator/engine/committer.py",
         "                return _Verdict(failed=[(items[0], exc)])\n"
         "            half = len(items) // 2\n",
         "                return _Verdict(failed=[(items[0], exc)])\n"
@@ -204,9 +203,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a run whose failure cannot be stored is claimed again and again",
-        "flowforge_orchestrator/engine/orchestrator.py",
-        "        self._set_apart.add(run_id)\n",
-        "        pass\n",
+        "flowforge_orchestrator/engine/faults.py",
+        "    runs.set_apart(run_id)\n",
+        "    pass\n",
         f"{T_ISOLATION}::test_a_run_whose_failure_cannot_be_stored_is_set_apart",
     ),
     mutation(
@@ -218,16 +217,16 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "the lease renewal does not renew the others when one row is locked",
-        "flowforge_orchestrator/engine/upkeep.py",
+        "flowforge_orchestrator/engine/leases.py",
         "                if not store.is_lock_timeout(exc):\n                    raise\n",
         "                raise\n",
         f"{T_ISOLATION}::test_a_row_locked_by_another_session_delays_only_its_own_run",
     ),
     mutation(
         "an input over the context limit is not refused at claim",
-        "flowforge_orchestrator/engine/orchestrator.py",
-        "                    if size > limit:\n",
-        "                    if False:\n",
+        "flowforge_orchestrator/engine/admission.py",
+        "                if size > limit:\n",
+        "                if False:\n",
         f"{T_ISOLATION}::test_an_input_over_the_context_limit_is_refused_before_any_step",
     ),
     mutation(
@@ -256,30 +255,30 @@ MUTATIONS: tuple[Mutation, ...] = (
     # -- the orchestrator's error paths -------------------------------------------------------
     mutation(
         "a run the engine keeps failing on is never failed (no strike limit)",
-        "flowforge_orchestrator/engine/orchestrator.py",
+        "flowforge_orchestrator/engine/claimer.py",
         "MAX_STRIKES = 3 ",
         "MAX_STRIKES = 10**9 ",
         f"{T_FAULTS}::test_a_run_whose_results_cannot_be_applied_fails_after_its_strikes",
     ),
     mutation(
         "a bug while starting one run fails the whole claim",
-        "flowforge_orchestrator/engine/orchestrator.py",
-        "                    if store.is_database_error(exc):\n",
-        "                    if True:\n",
+        "flowforge_orchestrator/engine/claimer.py",
+        "                if store.is_database_error(exc):\n",
+        "                if True:\n",
         f"{T_FAULTS}::test_a_bug_while_starting_one_run_fails_that_run_only",
     ),
     mutation(
         "a commit refused by the epoch is taken as written",
-        "flowforge_orchestrator/engine/orchestrator.py",
+        "flowforge_orchestrator/engine/committer.py",
         "            else:\n                verdict.lost.append(item)\n",
         "            else:\n                verdict.written.append(item)\n",
         f"{T_FAULTS}::test_a_commit_after_the_epoch_moved_on_is_refused_and_the_run_resumes_once",
     ),
     mutation(
         "a lease lost to another owner is kept",
-        "flowforge_orchestrator/engine/upkeep.py",
-        '                    self._drop(run_id, "lease lost")\n',
-        "                    pass\n",
+        "flowforge_orchestrator/engine/leases.py",
+        '                self._drop(run_id, "lease lost")\n',
+        "                pass\n",
         f"{T_FAULTS}::test_a_lease_lost_to_another_owner_is_dropped_and_the_run_adopted",
     ),
     # -- the worker's error paths --------------------------------------------------------------
@@ -329,8 +328,8 @@ MUTATIONS: tuple[Mutation, ...] = (
         "the orchestrator's shutdown lets its loops' cancellation out (in-process teardowns)",
         "flowforge_orchestrator/engine/orchestrator.py",
         "        await asyncio.gather(*tasks.values(), return_exceptions=True)\n"
-        "        await self._release()\n",
-        "        await asyncio.gather(*tasks.values())\n        await self._release()\n",
+        "        await self.leases.release_all()\n",
+        "        await asyncio.gather(*tasks.values())\n        await self.leases.release_all()\n",
         f"{T_FLOW}::test_for_each_over_an_empty_list_completes_with_an_empty_output",
     ),
     mutation(

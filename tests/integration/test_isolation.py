@@ -165,8 +165,18 @@ async def test_a_run_whose_failure_cannot_be_stored_is_set_apart(
     await _all_completed(steps_engine, good)
     # Its one error says why, and that it is left alone: not one error per poll.
     await wait_for(lambda: _errors_about(caplog, bad), message="no error about the bad run")
+    # As if its lease had run out: a claim could take it again, and must not. The late
+    # runs are claimed after this, so a claim that took the bad run too would have moved
+    # its epoch by the time they complete.
+    epoch = await steps_engine.conn.fetchval(
+        "UPDATE flowforge.runs SET lease_expires_at = now() - interval '1 second'"
+        " WHERE id = $1 RETURNING epoch",
+        bad,
+    )
     late = await _submit_good(steps_engine, 4)  # the engine goes on serving
     await _all_completed(steps_engine, late)
+    again = await steps_engine.conn.fetchval("SELECT epoch FROM flowforge.runs WHERE id = $1", bad)
+    assert again == epoch, "the run set apart was claimed again"
 
     errors = _errors_about(caplog, bad)
     assert len(errors) == 1, errors

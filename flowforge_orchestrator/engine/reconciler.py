@@ -1,0 +1,146 @@
+"""Deliveries and the reconciler that keeps every dispatched attempt answered.
+
+* committed dispatches are enqueued; what Redis refuses is tried again every second;
+* on the slow poll, attempts of which Redis knows nothing (and that have no result) are
+  sent again: a Redis that lost its data (restarted without persistence, failed over)
+  loses no run;
+* at schedule_to_start, attempts no worker took time out; cancelled attempts are aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from uuid import UUID
+
+from flowforge_orchestrator.core.records import StepResult
+from flowforge_orchestrator.engine.background import Spawn
+from flowforge_orchestrator.engine.owned import Drop, OwnedRuns
+from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.queue.dispatch import Dispatcher
+
+__all__ = ["REDELIVERY_DELAY", "Fetch", "Reconciler"]
+
+log = logging.getLogger("flowforge_orchestrator.engine.orchestrator")
+
+REDELIVERY_DELAY = 1.0  # seconds between tries of dispatches Redis refused
+
+# Read the stored results of these attempts: (run id, result) for each found.
+Fetch = Callable[[list[UUID]], Awaitable[list[tuple[UUID, StepResult]]]]
+
+
+class Reconciler:
+    """Sends the owned runs' outstanding attempts to Redis, and again when it lost them."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        measures: metrics.OrchestratorMetrics,
+        runs: OwnedRuns,
+        *,
+        poll_interval: float,
+        fetch: Fetch,
+        clock: Callable[[], datetime],
+        changed: Callable[[UUID], None],
+        drop: Drop,
+        spawn: Spawn,
+    ) -> None:
+        """`changed`: the run has changes to commit."""
+        self.dispatcher = dispatcher
+        self.metrics = measures
+        self._runs = runs
+        self._poll_interval = poll_interval
+        self._fetch = fetch
+        self._clock = clock
+        self._changed = changed
+        self._drop = drop
+        self._spawn = spawn
+        self._dispatch_failing = False  # Redis refused the last dispatches (warned once)
+        self._redelivery_due = False  # a retry of the refused dispatches is scheduled
+
+    async def redeliver(self) -> None:
+        """Enqueue committed dispatches; what Redis refuses is kept and tried again a
+        second later (not only at the next poll), so a Redis that comes back is used within
+        a second. One warning per outage, not one per try."""
+        todo = self._runs.take_undelivered()
+        if not todo:
+            return
+        outcomes = await self.dispatcher.dispatch_many(todo)
+        failed = [
+            d.attempt_id
+            for (d, _), ok in zip(todo, outcomes, strict=True)
+            if isinstance(ok, BaseException)
+        ]
+        self.metrics.observe_enqueued(
+            d
+            for (d, _), ok in zip(todo, outcomes, strict=True)
+            if not isinstance(ok, BaseException)
+        )
+        self.metrics.dispatch_failures.inc(len(failed))
+        if not failed:
+            if self._dispatch_failing:
+                log.info("Redis takes dispatches again")
+            self._dispatch_failing = False
+            return
+        if not self._dispatch_failing:
+            log.warning("%d dispatch(es) failed; retrying every second", len(failed))
+        self._dispatch_failing = True
+        self._runs.deliver_again(failed)
+        if not self._redelivery_due:
+            self._redelivery_due = True
+            asyncio.get_running_loop().call_later(REDELIVERY_DELAY, self._redeliver_again)
+
+    def _redeliver_again(self) -> None:
+        self._redelivery_due = False
+        self._spawn(self.redeliver())
+
+    async def reconcile_jobs(self) -> None:
+        """Every dispatched attempt has a result, a job in Redis, or is sent again."""
+        settled = time.monotonic() - self._poll_interval  # leave fresh ones alone
+        sent = self._runs.sent_before(settled)
+        if not sent:
+            return
+        try:
+            lost = await self.dispatcher.missing(list(sent))
+            if lost:
+                answered = {r.attempt_id for _, r in await self._fetch(lost)}
+                lost = [a for a in lost if a not in answered]
+        except Exception as exc:
+            log.warning("could not check the jobs of %d attempt(s): %s", len(sent), exc)
+            return
+        if lost:
+            log.warning("%d attempt(s) had no job in Redis: sending them again", len(lost))
+            self.metrics.reconciled("redelivered", len(lost))
+            self._runs.deliver_again(lost)
+            await self.redeliver()
+
+    async def probe(self, run_id: UUID, probes: list[tuple[str, UUID, str]]) -> None:
+        """schedule_to_start passed: time out the attempts no worker has taken."""
+        try:
+            waiting = await self.dispatcher.waiting([(a, t) for _, a, t in probes])
+        except Exception as exc:  # Redis away: the deadline still ends the attempts
+            log.warning("could not check %d attempt(s) in Redis: %s", len(probes), exc)
+            return
+        owned = self._runs.get(run_id)
+        if owned is None:
+            return
+        now = self._clock()
+        try:
+            for (key, attempt, _), untaken in zip(probes, waiting, strict=True):
+                if untaken and owned.state.not_picked_up(key, attempt, now):
+                    self._changed(run_id)
+        except Exception:  # a bug must not take the daemon down with it
+            log.exception(
+                "run %s: timing out attempts failed", run_id, extra={"run_id": str(run_id)}
+            )
+            self._drop(run_id, "internal error while timing out an attempt", give_back=True)
+
+    async def abort(self, attempts: list[UUID]) -> None:
+        """Ask workers to stop cancelled attempts; best effort, their results are ignored."""
+        try:
+            await self.dispatcher.abort(*attempts)
+        except Exception as exc:
+            log.warning("could not abort %d attempt(s): %s", len(attempts), exc)
