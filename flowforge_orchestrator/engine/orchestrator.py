@@ -53,6 +53,7 @@ from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.ops import health, metrics, sdnotify
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 from flowforge_orchestrator.queue.jobs import JobKeys
+from flowforge_orchestrator.store import events as store_events
 
 __all__ = ["Orchestrator", "run_orchestrator"]
 
@@ -97,6 +98,7 @@ class Orchestrator:
         self.dispatcher = dispatcher
         # Every read of results goes through it: only rows with their attempt's token count.
         self.verifier = ResultVerifier(tokens, on_refused=self._result_refused)
+        self.tokens = tokens
         self.clock = clock
         self.node = settings.node_id
         self.metrics = measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False))
@@ -113,6 +115,7 @@ class Orchestrator:
                 "flowforge_runs": self._on_run_notify,
                 "flowforge_results": self._on_result_notify,
                 "flowforge_cancel": self.cancels.on_notify,
+                "flowforge_completions": self._on_completion_notify,
             },
             on_connect=self._reconnected,
         )
@@ -207,6 +210,12 @@ class Orchestrator:
         if self.runs.notify(attempt_ids):
             self.results.wake.set()
 
+    def _on_completion_notify(self, payload: str) -> None:
+        """Payload: the attempt id a completion from outside names (sql/0012)."""
+        with contextlib.suppress(ValueError):
+            if self.runs.notify([UUID(payload)]):
+                self.results.wake.set()
+
     def _reconnected(self) -> None:
         self.metrics.reconciled("caught_up")
         self._catch_up()
@@ -287,8 +296,15 @@ class Orchestrator:
     # -- results and commits -------------------------------------------------------------
 
     async def _fetch(self, wanted: list[UUID]) -> list[tuple[UUID, StepResult]]:
+        """The stored results of these attempts; for those handed off to another system
+        (their `handed_off` result says so), their completion too, after it."""
         async with self.pool.acquire() as conn:
-            return await store.fetch_results(conn, wanted, self.verifier)
+            found = await store.fetch_results(conn, wanted, self.verifier)
+            handed = [r.attempt_id for _, r in found if r.outcome == "handed_off"]
+            handed += [a for a in wanted if self.runs.is_handed_off(a) and a not in handed]
+            if handed:
+                found += await store_events.completions(conn, handed, self.tokens)
+            return found
 
     async def _commit_loop(self) -> None:
         while True:
@@ -311,6 +327,8 @@ class Orchestrator:
         self, owned: Owned, changes: RunChanges, answered: Collection[UUID], adopted: bool
     ) -> None:
         self._committed(owned, changes, answered)
+        if adopted:
+            self.runs.handed_off(changes.run_id, owned.state.handed_off())
         if adopted and self.runs.notify(owned.state.outstanding()):
             self.results.wake.set()  # results may have arrived while it was unowned
 

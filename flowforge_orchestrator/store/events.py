@@ -8,6 +8,7 @@ it holds (after a claim, a missed notification), and writes consumptions in its 
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,13 +19,16 @@ from uuid import UUID
 import asyncpg
 
 from flowforge_orchestrator.core.jsonb import value_problem
-from flowforge_orchestrator.errors import InvalidEvent, NotFound
+from flowforge_orchestrator.core.records import StepResult
+from flowforge_orchestrator.core.tokens import AttemptTokens
+from flowforge_orchestrator.errors import InvalidEvent, NotFound, StepError
 
 __all__ = [
     "Completion",
     "Event",
     "EventAddress",
     "complete_attempt",
+    "completions",
     "events_by_ids",
     "events_for_waits",
     "record_heartbeats",
@@ -103,6 +107,16 @@ ORDER BY e.id
 
 _RUN_HEARTBEATS = """
 SELECT attempt_id, details::text AS details, at FROM flowforge.heartbeats WHERE run_id = $1
+"""
+
+# Completions of attempts a worker handed off (its `handed_off` row is there), in order.
+_COMPLETIONS = """
+SELECT c.id, c.attempt_id, c.token, c.output::text AS output, c.error::text AS error,
+       c.created_at, r.run_id, r.step_id, r.started_at, r.token AS result_token
+FROM flowforge.step_completions c
+JOIN flowforge.step_results r ON r.attempt_id = c.attempt_id AND r.outcome = 'handed_off'
+WHERE c.attempt_id = ANY($1::uuid[])
+ORDER BY c.id
 """
 
 _RECORD_HEARTBEATS = (
@@ -244,6 +258,61 @@ async def events_for_waits(
         list(taken),
     )
     return {row["ord"] - 1: _event(row) for row in rows}
+
+
+async def completions(
+    conn: asyncpg.Connection, attempt_ids: Sequence[UUID], tokens: AttemptTokens
+) -> list[tuple[UUID, StepResult]]:
+    """The first verified completion of each handed-off attempt among `attempt_ids`, as the
+    attempt's result: (run id, result). A completion with a wrong token, or whose payload
+    cannot be read, counts for nothing (it stays in the table, visible)."""
+    if not attempt_ids:
+        return []
+    found: dict[UUID, tuple[UUID, StepResult]] = {}
+    for row in await conn.fetch(_COMPLETIONS, list(attempt_ids)):
+        attempt = row["attempt_id"]
+        if attempt in found or not tokens.verify(attempt, bytes(row["result_token"])):
+            continue
+        expected = tokens.token(attempt).hex()
+        if not hmac.compare_digest(expected, str(row["token"]).lower()):
+            continue
+        result = _completion_result(row)
+        if result is not None:
+            found[attempt] = (row["run_id"], result)
+    return list(found.values())
+
+
+def _completion_result(row: asyncpg.Record) -> StepResult | None:
+    try:
+        output = json.loads(row["output"]) if row["output"] is not None else None
+        error = json.loads(row["error"]) if row["error"] is not None else None
+    except (ValueError, RecursionError):
+        return None
+    if error is not None:
+        error = _completion_error(error)
+    return StepResult(
+        attempt_id=row["attempt_id"],
+        step_id=row["step_id"],
+        outcome="failed" if error is not None else "succeeded",
+        output=None if error is not None else output,
+        error=error,
+        started_at=row["started_at"],
+        finished_at=row["created_at"],
+        worker="outside",
+    )
+
+
+def _completion_error(error: object) -> dict[str, Any]:
+    """An error from outside, as a step failure: its message, category (default
+    `completion_error`), retryable (default true: `retry_on` decides) and details."""
+    given: dict[str, Any] = error if isinstance(error, dict) else {"message": error}
+    category, details = given.get("category"), given.get("details")
+    return StepError(
+        str(given.get("message") or "the step was completed with an error"),
+        category=category if isinstance(category, str) and category else "completion_error",
+        retryable=given.get("retryable") is not False,
+        details=details if isinstance(details, dict) else None,
+    ).to_dict()
 
 
 async def run_waits(conn: asyncpg.Connection, run_id: UUID) -> list[dict[str, object]]:
