@@ -12,6 +12,8 @@ blocking each other:
                             ONE statement; only after it is durable are attempts enqueued;
 * `Timekeeper` (timekeeper): the runs' next timers (`timers`), one loop sleeping until
                             the earliest;
+* `EventDelivery` (eventing): NOTIFY on `flowforge_events` -> the wait steps the new
+                            events concern take the oldest they may;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -41,6 +43,7 @@ from flowforge_orchestrator.engine.background import Background
 from flowforge_orchestrator.engine.cancels import CancellationWatcher
 from flowforge_orchestrator.engine.claimer import Claimer
 from flowforge_orchestrator.engine.committer import Committer
+from flowforge_orchestrator.engine.eventing import EventDelivery
 from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
@@ -116,6 +119,7 @@ class Orchestrator:
                 "flowforge_results": self._on_result_notify,
                 "flowforge_cancel": self.cancels.on_notify,
                 "flowforge_completions": self._on_completion_notify,
+                "flowforge_events": self.events.on_notify,
             },
             on_connect=self._reconnected,
         )
@@ -186,6 +190,15 @@ class Orchestrator:
             drop=drop,
             spawn=self.background.spawn,
         )
+        self.events = EventDelivery(
+            self.pool,
+            self.metrics,
+            self.runs,
+            retention=self.settings.event_retention,
+            clock=clock,
+            changed=changed,
+            drop=drop,
+        )
         self.cancels = CancellationWatcher(
             self.pool,
             self.node,
@@ -219,6 +232,7 @@ class Orchestrator:
     def _reconnected(self) -> None:
         self.metrics.reconciled("caught_up")
         self._catch_up()
+        self.events.look_again()
 
     def _catch_up(self) -> None:
         """After (re)connecting LISTEN: look for everything we may have missed."""
@@ -248,6 +262,7 @@ class Orchestrator:
             "leases": self.leases.loop,
             "poll": self._poll_loop,
             "timers": self.timekeeper.loop,
+            "events": self.events.loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
@@ -292,6 +307,7 @@ class Orchestrator:
             await self.reconciler.redeliver()
             await self.cancels.missed()
             await self.reconciler.reconcile_jobs()
+            await self.events.poll()
 
     # -- results and commits -------------------------------------------------------------
 
@@ -327,6 +343,7 @@ class Orchestrator:
         self, owned: Owned, changes: RunChanges, answered: Collection[UUID], adopted: bool
     ) -> None:
         self._committed(owned, changes, answered)
+        self.events.listen(changes.run_id, owned.state.waiting())
         if adopted:
             self.runs.handed_off(changes.run_id, owned.state.handed_off())
         if adopted and self.runs.notify(owned.state.outstanding()):
@@ -340,6 +357,7 @@ class Orchestrator:
         applied by the results loop, not sent to a worker a second time."""
         run_id = changes.run_id
         going_on = self.runs.committed(owned, changes, answered)
+        self.events.committed(run_id, changes)
         if changes.aborts:
             self.background.spawn(self.reconciler.abort(changes.aborts))
         if changes.probes:
@@ -364,6 +382,7 @@ class Orchestrator:
         self.metrics.reconciled("released" if give_back else "dropped")
         owned = self.runs.drop(run_id, give_back=give_back)
         self.timekeeper.discard(run_id)
+        self.events.forget(run_id)
         if give_back:
             self.background.spawn(self.leases.release_given_back())
         if owned is not None:

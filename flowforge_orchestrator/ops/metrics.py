@@ -245,6 +245,21 @@ class OrchestratorMetrics:
             "Age of the oldest unpublished outbox event; 0 when there is none (sampled).",
             registry=registry,
         )
+        self.waiting_steps = Gauge(
+            "flowforge_waiting_steps",
+            "Wait steps this orchestrator listens for (their runs' events).",
+            registry=registry,
+        )
+        self.events_received = Counter(
+            "flowforge_events_received",
+            "Events taken by wait steps of this orchestrator's runs.",
+            registry=registry,
+        )
+        self.heartbeats_missed = Counter(
+            "flowforge_heartbeats_missed",
+            "Attempts timed out because their worker stopped sending heartbeats.",
+            registry=registry,
+        )
         for status in _RUN_STATUSES:
             self.run_transitions.labels(status)
         for status in _OPEN_STATUSES:

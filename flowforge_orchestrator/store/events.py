@@ -31,6 +31,7 @@ __all__ = [
     "completions",
     "events_by_ids",
     "events_for_waits",
+    "recent_events",
     "record_heartbeats",
     "run_events_not_taken",
     "run_heartbeats",
@@ -54,6 +55,11 @@ RETURNING id
 """
 
 _EVENT_COLUMNS = "e.id, e.run_id, e.name, e.key, e.payload::text AS payload, e.created_at"
+
+_RECENT_EVENTS = f"""
+SELECT {_EVENT_COLUMNS} FROM flowforge.events e
+WHERE e.created_at > now() - make_interval(secs => $1) ORDER BY e.id
+"""
 
 _EVENTS_BETWEEN = f"""
 SELECT {_EVENT_COLUMNS} FROM flowforge.events e WHERE e.id BETWEEN $1 AND $2 ORDER BY e.id
@@ -236,6 +242,11 @@ async def complete_attempt(
 async def events_by_ids(conn: asyncpg.Connection, first: int, last: int) -> list[Event]:
     """The events whose ids a notification named (`first-last`), in order."""
     return [_event(row) for row in await conn.fetch(_EVENTS_BETWEEN, first, last)]
+
+
+async def recent_events(conn: asyncpg.Connection, seconds: float) -> list[Event]:
+    """The events sent in the last `seconds` (the slow poll's second look)."""
+    return [_event(row) for row in await conn.fetch(_RECENT_EVENTS, seconds)]
 
 
 async def events_for_waits(
