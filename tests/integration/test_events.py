@@ -7,6 +7,7 @@ taken once per run, recorded in the step's commit."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from uuid import UUID
 
 from flowforge_orchestrator.client import send_event
@@ -62,7 +63,7 @@ async def test_an_event_by_key_wakes_exactly_the_runs_waiting_on_that_key(
     other_seven = await steps_engine.submit("order", {"order": 7})
     eight = await steps_engine.submit("order", {"order": 8})
     for run in (seven, other_seven, eight):
-        await wait_for(lambda r=run: _waiting(steps_engine, r, "paid"), message="no wait")
+        await wait_for(functools.partial(_waiting, steps_engine, run, "paid"), message="no wait")
 
     await send_event(steps_engine.conn, "payment.confirmed", {"amount": 21}, key="order-7")
     for run in (seven, other_seven):
