@@ -40,6 +40,7 @@ from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult
 from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.core.tokens import AttemptTokens, RefusedResult, ResultVerifier
 from flowforge_orchestrator.engine.background import Background
+from flowforge_orchestrator.engine.beats import HeartbeatWatcher
 from flowforge_orchestrator.engine.cancels import CancellationWatcher
 from flowforge_orchestrator.engine.claimer import Claimer
 from flowforge_orchestrator.engine.committer import Committer
@@ -179,6 +180,15 @@ class Orchestrator:
             self.metrics, self.runs, fetch=fetch, clock=clock, changed=changed, drop=drop
         )
         self.timekeeper = Timekeeper(self.runs, clock=clock, changed=changed, drop=drop)
+        self.heartbeats = HeartbeatWatcher(
+            self.pool,
+            self.dispatcher,
+            self.metrics,
+            self.runs,
+            clock=clock,
+            changed=changed,
+            drop=drop,
+        )
         self.reconciler = Reconciler(
             self.dispatcher,
             self.metrics,
@@ -189,6 +199,7 @@ class Orchestrator:
             changed=changed,
             drop=drop,
             spawn=self.background.spawn,
+            prepare=self.heartbeats.fill,
         )
         self.events = EventDelivery(
             self.pool,
@@ -263,6 +274,7 @@ class Orchestrator:
             "poll": self._poll_loop,
             "timers": self.timekeeper.loop,
             "events": self.events.loop,
+            "heartbeats": self.heartbeats.loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()

@@ -75,6 +75,7 @@ class OwnedRuns:
         # run -> its attempts handed off to another system: outstanding too (a completion
         # is routed like a result), but never delivered or reconciled with Redis again.
         self._handed: dict[UUID, set[UUID]] = {}
+        self._beating: dict[UUID, UUID] = {}  # outstanding attempts that must beat -> run
         self._index: dict[UUID, UUID] = {}  # outstanding attempt -> its run
         self._dirty: set[UUID] = set()
         self._notified: set[UUID] = set()
@@ -111,6 +112,7 @@ class OwnedRuns:
         owned = self._runs.pop(run_id, None)
         for attempt_id in self._sent.pop(run_id, {}):
             del self._index[attempt_id]
+            self._beating.pop(attempt_id, None)
         for attempt_id in self._handed.pop(run_id, ()):
             del self._index[attempt_id]
         self._dirty.discard(run_id)
@@ -147,6 +149,8 @@ class OwnedRuns:
         for dispatch in dispatches:
             sent[dispatch.attempt_id] = Sent(dispatch, now)
             self._index[dispatch.attempt_id] = run_id
+            if dispatch.heartbeat_timeout is not None:
+                self._beating[dispatch.attempt_id] = run_id
             if dispatch.attempt_id not in answered:
                 self._undelivered[dispatch.attempt_id] = None
 
@@ -180,6 +184,7 @@ class OwnedRuns:
         for attempt_id in attempt_ids:
             self._sent.get(run_id, {}).pop(attempt_id, None)
             self._undelivered.pop(attempt_id, None)
+            self._beating.pop(attempt_id, None)
             handed.add(attempt_id)
             self._index[attempt_id] = run_id
 
@@ -209,7 +214,12 @@ class OwnedRuns:
             if sent.at < moment
         }
 
+    def beating(self) -> list[tuple[UUID, Sent]]:
+        """Outstanding attempts of steps with a heartbeat_timeout: (run id, what was sent)."""
+        return [(run_id, self._sent[run_id][a]) for a, run_id in self._beating.items()]
+
     def _forget(self, run_id: UUID, attempt_id: UUID) -> None:
+        self._beating.pop(attempt_id, None)
         if self._sent.get(run_id, {}).pop(attempt_id, None) is not None:
             del self._index[attempt_id]
         elif attempt_id in self._handed.get(run_id, ()):

@@ -31,6 +31,8 @@ __all__ = [
     "completions",
     "events_by_ids",
     "events_for_waits",
+    "heartbeat_ages",
+    "last_heartbeats",
     "recent_events",
     "record_heartbeats",
     "run_events_not_taken",
@@ -123,6 +125,18 @@ FROM flowforge.step_completions c
 JOIN flowforge.step_results r ON r.attempt_id = c.attempt_id AND r.outcome = 'handed_off'
 WHERE c.attempt_id = ANY($1::uuid[])
 ORDER BY c.id
+"""
+
+# Seconds since each attempt's last heartbeat, on the database's clock (the one that
+# stamped it), and the details of the last one.
+_HEARTBEAT_AGES = """
+SELECT attempt_id, extract(epoch FROM now() - at)::float8 AS age
+FROM flowforge.heartbeats WHERE attempt_id = ANY($1::uuid[])
+"""
+
+_LAST_HEARTBEATS = """
+SELECT attempt_id, details::text AS details
+FROM flowforge.heartbeats WHERE attempt_id = ANY($1::uuid[])
 """
 
 _RECORD_HEARTBEATS = (
@@ -344,6 +358,20 @@ async def run_heartbeats(conn: asyncpg.Connection, run_id: UUID) -> dict[UUID, d
         row["attempt_id"]: {"details": json.loads(row["details"] or "null"), "at": row["at"]}
         for row in rows
     }
+
+
+async def heartbeat_ages(
+    conn: asyncpg.Connection, attempt_ids: Sequence[UUID]
+) -> dict[UUID, float]:
+    """Seconds since the last heartbeat of each attempt that has beaten."""
+    rows = await conn.fetch(_HEARTBEAT_AGES, list(attempt_ids))
+    return {row["attempt_id"]: row["age"] for row in rows}
+
+
+async def last_heartbeats(conn: asyncpg.Connection, attempt_ids: Sequence[UUID]) -> dict[UUID, Any]:
+    """The details of each attempt's last heartbeat (attempts that never beat are absent)."""
+    rows = await conn.fetch(_LAST_HEARTBEATS, list(attempt_ids))
+    return {row["attempt_id"]: json.loads(row["details"] or "null") for row in rows}
 
 
 async def record_heartbeats(
