@@ -19,7 +19,10 @@ name: waiting
 version: 1
 steps:
   - {id: paid, type: wait, event: paid, key: "input.order"}
-  - {id: ship, type: echo, depends_on: [paid], with: {amount: "${{ steps.paid.output.payload.amount }}"}}
+  - id: ship
+    type: echo
+    depends_on: [paid]
+    with: {amount: "${{ steps.paid.output.payload.amount }}"}
 """
 
 BEATING = """
