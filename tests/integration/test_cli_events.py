@@ -8,7 +8,9 @@ import uuid
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
+from tests.helpers import wait_for
 from tests.integration.cli_helpers import Cli, cli
+from tests.integration.conftest import Engine
 
 __all__ = ["cli"]  # the fixture
 
@@ -57,3 +59,29 @@ async def test_events_send_by_run_and_by_key_and_refuses_what_cannot_be_sent(
         ]
     finally:
         await conn.close()
+
+
+WAITING = """
+name: waiting
+version: 1
+steps:
+  - {id: approval, type: wait, event: approved, key: "input.ticket", timeout: 1h}
+"""
+
+
+async def test_runs_show_lists_open_waits_and_events_no_wait_took(
+    steps_engine: Engine, cli: Cli
+) -> None:
+    await steps_engine.register(WAITING)
+    run_id = await steps_engine.submit("waiting", {"ticket": "T-9"})
+
+    async def waiting() -> bool:
+        return any(e["type"] == "step.waiting" for e in await steps_engine.events(run_id))
+
+    await wait_for(waiting, message="the run never waited")
+    await cli("events", "send", "reminder", "--run", str(run_id), "--data", '{"n": 1}')
+    shown = await cli("runs", "show", str(run_id))
+    assert shown.code == 0
+    waits = shown.out.split("waiting:\n", 1)[1]
+    assert waits.startswith("  approval") and 'event approved key "T-9" until ' in waits
+    assert "events not taken:" in shown.out and "reminder" in shown.out and '{"n": 1}' in shown.out
