@@ -139,7 +139,7 @@ GRANT INSERT (attempt_id, run_id, step_id, outcome, output, error, worker, start
 GRANT SELECT, INSERT (name, worker, last_seen), UPDATE (worker, last_seen)
     ON flowforge.step_types TO flowforge_worker;
 GRANT SELECT ON flowforge.schema_migrations TO flowforge_worker;
--- Heartbeats go through a function that checks each attempt's token (sql/0012): no access
+-- Heartbeats go through a function that checks each attempt's token (sql/0013): no access
 -- to the table itself.
 GRANT EXECUTE ON FUNCTION flowforge.heartbeat(uuid[], uuid[], bytea[], jsonb[]) TO flowforge_worker;
 
@@ -148,7 +148,7 @@ GRANT SELECT ON flowforge.runs, flowforge.workflow_definitions TO flowforge_api;
 GRANT INSERT (id, workflow_name, workflow_version, input, idempotency_key, traceparent)
     ON flowforge.runs TO flowforge_api;
 GRANT INSERT (run_id, reason) ON flowforge.cancel_requests TO flowforge_api;
--- Events and outside completions (sql/0012); reading events back is for people and `runs
+-- Events and outside completions (sql/0013); reading events back is for people and `runs
 -- show`, through the orchestrator's role.
 -- (SELECT of the id column only: `INSERT ... RETURNING id` tells the sender its row's id.)
 GRANT INSERT (run_id, name, key, payload), SELECT (id) ON flowforge.events TO flowforge_api;

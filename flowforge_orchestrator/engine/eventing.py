@@ -1,4 +1,4 @@
-"""Event delivery: the owned runs' wait steps take the events sent to them (sql/0012).
+"""Event delivery: the owned runs' wait steps take the events sent to them (sql/0013).
 
 * A wait step that starts (in a commit, or found running when a run is claimed or adopted)
   is listened for (`waits.Waits`), and the events already there are looked up at once: an

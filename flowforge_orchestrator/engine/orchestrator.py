@@ -235,7 +235,7 @@ class Orchestrator:
             self.results.wake.set()
 
     def _on_completion_notify(self, payload: str) -> None:
-        """Payload: the attempt id a completion from outside names (sql/0012)."""
+        """Payload: the attempt id a completion from outside names (sql/0013)."""
         with contextlib.suppress(ValueError):
             if self.runs.notify([UUID(payload)]):
                 self.results.wake.set()

@@ -1,4 +1,4 @@
-"""Events, outside completions and heartbeats (sql/0012): the rows, and every query on them.
+"""Events, outside completions and heartbeats (sql/0013): the rows, and every query on them.
 
 The senders' side (`send_event`, `complete_attempt`) runs in the caller's transaction on any
 asyncpg connection, like `enqueue_run`: values travel as JSON text, so no type codec is

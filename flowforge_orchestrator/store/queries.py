@@ -280,7 +280,7 @@ inline AS (
             worker = excluded.worker, finished_at = excluded.finished_at
         WHERE flowforge.step_results.outcome = 'handed_off'
 ),
--- The events wait steps took (sql/0012): once per run, with the step's transition.
+-- The events wait steps took (sql/0013): once per run, with the step's transition.
 taken AS (
     INSERT INTO flowforge.event_consumptions (run_id, event_id, step_id, attempt_id)
     SELECT r, e, s, a

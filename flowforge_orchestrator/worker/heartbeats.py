@@ -1,6 +1,6 @@
 """Heartbeats of long steps, written in batches: a step may beat as often as it likes; the
 worker keeps each attempt's last details and writes every attempt that beat since the last
-write in one statement, at most once per `interval` (sql/0012, `flowforge.heartbeat`).
+write in one statement, at most once per `interval` (sql/0013, `flowforge.heartbeat`).
 
 So a thousand steps beating ten times a second cost one statement a second, not ten
 thousand; and a step that beats once an hour costs one row write an hour. The interval is

@@ -1,4 +1,4 @@
-"""Events as rows (sql/0012): sent in the sender's transaction, refused for unknown runs,
+"""Events as rows (sql/0013): sent in the sender's transaction, refused for unknown runs,
 found for waits in order, each taken once per run; heartbeats only with their token."""
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def _start_delay(run: Dispatching, node: Node, step: DelayStep, now: datetime) -
         run._timers.set(node, fire_at)
 
 
-MAX_WAIT_KEY = 1000  # characters, as the events table allows (sql/0012)
+MAX_WAIT_KEY = 1000  # characters, as the events table allows (sql/0013)
 
 
 def _start_wait(run: Dispatching, node: Node, step: WaitStep, now: datetime) -> None:
