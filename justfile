@@ -33,6 +33,11 @@ mutants *ARGS:
 bench *ARGS:
     python -m tests.bench {{ARGS}}
 
+# Soak: sustained mixed load with a short retention and a feed consumer; are tables, RSS and
+# latency flat? (`--minutes 20` by default; report in .flowforge/soak/). Not in CI.
+soak *ARGS:
+    python -m tests.bench.soak {{ARGS}}
+
 # Chaos: kill orchestrators and workers, restart Redis and PostgreSQL while runs go through.
 chaos *ARGS:
     python -m tests.chaos {{ARGS}}

@@ -1,5 +1,6 @@
 """Start a run from your own code, inside your own transaction; wake a waiting run; complete
-a step handed to your system; run a failed one again.
+a step handed to your system; run a failed one again; read the outbox as a registered
+consumer (a relay), gap-free, in your transaction.
 
     async with conn.transaction():
         order_id = await conn.fetchval("INSERT INTO orders ... RETURNING id")
@@ -12,6 +13,12 @@ a step handed to your system; run a failed one again.
 
 A run exists, and an event is delivered, only if your transaction commits; the triggers wake
 the orchestrators then.
+
+    await register_consumer(conn, "billing-relay")       # once
+    async with conn.transaction():
+        for e in await read_outbox(conn, "billing-relay", 500):
+            await broker.publish(e.event)                 # CloudEvents 1.0, id stable
+    # committed: the cursor moved. Rolled back or crashed: the same events come again.
 """
 
 from __future__ import annotations
@@ -27,7 +34,19 @@ from flowforge_orchestrator.core.redrive import redrive_checkpoint
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.store import events as store_events
 
-__all__ = ["EnqueuedRun", "complete_attempt", "enqueue", "redrive", "send_event"]
+__all__ = [
+    "EnqueuedRun",
+    "FeedEvent",
+    "complete_attempt",
+    "drop_consumer",
+    "enqueue",
+    "read_outbox",
+    "redrive",
+    "register_consumer",
+    "send_event",
+]
+
+FeedEvent = store.FeedEvent
 
 
 @dataclass(frozen=True)
@@ -107,3 +126,27 @@ async def complete_attempt(
     optionally `category`, `retryable`, `details`). The first valid completion counts; a
     late, duplicate or wrongly signed one changes nothing."""
     return await store_events.complete_attempt(conn, attempt_id, token, output=output, error=error)
+
+
+async def register_consumer(conn: store.Connection, name: str, *, from_now: bool = False) -> bool:
+    """Register outbox consumer `name` (False if it already was). It reads every event still
+    in the outbox, or with `from_now` only those committed from now on; retention keeps an
+    event until every registered consumer has read it (FLOWFORGE_OUTBOX_MAX_AGE at most)."""
+    return await store.register_consumer(conn, name, from_now=from_now)
+
+
+async def drop_consumer(conn: store.Connection, name: str) -> bool:
+    """Forget outbox consumer `name`, so retention no longer waits for it."""
+    return await store.drop_consumer(conn, name)
+
+
+async def read_outbox(
+    conn: store.Connection, consumer: str, max_events: int = 100
+) -> list[store.FeedEvent]:
+    """The next events for `consumer`, in commit-safe order (a late-committing event is
+    never skipped; one run's events in `seq` order), moving its cursor in your transaction:
+    publish them, then commit. Outside a transaction the cursor moves at once (at-most-once
+    on a crash). Raises NotFound for a consumer that is not registered."""
+    if max_events < 1:
+        raise ValueError(f"max_events must be at least 1, not {max_events}")
+    return await store.read_outbox(conn, consumer, max_events)

@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from flowforge_orchestrator.core.destinations import parse_entries
+from flowforge_orchestrator.core.durations import parse_duration
 
 __all__ = ["Settings"]
 
@@ -108,6 +109,22 @@ class Settings(BaseSettings):
         default=300.0, gt=0, description="Default step timeout when a definition sets none."
     )
 
+    # Data lifecycle (README: "Outbox feed and retention"). Durations: seconds or 30d, 2s, PT1H.
+    run_retention: float = Field(
+        default=30 * 86400.0,
+        ge=0,
+        description="Finished runs older than this (seconds, or a duration such as 30d) are "
+        "deleted with their history and results, once every registered outbox consumer has "
+        "read their events; 0 keeps them forever.",
+    )
+    outbox_max_age: float = Field(
+        default=7 * 86400.0,
+        ge=0,
+        description="Longest a registered outbox consumer that has not read a run's events "
+        "may hold back its deletion past FLOWFORGE_RUN_RETENTION; then the run is deleted "
+        "anyway, and the consumer's lost events are logged, counted and shown by `doctor`.",
+    )
+
     # Where http steps may connect (README: "HTTP steps: destinations and URLs").
     http_deny: str | None = Field(
         default=None,
@@ -158,6 +175,17 @@ class Settings(BaseSettings):
     def _destinations(cls, value: str | None, info: ValidationInfo) -> str | None:
         # A mistyped entry is named at startup, not when a step first connects.
         parse_entries(value or "", f"FLOWFORGE_{(info.field_name or '').upper()}")
+        return value
+
+    @field_validator("run_retention", "outbox_max_age", mode="before")
+    @classmethod
+    def _duration(cls, value: object, info: ValidationInfo) -> object:
+        # FLOWFORGE_RUN_RETENTION=30d reads better than 2592000.
+        if isinstance(value, str):
+            try:
+                return parse_duration(value)
+            except ValueError as exc:
+                raise ValueError(f"FLOWFORGE_{(info.field_name or '').upper()}: {exc}") from exc
         return value
 
     @field_validator("log_level", "log_format", mode="before")

@@ -1,4 +1,4 @@
--- Least-privilege database roles for FlowForge: three NOLOGIN group roles, each granted what
+-- Least-privilege database roles for FlowForge: four NOLOGIN group roles, each granted what
 -- its processes need and nothing more.
 --
 -- Not a numbered migration: later migrations add tables, so run this script again after every
@@ -38,6 +38,15 @@
 --                         definitions; request cancellation (INSERT into cancel_requests of
 --                         run_id and reason). It may not update or lock a run row: without
 --                         UPDATE on runs, `SELECT ... FOR UPDATE|SHARE` is refused too.
+-- flowforge_relay         read the outbox feed (sql/0012): EXECUTE flowforge.outbox_next, which
+--                         reads the CloudEvents view and moves the consumer's cursor (SELECT
+--                         and UPDATE of the cursor columns of outbox_consumers); LISTEN needs
+--                         nothing. A relay still marking `published_at` may do that too (and
+--                         read the view and the outbox's keys). It cannot read runs, results,
+--                         definitions or the engine secret, write an event, or register or drop
+--                         a consumer: registering holds back retention, so the schema's owner
+--                         does it (`flowforge_orchestrator.client.register_consumer`). Not
+--                         checked by `doctor`, which checks the three roles above.
 --
 -- PUBLIC gets nothing in schema flowforge: no table, no sequence, and no EXECUTE on any
 -- function (PostgreSQL grants EXECUTE to PUBLIC on every new function; this script takes it
@@ -65,7 +74,8 @@ DO $$
 DECLARE
     name text;
 BEGIN
-    FOREACH name IN ARRAY ARRAY['flowforge_orchestrator', 'flowforge_worker', 'flowforge_api'] LOOP
+    FOREACH name IN ARRAY ARRAY['flowforge_orchestrator', 'flowforge_worker', 'flowforge_api',
+                                'flowforge_relay'] LOOP
         IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = name) THEN
             BEGIN
                 EXECUTE format('CREATE ROLE %I NOLOGIN', name);
@@ -117,18 +127,22 @@ BEGIN
     -- Only needed where PUBLIC lost CONNECT; granted when this runner is allowed to.
     IF has_database_privilege(current_database(), 'CONNECT WITH GRANT OPTION') THEN
         EXECUTE format(
-            'GRANT CONNECT ON DATABASE %I TO flowforge_orchestrator, flowforge_worker, flowforge_api',
+            'GRANT CONNECT ON DATABASE %I TO flowforge_orchestrator, flowforge_worker, flowforge_api, '
+            'flowforge_relay',
             current_database());
     END IF;
 END $$;
 
 -- Start the two restricted roles (and PUBLIC) from nothing, so a re-run also takes back what
 -- an older version of this script granted. Column privileges go with their table's.
-REVOKE ALL ON ALL TABLES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
-REVOKE ALL ON ALL SEQUENCES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
-REVOKE ALL ON ALL ROUTINES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
-REVOKE ALL ON SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api;
-GRANT USAGE ON SCHEMA flowforge TO flowforge_worker, flowforge_api;
+REVOKE ALL ON ALL TABLES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api,
+    flowforge_relay;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api,
+    flowforge_relay;
+REVOKE ALL ON ALL ROUTINES IN SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api,
+    flowforge_relay;
+REVOKE ALL ON SCHEMA flowforge FROM PUBLIC, flowforge_worker, flowforge_api, flowforge_relay;
+GRANT USAGE ON SCHEMA flowforge TO flowforge_worker, flowforge_api, flowforge_relay;
 
 -- Workers: report results, register the step types they serve, check the schema version.
 GRANT INSERT (attempt_id, run_id, step_id, outcome, output, error, worker, started_at,
@@ -154,5 +168,14 @@ GRANT INSERT (run_id, reason) ON flowforge.cancel_requests TO flowforge_api;
 GRANT INSERT (run_id, name, key, payload), SELECT (id) ON flowforge.events TO flowforge_api;
 GRANT INSERT (attempt_id, token, output, error), SELECT (id)
     ON flowforge.step_completions TO flowforge_api;
+
+-- Relays: the outbox feed (and the older published_at marking).
+GRANT EXECUTE ON FUNCTION flowforge.outbox_next(text, integer) TO flowforge_relay;
+GRANT SELECT ON flowforge.outbox_cloudevents TO flowforge_relay;
+GRANT SELECT (name, last_xid, last_position, read_at, events_read),
+      UPDATE (last_xid, last_position, read_at, events_read)
+    ON flowforge.outbox_consumers TO flowforge_relay;
+GRANT SELECT (position, run_id, seq, published_at), UPDATE (published_at)
+    ON flowforge.outbox TO flowforge_relay;
 
 COMMIT;

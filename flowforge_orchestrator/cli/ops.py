@@ -1,4 +1,4 @@
-"""Operating commands: `doctor`, `config`, `outbox tail`."""
+"""Operating commands: `doctor`, `config`, `outbox tail|consumers|register|drop`."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import os
+import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from flowforge_orchestrator.cli.config_view import (
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.durations import format_duration
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.queue.dispatch import queue_name
 from flowforge_orchestrator.store import reads
@@ -85,16 +87,17 @@ class _Doctor:
             database = self.findings[-1].status == "ok"
         await self.guarded("redis", self.redis, self.settings.redis_url)
         if not database:
-            for check in ("migrations", "roles", "workers"):
+            for check in ("migrations", "roles", "workers", "outbox"):
                 self.add(check, "skip", "needs PostgreSQL")
             return
         await self.guarded("migrations", self.migrations)
         if not self.migrated:
-            for check in ("roles", "workers"):
+            for check in ("roles", "workers", "outbox"):
                 self.add(check, "skip", "needs the schema: run `flowforge-orchestrator migrate`")
             return
         await self.guarded("roles", self.roles)
         await self.guarded("workers", self.workers)
+        await self.guarded("outbox", self.outbox)
 
     async def postgresql(self) -> None:
         dsn = self.settings.database_url or ""
@@ -178,6 +181,39 @@ class _Doctor:
             )
         else:
             self.add("roles", "ok", f"{', '.join(names)} exist and are granted here")
+
+    async def outbox(self) -> None:
+        """The feed's registered consumers, how far behind each is, and which are stuck:
+        one retention deleted events from (past FLOWFORGE_OUTBOX_MAX_AGE), or will."""
+        async with connection(self.settings) as conn:
+            lags = await store.consumer_lags(conn)
+        if not lags:
+            self.add("outbox", "ok", "no registered consumers: retention waits for no relay")
+            return
+        max_age = self.settings.outbox_max_age
+        for lag in lags:
+            behind = f"{lag.events_behind} events"
+            if lag.seconds_behind is not None:
+                behind += f", {format_duration(round(lag.seconds_behind, 1))} behind"
+            name = f"consumer '{lag.name}'"
+            if lag.lost_events:
+                self.add(
+                    "outbox",
+                    "warn",
+                    f"{name} is stuck: retention deleted {lag.lost_events} events it had not "
+                    f"read (last at {lag.lost_at:%Y-%m-%d %H:%M:%S}); {behind}; drop it if "
+                    "it is gone (client.drop_consumer)",
+                )
+            elif lag.seconds_behind is not None and lag.seconds_behind > max_age:
+                self.add(
+                    "outbox",
+                    "warn",
+                    f"{name} is stuck: {behind}, more than FLOWFORGE_OUTBOX_MAX_AGE "
+                    f"({format_duration(max_age)}): retention deletes what it has not read",
+                )
+            else:
+                read = f"last read {lag.read_at:%Y-%m-%d %H:%M:%S}" if lag.read_at else "never read"
+                self.add("outbox", "ok", f"{name}: {behind} ({read})")
 
     async def workers(self) -> None:
         async with connection(self.settings) as conn:
@@ -292,6 +328,42 @@ async def cmd_config(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+# -- outbox consumers ------------------------------------------------------------------------
+
+
+async def cmd_outbox_consumers(settings: Settings, args: argparse.Namespace) -> int:
+    async with connection(settings) as conn:
+        lags = await store.consumer_lags(conn)
+    for lag in lags:
+        behind = "-" if lag.seconds_behind is None else f"{lag.seconds_behind:.1f}s"
+        read = f"{lag.read_at:%Y-%m-%d %H:%M:%S}" if lag.read_at else "never"
+        print(
+            f"{lag.name}  behind {lag.events_behind} events / {behind}  read {lag.events_read}"
+            f" (last {read})  lost {lag.lost_events}"
+        )
+    return 0
+
+
+async def cmd_outbox_register(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        async with connection(settings) as conn:
+            created = await store.register_consumer(conn, args.name, from_now=args.from_now)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    print(f"consumer '{args.name}' " + ("registered" if created else "was already registered"))
+    return 0
+
+
+async def cmd_outbox_drop(settings: Settings, args: argparse.Namespace) -> int:
+    async with connection(settings) as conn:
+        dropped = await store.drop_consumer(conn, args.name)
+    if not dropped:
+        print(f"no consumer '{args.name}'", file=sys.stderr)
+        return 2
+    print(f"consumer '{args.name}' dropped: retention no longer waits for it")
+    return 0
+
+
 # -- outbox tail -----------------------------------------------------------------------------
 
 _LOOKBACK = 1000  # positions re-read on each poll: an event may commit after a later one
@@ -388,3 +460,13 @@ def add_commands(sub: Subcommands) -> None:
     tail.add_argument("--timeout", type=float, default=None, help="stop following after N s")
     tail.add_argument("--interval", type=float, default=0.5, help="poll interval, s")
     tail.add_argument("--json", action="store_true", help="one CloudEvent JSON per line")
+    add_command(outbox, "consumers", cmd_outbox_consumers, "registered feed consumers and lag")
+    register = add_command(
+        outbox, "register", cmd_outbox_register, "register a feed consumer (retention waits for it)"
+    )
+    register.add_argument("name")
+    register.add_argument(
+        "--from-now", action="store_true", help="skip the events already committed"
+    )
+    drop = add_command(outbox, "drop", cmd_outbox_drop, "forget a feed consumer")
+    drop.add_argument("name")

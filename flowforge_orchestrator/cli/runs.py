@@ -1,9 +1,11 @@
-"""`submit`, and `runs show|watch|list|cancel|retry`."""
+"""`submit`, and `runs show|watch|list|cancel|retry|export`."""
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
+import os
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -138,6 +140,30 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
+    """One JSON line per finished run that ended before `--before`, with its history and
+    results; written to a temporary file renamed into place, so a half-written export is
+    never mistaken for a whole one. `.gz` compresses."""
+    target: str = args.to
+    partial = f"{target}.partial"
+    count = 0
+    opener = gzip.open if target.endswith(".gz") else open
+    try:
+        async with connection(settings) as conn:
+            with opener(partial, "wt", encoding="utf-8") as out:
+                async with conn.transaction(readonly=True, isolation="repeatable_read"):
+                    async for record in store.export_runs(conn, before=args.before):
+                        out.write(json.dumps(record, sort_keys=True, separators=(",", ":")))
+                        out.write("\n")
+                        count += 1
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    print(f"exported {count} runs that ended before {args.before.isoformat()} to {target}")
+    return 0
+
+
 def _when(text: str) -> datetime:
     return point_in_time(text, datetime.now(UTC))
 
@@ -195,3 +221,15 @@ def add_commands(sub: Subcommands) -> None:
         "--until", type=_when, help="created before: a duration ago (30m) or an ISO 8601 time"
     )
     listing.add_argument("--limit", type=int, default=20)
+    export = add_command(
+        runs, "export", cmd_export, "write finished runs with their history to a JSON-lines file"
+    )
+    export.add_argument(
+        "--before",
+        type=_when,
+        required=True,
+        help="runs that ended before: a duration ago (30d) or an ISO 8601 time",
+    )
+    export.add_argument(
+        "--to", required=True, metavar="FILE", help="FILE.jsonl, or FILE.jsonl.gz to compress"
+    )

@@ -50,6 +50,7 @@ from flowforge_orchestrator.engine.listener import Listener
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.reconciler import Reconciler
 from flowforge_orchestrator.engine.results import ResultApplier
+from flowforge_orchestrator.engine.retention import Retention
 from flowforge_orchestrator.engine.sampler import run_sampler
 from flowforge_orchestrator.engine.sandbox.pool import BoundedEvaluator, Sandbox
 from flowforge_orchestrator.engine.timekeeper import Timekeeper
@@ -467,12 +468,15 @@ async def run_orchestrator(
                 ),
             }
             sampler = asyncio.create_task(run_sampler(pool, measures))
+            # Data lifecycle: retention and outbox consumer lag (engine/retention.py).
+            retention = asyncio.create_task(Retention(pool, settings, measures).run())
             try:
                 async with _health_server(settings, measures.registry, checks):
                     await orchestrator.run(stop)
             finally:
                 sampler.cancel()
-                await asyncio.gather(sampler, return_exceptions=True)
+                retention.cancel()
+                await asyncio.gather(sampler, retention, return_exceptions=True)
         finally:
             await dispatcher.close()
     finally:

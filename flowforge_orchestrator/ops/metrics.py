@@ -40,6 +40,7 @@ from flowforge_orchestrator.errors import JobRefused
 
 __all__ = [
     "RECONCILER_ACTIONS",
+    "RETENTION_TABLES",
     "AttemptTimer",
     "OrchestratorMetrics",
     "WorkerMetrics",
@@ -69,6 +70,7 @@ RECONCILER_ACTIONS = (
     "unstorable",  # a run failed because the database refused to store its changes
     "set_apart",  # not even a run's failure could be stored: this replica leaves it alone
 )
+RETENTION_TABLES = ("runs", "outbox", "step_results")
 _RUN_STATUSES = ("running", "completed", "failed", "cancelled")
 _OPEN_STATUSES = ("pending", "running")
 # Attempts whose timing we remember between dispatch, enqueue, result and commit. Entries
@@ -237,12 +239,13 @@ class OrchestratorMetrics:
         )
         self.outbox_unpublished = Gauge(
             "flowforge_outbox_unpublished",
-            "Outbox events no relay has published yet (sampled).",
+            "Outbox events the slowest registered consumer has not read yet (sampled).",
             registry=registry,
         )
         self.outbox_oldest_age = Gauge(
             "flowforge_outbox_oldest_unpublished_age_seconds",
-            "Age of the oldest unpublished outbox event; 0 when there is none (sampled).",
+            "Age of the next event the slowest registered consumer has not read; 0 when "
+            "there is none (sampled).",
             registry=registry,
         )
         self.waiting_steps = Gauge(
@@ -260,6 +263,34 @@ class OrchestratorMetrics:
             "Attempts timed out because their worker stopped sending heartbeats.",
             registry=registry,
         )
+        # Data lifecycle: retention and the outbox feed's consumers (engine/retention.py).
+        self.retention_deleted = Counter(
+            "flowforge_retention_deleted_rows",
+            "Rows deleted by retention, by table (runs, outbox, step_results).",
+            ["table"],
+            registry=registry,
+        )
+        self.outbox_consumer_lag_events = Gauge(
+            "flowforge_outbox_consumer_lag_events",
+            "Outbox events a registered consumer has not read yet (sampled).",
+            ["consumer"],
+            registry=registry,
+        )
+        self.outbox_consumer_lag_seconds = Gauge(
+            "flowforge_outbox_consumer_lag_seconds",
+            "Age of the next event a registered consumer has not read; 0 when none (sampled).",
+            ["consumer"],
+            registry=registry,
+        )
+        self.outbox_events_lost = Counter(
+            "flowforge_outbox_consumer_lost_events",
+            "Events retention deleted past FLOWFORGE_OUTBOX_MAX_AGE before this consumer "
+            "read them.",
+            ["consumer"],
+            registry=registry,
+        )
+        for table in RETENTION_TABLES:
+            self.retention_deleted.labels(table)
         for status in _RUN_STATUSES:
             self.run_transitions.labels(status)
         for status in _OPEN_STATUSES:

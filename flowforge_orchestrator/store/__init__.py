@@ -14,6 +14,20 @@ from flowforge_orchestrator.store.db import (
     transaction,
     wrap,
 )
+from flowforge_orchestrator.store.feed import (
+    ConsumerLag,
+    FeedEvent,
+    consumer_lags,
+    drop_consumer,
+    read_outbox,
+    register_consumer,
+)
+from flowforge_orchestrator.store.lifecycle import (
+    RetentionBatch,
+    delete_finished_runs,
+    expired_runs,
+    export_runs,
+)
 from flowforge_orchestrator.store.migrations import apply_migrations, pending_migrations, pending_on
 from flowforge_orchestrator.store.roles import ROLES, apply_roles, roles_sql
 from flowforge_orchestrator.store.store import (
@@ -66,11 +80,14 @@ __all__ = [
     "ROLES",
     "ClaimedRun",
     "Connection",
+    "ConsumerLag",
     "Definition",
+    "FeedEvent",
     "OutboxBacklog",
     "OwnedChanges",
     "Pool",
     "Record",
+    "RetentionBatch",
     "acquire_concurrency",
     "answers",
     "apply_migrations",
@@ -80,12 +97,17 @@ __all__ = [
     "concurrency_queue",
     "concurrency_slots",
     "connect",
+    "consumer_lags",
     "count_open_runs",
     "create_pool",
     "definition_spec",
+    "delete_finished_runs",
+    "drop_consumer",
     "engine_secret",
     "enqueue_run",
     "existing_runs",
+    "expired_runs",
+    "export_runs",
     "fetch_results",
     "fetch_run_results",
     "get_definition",
@@ -107,7 +129,9 @@ __all__ = [
     "pending_migrations",
     "pending_on",
     "ping",
+    "read_outbox",
     "redrive_run",
+    "register_consumer",
     "register_definition",
     "register_step_types",
     "release_leases",

@@ -30,6 +30,7 @@ __all__ = [
     "complete_attempt",
     "completions",
     "events_by_ids",
+    "delete_expired",
     "events_for_waits",
     "heartbeat_ages",
     "last_heartbeats",
@@ -137,6 +138,31 @@ FROM flowforge.heartbeats WHERE attempt_id = ANY($1::uuid[])
 _LAST_HEARTBEATS = """
 SELECT attempt_id, details::text AS details
 FROM flowforge.heartbeats WHERE attempt_id = ANY($1::uuid[])
+"""
+
+# Retention (engine/retention.py): keyed events past FLOWFORGE_EVENT_RETENTION (events sent
+# to a run go with their run), and completions older than the run retention (their attempt's
+# run is gone or has its result by then). In batches, oldest first.
+_DELETE_EXPIRED_EVENTS = """
+WITH doomed AS (
+    SELECT id FROM flowforge.events
+    WHERE run_id IS NULL AND created_at < now() - make_interval(secs => $1)
+    ORDER BY created_at LIMIT $2
+), gone AS (
+    DELETE FROM flowforge.events e USING doomed d WHERE e.id = d.id RETURNING e.id
+), taken AS (
+    DELETE FROM flowforge.event_consumptions c USING gone g WHERE c.event_id = g.id
+)
+SELECT count(*) FROM gone
+"""
+
+_DELETE_OLD_COMPLETIONS = """
+WITH doomed AS (
+    SELECT id FROM flowforge.step_completions
+    WHERE created_at < now() - make_interval(secs => $1)
+    ORDER BY created_at LIMIT $2
+)
+DELETE FROM flowforge.step_completions c USING doomed d WHERE c.id = d.id
 """
 
 _RECORD_HEARTBEATS = (
@@ -372,6 +398,16 @@ async def last_heartbeats(conn: asyncpg.Connection, attempt_ids: Sequence[UUID])
     """The details of each attempt's last heartbeat (attempts that never beat are absent)."""
     rows = await conn.fetch(_LAST_HEARTBEATS, list(attempt_ids))
     return {row["attempt_id"]: json.loads(row["details"] or "null") for row in rows}
+
+
+async def delete_expired(
+    conn: asyncpg.Connection, *, event_retention: float, run_retention: float, batch: int
+) -> tuple[int, int]:
+    """One batch of keyed events past their retention and of old completions: (events,
+    completions) deleted."""
+    events: int = await conn.fetchval(_DELETE_EXPIRED_EVENTS, event_retention, batch)
+    status = await conn.execute(_DELETE_OLD_COMPLETIONS, run_retention, batch)
+    return events, int(status.split()[-1])
 
 
 async def record_heartbeats(

@@ -388,12 +388,25 @@ SELECT seq, type, time, data FROM flowforge.outbox WHERE run_id = $1 AND seq > $
 
 PING = "SELECT 1"
 
-# The relay's backlog, sampled for /metrics: both read the partial index of unpublished rows.
+# The relay's backlog, sampled for /metrics: the slowest registered feed consumer's
+# (sql/0012; `published_at` lost its index there and is no longer counted), 0 without one.
 OUTBOX_BACKLOG = """
-SELECT count(*) AS unpublished,
-       extract(epoch FROM now() - (SELECT time FROM flowforge.outbox WHERE published_at IS NULL
-                                   ORDER BY position LIMIT 1))::float8 AS oldest_age
-FROM flowforge.outbox WHERE published_at IS NULL
+SELECT coalesce(max(l.behind), 0) AS unpublished, max(l.age) AS oldest_age
+FROM flowforge.outbox_consumers c
+CROSS JOIN LATERAL (
+    SELECT (SELECT count(*) FROM (
+                SELECT FROM flowforge.outbox o
+                WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
+                LIMIT 1000000) x) AS behind,
+           extract(epoch FROM now() - coalesce(
+                (SELECT o.time FROM flowforge.outbox o
+                 WHERE c.last_xid = '0'::xid8 AND o.xid = '0'::xid8
+                   AND o.position > c.last_position
+                 ORDER BY o.position LIMIT 1),
+                (SELECT o.time FROM flowforge.outbox o
+                 WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
+                 ORDER BY o.xid, o.position LIMIT 1)))::float8 AS age
+) l
 """
 
 # Runs waiting and running across all replicas; both statuses have a partial index.

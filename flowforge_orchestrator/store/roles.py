@@ -29,7 +29,7 @@ def roles_sql() -> str:
 
 
 async def apply_roles(dsn: str) -> None:
-    """Create the three group roles and (re)grant them on schema flowforge; idempotent.
+    """Create the group roles and (re)grant them on schema flowforge; idempotent.
 
     The script carries its own BEGIN/COMMIT (so psql runs it atomically too): it either
     applies whole or changes nothing.

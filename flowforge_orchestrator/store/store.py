@@ -544,7 +544,8 @@ class OutboxBacklog:
 
 
 async def outbox_backlog(conn: asyncpg.Connection) -> OutboxBacklog:
-    """Outbox rows the relay has not published yet, and how old the oldest one is."""
+    """Outbox events the slowest registered consumer has not read yet, and how old the
+    first of them is (0 and None without a registered consumer)."""
     row = await conn.fetchrow(q.OUTBOX_BACKLOG)
     assert row is not None
     return OutboxBacklog(row["unpublished"], row["oldest_age"])

@@ -88,6 +88,7 @@ async def test_doctor_says_all_is_well_when_it_is(
         "migrations",
         "roles",
         "workers",
+        "outbox",
     ]
     assert all(status == "ok" for found in checks.values() for status, _ in found), result.out
     assert re.match(r"postgresql://\S+ answers: PostgreSQL \d+", checks["postgresql"][0][1])

@@ -16,6 +16,7 @@ from flowforge_orchestrator.core.tokens import AttemptTokens
 from flowforge_orchestrator.errors import InvalidEvent, NotFound
 from flowforge_orchestrator.store.events import (
     EventAddress,
+    delete_expired,
     events_by_ids,
     events_for_waits,
     record_heartbeats,
@@ -222,3 +223,28 @@ async def test_the_api_sends_events_and_completions_and_the_worker_only_heartbea
             await c.close()
     assert await _refusals(logins.api, API_REFUSED_EVENTS) == []
     assert await _refusals(logins.worker, WORKER_REFUSED_EVENTS) == []
+
+
+async def test_retention_deletes_expired_keyed_events_and_old_completions_only(
+    conn: asyncpg.Connection,
+) -> None:
+    run = await _run(conn)
+    for_run = await send_event(conn, "approved", run_id=run)
+    await send_event(conn, "paid", key="k-old")
+    fresh = await send_event(conn, "paid", key="k-new")
+    await complete_attempt(conn, uuid.uuid4(), "00" * 16, output=1)
+    await conn.execute(
+        "UPDATE flowforge.events SET created_at = now() - interval '8 days' WHERE id <> $1",
+        fresh,
+    )
+    await conn.execute(
+        "UPDATE flowforge.step_completions SET created_at = now() - interval '40 days'"
+    )
+    assert await delete_expired(
+        conn, event_retention=7 * 86400, run_retention=30 * 86400, batch=1
+    ) == (1, 1)
+    left = {r[0] for r in await conn.fetch("SELECT id FROM flowforge.events")}
+    assert left == {for_run, fresh}  # an event sent to a run goes with its run
+    assert await delete_expired(
+        conn, event_retention=7 * 86400, run_retention=30 * 86400, batch=10
+    ) == (0, 0)

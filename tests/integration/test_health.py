@@ -11,6 +11,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.client import read_outbox, register_consumer
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.engine.sampler import sample_database
 from flowforge_orchestrator.errors import ConfigError
@@ -207,7 +208,8 @@ async def test_serve_health_follows_settings(settings: Settings) -> None:
 
 
 async def test_sampled_gauges_follow_runs_and_outbox(engine: Engine) -> None:
-    """Values change as runs progress: open runs, then the outbox backlog the relay drains."""
+    """Values change as runs progress: open runs, then the outbox backlog a registered
+    consumer drains."""
     await engine.register(WORKFLOW)
     metrics = OrchestratorMetrics(new_registry(process=False))
     pool = await store.create_pool(engine.settings.database_url or "", size=2)
@@ -223,6 +225,7 @@ async def test_sampled_gauges_follow_runs_and_outbox(engine: Engine) -> None:
 
             assert await scrape("flowforge_outbox_unpublished") == 0
             assert await scrape("flowforge_outbox_oldest_unpublished_age_seconds") == 0
+            await register_consumer(engine.conn, "relay")
             run_ids = [await engine.submit("inline", {"n": n}) for n in range(3)]
             for run_id in run_ids:
                 assert (await engine.finished(run_id))["status"] == "completed"
@@ -232,7 +235,8 @@ async def test_sampled_gauges_follow_runs_and_outbox(engine: Engine) -> None:
             assert await scrape("flowforge_runs", status="pending") == 0
             assert await scrape("flowforge_runs", status="running") == 0
 
-            await engine.conn.execute("UPDATE flowforge.outbox SET published_at = now()")
+            while await read_outbox(engine.conn, "relay", 1000):
+                pass
             assert await scrape("flowforge_outbox_unpublished") == 0
             assert await scrape("flowforge_outbox_oldest_unpublished_age_seconds") == 0
     finally:

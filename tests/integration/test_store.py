@@ -46,6 +46,7 @@ TABLES = {
     "event_consumptions",
     "step_completions",
     "heartbeats",
+    "outbox_consumers",
 }
 WF = CompiledWorkflow(
     parse_definition(
