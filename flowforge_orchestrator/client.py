@@ -1,12 +1,18 @@
-"""Start a run from your own code, inside your own transaction; run a failed one again;
-read the outbox as a registered consumer (a relay), gap-free, in your transaction.
+"""Start a run from your own code, inside your own transaction; wake a waiting run; complete
+a step handed to your system; run a failed one again; read the outbox as a registered
+consumer (a relay), gap-free, in your transaction.
 
     async with conn.transaction():
         order_id = await conn.fetchval("INSERT INTO orders ... RETURNING id")
         run = await enqueue(conn, "order-fulfilment", {"order_id": order_id},
                             idempotency_key=f"order-{order_id}")
 
-The run exists only if your transaction commits; the trigger wakes the orchestrators then.
+    async with conn.transaction():
+        await conn.execute("UPDATE orders SET paid = true WHERE id = $1", order_id)
+        await send_event(conn, "paid", {"amount": 42}, key=str(order_id))
+
+A run exists, and an event is delivered, only if your transaction commits; the triggers wake
+the orchestrators then.
 
     await register_consumer(conn, "billing-relay")       # once
     async with conn.transaction():
@@ -26,15 +32,18 @@ from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
 from flowforge_orchestrator.core.redrive import redrive_checkpoint
 from flowforge_orchestrator.errors import NotFound, RedriveError
+from flowforge_orchestrator.store import events as store_events
 
 __all__ = [
     "EnqueuedRun",
     "FeedEvent",
+    "complete_attempt",
     "drop_consumer",
     "enqueue",
     "read_outbox",
     "redrive",
     "register_consumer",
+    "send_event",
 ]
 
 FeedEvent = store.FeedEvent
@@ -86,6 +95,37 @@ async def redrive(conn: store.Connection, run_id: UUID, *, from_step: str | None
         workflow = CompiledWorkflow(parse_definition(found.spec, source=f"{name} v{version}"))
         checkpoint = redrive_checkpoint(workflow, run["checkpoint"] or {}, from_step=from_step)
         return await store.redrive_run(conn, run_id, checkpoint)
+
+
+async def send_event(
+    conn: store.Connection,
+    name: str,
+    payload: Any = None,
+    *,
+    run_id: UUID | None = None,
+    key: str | None = None,
+) -> int:
+    """Send event `name` to one run (`run_id`) or to every run that waits, or will wait, on
+    `name` with this correlation `key`; returns the event's id. An event that arrives before
+    its run's wait step starts is kept and taken when it does; a keyed event is kept for
+    FLOWFORGE_EVENT_RETENTION. An unknown run id raises NotFound (and aborts the caller's
+    transaction, like any failed statement)."""
+    return await store_events.send_event(conn, name, payload, run_id=run_id, key=key)
+
+
+async def complete_attempt(
+    conn: store.Connection,
+    attempt_id: UUID,
+    token: str,
+    *,
+    output: Any = None,
+    error: Any = None,
+) -> int:
+    """Finish a step that handed its work to your system (`ctx.hand_off()`): `token` is the
+    attempt's `ctx.completion_token`. An `error` is a dict with at least a `message` (and
+    optionally `category`, `retryable`, `details`). The first valid completion counts; a
+    late, duplicate or wrongly signed one changes nothing."""
+    return await store_events.complete_attempt(conn, attempt_id, token, output=output, error=error)
 
 
 async def register_consumer(conn: store.Connection, name: str, *, from_now: bool = False) -> bool:

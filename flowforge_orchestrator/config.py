@@ -62,6 +62,12 @@ class Settings(BaseSettings):
         description="Longest the orchestrator waits for a row or key locked by another "
         "session before it writes the other runs and retries that one later (seconds).",
     )
+    event_retention: float = Field(
+        default=7 * 24 * 3600.0,
+        gt=0,
+        description="How long an event sent by key waits for runs that reach their wait "
+        "step later (seconds; events sent to one run are kept for it).",
+    )
     db_pool_size: int = Field(default=10, gt=1, description="Connections per process.")
 
     # Payload limits.

@@ -9,6 +9,7 @@
     │   └── OwnershipLost         the run's epoch moved on: another replica owns it now
     ├── MigrationError            a migration file is missing, altered or failed
     ├── NotFound                  a run or definition that does not exist
+    ├── InvalidEvent              an event or outside completion that cannot be sent as given
     ├── JobRefused                a job from the queue failed verification: it is not run
     └── StepError                 one attempt of a step failed (carries `category`, `retryable`)
         ├── PayloadTooLarge       an output or the run context is over its byte limit
@@ -29,6 +30,7 @@ __all__ = [
     "DestinationDenied",
     "ExpressionError",
     "FlowForgeError",
+    "InvalidEvent",
     "JobRefused",
     "MigrationError",
     "NotFound",
@@ -119,6 +121,10 @@ class MigrationError(FlowForgeError):
 
 class NotFound(FlowForgeError):
     """A run or definition that does not exist."""
+
+
+class InvalidEvent(FlowForgeError):
+    """An event or an outside completion that cannot be sent as given (address, payload)."""
 
 
 class JobRefused(FlowForgeError):

@@ -30,7 +30,9 @@
 --                         history, the outbox or the engine secret: a compromised worker can
 --                         only report results, and a result counts only with the token of its
 --                         attempt, which the worker learns from the signed job (sql/0011).
--- flowforge_api           enqueue runs (INSERT of the enqueue contract's columns only: id,
+-- flowforge_worker also   records heartbeats through flowforge.heartbeat() (token-checked).
+-- flowforge_api           send events (INSERT into events) and complete handed-off steps
+--                         (INSERT into step_completions, with the attempt's token); enqueue runs (INSERT of the enqueue contract's columns only: id,
 --                         workflow_name, workflow_version, input, idempotency_key, traceparent,
 --                         so it cannot forge a status, an owner or a checkpoint); read runs and
 --                         definitions; request cancellation (INSERT into cancel_requests of
@@ -50,9 +52,10 @@
 -- function (PostgreSQL grants EXECUTE to PUBLIC on every new function; this script takes it
 -- back, so run it after each migration). Triggers do not need EXECUTE of whoever fires
 -- them, and run with the rights of the statement that fires them; none needs SECURITY
--- DEFINER: runs_pin_version reads workflow_definitions (which the API may read anyway), and
--- runs_notify_insert, step_results_notify and cancel_requests_notify only call pg_notify
--- (NOTIFY needs no privilege). So no function widens what a role can do.
+-- DEFINER: runs_pin_version reads workflow_definitions and events_check_run reads runs
+-- (which the API may read anyway), and the notify triggers only call pg_notify (NOTIFY
+-- needs no privilege). One function is SECURITY DEFINER, on purpose: flowforge.heartbeat,
+-- which records only heartbeats whose attempt token it verifies with the engine secret.
 
 BEGIN;
 
@@ -150,12 +153,21 @@ GRANT INSERT (attempt_id, run_id, step_id, outcome, output, error, worker, start
 GRANT SELECT, INSERT (name, worker, last_seen), UPDATE (worker, last_seen)
     ON flowforge.step_types TO flowforge_worker;
 GRANT SELECT ON flowforge.schema_migrations TO flowforge_worker;
+-- Heartbeats go through a function that checks each attempt's token (sql/0013): no access
+-- to the table itself.
+GRANT EXECUTE ON FUNCTION flowforge.heartbeat(uuid[], uuid[], bytea[], jsonb[]) TO flowforge_worker;
 
 -- The API: enqueue, read runs and definitions, request cancellation.
 GRANT SELECT ON flowforge.runs, flowforge.workflow_definitions TO flowforge_api;
 GRANT INSERT (id, workflow_name, workflow_version, input, idempotency_key, traceparent)
     ON flowforge.runs TO flowforge_api;
 GRANT INSERT (run_id, reason) ON flowforge.cancel_requests TO flowforge_api;
+-- Events and outside completions (sql/0013); reading events back is for people and `runs
+-- show`, through the orchestrator's role.
+-- (SELECT of the id column only: `INSERT ... RETURNING id` tells the sender its row's id.)
+GRANT INSERT (run_id, name, key, payload), SELECT (id) ON flowforge.events TO flowforge_api;
+GRANT INSERT (attempt_id, token, output, error), SELECT (id)
+    ON flowforge.step_completions TO flowforge_api;
 
 -- Relays: the outbox feed (and the older published_at marking).
 GRANT EXECUTE ON FUNCTION flowforge.outbox_next(text, integer) TO flowforge_relay;

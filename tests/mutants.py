@@ -339,6 +339,34 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    for sig in (signal.SIGINT,):\n",
         f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
     ),
+    mutation(
+        "a run takes an event it has taken already",
+        "flowforge_orchestrator/store/events.py",
+        "          WHERE c.run_id = w.run_id AND c.event_id = e.id)\n",
+        "          WHERE false)\n",
+        "tests/integration/test_events_store.py::test_waits_find_the_oldest_event_not_taken_by_their_run",
+    ),
+    mutation(
+        "two waits of one run take the same event before it is committed",
+        "flowforge_orchestrator/store/events.py",
+        "      AND e.id <> ALL ($5::bigint[])\n",
+        "      AND true\n",
+        "tests/integration/test_events_store.py::test_waits_find_the_oldest_event_not_taken_by_their_run",
+    ),
+    mutation(
+        "an attempt whose worker stopped beating is never timed out",
+        "flowforge_orchestrator/engine/beats.py",
+        "            self._missed(run_id, dispatch, age)\n",
+        "            pass\n",
+        "tests/integration/test_heartbeats.py",
+    ),
+    mutation(
+        "a completion from outside counts without its attempt's token",
+        "flowforge_orchestrator/store/events.py",
+        '        if not hmac.compare_digest(expected, str(row["token"]).lower()):\n',
+        "        if False:\n",
+        "tests/integration/test_outside_completions.py",
+    ),
 )
 
 

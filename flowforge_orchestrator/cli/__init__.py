@@ -7,6 +7,7 @@ this package adds its commands to the parser:
 * `daemons`: migrate, run, worker, demo;
 * `definitions`: definitions apply|validate|schema|list|show|diff;
 * `runs`: submit, runs show|watch|list|cancel|retry;
+* `events`: events send|complete;
 * `ops`: doctor, config, outbox tail.
 """
 
@@ -18,7 +19,7 @@ import logging
 import os
 import sys
 
-from flowforge_orchestrator.cli import daemons, definitions, ops, runs
+from flowforge_orchestrator.cli import daemons, definitions, events, ops, runs
 from flowforge_orchestrator.cli.common import load_settings
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemons.add_commands(sub)
     definitions.add_commands(sub)
     runs.add_commands(sub)
+    events.add_commands(sub)
     ops.add_commands(sub)
     daemons.add_demo(sub)
     return parser

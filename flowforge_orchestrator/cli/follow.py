@@ -15,6 +15,7 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
 from flowforge_orchestrator.errors import FlowForgeError, NotFound
+from flowforge_orchestrator.store import events as store_events
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.views.render import MAX_ELEMENTS, StepNode, build_tree, render_tree
 
@@ -41,6 +42,11 @@ async def run_details(conn: store.Connection, run_id: UUID) -> dict[str, Any]:
     run["redrives"] = state["redrives"] if state else 0
     run["attempts"] = [dict(a) for a in await store.run_attempts(conn, run_id)]
     run["transitions"] = [dict(t) for t in await store.run_transitions(conn, run_id)]
+    run["waiting"] = await store_events.run_waits(conn, run_id)
+    run["events_not_taken"] = await store_events.run_events_not_taken(conn, run_id)
+    beats = await store_events.run_heartbeats(conn, run_id)
+    for attempt in run["attempts"]:
+        attempt["last_heartbeat"] = beats.get(attempt["id"])
     return run
 
 
@@ -116,7 +122,22 @@ def format_run(
         )
         if a["error"]:
             line += f"  error: {a['error'].get('message')}"
+        beat = a.get("last_heartbeat")
+        if beat:
+            line += f"  last heartbeat {beat['at']}: {json.dumps(beat['details'])}"
         lines.append(line)
+    if run.get("waiting"):
+        lines.append("waiting:")
+        for w in run["waiting"]:
+            key = f" key {json.dumps(w['key'])}" if w["key"] is not None else ""
+            until = f" until {w['deadline']}" if w["deadline"] else " (no timeout)"
+            lines.append(f"  {w['step_id']:<20} event {w['event']}{key}{until}")
+    if run.get("events_not_taken"):
+        lines.append("events not taken:")
+        for e in run["events_not_taken"]:
+            lines.append(
+                f"  #{e['id']:<8} {e['name']:<20} {e['created_at']}  {json.dumps(e['payload'])}"
+            )
     return "\n".join(lines)
 
 

@@ -19,10 +19,12 @@ __all__ = [
     "AttemptFinished",
     "Dispatch",
     "Event",
+    "EventTaken",
     "InlineResult",
     "Limits",
     "RunChanges",
     "StepResult",
+    "WaitStarted",
     "json_size",
     "rejected_run",
 ]
@@ -68,6 +70,10 @@ class Dispatch:
     params: Any
     timeout: float
     secret_paths: list[list[str | int]] = field(default_factory=list)
+    heartbeat_timeout: float | None = None  # the step's, when it must beat
+    # The attempt before this one, whose last heartbeat the engine hands to this one.
+    previous_attempt_id: UUID | None = None
+    last_heartbeat: Any = None  # the previous attempt's last heartbeat details
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,26 @@ class StepResult:
     token: bytes | None = None
 
 
+@dataclass(frozen=True)
+class WaitStarted:
+    """A wait step began listening: for events `event` sent to its run, or to `key`."""
+
+    step_id: str
+    attempt_id: UUID
+    event: str
+    key: str | None
+
+
+@dataclass(frozen=True)
+class EventTaken:
+    """A wait step took event `event_id`: written with the step's transition, so an event
+    is taken once by a run however often the commit is replayed."""
+
+    event_id: int
+    step_id: str
+    attempt_id: UUID
+
+
 @dataclass
 class RunChanges:
     """Everything one commit must write for one run, in order."""
@@ -124,6 +150,8 @@ class RunChanges:
     aborts: list[UUID] = field(default_factory=list)  # attempts to cancel on the workers
     # Attempts whose schedule_to_start passed: is a worker on them? (key, attempt, type)
     probes: list[tuple[str, UUID, str]] = field(default_factory=list)
+    waits: list[WaitStarted] = field(default_factory=list)  # to listen for, once committed
+    events_taken: list[EventTaken] = field(default_factory=list)
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
@@ -146,6 +174,8 @@ class RunChanges:
             dispatches=[d for d in self.dispatches if d.attempt_id not in ended] + later.dispatches,
             aborts=self.aborts + later.aborts,
             probes=self.probes + later.probes,
+            waits=self.waits + later.waits,
+            events_taken=self.events_taken + later.events_taken,
             output=later.output,
             error=later.error,
             started_at=self.started_at or later.started_at,

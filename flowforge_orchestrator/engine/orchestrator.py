@@ -12,6 +12,8 @@ blocking each other:
                             ONE statement; only after it is durable are attempts enqueued;
 * `Timekeeper` (timekeeper): the runs' next timers (`timers`), one loop sleeping until
                             the earliest;
+* `EventDelivery` (eventing): NOTIFY on `flowforge_events` -> the wait steps the new
+                            events concern take the oldest they may;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -38,9 +40,11 @@ from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult
 from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.core.tokens import AttemptTokens, RefusedResult, ResultVerifier
 from flowforge_orchestrator.engine.background import Background
+from flowforge_orchestrator.engine.beats import HeartbeatWatcher
 from flowforge_orchestrator.engine.cancels import CancellationWatcher
 from flowforge_orchestrator.engine.claimer import Claimer
 from flowforge_orchestrator.engine.committer import Committer
+from flowforge_orchestrator.engine.eventing import EventDelivery
 from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
@@ -54,6 +58,7 @@ from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.ops import health, metrics, sdnotify
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 from flowforge_orchestrator.queue.jobs import JobKeys
+from flowforge_orchestrator.store import events as store_events
 
 __all__ = ["Orchestrator", "run_orchestrator"]
 
@@ -98,6 +103,7 @@ class Orchestrator:
         self.dispatcher = dispatcher
         # Every read of results goes through it: only rows with their attempt's token count.
         self.verifier = ResultVerifier(tokens, on_refused=self._result_refused)
+        self.tokens = tokens
         self.clock = clock
         self.node = settings.node_id
         self.metrics = measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False))
@@ -114,6 +120,8 @@ class Orchestrator:
                 "flowforge_runs": self._on_run_notify,
                 "flowforge_results": self._on_result_notify,
                 "flowforge_cancel": self.cancels.on_notify,
+                "flowforge_completions": self._on_completion_notify,
+                "flowforge_events": self.events.on_notify,
             },
             on_connect=self._reconnected,
         )
@@ -173,6 +181,15 @@ class Orchestrator:
             self.metrics, self.runs, fetch=fetch, clock=clock, changed=changed, drop=drop
         )
         self.timekeeper = Timekeeper(self.runs, clock=clock, changed=changed, drop=drop)
+        self.heartbeats = HeartbeatWatcher(
+            self.pool,
+            self.dispatcher,
+            self.metrics,
+            self.runs,
+            clock=clock,
+            changed=changed,
+            drop=drop,
+        )
         self.reconciler = Reconciler(
             self.dispatcher,
             self.metrics,
@@ -183,6 +200,16 @@ class Orchestrator:
             changed=changed,
             drop=drop,
             spawn=self.background.spawn,
+            prepare=self.heartbeats.fill,
+        )
+        self.events = EventDelivery(
+            self.pool,
+            self.metrics,
+            self.runs,
+            retention=self.settings.event_retention,
+            clock=clock,
+            changed=changed,
+            drop=drop,
         )
         self.cancels = CancellationWatcher(
             self.pool,
@@ -208,9 +235,16 @@ class Orchestrator:
         if self.runs.notify(attempt_ids):
             self.results.wake.set()
 
+    def _on_completion_notify(self, payload: str) -> None:
+        """Payload: the attempt id a completion from outside names (sql/0013)."""
+        with contextlib.suppress(ValueError):
+            if self.runs.notify([UUID(payload)]):
+                self.results.wake.set()
+
     def _reconnected(self) -> None:
         self.metrics.reconciled("caught_up")
         self._catch_up()
+        self.events.look_again()
 
     def _catch_up(self) -> None:
         """After (re)connecting LISTEN: look for everything we may have missed."""
@@ -240,6 +274,8 @@ class Orchestrator:
             "leases": self.leases.loop,
             "poll": self._poll_loop,
             "timers": self.timekeeper.loop,
+            "events": self.events.loop,
+            "heartbeats": self.heartbeats.loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
@@ -284,12 +320,20 @@ class Orchestrator:
             await self.reconciler.redeliver()
             await self.cancels.missed()
             await self.reconciler.reconcile_jobs()
+            await self.events.poll()
 
     # -- results and commits -------------------------------------------------------------
 
     async def _fetch(self, wanted: list[UUID]) -> list[tuple[UUID, StepResult]]:
+        """The stored results of these attempts; for those handed off to another system
+        (their `handed_off` result says so), their completion too, after it."""
         async with self.pool.acquire() as conn:
-            return await store.fetch_results(conn, wanted, self.verifier)
+            found = await store.fetch_results(conn, wanted, self.verifier)
+            handed = [r.attempt_id for _, r in found if r.outcome == "handed_off"]
+            handed += [a for a in wanted if self.runs.is_handed_off(a) and a not in handed]
+            if handed:
+                found += await store_events.completions(conn, handed, self.tokens)
+            return found
 
     async def _commit_loop(self) -> None:
         while True:
@@ -312,6 +356,9 @@ class Orchestrator:
         self, owned: Owned, changes: RunChanges, answered: Collection[UUID], adopted: bool
     ) -> None:
         self._committed(owned, changes, answered)
+        self.events.listen(changes.run_id, owned.state.waiting())
+        if adopted:
+            self.runs.handed_off(changes.run_id, owned.state.handed_off())
         if adopted and self.runs.notify(owned.state.outstanding()):
             self.results.wake.set()  # results may have arrived while it was unowned
 
@@ -323,6 +370,7 @@ class Orchestrator:
         applied by the results loop, not sent to a worker a second time."""
         run_id = changes.run_id
         going_on = self.runs.committed(owned, changes, answered)
+        self.events.committed(run_id, changes)
         if changes.aborts:
             self.background.spawn(self.reconciler.abort(changes.aborts))
         if changes.probes:
@@ -347,6 +395,7 @@ class Orchestrator:
         self.metrics.reconciled("released" if give_back else "dropped")
         owned = self.runs.drop(run_id, give_back=give_back)
         self.timekeeper.discard(run_id)
+        self.events.forget(run_id)
         if give_back:
             self.background.spawn(self.leases.release_given_back())
         if owned is not None:

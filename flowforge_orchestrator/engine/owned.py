@@ -72,6 +72,10 @@ class OwnedRuns:
         self._monotonic = monotonic
         self._runs: dict[UUID, Owned] = {}
         self._sent: dict[UUID, dict[UUID, Sent]] = {}  # run -> its outstanding attempts
+        # run -> its attempts handed off to another system: outstanding too (a completion
+        # is routed like a result), but never delivered or reconciled with Redis again.
+        self._handed: dict[UUID, set[UUID]] = {}
+        self._beating: dict[UUID, UUID] = {}  # outstanding attempts that must beat -> run
         self._index: dict[UUID, UUID] = {}  # outstanding attempt -> its run
         self._dirty: set[UUID] = set()
         self._notified: set[UUID] = set()
@@ -108,6 +112,9 @@ class OwnedRuns:
         owned = self._runs.pop(run_id, None)
         for attempt_id in self._sent.pop(run_id, {}):
             del self._index[attempt_id]
+            self._beating.pop(attempt_id, None)
+        for attempt_id in self._handed.pop(run_id, ()):
+            del self._index[attempt_id]
         self._dirty.discard(run_id)
         return owned
 
@@ -142,6 +149,8 @@ class OwnedRuns:
         for dispatch in dispatches:
             sent[dispatch.attempt_id] = Sent(dispatch, now)
             self._index[dispatch.attempt_id] = run_id
+            if dispatch.heartbeat_timeout is not None:
+                self._beating[dispatch.attempt_id] = run_id
             if dispatch.attempt_id not in answered:
                 self._undelivered[dispatch.attempt_id] = None
 
@@ -166,13 +175,30 @@ class OwnedRuns:
         self.dispatched(run_id, changes.dispatches, answered=answered)
         return True
 
+    def handed_off(self, run_id: UUID, attempt_ids: Iterable[UUID]) -> None:
+        """These attempts of an owned run wait for a completion from outside: outstanding,
+        but no longer a worker's (nothing to deliver, nothing to look for in Redis)."""
+        if run_id not in self._runs:
+            return
+        handed = self._handed.setdefault(run_id, set())
+        for attempt_id in attempt_ids:
+            self._sent.get(run_id, {}).pop(attempt_id, None)
+            self._undelivered.pop(attempt_id, None)
+            self._beating.pop(attempt_id, None)
+            handed.add(attempt_id)
+            self._index[attempt_id] = run_id
+
     def run_of(self, attempt_id: UUID) -> UUID | None:
         """The owned run whose attempt this is, if it is outstanding."""
         return self._index.get(attempt_id)
 
     def attempts_of(self, run_id: UUID) -> list[UUID]:
         """The run's outstanding attempts."""
-        return list(self._sent.get(run_id, ()))
+        return [*self._sent.get(run_id, ()), *self._handed.get(run_id, ())]
+
+    def is_handed_off(self, attempt_id: UUID) -> bool:
+        run_id = self._index.get(attempt_id)
+        return run_id is not None and attempt_id in self._handed.get(run_id, ())
 
     def outstanding(self) -> dict[UUID, UUID]:
         """Every outstanding attempt -> its run (a copy of the index)."""
@@ -188,8 +214,16 @@ class OwnedRuns:
             if sent.at < moment
         }
 
+    def beating(self) -> list[tuple[UUID, Sent]]:
+        """Outstanding attempts of steps with a heartbeat_timeout: (run id, what was sent)."""
+        return [(run_id, self._sent[run_id][a]) for a, run_id in self._beating.items()]
+
     def _forget(self, run_id: UUID, attempt_id: UUID) -> None:
+        self._beating.pop(attempt_id, None)
         if self._sent.get(run_id, {}).pop(attempt_id, None) is not None:
+            del self._index[attempt_id]
+        elif attempt_id in self._handed.get(run_id, ()):
+            self._handed[run_id].discard(attempt_id)
             del self._index[attempt_id]
 
     # -- what waits to be done -----------------------------------------------------------

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from uuid import UUID
 
-from flowforge_orchestrator.core.records import StepResult
+from flowforge_orchestrator.core.records import Dispatch, StepResult
 from flowforge_orchestrator.engine.background import Spawn
 from flowforge_orchestrator.engine.owned import Drop, OwnedRuns
 from flowforge_orchestrator.ops import metrics
@@ -30,6 +30,8 @@ REDELIVERY_DELAY = 1.0  # seconds between tries of dispatches Redis refused
 
 # Read the stored results of these attempts: (run id, result) for each found.
 Fetch = Callable[[list[UUID]], Awaitable[list[tuple[UUID, StepResult]]]]
+Jobs = list[tuple[Dispatch, str | None]]  # dispatches to send, with their trace context
+Prepare = Callable[[Jobs], Awaitable[Jobs]]
 
 
 class Reconciler:
@@ -47,8 +49,10 @@ class Reconciler:
         changed: Callable[[UUID], None],
         drop: Drop,
         spawn: Spawn,
+        prepare: Prepare | None = None,
     ) -> None:
-        """`changed`: the run has changes to commit."""
+        """`changed`: the run has changes to commit; `prepare`: what completes jobs just
+        before they are sent (a retry's last heartbeat)."""
         self.dispatcher = dispatcher
         self.metrics = measures
         self._runs = runs
@@ -58,6 +62,7 @@ class Reconciler:
         self._changed = changed
         self._drop = drop
         self._spawn = spawn
+        self._prepare = prepare
         self._dispatch_failing = False  # Redis refused the last dispatches (warned once)
         self._redelivery_due = False  # a retry of the refused dispatches is scheduled
 
@@ -68,6 +73,8 @@ class Reconciler:
         todo = self._runs.take_undelivered()
         if not todo:
             return
+        if self._prepare is not None:
+            todo = await self._prepare(todo)
         outcomes = await self.dispatcher.dispatch_many(todo)
         failed = [
             d.attempt_id

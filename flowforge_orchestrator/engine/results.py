@@ -74,6 +74,13 @@ class ResultApplier:
             log.exception("run %s: applying a result failed", run_id, extra={"run_id": str(run_id)})
             self._drop(run_id, "internal error while applying a result", give_back=True)
             return
+        if result.outcome == "handed_off":
+            # Still running, elsewhere: its completion is routed like a result.
+            if result.attempt_id in owned.state.handed_off():
+                self._runs.handed_off(run_id, [result.attempt_id])
+            if applied:
+                self._changed(run_id)
+            return
         if applied:
             self._changed(run_id)
             self.metrics.observe_result(result, owned.state.step_type(result.step_id))

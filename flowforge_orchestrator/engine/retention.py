@@ -20,6 +20,7 @@ from uuid import UUID
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.ops.metrics import OrchestratorMetrics
+from flowforge_orchestrator.store import events as store_events
 
 __all__ = ["Retention"]
 
@@ -45,6 +46,7 @@ class Retention:
         self.pool = pool
         self.retention = settings.run_retention
         self.max_age = settings.outbox_max_age
+        self.event_retention = settings.event_retention
         self.metrics = metrics
         self.batch = batch
         # A quarter of the period, so a run outlives it by at most a quarter; never busier
@@ -67,8 +69,24 @@ class Retention:
         """One round: delete what expired (nothing when retention is 0), then sample the
         consumers' lag. Returns the runs deleted."""
         deleted = await self.delete_expired() if self.retention > 0 else 0
+        if self.retention > 0:
+            await self.delete_expired_events()
         await self.sample_lag()
         return deleted
+
+    async def delete_expired_events(self) -> None:
+        """Keyed events past FLOWFORGE_EVENT_RETENTION, completions past the run retention."""
+        for _ in range(BATCHES_PER_TICK):
+            async with self.pool.acquire() as conn:
+                events, completions = await store_events.delete_expired(
+                    conn,
+                    event_retention=self.event_retention,
+                    run_retention=self.retention,
+                    batch=self.batch,
+                )
+            if max(events, completions) < self.batch:
+                return
+            await asyncio.sleep(0)
 
     async def delete_expired(self) -> int:
         deleted = 0

@@ -248,6 +248,21 @@ class OrchestratorMetrics:
             "there is none (sampled).",
             registry=registry,
         )
+        self.waiting_steps = Gauge(
+            "flowforge_waiting_steps",
+            "Wait steps this orchestrator listens for (their runs' events).",
+            registry=registry,
+        )
+        self.events_received = Counter(
+            "flowforge_events_received",
+            "Events taken by wait steps of this orchestrator's runs.",
+            registry=registry,
+        )
+        self.heartbeats_missed = Counter(
+            "flowforge_heartbeats_missed",
+            "Attempts timed out because their worker stopped sending heartbeats.",
+            registry=registry,
+        )
         # Data lifecycle: retention and the outbox feed's consumers (engine/retention.py).
         self.retention_deleted = Counter(
             "flowforge_retention_deleted_rows",

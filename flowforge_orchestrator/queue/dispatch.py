@@ -102,6 +102,8 @@ def job_arguments(
         traceparent=traceparent,
         secret_paths=tuple(tuple(path) for path in dispatch.secret_paths),
         token=tokens.token(dispatch.attempt_id),
+        heartbeat_timeout=dispatch.heartbeat_timeout,
+        last_heartbeat=dispatch.last_heartbeat,
     )
     return keys.seal(job, queue_name(dispatch.step_type))
 

@@ -59,9 +59,17 @@ class Job:
     traceparent: str | None
     secret_paths: tuple[tuple[str | int, ...], ...]
     token: bytes  # the attempt's result token, written with its result
+    heartbeat_timeout: float | None = None
+    last_heartbeat: Any = None  # the previous attempt's last heartbeat details
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        # The heartbeat fields only when set: jobs of steps that do not beat read as before.
+        beats: dict[str, Any] = {}
+        if self.heartbeat_timeout is not None:
+            beats["heartbeat_timeout"] = self.heartbeat_timeout
+        if self.last_heartbeat is not None:
+            beats["last_heartbeat"] = self.last_heartbeat
+        return beats | {
             "attempt_id": str(self.attempt_id),
             "run_id": str(self.run_id),
             "step_id": self.step_id,
@@ -91,6 +99,9 @@ class Job:
         token = data.get("token")
         if not isinstance(token, str) or not _TOKEN.fullmatch(token):
             raise _malformed("field 'token' is not 32 hex digits")
+        beat = data.get("heartbeat_timeout")
+        if beat is not None and not (_is_number(beat) and 0 < beat < float("inf")):
+            raise _malformed("field 'heartbeat_timeout' is not a positive number")
         return cls(
             attempt_id=_uuid(data, "attempt_id"),
             run_id=_uuid(data, "run_id"),
@@ -102,6 +113,8 @@ class Job:
             traceparent=traceparent,
             secret_paths=_paths(data.get("secret_paths")),
             token=bytes.fromhex(token),
+            heartbeat_timeout=None if beat is None else float(beat),
+            last_heartbeat=data.get("last_heartbeat"),
         )
 
 

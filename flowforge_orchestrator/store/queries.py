@@ -264,7 +264,8 @@ events AS (
              to_status)
     WHERE run_id IN (SELECT id FROM owned)
 ),
--- Outputs of the steps the orchestrator ran itself, stored like a worker's result.
+-- Outputs of the steps the orchestrator ran itself, stored like a worker's result; and of
+-- the attempts completed from outside, which replace the worker's `handed_off` row.
 inline AS (
     INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
                                         worker, started_at, finished_at, token)
@@ -273,6 +274,17 @@ inline AS (
     FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::text[], $28::text[],
                 $29::text[], $30::timestamptz[])
         AS x(a, r, s, o, output, error, at)
+    WHERE r IN (SELECT id FROM owned)
+    ON CONFLICT (attempt_id, token) DO UPDATE
+        SET outcome = excluded.outcome, output = excluded.output, error = excluded.error,
+            worker = excluded.worker, finished_at = excluded.finished_at
+        WHERE flowforge.step_results.outcome = 'handed_off'
+),
+-- The events wait steps took (sql/0013): once per run, with the step's transition.
+taken AS (
+    INSERT INTO flowforge.event_consumptions (run_id, event_id, step_id, attempt_id)
+    SELECT r, e, s, a
+    FROM unnest($31::uuid[], $32::bigint[], $33::text[], $34::uuid[]) AS x(r, e, s, a)
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT DO NOTHING
 )

@@ -356,6 +356,7 @@ async def _write_changes(
         return {}
     events = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
     inline = [(o.changes.run_id, r) for o in batch for r in o.changes.inline_results]
+    taken = [(o.changes.run_id, t) for o in batch for t in o.changes.events_taken]
     rows = await conn.fetch(
         query,
         owner,
@@ -388,6 +389,10 @@ async def _write_changes(
         json_texts(r.output for _, r in inline),
         json_texts(r.error for _, r in inline),
         [r.at for _, r in inline],
+        [run_id for run_id, _ in taken],
+        [t.event_id for _, t in taken],
+        [t.step_id for _, t in taken],
+        [t.attempt_id for _, t in taken],
     )
     return {row["id"]: row["written"] for row in rows}
 

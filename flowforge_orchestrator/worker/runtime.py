@@ -19,7 +19,7 @@ import inspect
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from types import ModuleType
 from typing import Any, TypeVar, cast
@@ -36,6 +36,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core import jsonb
 from flowforge_orchestrator.core.destinations import DestinationPolicy
 from flowforge_orchestrator.core.expressions.templates import render_at
+from flowforge_orchestrator.core.jsonb import value_problem
 from flowforge_orchestrator.core.records import StepResult, json_size
 from flowforge_orchestrator.errors import (
     ConfigError,
@@ -55,6 +56,8 @@ from flowforge_orchestrator.queue.dispatch import (
 )
 from flowforge_orchestrator.queue.jobs import Job, JobKeys
 from flowforge_orchestrator.queue.woken import WakeableWorker
+from flowforge_orchestrator.store import events as store_events
+from flowforge_orchestrator.worker.heartbeats import Beat, Heartbeats
 from flowforge_orchestrator.worker.redaction import (
     Redactor,
     attempt_redaction,
@@ -67,6 +70,8 @@ from flowforge_orchestrator.worker.steps.http import run_http_step
 from flowforge_orchestrator.worker.steps.http_client import make_http_client
 
 __all__ = [
+    "HAND_OFF",
+    "HandOff",
     "StepContext",
     "StepFunction",
     "WorkerRuntime",
@@ -78,9 +83,26 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+class HandOff:
+    """What a step returns (`return ctx.hand_off()`) when another system finishes its work:
+    the attempt stays running until that system inserts its completion (`complete_attempt`
+    with the attempt id and `ctx.completion_token`), or until the step's timeout."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "HAND_OFF"
+
+
+HAND_OFF = HandOff()
+
+
 @dataclass(frozen=True)
 class StepContext:
-    """What a step function knows about the attempt it runs."""
+    """What a step function knows about the attempt it runs.
+
+    `last_heartbeat` is the details of the last heartbeat the previous attempt of this step
+    sent (None on a first attempt): a retried long job resumes where it was."""
 
     run_id: UUID
     step_id: str
@@ -89,6 +111,33 @@ class StepContext:
     timeout: float
     http: httpx.AsyncClient
     settings: Settings
+    token: bytes = field(default=b"", repr=False)
+    heartbeat_timeout: float | None = None
+    last_heartbeat: Any = None
+    beats: Heartbeats | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def completion_token(self) -> str:
+        """What the system this step hands its work to must send with its completion."""
+        return self.token.hex()
+
+    async def heartbeat(self, details: Any = None) -> None:
+        """Say the step is alive, with `details` of its progress (JSON). Cheap: the worker
+        writes each attempt's last beat in batches, not one write per call."""
+        if self.beats is None:
+            return
+        problem = value_problem(details)
+        if problem is not None:
+            raise StepError(
+                f"heartbeat details: {problem}", category="invalid_output", retryable=False
+            )
+        self.beats.beat(
+            Beat(self.run_id, self.attempt_id, self.token, details), self.heartbeat_timeout
+        )
+
+    def hand_off(self) -> HandOff:
+        """`return ctx.hand_off()`: another system completes this attempt (see HandOff)."""
+        return HAND_OFF
 
 
 StepFunction = Callable[[Any, StepContext], Awaitable[Any]]
@@ -207,6 +256,17 @@ class WorkerRuntime:
         self.node = settings.node_id
         self.queues: list[Worker] = []  # arq's workers, one per step type (set once built)
         self.results = ResultWriter(pool, in_progress=self._in_progress)
+        self.heartbeats = Heartbeats(self._write_beats)
+        self._beating: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start writing heartbeats in the background (until `close`)."""
+        if self._beating is None:
+            self._beating = asyncio.create_task(self.heartbeats.run(), name="heartbeats")
+
+    async def _write_beats(self, rows: Sequence[tuple[UUID, UUID, bytes, Any]]) -> int:
+        async with self.pool.acquire() as conn:
+            return await store_events.record_heartbeats(conn, rows)
 
     def _in_progress(self) -> int:
         """Jobs the arq workers took and have not finished: those whose results may join
@@ -214,6 +274,9 @@ class WorkerRuntime:
         return sum(w.job_counter for w in self.queues)
 
     async def close(self) -> None:
+        if self._beating is not None:
+            self._beating.cancel()
+            await asyncio.gather(self._beating, return_exceptions=True)
         await self.results.close()
         await self.http.aclose()
 
@@ -322,7 +385,13 @@ class WorkerRuntime:
             timeout=timeout,
             http=self.http,
             settings=self.settings,
+            token=job.token,
+            heartbeat_timeout=job.heartbeat_timeout,
+            last_heartbeat=job.last_heartbeat,
+            beats=self.heartbeats,
         )
+        if job.heartbeat_timeout is not None:
+            await ctx.heartbeat(job.last_heartbeat)  # started: the first beat
         try:
             params = job.params
             if job.secret_paths:  # only ever from a verified job: see open_job
@@ -335,11 +404,13 @@ class WorkerRuntime:
                 )
             async with asyncio.timeout(timeout):
                 output = await fn(params, ctx)
-            size = _output_size(output)
+            size = 0 if output is HAND_OFF else _output_size(output)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             return "failed", None, _error_of(exc, timeout)
+        if output is HAND_OFF:
+            return "handed_off", None, None
         if size > self.settings.max_output_bytes:
             too_large = PayloadTooLarge(
                 step_id=job.step_id,
@@ -467,6 +538,7 @@ async def run_worker(
     measures = measures or metrics.WorkerMetrics(metrics.new_registry())
     measures.serves(served)
     runtime = WorkerRuntime(settings, pool, types, keys, secrets, measures)
+    runtime.start()
     stop_redacting = redact_logs(runtime.redactor)
     try:
 

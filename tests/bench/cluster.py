@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.errors import DefinitionError
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
@@ -292,6 +293,17 @@ class Cluster:
         """Start from a checkpoint, so every repeat pays the same full-page images."""
         with contextlib.suppress(Exception):  # CHECKPOINT needs privileges a DSN may lack
             await self.conn.execute("CHECKPOINT")
+
+    poll_interval: float = Settings.model_fields["poll_interval"].default  # the orchestrator's
+
+    async def transactions(self) -> int:
+        """Transactions the database has served (commits and rollbacks, every session); the
+        statistics lag up to a second, so measure over longer than that."""
+        value = await self.conn.fetchval(
+            "SELECT xact_commit + xact_rollback FROM pg_stat_database"
+            " WHERE datname = current_database()"
+        )
+        return int(value)
 
     async def db_stats(self) -> dict[str, int]:
         """Cluster-wide counters: the WAL position (asyncpg reads a pg_lsn as the byte

@@ -38,7 +38,7 @@ from tests.bench.report import figures, format_table
 
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
-WORKLOADS = ("throughput", "latency", "fanout", "scale")
+WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked")
 QUICK_SCALE = 0.01
 
 
@@ -50,6 +50,8 @@ class Sizes:
     latency_runs: int = 50  # of 10 steps: 450 handoffs against 450 single raw jobs
     fanout_items: int = 1000
     scale_runs: int = 10_000
+    event_runs: int = 50  # one after the other: 50 event handoffs and 50 step handoffs
+    parked_runs: int = 10_000
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -104,6 +106,8 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
             "baseline": lambda: raw_batch(sizes.fanout_items),
         },
         "scale": {"engine": lambda: workloads.scale(cluster, sizes.scale_runs, timeout)},
+        "events": {"engine": lambda: workloads.events(cluster, sizes.event_runs, timeout)},
+        "parked": {"engine": lambda: workloads.parked(cluster, sizes.parked_runs, timeout)},
     }
     return table[name]
 

@@ -11,13 +11,14 @@ enqueue commit: the same machine, the same clock.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import defaultdict
 from itertools import pairwise
 from typing import Any
 
-from flowforge_orchestrator.client import enqueue
+from flowforge_orchestrator.client import enqueue, send_event
 from tests.bench.cluster import STEP_TYPE, Cluster
 from tests.bench.processes import WorkloadFailed, until
 
@@ -27,8 +28,12 @@ __all__ = [
     "DEFINITIONS",
     "FANOUT",
     "PARK",
+    "WAIT",
+    "WAIT_EVENT",
+    "events",
     "fanout",
     "latency",
+    "parked",
     "scale",
     "throughput",
 ]
@@ -37,6 +42,8 @@ CHAIN_5 = "bench-chain-5"
 CHAIN_10 = "bench-chain-10"
 FANOUT = "bench-fanout"
 PARK = "bench-park"
+WAIT = "bench-wait"  # parked on an event that never comes
+WAIT_EVENT = "bench-event"  # two steps, a wait, a step: the event's handoff and a step's
 _ENDED = ("completed", "failed", "cancelled")
 
 
@@ -67,6 +74,21 @@ DEFINITIONS: list[dict[str, Any]] = [
         ],
     },
     {"name": PARK, "version": 1, "steps": [{"id": "park", "type": "delay", "duration": "10m"}]},
+    {
+        "name": WAIT,
+        "version": 1,
+        "steps": [{"id": "park", "type": "wait", "event": "never", "key": "string(input.n)"}],
+    },
+    {
+        "name": WAIT_EVENT,
+        "version": 1,
+        "steps": [
+            {"id": "s1", "type": STEP_TYPE},
+            {"id": "s2", "type": STEP_TYPE, "depends_on": ["s1"]},
+            {"id": "w", "type": "wait", "event": "go", "depends_on": ["s2"]},
+            {"id": "s3", "type": STEP_TYPE, "depends_on": ["w"]},
+        ],
+    },
 ]
 
 
@@ -276,4 +298,66 @@ async def scale(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
         "rss_before_kib": rss_before,
         "rss_after_kib": rss_after,
         "rss_per_run_kib": (rss_after - rss_before) / runs,
+    }
+
+
+async def events(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
+    """Workload 5: `runs` runs one after the other, each a step, a step, a wait, a step. An
+    event's handoff is its insert's commit (the harness's clock) to the next step's
+    dispatch (the orchestrator's); a step's is step 1's result to step 2's dispatch, in the
+    same runs, for comparison."""
+    _require(cluster, WAIT_EVENT)
+    deadline = time.monotonic() + timeout
+    sent_at: dict[Any, float] = {}
+    for i in range(runs):
+        run = await enqueue(cluster.conn, WAIT_EVENT, {"n": i})
+
+        async def waiting(run_id: Any = run.id) -> bool:
+            found = await cluster.conn.fetchval(
+                "SELECT count(*) FROM flowforge.outbox WHERE run_id = $1 AND type = 'step.waiting'",
+                run_id,
+            )
+            return bool(found)
+
+        left = max(0.0, deadline - time.monotonic())
+        await until(waiting, left, f"run {i + 1} never waited", interval=0.005, alive=cluster.check)
+        await send_event(cluster.conn, "go", {"i": i}, run_id=run.id)
+        sent_at[run.id] = time.time()
+    await _wait_ended(cluster, runs, max(1.0, deadline - time.monotonic()))
+    await _expect(cluster, "completed")
+    rows = await cluster.conn.fetch(
+        "SELECT a.run_id, a.step_id, a.dispatched_at, r.finished_at FROM flowforge.step_attempts a "
+        "LEFT JOIN flowforge.step_results r ON r.attempt_id = a.id"
+    )
+    by_run: dict[Any, dict[str, Any]] = defaultdict(dict)
+    for row in rows:
+        by_run[row["run_id"]][row["step_id"]] = row
+    event_ms, step_ms = [], []
+    for run_id, steps in by_run.items():
+        s1, s2, s3 = steps["s1"], steps["s2"], steps["s3"]
+        step_ms.append((s2["dispatched_at"] - s1["finished_at"]).total_seconds() * 1000)
+        event_ms.append((s3["dispatched_at"].timestamp() - sent_at[run_id]) * 1000)
+    return {"runs": runs, "event_to_dispatch_ms": event_ms, "result_to_dispatch_ms": step_ms}
+
+
+async def parked(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
+    """Workload 6: `runs` runs each waiting on an event that never comes, claimed by a fresh
+    orchestrator: its RSS per parked run, and the transactions the database serves per slow
+    poll while they wait (what parked runs cost it: no query per run)."""
+    _require(cluster, WAIT)
+    orchestrator = await cluster.restart_orchestrator()
+    rss_before = orchestrator.rss_kb()
+    await _enqueue_all(cluster, WAIT, [{"n": i} for i in range(runs)])
+    waits = "SELECT count(*) FROM flowforge.outbox WHERE type = 'step.waiting'"
+    await _wait(cluster, waits, runs, timeout, f"{runs} runs not waiting")
+    rss_after = orchestrator.rss_kb()
+    await _expect(cluster, "running")
+    polls = 4 if runs >= 1000 else 1  # a quick run only checks the figure is there
+    before = await cluster.transactions()
+    await asyncio.sleep(polls * cluster.poll_interval)
+    after = await cluster.transactions()
+    return {
+        "runs": runs,
+        "rss_per_run_kib": (rss_after - rss_before) / runs,
+        "transactions_per_poll": (after - before) / polls,
     }

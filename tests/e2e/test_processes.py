@@ -179,12 +179,12 @@ class Cluster:
             FLOWFORGE_LEASE_SECONDS=str(lease_seconds),
         )
 
-    async def worker(self) -> Process:
+    async def worker(self, node: str = "w") -> Process:
         return await self.start(
-            "worker",
+            f"worker-{node}",
             ["worker", "--types-module", STEP_MODULE],
-            "worker w serving step types: echo, http, slow",
-            FLOWFORGE_NODE_ID="w",
+            f"worker {node} serving step types: beat, echo, http, slow",
+            FLOWFORGE_NODE_ID=node,
         )
 
     def stop_all(self) -> None:

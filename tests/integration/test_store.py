@@ -42,6 +42,10 @@ TABLES = {
     "concurrency_queue",
     "engine_secret",
     "cancel_requests",
+    "events",
+    "event_consumptions",
+    "step_completions",
+    "heartbeats",
     "outbox_consumers",
 }
 WF = CompiledWorkflow(

@@ -120,7 +120,7 @@ def test_unknown_types_are_only_checked_against_known_types() -> None:
     )
     assert message == (
         "unknown step type 'sms_send'; known types: condition, delay, email_send, http, "
-        "parallel, transform"
+        "parallel, transform, wait"
     )
 
 
@@ -657,7 +657,7 @@ def test_json_schema_for_editors() -> None:
     assert {"if", "then", "else"} <= set(defs["ConditionStep"]["properties"])
     assert defs["TaskStep"]["properties"]["id"]["pattern"] == r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
     assert defs["TaskStep"]["properties"]["type"]["not"] == {
-        "enum": ["condition", "delay", "parallel", "transform"]
+        "enum": ["condition", "delay", "parallel", "transform", "wait"]
     }
     duration = defs["DelayStep"]["properties"]["duration"]["anyOf"][0]
     assert "1h30m" in duration["description"] and "ISO 8601" in duration["description"]

@@ -327,3 +327,25 @@ RegistryMachine.TestCase.settings = settings(
     database=None, derandomize=True, deadline=None, max_examples=150, stateful_step_count=50
 )
 test_the_registry_agrees_with_a_model = RegistryMachine.TestCase
+
+
+def test_a_handed_off_attempt_stays_routed_but_is_never_delivered_or_reconciled() -> None:
+    runs = OwnedRuns(monotonic=lambda: 100.0)
+    run_id = uuid4()
+    first = dispatch(run_id)
+    assert runs.committed(owned(run_id), changes(run_id, dispatches=[first]))
+    runs.handed_off(run_id, [first.attempt_id])
+    runs.handed_off(uuid4(), [uuid4()])  # a run not owned keeps nothing
+
+    assert runs.is_handed_off(first.attempt_id)
+    assert runs.run_of(first.attempt_id) == run_id and index_is_the_union_of_outstanding_attempts(
+        runs
+    )
+    assert runs.take_undelivered() == [] and runs.sent_before(200.0) == {}
+    assert runs.notify([first.attempt_id]) and runs.take_notified() == [first.attempt_id]
+
+    assert runs.answered(run_id, first.attempt_id) is not None  # its completion applied
+    assert not runs.is_handed_off(first.attempt_id) and runs.outstanding() == {}
+    runs.handed_off(run_id, [first.attempt_id])
+    runs.finished(run_id)
+    assert runs.outstanding() == {} and index_is_the_union_of_outstanding_attempts(runs)

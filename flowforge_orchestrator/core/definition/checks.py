@@ -62,11 +62,11 @@ MAX_TEXT_CHARS = 1 << 20
 """Longest definition text (1 MiB)."""
 _MAX_REPORTED = 20  # problems of one kind worth listing
 
-BUILTIN_STEP_TYPES = frozenset({"http", "condition", "parallel", "delay", "transform"})
-INLINE_STEP_TYPES = frozenset({"condition", "parallel", "delay", "transform"})
+BUILTIN_STEP_TYPES = frozenset({"http", "condition", "parallel", "delay", "transform", "wait"})
+INLINE_STEP_TYPES = frozenset({"condition", "parallel", "delay", "transform", "wait"})
 # Union member labels pydantic puts in an error's loc; they are not keys of the data.
 UNION_TAGS = frozenset(
-    {"TaskStep", "ConditionStep", "ParallelStep", "DelayStep", "TransformStep"}
+    {"TaskStep", "ConditionStep", "ParallelStep", "DelayStep", "TransformStep", "WaitStep"}
     | {"JoinMode", "JoinAtLeast"}
 )
 ROOTS = frozenset({"input", "steps", "run"})
@@ -514,7 +514,7 @@ def _templated(params: dict[str, Any], loc: tuple[int | str, ...]) -> bool:
     return isinstance(node, str) and "${{" in node
 
 
-_BARE_FIELDS = {"condition": "if", "parallel": "for_each", "delay": "until"}
+_BARE_FIELDS = {"condition": "if", "parallel": "for_each", "delay": "until", "wait": "key"}
 
 
 def _check_step_expressions(step: RawStep, ids: set[str], problems: Problems) -> None:

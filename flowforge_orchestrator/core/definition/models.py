@@ -60,6 +60,7 @@ __all__ = [
     "StepBase",
     "TaskStep",
     "TransformStep",
+    "WaitStep",
     "WorkflowDefinition",
     "child_lists",
     "compile_definition",
@@ -243,9 +244,16 @@ class TaskStep(StepBase):
 
     type: str = Field(
         pattern=STEP_TYPE_PATTERN,
-        json_schema_extra={"not": {"enum": ["condition", "delay", "parallel", "transform"]}},
+        json_schema_extra={
+            "not": {"enum": ["condition", "delay", "parallel", "transform", "wait"]}
+        },
     )
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
+    heartbeat_timeout: PositiveDuration | None = Field(
+        default=None,
+        description="The step must call ctx.heartbeat() at least this often once started; "
+        "an attempt that stops beating fails with heartbeat_timeout (retried by policy).",
+    )
 
     @field_validator("type")
     @classmethod
@@ -332,6 +340,18 @@ class DelayStep(StepBase):
         return self
 
 
+class WaitStep(StepBase):
+    """Waits for the external event `event`: one sent to this run, or sent by correlation
+    key when `key` (bare CEL, evaluated once when the step starts) is set. Its output is the
+    event (name, key, payload, id, received_at). Without an event before `timeout` (its own:
+    the workflow's default step timeout does not apply to waits) the step fails with
+    `event_timeout`, which is not retried unless `retry_on` names it."""
+
+    type: Literal["wait"]
+    event: str = Field(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:/-]+$")
+    key: str | None = None
+
+
 class TransformStep(StepBase):
     """Its output is the template `output` rendered against the context; no worker involved."""
 
@@ -344,6 +364,7 @@ _STEP_TAGS = {
     "parallel": "ParallelStep",
     "delay": "DelayStep",
     "transform": "TransformStep",
+    "wait": "WaitStep",
 }
 
 
@@ -357,7 +378,8 @@ Step = Annotated[
     | Annotated[ConditionStep, Tag("ConditionStep")]
     | Annotated[ParallelStep, Tag("ParallelStep")]
     | Annotated[DelayStep, Tag("DelayStep")]
-    | Annotated[TransformStep, Tag("TransformStep")],
+    | Annotated[TransformStep, Tag("TransformStep")]
+    | Annotated[WaitStep, Tag("WaitStep")],
     Discriminator(step_tag),
 ]
 """Any step; the `type` picks the model, every non-control type is a `TaskStep`."""
@@ -452,7 +474,7 @@ for _model in (ConditionStep, ParallelStep, WorkflowDefinition):
 
 @dataclass(frozen=True)
 class CompiledExpressions:
-    """Compiled expressions keyed by (step id, field): `if`, `for_each`, `until` are
+    """Compiled expressions keyed by (step id, field): `if`, `for_each`, `until`, `key` are
     `Expression`s; `with` and `output` are `Template`s. Workflow-level ones are attributes."""
 
     expressions: Mapping[tuple[str, str], Expression] = field(default_factory=dict)
@@ -476,6 +498,7 @@ def compile_definition(defn: WorkflowDefinition) -> CompiledExpressions:
             "if": getattr(step, "if_", None),
             "for_each": getattr(step, "for_each", None),
             "until": getattr(step, "until", None),
+            "key": step.key if isinstance(step, WaitStep) else None,
         }
         for name, source in bare.items():
             if source is not None:

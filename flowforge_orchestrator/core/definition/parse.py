@@ -22,6 +22,7 @@ from flowforge_orchestrator.core.definition.models import (
     ParallelStep,
     TaskStep,
     TransformStep,
+    WaitStep,
     WorkflowDefinition,
     step_tag,
 )
@@ -39,6 +40,7 @@ def _fields_for(step: dict[str, Any] | None) -> set[str]:
         "ParallelStep": ParallelStep,
         "DelayStep": DelayStep,
         "TransformStep": TransformStep,
+        "WaitStep": WaitStep,
     }
     model = WorkflowDefinition if step is None else models[step_tag(step)]
     return {info.alias or name for name, info in model.model_fields.items()}

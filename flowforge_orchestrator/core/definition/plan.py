@@ -16,6 +16,7 @@ from flowforge_orchestrator.core.definition.models import (
     Step,
     TaskStep,
     TransformStep,
+    WaitStep,
     WorkflowDefinition,
 )
 from flowforge_orchestrator.core.definition.urls import UrlTemplate, url_string
@@ -95,7 +96,7 @@ class CompiledWorkflow:
                 else:
                     self.children[step.id] = tuple(ListPlan.of(b) for b in step.branches or ())
             else:
-                assert isinstance(step, DelayStep)
+                assert isinstance(step, DelayStep | WaitStep)
         self.run_output = compiled.output
 
     def expression(self, step_id: str, field_name: str) -> Expression:

@@ -12,12 +12,13 @@ from datetime import datetime, timedelta
 from typing import Protocol
 from uuid import UUID
 
+from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.definition.plan import SECRET_ROOTS
 from flowforge_orchestrator.core.graph.context import Reading, context
 from flowforge_orchestrator.core.graph.ending import Ending, fail
 from flowforge_orchestrator.core.graph.failures import expression_error, invalid_output, measure
 from flowforge_orchestrator.core.graph.moves import begin_attempt, to
-from flowforge_orchestrator.core.graph.nodes import Node
+from flowforge_orchestrator.core.graph.nodes import Node, attempt_id
 from flowforge_orchestrator.core.records import Dispatch
 from flowforge_orchestrator.core.state import StepStatus
 from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, StepError
@@ -26,6 +27,8 @@ __all__ = [
     "Dispatching",
     "dispatch_new_attempt",
     "dispatch_of",
+    "hand_off",
+    "heartbeat_missed",
     "not_picked_up",
     "set_deadline",
     "timer_fired",
@@ -103,7 +106,58 @@ def dispatch_of(run: Dispatching, node: Node, now: datetime) -> Dispatch | None:
         params=params,
         timeout=timeout,
         secret_paths=run.workflow.secret_paths.get(step.id, []),
+        heartbeat_timeout=step.heartbeat_timeout if isinstance(step, TaskStep) else None,
+        previous_attempt_id=_previous_attempt(run, node),
     )
+
+
+def hand_off(run: Dispatching, node: Node, started: datetime, now: datetime) -> None:
+    """The worker handed the attempt to another system: it stays running, its deadline now
+    the step's timeout from when the worker started it, and waits for its completion."""
+    assert node.attempt_id is not None
+    node.handed_off = True
+    node.probing = False
+    timeout = run.workflow.definition.effective_timeout(node.step, run.limits.default_timeout)
+    run._timers.set(node, max(started + timedelta(seconds=timeout), now))
+    run._journal.emit(
+        now,
+        "step.handed_off",
+        StepStatus.RUNNING,
+        from_status=StepStatus.RUNNING,
+        step_id=node.key,
+        attempt_id=node.attempt_id,
+        data={"step_id": node.key, "attempt": node.attempt},
+    )
+
+
+def _previous_attempt(run: Dispatching, node: Node) -> UUID | None:
+    """The attempt before this one, for a beating step (its last beat goes to this one)."""
+    step = node.step
+    if node.attempt < 2 or not isinstance(step, TaskStep) or step.heartbeat_timeout is None:
+        return None
+    previous = node.attempt - 1
+    return attempt_id(run.run_id, node.key, previous, node.generation, run._incarnation)
+
+
+def heartbeat_missed(
+    run: Dispatching, node: Node | None, attempt: UUID, silent: float, now: datetime
+) -> bool:
+    """The attempt's worker has not beaten for `silent` seconds, over its heartbeat_timeout:
+    it fails with `heartbeat_timeout` (retried per policy) and is aborted on the worker.
+    False if the attempt is no longer current or out with a worker."""
+    if node is None or node.attempt_id != attempt or not node.with_worker:
+        return False
+    step = node.step
+    assert isinstance(step, TaskStep) and step.heartbeat_timeout is not None
+    error = StepError(
+        f"step '{node.key}': attempt {node.attempt} sent no heartbeat for {silent:.1f}s "
+        f"(heartbeat_timeout {step.heartbeat_timeout:g}s; did its worker stop?)",
+        category="heartbeat_timeout",
+        details={"heartbeat_timeout": step.heartbeat_timeout, "silent": round(silent, 3)},
+    ).to_dict()
+    run._journal.changes().aborts.append(attempt)
+    fail(run, node, error, now, status=StepStatus.TIMED_OUT)
+    return True
 
 
 def timer_fired(run: Dispatching, node: Node, now: datetime) -> None:
@@ -124,6 +178,15 @@ def timer_fired(run: Dispatching, node: Node, now: datetime) -> None:
 def _timed_out(run: Dispatching, node: Node, now: datetime) -> None:
     assert node.attempt_id is not None
     timeout = run.workflow.definition.effective_timeout(node.step, run.limits.default_timeout)
+    if node.handed_off:
+        error = StepError(
+            f"step '{node.key}': attempt {node.attempt} was handed off and not completed "
+            f"within its timeout of {timeout:g}s",
+            category="timeout",
+            details={"timeout": timeout, "handed_off": True},
+        ).to_dict()
+        fail(run, node, error, now, status=StepStatus.TIMED_OUT)
+        return
     waited = node.step.schedule_to_start or timeout
     error = StepError(
         f"step '{node.key}': attempt {node.attempt} had no result {waited + timeout:g}s "

@@ -15,7 +15,8 @@ here only (the graph, the redrive and the views all go through this module).
 * `steps`: by node key, each node that is not pending (or pending with attempts behind it:
   redriven) as `"<status letter><attempt>"` ("S1": succeeded on its first attempt), or as a
   dict when it has more to say: `e` its error, `t` its timer, `b` a condition's branch,
-  `x` a fan-out's size, `g` the generation of its attempt.
+  `x` a fan-out's size, `g` the generation of its attempt, `k` a running wait's key,
+  `h` a running attempt handed off to another system (1).
 * A running fan-out of one worker step packs its elements into its own entry: `i`, one
   letter per element ('p': pending, or saved on its own entry for an error or a retry
   timer) and `na`, the attempt numbers past 1 by element index.
@@ -77,6 +78,8 @@ class Saved:
     error: dict[str, Any] | None = None
     fire_at: datetime | None = None
     branch: str | None = None
+    wait_key: str | None = None
+    handed_off: bool = False
     items: int | None = None
     generation: int = 0
     elements: str | None = None  # a packed fan-out: one letter per element
@@ -143,13 +146,22 @@ def _encode(node: Node, *, full: bool = False) -> Entry:
         # Some failures are the orchestrator's verdict (a limit, a template, a join): no
         # worker result holds them, so the checkpoint does.
         extra["e"] = node.error
-    # A worker step's deadline is not saved: a restore gives its attempt a fresh one. Delays
-    # and retry backoffs are, so they end at their time whoever holds the run.
-    with_worker = isinstance(node.step, TaskStep) and node.status is not StepStatus.RETRYING
+    # A worker step's deadline is not saved: a restore gives its attempt a fresh one. Delays,
+    # retry backoffs and handed-off attempts' deadlines are, so they end at their time
+    # whoever holds the run.
+    with_worker = (
+        isinstance(node.step, TaskStep)
+        and node.status is not StepStatus.RETRYING
+        and not node.handed_off
+    )
     if node.fire_at is not None and not node.status.finished and not with_worker:
         extra["t"] = node.fire_at.isoformat()
     if node.branch is not None:
         extra["b"] = node.branch
+    if node.wait_key is not None and not node.status.finished:
+        extra["k"] = node.wait_key
+    if node.handed_off and not node.status.finished:
+        extra["h"] = 1
     if node.items is not None:
         extra["x"] = len(node.items)
     if node.generation:
@@ -211,6 +223,8 @@ def _decode(saved: str | Mapping[str, Any]) -> Saved:
         error=saved.get("e"),
         fire_at=datetime.fromisoformat(saved["t"]) if saved.get("t") else None,
         branch=saved.get("b"),
+        wait_key=saved.get("k"),
+        handed_off=bool(saved.get("h")),
         items=saved.get("x"),
         generation=int(saved.get("g", 0)),
         elements=saved.get("i"),

@@ -1,5 +1,5 @@
-"""How steps and lists start, and the steps the orchestrator runs itself: delay, condition,
-transform and parallel (its branches or fan-out started within `max_parallel`, judged by
+"""How steps and lists start, and the steps the orchestrator runs itself: delay, wait,
+condition, transform and parallel (its branches or fan-out started within `max_parallel`, judged by
 the join policy, `joins`, the losers cancelled). A worker step starts with its first
 attempt (`attempts`).
 
@@ -18,6 +18,7 @@ from flowforge_orchestrator.core.definition.models import (
     ParallelStep,
     TaskStep,
     TransformStep,
+    WaitStep,
 )
 from flowforge_orchestrator.core.expressions.templates import Expression, to_json_value
 from flowforge_orchestrator.core.graph.attempts import Dispatching, dispatch_new_attempt
@@ -35,6 +36,7 @@ from flowforge_orchestrator.core.graph.moves import begin_attempt, to
 from flowforge_orchestrator.core.graph.nodes import Node, Scope, kind_of, list_output
 from flowforge_orchestrator.core.graph.timers import iso
 from flowforge_orchestrator.core.graph.tree import expand
+from flowforge_orchestrator.core.records import WaitStarted
 from flowforge_orchestrator.core.state import StepStatus
 from flowforge_orchestrator.errors import ExpressionError, StepError
 
@@ -68,6 +70,8 @@ def start_node(run: Dispatching, node: Node, now: datetime) -> None:
             succeed(run, node, output, now, computed=True)
         elif isinstance(step, DelayStep):
             _start_delay(run, node, step, now)
+        elif isinstance(step, WaitStep):
+            _start_wait(run, node, step, now)
         elif isinstance(step, ConditionStep):
             _start_condition(run, node, now)
         else:
@@ -88,6 +92,31 @@ def _start_delay(run: Dispatching, node: Node, step: DelayStep, now: datetime) -
         succeed(run, node, {"waited_until": iso(now)}, now)
     else:
         run._timers.set(node, fire_at)
+
+
+MAX_WAIT_KEY = 1000  # characters, as the events table allows (sql/0013)
+
+
+def _start_wait(run: Dispatching, node: Node, step: WaitStep, now: datetime) -> None:
+    """Listen for the event: the key is computed now, once (an adopting replica reads it
+    from the checkpoint); the deadline is the wait's own `timeout`, if any."""
+    key = None
+    if step.key is not None:
+        expression = run.workflow.expression(step.id, "key")
+        value = evaluate(run, node, "key")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise expression.error(f"`key` must give a string or an integer, got {kind_of(value)}")
+        key = str(value)
+        if len(key) > MAX_WAIT_KEY:
+            raise expression.error(f"`key` gave {len(key)} characters; at most {MAX_WAIT_KEY}")
+    node.wait_key = key
+    deadline = now + timedelta(seconds=step.timeout) if step.timeout is not None else None
+    data = {"event": step.event, "key": key, "deadline": iso(deadline) if deadline else None}
+    to(run, node, StepStatus.RUNNING, now, "step.waiting", data=data)
+    if deadline is not None:
+        run._timers.set(node, deadline)
+    assert node.attempt_id is not None
+    run._journal.changes().waits.append(WaitStarted(node.key, node.attempt_id, step.event, key))
 
 
 def _timestamp(value: object, expression: Expression) -> datetime:

@@ -64,7 +64,12 @@ def succeed(
         changes.attempts_finished.append(
             AttemptFinished(node.attempt_id, StepStatus.SUCCEEDED, now, None)
         )
-    else:
+    if was_with_worker and node.handed_off:
+        # Completed from outside: the orchestrator stores what the worker did not.
+        changes.inline_results.append(
+            InlineResult(node.attempt_id, node.key, "succeeded", output, None, now)
+        )
+    elif not was_with_worker:
         changes.inline_results.append(
             InlineResult(node.attempt_id, node.key, "succeeded", output, None, now)
         )
@@ -89,6 +94,10 @@ def fail(
         run._journal.changes().attempts_finished.append(
             AttemptFinished(node.attempt_id, status, now, error)
         )
+        if node.handed_off:
+            run._journal.changes().inline_results.append(
+                InlineResult(node.attempt_id, node.key, "failed", None, error, now)
+            )
         if _retry(run, node, error, now, status):
             return
     event = "step.timed_out" if status is StepStatus.TIMED_OUT else "step.failed"

@@ -74,6 +74,7 @@ def to(
 def begin_attempt(run: Numbering, node: Node) -> None:
     """The node's next attempt, numbered and identified for the run's generation."""
     node.attempt += 1
+    node.handed_off = False
     node.generation = run._generation
     node.attempt_id = current_attempt_id(run, node)
 

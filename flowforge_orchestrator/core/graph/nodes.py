@@ -205,6 +205,8 @@ class Node:
     error: dict[str, Any] | None = None
     fire_at: datetime | None = None  # its timer: a delay's end, a deadline, a retry's start
     branch: str | None = None  # the condition's chosen list: "then" | "else"
+    wait_key: str | None = None  # a running wait's correlation key, computed as it started
+    handed_off: bool = False  # its attempt waits for a completion from outside
     children: list[Scope] = field(default_factory=list)
     items: list[Any] | None = None  # a for_each's elements
     join: JoinState | None = None

@@ -73,7 +73,8 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
 
 def _restore_node(run: Restoring, node: Node, entry: Saved, results: Results) -> None:
     node.status, node.attempt, node.error = entry.status, entry.attempt, entry.error
-    node.fire_at, node.branch = entry.fire_at, entry.branch
+    node.fire_at, node.branch, node.wait_key = entry.fire_at, entry.branch, entry.wait_key
+    node.handed_off = entry.handed_off
     node.generation = entry.generation
     if entry.attempt_id is not None:
         node.attempt_id = entry.attempt_id

@@ -10,7 +10,7 @@ of it, and each calling only those below it:
 
     run       RunState: the entry points, what the engine reads
     flow      the follow-up queue; lists and the run closing
-    control   steps and lists starting; delay, condition, transform, parallel (joins)
+    control   steps and lists starting; delay, wait, condition, transform, parallel (joins)
     attempts  worker attempts: dispatch, deadlines, schedule-to-start, timeouts
     ending    steps ending: succeed, fail (or retry), skip, cancel
     moves     one step's move: the event, the follow-up; attempt ids
@@ -20,7 +20,7 @@ of it, and each calling only those below it:
 
 How it moves: every entry point changes some nodes, and each node that finishes queues a
 follow-up (`followups`); `flow.drain` works the queue until nothing is left to decide.
-Control steps (condition, parallel, delay, transform) run here, in the orchestrator; leaf
+Control steps (condition, parallel, delay, wait, transform) run here, in the orchestrator; leaf
 steps are dispatched to workers.
 """
 
@@ -32,12 +32,14 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from flowforge_orchestrator.core.definition.models import DelayStep
+from flowforge_orchestrator.core.definition.models import DelayStep, WaitStep
 from flowforge_orchestrator.core.definition.plan import SECRET_ROOTS, CompiledWorkflow
 from flowforge_orchestrator.core.expressions.cost import Weight
 from flowforge_orchestrator.core.expressions.templates import Evaluator
 from flowforge_orchestrator.core.graph.attempts import (
     dispatch_of,
+    hand_off,
+    heartbeat_missed,
     not_picked_up,
     set_deadline,
     timer_fired,
@@ -58,8 +60,16 @@ from flowforge_orchestrator.core.graph.nodes import WITH_WORKER, Frame, Node, we
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
-from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult, json_size
+from flowforge_orchestrator.core.records import (
+    EventTaken,
+    Limits,
+    RunChanges,
+    StepResult,
+    WaitStarted,
+    json_size,
+)
 from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
+from flowforge_orchestrator.errors import StepError
 
 __all__ = ["SECRET_ROOTS", "CompiledWorkflow", "RunState"]
 
@@ -141,11 +151,21 @@ class RunState:
         return self._journal.seq
 
     def outstanding(self) -> list[UUID]:
-        """Attempts handed to workers and not yet answered."""
+        """Attempts handed to workers and not yet answered (handed-off ones included: their
+        completion is routed like a result)."""
         return [
             node.attempt_id
             for node in self._nodes.values()
             if node.attempt_id is not None and node.with_worker
+        ]
+
+    def handed_off(self) -> list[UUID]:
+        """Attempts a worker handed to another system: none is sent to a worker again;
+        each waits for its completion (or its deadline)."""
+        return [
+            node.attempt_id
+            for node in self._nodes.values()
+            if node.attempt_id is not None and node.with_worker and node.handed_off
         ]
 
     def step_status(self, key: str) -> StepStatus:
@@ -155,6 +175,21 @@ class RunState:
         """The type of the step at `key` ("?" once a finished fan-out forgot it)."""
         node = self._nodes.get(key)
         return node.step.type if node is not None else "?"
+
+    def waiting(self) -> list[WaitStarted]:
+        """The wait steps listening now: after a claim or an adoption, listen again."""
+        return [
+            WaitStarted(node.key, node.attempt_id, node.step.event, node.wait_key)
+            for node in self._nodes.values()
+            if node.attempt_id is not None
+            and node.status is StepStatus.RUNNING
+            and isinstance(node.step, WaitStep)
+        ]
+
+    def is_waiting(self, key: str, attempt_id: UUID) -> bool:
+        """Whether the wait step at `key` still listens with this attempt."""
+        node = self._nodes.get(key)
+        return node is not None and node.attempt_id == attempt_id and _is_waiting(node)
 
     def next_timer(self) -> datetime | None:
         """When `fire_timers` next has something to do (None: no timer is set)."""
@@ -205,7 +240,7 @@ class RunState:
         node = self._nodes.get(result.step_id)
         if node is None or node.attempt_id != result.attempt_id:
             return False
-        if node.status not in WITH_WORKER:
+        if node.status not in WITH_WORKER or (result.outcome == "handed_off" and node.handed_off):
             return False
         if node.status is StepStatus.DISPATCHED:
             to(
@@ -216,10 +251,36 @@ class RunState:
                 "step.started",
                 data={"worker": result.worker} if result.worker else None,
             )
+        if result.outcome == "handed_off":
+            hand_off(self, node, result.started_at or result.finished_at, now)
+            return True
         if result.outcome == "succeeded":
             succeed(self, node, result.output, now)
         else:
             fail(self, node, result.error or {"message": "step failed"}, now)
+        drain(self, now)
+        return True
+
+    def take_event(
+        self, key: str, attempt_id: UUID, event_id: int, output: object, now: datetime
+    ) -> bool:
+        """The wait step at `key` takes event `event_id` (its `output`: name, key, payload,
+        id, received_at): recorded as taken in this commit, and the step succeeds with it.
+        False if the step no longer waits with that attempt (nothing is recorded)."""
+        if self.status is not RunStatus.RUNNING or not self.is_waiting(key, attempt_id):
+            return False
+        node = self._nodes[key]
+        self._journal.emit(
+            now,
+            "step.event_received",
+            StepStatus.RUNNING,
+            from_status=StepStatus.RUNNING,
+            step_id=key,
+            attempt_id=attempt_id,
+            data={"step_id": key, "attempt": node.attempt, "event_id": event_id},
+        )
+        self._journal.changes().events_taken.append(EventTaken(event_id, key, attempt_id))
+        succeed(self, node, output, now)
         drain(self, now)
         return True
 
@@ -238,6 +299,8 @@ class RunState:
                 timer_fired(self, node, now)
             elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
                 succeed(self, node, {"waited_until": iso(now)}, now)
+            elif _is_waiting(node):
+                fail(self, node, _event_timeout(node), now)
         drain(self, now)
         return bool(due)
 
@@ -245,6 +308,15 @@ class RunState:
         """No worker took the attempt within its schedule_to_start: it times out (and is
         retried per policy). False if the attempt is no longer current."""
         if not not_picked_up(self, self._nodes.get(key), attempt, now):
+            return False
+        drain(self, now)
+        return True
+
+    def heartbeat_missed(self, key: str, attempt: UUID, silent: float, now: datetime) -> bool:
+        """The attempt's worker stopped beating `silent` seconds ago, past the step's
+        heartbeat_timeout: it times out (`heartbeat_timeout`, retried per policy). False if
+        the attempt is no longer current."""
+        if not heartbeat_missed(self, self._nodes.get(key), attempt, silent, now):
             return False
         drain(self, now)
         return True
@@ -267,3 +339,20 @@ class RunState:
         if self._input_weight is None:
             self._input_weight = weigh_capped(self.input)
         return self._input_weight
+
+
+def _is_waiting(node: Node) -> bool:
+    return node.status is StepStatus.RUNNING and isinstance(node.step, WaitStep)
+
+
+def _event_timeout(node: Node) -> dict[str, Any]:
+    step = node.step
+    assert isinstance(step, WaitStep)
+    return StepError(
+        f"step '{node.key}': no event '{step.event}'"
+        + (f" with key {node.wait_key!r}" if node.wait_key is not None else "")
+        + f" arrived within its timeout of {step.timeout:g}s",
+        category="event_timeout",
+        retryable=False,
+        details={"event": step.event, "key": node.wait_key, "timeout": step.timeout},
+    ).to_dict()
