@@ -105,7 +105,6 @@ class OwnedRuns:
     def adopt(self, run_id: UUID, owned: Owned) -> None:
         """The run is ours (again): its attempts, if any, are kept."""
         self._runs[run_id] = owned
-        self._sent.setdefault(run_id, {})
 
     def finished(self, run_id: UUID) -> Owned | None:
         """The run ended: it leaves, with its attempts and whatever waited for it."""
@@ -142,9 +141,11 @@ class OwnedRuns:
         """Committed attempts of an owned run are outstanding; each is to be delivered,
         unless `answered`: its result is stored already (an adopted run's), and is fetched
         rather than sent to a worker a second time. A run not owned keeps no attempt."""
-        sent = self._sent.get(run_id)
-        if sent is None:
+        dispatches = list(dispatches)
+        if run_id not in self._runs or not dispatches:
             return
+        # Made at the first dispatch: a run parked on a delay or an event holds none.
+        sent = self._sent.setdefault(run_id, {})
         now = self._monotonic()
         for dispatch in dispatches:
             sent[dispatch.attempt_id] = Sent(dispatch, now)
@@ -178,7 +179,8 @@ class OwnedRuns:
     def handed_off(self, run_id: UUID, attempt_ids: Iterable[UUID]) -> None:
         """These attempts of an owned run wait for a completion from outside: outstanding,
         but no longer a worker's (nothing to deliver, nothing to look for in Redis)."""
-        if run_id not in self._runs:
+        attempt_ids = list(attempt_ids)
+        if run_id not in self._runs or not attempt_ids:
             return
         handed = self._handed.setdefault(run_id, set())
         for attempt_id in attempt_ids:
@@ -220,8 +222,11 @@ class OwnedRuns:
 
     def _forget(self, run_id: UUID, attempt_id: UUID) -> None:
         self._beating.pop(attempt_id, None)
-        if self._sent.get(run_id, {}).pop(attempt_id, None) is not None:
+        attempts = self._sent.get(run_id)
+        if attempts is not None and attempts.pop(attempt_id, None) is not None:
             del self._index[attempt_id]
+            if not attempts:
+                del self._sent[run_id]
         elif attempt_id in self._handed.get(run_id, ()):
             self._handed[run_id].discard(attempt_id)
             del self._index[attempt_id]

@@ -13,19 +13,15 @@ Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any
 from uuid import UUID
 
 __all__ = ["Wait", "Waits"]
 
-_K = TypeVar("_K")
-_M = TypeVar("_M")
 
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Wait:
     """One started wait step: `step` is its key in the run (e.g. `approve` or `each[3]`)."""
 
@@ -36,67 +32,71 @@ class Wait:
     key: str | None
 
 
+# A run has a wait or a few, and a key usually one waiting run: the index keeps a lone
+# member as itself and only a crowd in a dict, so a million parked waits cost a million
+# small entries, not a million dicts (the parked-runs benchmark measures it).
+_Slot = Wait | dict[Any, Wait]
+
+
 class Waits:
-    """Waits by run and name, and by name and key; events held for uncommitted takes."""
+    """Waits by run, and by name and key; events held for uncommitted takes."""
 
     def __init__(self) -> None:
-        self._by_run: dict[UUID, dict[str, Wait]] = {}
-        self._by_run_name: dict[tuple[UUID, str], dict[str, Wait]] = defaultdict(dict)
-        self._by_key: dict[tuple[str, str], dict[tuple[UUID, str], Wait]] = defaultdict(dict)
+        self._by_run: dict[UUID, _Slot] = {}  # member key: the step
+        self._by_key: dict[tuple[str, str], _Slot] = {}  # member key: (run, step)
         self._held: dict[UUID, set[int]] = {}
+        self._count = 0
 
     def __len__(self) -> int:
-        return sum(len(steps) for steps in self._by_run.values())
+        return self._count
 
     def __iter__(self) -> Iterator[Wait]:
-        for steps in self._by_run.values():
-            yield from steps.values()
+        for slot in list(self._by_run.values()):
+            yield from _members(slot)
 
     def add(self, wait: Wait) -> None:
         """Start listening for `wait` (again, after an adoption: the same wait replaces
         itself)."""
         self.remove(wait.run_id, wait.step)
-        self._by_run.setdefault(wait.run_id, {})[wait.step] = wait
-        self._by_run_name[(wait.run_id, wait.name)][wait.step] = wait
+        _put(self._by_run, wait.run_id, wait.step, wait, lambda w: w.step)
         if wait.key is not None:
-            self._by_key[(wait.name, wait.key)][(wait.run_id, wait.step)] = wait
+            _put(self._by_key, (wait.name, wait.key), (wait.run_id, wait.step), wait, _run_step)
+        self._count += 1
 
     def get(self, run_id: UUID, step: str) -> Wait | None:
-        return self._by_run.get(run_id, {}).get(step)
+        return _get(self._by_run.get(run_id), step, lambda w: w.step)
 
     def remove(self, run_id: UUID, step: str) -> Wait | None:
         """Stop listening for one wait (it took an event, timed out, or was cancelled)."""
-        steps = self._by_run.get(run_id)
-        wait = steps.pop(step, None) if steps is not None else None
+        wait = _take(self._by_run, run_id, step, lambda w: w.step)
         if wait is None:
             return None
-        if not steps:
-            del self._by_run[run_id]
-        _discard(self._by_run_name, (run_id, wait.name), step)
         if wait.key is not None:
-            _discard(self._by_key, (wait.name, wait.key), (run_id, step))
+            _take(self._by_key, (wait.name, wait.key), (run_id, step), _run_step)
+        self._count -= 1
         return wait
 
     def drop_run(self, run_id: UUID) -> list[Wait]:
         """Forget a run's waits and held events (it ended, or is no longer owned here)."""
         self._held.pop(run_id, None)
         dropped = []
-        for step in list(self._by_run.get(run_id, {})):
-            wait = self.remove(run_id, step)
-            if wait is not None:
+        for wait in self.of_run(run_id):
+            if self.remove(run_id, wait.step) is not None:
                 dropped.append(wait)
         return dropped
 
     def of_run(self, run_id: UUID) -> list[Wait]:
-        return list(self._by_run.get(run_id, {}).values())
+        slot = self._by_run.get(run_id)
+        return list(_members(slot)) if slot is not None else []
 
     def concerned(self, run_id: UUID | None, name: str, key: str | None) -> list[Wait]:
         """The waits an event (addressed to `run_id`, or to `name` and `key`) may wake."""
         if run_id is not None:
-            return list(self._by_run_name.get((run_id, name), {}).values())
+            return [w for w in self.of_run(run_id) if w.name == name]
         if key is None:
             return []
-        return list(self._by_key.get((name, key), {}).values())
+        slot = self._by_key.get((name, key))
+        return list(_members(slot)) if slot is not None else []
 
     def hold(self, run_id: UUID, event_id: int) -> None:
         """`event_id` was handed to a wait of `run_id`; its take is not committed yet."""
@@ -119,10 +119,51 @@ class Waits:
             del self._held[run_id]
 
 
-def _discard(index: dict[_K, dict[_M, Wait]], key: _K, member: _M) -> None:
-    members = index.get(key)
-    if members is None:
-        return
-    members.pop(member, None)
-    if not members:
+def _run_step(wait: Wait) -> tuple[UUID, str]:
+    return (wait.run_id, wait.step)
+
+
+def _members(slot: _Slot) -> Iterator[Wait]:
+    if isinstance(slot, Wait):
+        yield slot
+    else:
+        yield from slot.values()
+
+
+def _put(
+    index: dict[Any, _Slot], key: Any, member: Any, wait: Wait, member_of: Callable[[Wait], Any]
+) -> None:
+    slot = index.get(key)
+    if slot is None:
+        index[key] = wait
+    elif isinstance(slot, Wait):
+        index[key] = {member_of(slot): slot, member: wait}
+    else:
+        slot[member] = wait
+
+
+def _get(slot: _Slot | None, member: Any, member_of: Callable[[Wait], Any]) -> Wait | None:
+    if slot is None:
+        return None
+    if isinstance(slot, Wait):
+        return slot if member_of(slot) == member else None
+    return slot.get(member)
+
+
+def _take(
+    index: dict[Any, _Slot], key: Any, member: Any, member_of: Callable[[Wait], Any]
+) -> Wait | None:
+    slot = index.get(key)
+    if slot is None:
+        return None
+    if isinstance(slot, Wait):
+        if member_of(slot) != member:
+            return None
         del index[key]
+        return slot
+    wait = slot.pop(member, None)
+    if len(slot) == 1:
+        (index[key],) = slot.values()
+    elif not slot:
+        del index[key]
+    return wait
