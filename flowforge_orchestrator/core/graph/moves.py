@@ -4,13 +4,12 @@ attempt gets its number and its derived id."""
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Protocol
 from uuid import UUID
 
-from flowforge_orchestrator.core.graph.followups import Finished, FollowUp
+from flowforge_orchestrator.core.graph.followups import Finished, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.nodes import Node, attempt_id
 from flowforge_orchestrator.core.graph.tree import Growing, forget_elements
@@ -31,7 +30,7 @@ class Moving(Growing, Numbering, Protocol):
     """What moving a step uses of the run."""
 
     _journal: Journal
-    _queue: deque[FollowUp]
+    _queue: FollowUps
 
 
 def to(

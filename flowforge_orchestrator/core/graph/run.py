@@ -26,7 +26,6 @@ steps are dispatched to workers.
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -53,7 +52,7 @@ from flowforge_orchestrator.core.graph.control import start_scope
 from flowforge_orchestrator.core.graph.ending import cancel_scope, fail, succeed
 from flowforge_orchestrator.core.graph.failures import run_timed_out
 from flowforge_orchestrator.core.graph.flow import drain, fail_run, finish, open_scopes
-from flowforge_orchestrator.core.graph.followups import Check, FollowUp
+from flowforge_orchestrator.core.graph.followups import Check, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import to
 from flowforge_orchestrator.core.graph.nodes import WITH_WORKER, Frame, Node, weigh_capped
@@ -118,7 +117,7 @@ class RunState:
         self._nodes: dict[str, Node] = {}
         self._packed: dict[str, Node] = {}  # see tree.Growing
         self._saved_alone: dict[str, Node] = {}
-        self._queue: deque[FollowUp] = deque()
+        self._queue = FollowUps()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
         self._root = new_scope(self, workflow.root, Frame(None), None)
         if checkpoint:
