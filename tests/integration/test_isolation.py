@@ -48,6 +48,14 @@ steps:
   - {id: after, type: transform, depends_on: [h], output: done}
 """
 
+GATED = """
+name: gated
+version: 1
+steps:
+  - {id: a, type: gate, with: {n: "${{ input.n }}"}}
+  - {id: b, type: transform, depends_on: [a], output: "${{ steps.a.output.n }}"}
+"""
+
 GOOD_RUNS = 50
 
 
@@ -127,15 +135,19 @@ async def test_a_run_refused_at_claim_fails_alone_and_the_others_complete(
 
 
 async def test_a_run_refused_mid_way_fails_after_its_last_stored_transition(
-    steps_engine: Engine, caplog: pytest.LogCaptureFixture
+    steps_engine: Engine, steps: Steps, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    await _register_all(steps_engine)
+    await steps_engine.register(GATED)
     bad = uuid4()
     # Its transform's success cannot be stored; everything before it was.
     await _poison(steps_engine.conn, bad, ("step.succeeded",))
-    await steps_engine.submit("good", {"n": -1}, run_id=bad)
-    good = await _submit_good(steps_engine)
+    await steps_engine.submit("gated", {"n": -1}, run_id=bad)
+    good = [await steps_engine.submit("gated", {"n": n}) for n in range(20)]
+    # Every first step held, then let go at once: their results arrive together, so the
+    # commit that the bad run's refused write is part of holds good runs too.
+    await wait_for(lambda: len(steps.started) == 21, message="not every step started")
+    steps.gate_open.set()
 
     await _all_completed(steps_engine, good)
 
