@@ -292,12 +292,8 @@ MUTATIONS: tuple[Mutation, ...] = (
     mutation(
         "a custom step's output over the limit is stored",
         "flowforge_orchestrator/worker/runtime.py",
-        "        if size > self.settings.max_output_bytes:\n"
-        "            too_large = PayloadTooLarge(\n"
-        "                step_id=job.step_id,\n",
-        "        if False:\n"
-        "            too_large = PayloadTooLarge(\n"
-        "                step_id=job.step_id,\n",
+        "        if size > self.settings.max_output_bytes:\n",
+        "        if False:\n",
         f"{T_WORKER}::test_a_custom_steps_output_over_the_limit_fails_its_attempt",
     ),
     mutation(

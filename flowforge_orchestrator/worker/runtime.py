@@ -355,17 +355,22 @@ class WorkerRuntime:
         # Outputs nested deeper than jsonb.MAX_DEPTH were refused already: this recursion
         # is bounded.
         output, error = redactor.value(output), redactor.value(error)
-        if output is not None:
-            size = json_size(output)
-            if size > self.settings.max_output_bytes:
-                too_large = PayloadTooLarge(
-                    step_id=job.step_id,
-                    what="the output",
-                    size=size,
-                    limit=self.settings.max_output_bytes,
-                )
-                return "failed", None, too_large.to_dict()
+        too_large = self._too_large(job, json_size(output)) if output is not None else None
+        if too_large is not None:
+            return "failed", None, too_large
         return outcome, output, error
+
+    def _too_large(self, job: Job, size: int) -> dict[str, Any] | None:
+        """The failure of an output of `size` bytes over the limit (None: within it)."""
+        if size > self.settings.max_output_bytes:
+            too_large = PayloadTooLarge(
+                step_id=job.step_id,
+                what="the output",
+                size=size,
+                limit=self.settings.max_output_bytes,
+            )
+            return too_large.to_dict()
+        return None
 
     async def _run(self, job: Job) -> tuple[str, Any, dict[str, Any] | None]:
         fn = self.types.get(job.type)
@@ -411,14 +416,9 @@ class WorkerRuntime:
             return "failed", None, _error_of(exc, timeout)
         if output is HAND_OFF:
             return "handed_off", None, None
-        if size > self.settings.max_output_bytes:
-            too_large = PayloadTooLarge(
-                step_id=job.step_id,
-                what="the output",
-                size=size,
-                limit=self.settings.max_output_bytes,
-            )
-            return "failed", None, too_large.to_dict()
+        too_large = self._too_large(job, size)
+        if too_large is not None:
+            return "failed", None, too_large
         return "succeeded", output, None
 
     async def _report(self, redactor: Redactor, result: StepResult) -> None:
