@@ -114,7 +114,11 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         except (NotFound, RedriveError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    where = f"from step '{args.from_step}'" if args.from_step else "from its failed steps"
+    where = (
+        f"from step '{args.from_step}'"
+        if args.from_step
+        else "from the steps that failed or were cancelled"
+    )
     print(f"run {args.run_id}: runs again {where} (redrive {count})")
     return 0
 

@@ -179,7 +179,7 @@ def test_run_and_worker_refuse_a_database_without_the_schema(
 
     result = cli(command)
 
-    assert result.code == 2
+    assert result.code == 3  # a server that cannot be used as it is
     assert "0001_initial" in result.err and "flowforge-orchestrator migrate" in result.err
 
 

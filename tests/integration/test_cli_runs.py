@@ -187,7 +187,7 @@ async def test_runs_watch_follows_a_run_until_it_ends(
     assert re.search(r"^└─ after +echo +succeeded +attempt 1", result.out, re.M)
 
 
-async def test_runs_watch_exits_1_when_the_run_fails_and_2_on_timeout(
+async def test_runs_watch_exits_1_when_the_run_fails_and_4_on_timeout(
     steps_engine: Engine, steps: Steps, cli: Cli
 ) -> None:
     await steps_engine.register(FAILING)
@@ -198,7 +198,7 @@ async def test_runs_watch_exits_1_when_the_run_fails_and_2_on_timeout(
     steps.release.set()
     failed = await cli("runs", "watch", str(run_id), "--timeout", "20")
 
-    assert timed_out.code == 2
+    assert timed_out.code == 4  # gave up waiting: not a usage error
     assert f"error: run {run_id} still running after 0.3s" in timed_out.err
     assert failed.code == 1
     assert "step.failed boom (attempt 1): ValueError: boom refuses" in failed.out

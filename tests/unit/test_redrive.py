@@ -132,7 +132,6 @@ def test_a_redriven_run_reruns_only_the_reset_steps_under_new_attempt_ids() -> N
     }
 
 
-
 DIAMOND = workflow(http("a"), http("b"), http("c", "a", "b"))
 
 
