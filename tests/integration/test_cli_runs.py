@@ -243,6 +243,23 @@ async def test_outbox_tail_prints_the_latest_events_and_follows_a_run_to_its_end
     assert types[0] == "step.dispatched" and types[-1] == "workflow.completed"
     assert "step.succeeded" in types
     assert re.search(rf"  {run_id}/\d+ +step\.succeeded  after \(attempt 1\)$", followed.out, re.M)
+    # Started mid-run: the latest event, then only newer ones, in order (never seq 1 late).
+    seqs = [int(line.split()[1].rsplit("/", 1)[1]) for line in followed.out.splitlines()]
+    assert seqs[0] == 2 and seqs == sorted(seqs) and len(seqs) == len(set(seqs)), seqs
+
+
+async def test_outbox_tail_follow_without_a_run_prints_the_latest_and_then_only_new_ones(
+    steps_engine: Engine, cli: Cli
+) -> None:
+    await completed_tree_run(steps_engine)
+    await completed_tree_run(steps_engine)
+
+    followed = await cli(
+        "outbox", "tail", "-n", "3", "-f", "--interval", "0.05", "--timeout", "0.5"
+    )
+
+    assert followed.code == 0
+    assert len(followed.out.splitlines()) == 3, followed.out  # not every older event after them
 
 
 async def test_runs_list_filters_by_workflow_status_and_time(
