@@ -407,9 +407,7 @@ class _Tail:
         self.printed = {p for p in self.printed if p > low}
 
 
-async def _start_tail(
-    conn: store.Connection, tail: _Tail, run_id: UUID | None, lines: int
-) -> None:
+async def _start_tail(conn: store.Connection, tail: _Tail, run_id: UUID | None, lines: int) -> None:
     """Print the latest `lines` events, and count every event of the window that following
     re-reads as seen: following prints only what is new, never the older events."""
     head = await reads.outbox_head(conn)

@@ -27,10 +27,12 @@ from flowforge_orchestrator.cli.follow import (
 )
 from flowforge_orchestrator.client import enqueue, redrive
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.durations import format_duration
 from flowforge_orchestrator.errors import ConfigError, NotFound, RedriveError
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.views.pictures import render_dot, render_mermaid
 from flowforge_orchestrator.views.render import MAX_ELEMENTS, render_tree
+from flowforge_orchestrator.views.tables import format_table
 
 __all__ = ["add_commands"]
 
@@ -133,15 +135,31 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
             until=args.until,
             limit=args.limit,
         )
-    for row in rows:
-        took = ""
-        if row["started_at"] and row["finished_at"]:
-            took = f"{(row['finished_at'] - row['started_at']).total_seconds():.2f}s"
-        print(
-            f"{row['id']}  {row['workflow_name']} v{row['workflow_version'] or '?'}  "
-            f"{row['status']:<9}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {took}".rstrip()
+    if args.json:
+        print(json.dumps([dict(row) for row in rows], indent=2, default=str))
+        return 0
+    print(
+        format_table(
+            ["run", "workflow", "status", "created", "took"],
+            [
+                [
+                    row["id"],
+                    f"{row['workflow_name']} v{row['workflow_version'] or '?'}",
+                    row["status"],
+                    f"{row['created_at'].astimezone():%Y-%m-%d %H:%M:%S}",
+                    _took(row["started_at"], row["finished_at"]),
+                ]
+                for row in rows
+            ],
         )
+    )
     return 0
+
+
+def _took(started: datetime | None, finished: datetime | None) -> str:
+    if started is None or finished is None:
+        return ""
+    return format_duration((finished - started).total_seconds())
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -225,6 +243,7 @@ def add_commands(sub: Subcommands) -> None:
         "--until", type=_when, help="created before: a duration ago (30m) or an ISO 8601 time"
     )
     listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true", help="the runs as a JSON array")
     export = add_command(
         runs, "export", cmd_export, "write finished runs with their history to a JSON-lines file"
     )

@@ -318,8 +318,14 @@ def test_definitions_list_shows_the_latest_version_of_each_workflow(
 
     assert result.code == 0
     assert result.out.splitlines() == [
-        "demo-order\tv1\tmax_concurrency=-",
-        "greet\tv2\tmax_concurrency=3",
+        "WORKFLOW    VERSION  MAX_CONCURRENCY",
+        "demo-order  v1       -",
+        "greet       v2       3",
+    ]
+    as_json = cli("definitions", "list", "--json")
+    assert [(d["name"], d["version"]) for d in json.loads(as_json.out)] == [
+        ("demo-order", 1),
+        ("greet", 2),
     ]
 
 
@@ -560,10 +566,11 @@ def test_runs_show_and_list(
     assert missing.err.strip() == f"error: no run with id {missing_id}"
 
     assert completed.code == 0
-    assert [line.split()[0] for line in completed.out.splitlines()] == [done_id]
+    assert completed.out.split()[:5] == ["RUN", "WORKFLOW", "STATUS", "CREATED", "TOOK"]
+    assert [line.split()[0] for line in completed.out.splitlines()[1:]] == [done_id]
     assert "demo-order v1  completed" in completed.out
-    assert [line.split()[0] for line in failures.out.splitlines()] == [failed_id]
-    assert {line.split()[0] for line in everything.out.splitlines()} == {
+    assert [line.split()[0] for line in failures.out.splitlines()[1:]] == [failed_id]
+    assert {line.split()[0] for line in everything.out.splitlines()[1:]} == {
         done_id,
         failed_id,
         other_id,

@@ -271,7 +271,7 @@ async def test_definitions_show_and_diff_print_stored_specs_as_yaml(
     assert missing.err.strip() == (
         "error: version 7 of workflow 'greet' is not registered (see `definitions list --all`)"
     )
-    assert [line.split("\t")[:2] for line in versions.out.splitlines()] == [
+    assert [line.split()[:2] for line in versions.out.splitlines()[1:]] == [
         ["greet", "v1"],
         ["greet", "v2"],
     ]

@@ -279,7 +279,11 @@ async def test_runs_list_filters_by_workflow_status_and_time(
     async def ids(*argv: str) -> list[str]:
         result = await cli("runs", "list", *argv)
         assert result.code == 0, result.err
-        return [line.split()[0] for line in result.out.splitlines()]
+        header, *lines = result.out.splitlines()
+        assert header.split() == ["RUN", "WORKFLOW", "STATUS", "CREATED", "TOOK"]
+        as_json = await cli("runs", "list", *argv, "--json")
+        assert [run["id"] for run in json.loads(as_json.out)] == [ln.split()[0] for ln in lines]
+        return [line.split()[0] for line in lines]
 
     assert await ids() == [str(done), str(old), str(older)]
     assert await ids("--since", "1h") == [str(done)]
