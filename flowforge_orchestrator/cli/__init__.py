@@ -8,7 +8,8 @@ this package adds its commands to the parser:
 * `definitions`: definitions apply|validate|schema|list|show|diff;
 * `runs`: submit, runs show|watch|list|cancel|retry;
 * `events`: events send|complete;
-* `ops`: doctor, config, outbox tail.
+* `ops`: doctor, config, outbox tail;
+* `dev`: servers, orchestrator, a worker and a folder of definitions in one command.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 import sys
 import traceback
 
-from flowforge_orchestrator.cli import daemons, definitions, events, ops, runs
+from flowforge_orchestrator.cli import daemons, definitions, dev, events, ops, runs
 from flowforge_orchestrator.cli.common import load_settings
 from flowforge_orchestrator.cli.failures import EXIT_USAGE, explain
 from flowforge_orchestrator.config import Settings
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_commands(sub)
     ops.add_commands(sub)
     daemons.add_demo(sub)
+    dev.add_commands(sub)
     return parser
 
 
@@ -66,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             return int(on_bad_settings(exc, args))
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    settings = dev.with_dev_servers(settings)  # no URLs set: those of a running `dev`, if any
     root = logging.getLogger()
     level = root.level
     handler = _logging(settings, args.verbose)

@@ -136,7 +136,8 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.database_url or not settings.redis_url:
         raise ConfigError(
             "the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL "
-            "(`flowforge-orchestrator run` prints them when it starts private servers)"
+            "(`flowforge-orchestrator dev` or `run` prints them when it starts private servers; "
+            "commands find the servers of a running `dev` by themselves)"
         )
     dsn, redis_url = settings.database_url, settings.redis_url
     settings = with_job_key(settings, create=False)

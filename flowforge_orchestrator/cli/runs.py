@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
 import json
 import os
@@ -45,6 +46,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--input is not valid JSON: {exc}") from exc
     async with connection(settings) as conn:
+        await _known_workflow(conn, args.workflow, args.version)
         run = await enqueue(
             conn,
             args.workflow,
@@ -58,6 +60,25 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         status = await follow_run(conn, run.id, out=sys.stdout, timeout=args.timeout)
     return 0 if status == "completed" else 1
+
+
+async def _known_workflow(conn: store.Connection, name: str, version: int | None) -> None:
+    """Refuse a workflow (or version) that is not registered before inserting anything,
+    with the registered names closest to a typo."""
+    if await store.get_definition(conn, name, version) is not None:
+        return
+    if version is not None and await store.get_definition(conn, name) is not None:
+        raise NotFound(
+            f"workflow '{name}' has no version {version} (see `definitions list {name}`)"
+        )
+    names = [row["name"] for row in await store.list_definitions(conn)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = (
+        f": did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else " (see `definitions list`)"
+    )
+    raise NotFound(f"workflow '{name}' is not registered{hint}")
 
 
 def _title(run: Mapping[str, object]) -> str:

@@ -333,8 +333,23 @@ def test_definitions_list_shows_the_latest_version_of_each_workflow(
 
 
 def test_submit_prints_the_run_id_and_honours_idempotency_keys(
-    cli: Callable[..., Result], env: str
+    cli: Callable[..., Result], env: str, tmp_path: Path
 ) -> None:
+    typo = cli("submit", "greet", "--input", "{}")  # nothing registered yet
+    assert cli("definitions", "apply", write(tmp_path / "v1.yaml", VALID)).code == 0
+    typo_after = cli("submit", "gret", "--input", "{}")
+    old_version = cli("submit", "greet", "--version", "4")
+    assert (typo.code, typo.err.strip()) == (
+        2,
+        "error: workflow 'greet' is not registered (see `definitions list`)",
+    )
+    assert (typo_after.code, typo_after.err.strip()) == (
+        2,
+        "error: workflow 'gret' is not registered: did you mean 'greet'?",
+    )
+    assert old_version.code == 2 and "'greet' has no version 4" in old_version.err
+    assert sql(env, "SELECT count(*) FROM flowforge.runs")[0][0] == 0  # nothing inserted
+
     plain = cli("submit", "greet", "--input", '{"user": 42}')
     keyed = cli("submit", "greet", "--input", '{"user": 1}', "--idempotency-key", "k-1")
     again = cli("submit", "greet", "--input", '{"user": 2}', "--idempotency-key", "k-1")
@@ -360,8 +375,9 @@ def test_submit_refuses_input_that_is_not_json(cli: Callable[..., Result], env: 
 
 
 def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
-    cli: Callable[..., Result], env: str
+    cli: Callable[..., Result], env: str, tmp_path: Path
 ) -> None:
+    assert cli("definitions", "apply", write(tmp_path / "v1.yaml", VALID)).code == 0
     run_id = cli("submit", "greet", "--input", "{}").out.strip()
 
     cancelled = cli("runs", "cancel", run_id, "--reason", "ordered twice")
