@@ -1,0 +1,124 @@
+"""`flowforge-orchestrator dev` as a person uses it: it comes up on private servers, applies
+a definition dropped into its folder, another terminal's `submit --wait` finds it without
+any URL, a changed file becomes a new version, and Ctrl-C leaves nothing running."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+CLI = Path(sys.executable).with_name("flowforge-orchestrator")
+
+HELLO = "name: hello\nversion: 1\nsteps:\n  - {id: greet, type: transform, output: {hi: 1}}\n"
+
+
+class Lines:
+    """A process's output lines, read by a thread, awaited with a deadline."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self.cond = threading.Condition()
+        assert proc.stdout is not None
+        self.thread = threading.Thread(target=self._read, args=(proc.stdout,), daemon=True)
+        self.thread.start()
+
+    def _read(self, stream: object) -> None:
+        for line in stream:  # type: ignore[attr-defined]
+            with self.cond:
+                self.lines.append(str(line).rstrip("\n"))
+                self.cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                found = [line for line in self.lines if text in line]
+                if found:
+                    return found[-1]
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line with {text!r} in:\n" + "\n".join(self.lines))
+                self.cond.wait(left)
+
+
+def _environment(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLOWFORGE_")}
+    env |= {"FLOWFORGE_DATA_DIR": str(data_dir), "FLOWFORGE_HTTP_PORT": "0"}
+    env["FLOWFORGE_LOG_FORMAT"] = "text"
+    return env
+
+
+def _accepting(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="flowforge-dev-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_dev_applies_a_folder_serves_other_terminals_and_stops_everything(workdir: Path) -> None:
+    folder, data_dir = workdir / "workflows", workdir / "data"
+    folder.mkdir()
+    env = _environment(data_dir)
+    proc = subprocess.Popen(
+        [str(CLI), "dev", "--definitions", str(folder), "--interval", "0.1"],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    out = Lines(proc)
+    try:
+        out.wait_for("export FLOWFORGE_REDIS_URL=")
+        session = json.loads((data_dir / "dev.json").read_text())
+        (folder / "hello.yaml").write_text(HELLO)
+        out.wait_for("registered hello version 1")
+
+        submitted = subprocess.run(
+            [str(CLI), "submit", "hello", "--wait", "--timeout", "60"],
+            cwd=workdir,
+            env=env,  # no URL: the running dev's servers are found in the data dir
+            capture_output=True,
+            text=True,
+            timeout=90,
+        )
+        assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+        assert "workflow.completed" in submitted.stdout
+
+        (folder / "hello.yaml").write_text(HELLO.replace("{hi: 1}", "{hi: 2}"))
+        out.wait_for("registered hello version 2")
+        (folder / "broken.yaml").write_text("name: broken\nversion: 1\nsteps: 7\n")
+        out.wait_for("broken.yaml")  # one bad file is reported; dev goes on
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    out.thread.join(timeout=5)
+    assert proc.stdout is not None
+    proc.stdout.close()
+    assert "FlowForge dev stopped" in out.lines
+    assert "Traceback" not in "\n".join(out.lines)
+    assert not (data_dir / "dev.json").exists()
+    for port in (session["postgres_port"], session["redis_port"]):
+        assert not _accepting(port), f"a server still listens on {port}"
