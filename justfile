@@ -54,6 +54,11 @@ fmt:
 typecheck:
     mypy
 
+# Everything local in one command: PostgreSQL and Redis in .flowforge/ (unless URLs are set),
+# the orchestrator, a worker, and ./workflows applied at start and whenever a file changes.
+dev *ARGS:
+    flowforge-orchestrator dev {{ARGS}}
+
 # Run the orchestrator daemon (private servers in .flowforge/ unless URLs are set).
 daemon *ARGS:
     flowforge-orchestrator run {{ARGS}}

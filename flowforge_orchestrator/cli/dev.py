@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,6 +215,8 @@ async def cmd_dev(settings: Settings, args: argparse.Namespace) -> int:
     from flowforge_orchestrator.engine.orchestrator import run_orchestrator
     from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 
+    if os.getcwd() not in sys.path:  # `--types-module steps` finds ./steps.py
+        sys.path.insert(0, os.getcwd())
     types = load_step_types(args.types_module)
     folder = Path(args.definitions)
     stop = asyncio.Event()
