@@ -241,11 +241,13 @@ class _Doctor:
         if self.redis_live is not None:
             idle = sorted(set(served) - self.redis_live)
             if idle:
+                # No worker running at all is as bad as none registered: nothing runs.
                 self.add(
                     "workers",
-                    "warn",
+                    "FAIL" if len(idle) == len(served) else "warn",
                     f"no running worker seen for: {', '.join(idle)} (no arq health check in "
-                    "Redis for their queues)",
+                    "Redis for their queues)"
+                    + (": nothing will run until one starts" if len(idle) == len(served) else ""),
                 )
 
 

@@ -192,9 +192,10 @@ async def test_doctor_finds_ungranted_tables_and_unserved_step_types(
         "worker with the --types-module that provides it",
     )
     assert ("ok", "registered step types: http (w-1)") in checks["workers"]
-    assert (
-        "warn",
-        "no running worker seen for: http (no arq health check in Redis for their queues)",
+    assert (  # registered once, none running now: a FAIL, like none registered
+        "FAIL",
+        "no running worker seen for: http (no arq health check in Redis for their queues): "
+        "nothing will run until one starts",
     ) in checks["workers"]
 
 
