@@ -22,6 +22,7 @@ from flowforge_orchestrator.cli.common import (
     with_job_key,
 )
 from flowforge_orchestrator.cli.config_view import mask_url
+from flowforge_orchestrator.cli.dev import watch_dev_servers
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.destinations import allow_loopback
 from flowforge_orchestrator.errors import ConfigError, ServiceUnavailable
@@ -148,10 +149,15 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     await require_redis(redis_url)
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    moved = asyncio.create_task(watch_dev_servers(settings, stop))
     try:
         await run_worker(settings, types, queues=args.queues or None, stop=stop, secrets=secrets())
     finally:
+        stop.set()
+        reason = await moved
         telemetry.shutdown_tracing()
+    if reason:  # its servers went away: a worker that polled on would wait forever
+        raise ServiceUnavailable(reason)
     return 0
 
 

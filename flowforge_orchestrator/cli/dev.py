@@ -31,7 +31,7 @@ from flowforge_orchestrator.core.definition.checks import BUILTIN_STEP_TYPES
 from flowforge_orchestrator.core.destinations import allow_loopback
 from flowforge_orchestrator.errors import FlowForgeError
 
-__all__ = ["DEV_FILE", "add_commands", "with_dev_servers"]
+__all__ = ["DEV_FILE", "add_commands", "watch_dev_servers", "with_dev_servers"]
 
 DEV_FILE = "dev.json"
 _SUFFIXES = (".yaml", ".yml", ".json")
@@ -77,6 +77,36 @@ def with_dev_servers(settings: Settings) -> Settings:
     return settings.model_copy(
         update={"database_url": session.database_url, "redis_url": session.redis_url}
     )
+
+
+def _serves(session: DevSession | None, settings: Settings) -> bool:
+    return (
+        session is not None
+        and _alive(session.pid)
+        and (session.database_url, session.redis_url) == (settings.database_url, settings.redis_url)
+    )
+
+
+async def watch_dev_servers(settings: Settings, stop: asyncio.Event, interval: float = 1.0) -> str:
+    """For a process using the servers of a running `dev` (found by `with_dev_servers`):
+    when that `dev` stops or its servers move, say why, set `stop` and return the reason;
+    never returns for servers that did not come from a `dev` (until `stop`)."""
+    if not _serves(_read_session(settings.data_dir), settings):
+        await stop.wait()
+        return ""
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), interval)
+        session = _read_session(settings.data_dir)
+        if not _serves(session, settings):
+            reason = (
+                "the `dev` whose servers this process used has stopped"
+                if session is None or not _alive(session.pid)
+                else f"the `dev` servers moved (now {session.redis_url}): start this again"
+            )
+            stop.set()
+            return reason
+    return ""
 
 
 def _free(port: int | None) -> int | None:

@@ -86,6 +86,7 @@ def test_dev_applies_a_folder_serves_other_terminals_and_stops_everything(workdi
         text=True,
     )
     out = Lines(proc)
+    worker: subprocess.Popen[str] | None = None
     try:
         out.wait_for("export FLOWFORGE_REDIS_URL=")
         session = json.loads((data_dir / "dev.json").read_text())
@@ -108,15 +109,35 @@ def test_dev_applies_a_folder_serves_other_terminals_and_stops_everything(workdi
         (folder / "broken.yaml").write_text("name: broken\nversion: 1\nsteps: 7\n")
         out.wait_for("broken.yaml")  # one bad file is reported; dev goes on
 
+        # A worker of another terminal, on the dev's servers without any URL...
+        worker = subprocess.Popen(
+            [str(CLI), "worker"],
+            cwd=workdir,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        worker_out = Lines(worker)
+        worker_out.wait_for("serving step types")
+
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
+        # ...says its servers went away and exits 3, instead of polling a dead Redis forever.
+        assert worker.wait(timeout=30) == 3
+        worker_out.thread.join(timeout=5)
+        assert worker_out.lines[-1] == (
+            "error: the `dev` whose servers this process used has stopped"
+        ), worker_out.lines
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        for process in (proc, worker):
+            if process is not None:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+                if process.stdout is not None:
+                    process.stdout.close()
     out.thread.join(timeout=5)
-    assert proc.stdout is not None
-    proc.stdout.close()
     assert "FlowForge dev stopped" in out.lines
     assert "Traceback" not in "\n".join(out.lines)
     assert not (data_dir / "dev.json").exists()
