@@ -33,7 +33,8 @@ from flowforge_orchestrator.errors import FlowForgeError
 
 __all__ = ["DEV_FILE", "add_commands", "watch_dev_servers", "with_dev_servers"]
 
-DEV_FILE = "dev.json"
+DEV_FILE = "dev.json"  # while a `dev` runs: its pid and servers
+PORTS_FILE = "dev-ports.json"  # kept: the next `dev` asks for the same ports
 _SUFFIXES = (".yaml", ".yml", ".json")
 
 
@@ -131,8 +132,7 @@ async def _servers(settings: Settings) -> AsyncIterator[tuple[Settings, int | No
         return
     from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 
-    last = _read_session(settings.data_dir)
-    ports = (last.postgres_port, last.redis_port) if last else (None, None)
+    ports = _last_ports(settings.data_dir)
     postgres = LocalPostgres(settings.data_dir / "postgres", port=_free(ports[0]))
     redis = LocalRedis(settings.data_dir / "redis", port=_free(ports[1]))
     with contextlib.ExitStack() as stack:
@@ -149,7 +149,23 @@ async def _servers(settings: Settings) -> AsyncIterator[tuple[Settings, int | No
                 "redis_url": settings.redis_url or redis.url,
             }
         )
+        _remember_ports(settings.data_dir, postgres.port, redis.port)
         yield live, postgres.port, redis.port
+
+
+def _last_ports(data_dir: Path) -> tuple[int | None, int | None]:
+    """The ports the private servers of the last `dev` had (None, None: none yet)."""
+    try:
+        data = json.loads((data_dir / PORTS_FILE).read_text(encoding="utf-8"))
+        return int(data["postgres"]), int(data["redis"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None, None
+
+
+def _remember_ports(data_dir: Path, postgres: int, redis: int) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"postgres": postgres, "redis": redis}) + "\n"
+    (data_dir / PORTS_FILE).write_text(text, encoding="utf-8")
 
 
 def _write_session(
@@ -199,16 +215,18 @@ class DefinitionWatcher:
         if existing is not None and existing.spec == store.definition_spec(definition):
             return f"{path.name}: {definition.name} version {definition.version} is up to date"
         latest = await store.get_definition(conn, definition.name)
-        for version in range((latest.version if latest else definition.version) + 1, 10**6):
+        assert latest is not None  # this name has at least the version just found
+        same = definition.model_copy(update={"version": latest.version})
+        if latest.spec == store.definition_spec(same):  # saved again, or dev restarted
+            return f"{path.name}: {definition.name} version {latest.version} is up to date"
+        for version in range(latest.version + 1, latest.version + 100):
             candidate = definition.model_copy(update={"version": version})
-            created, existing = await store.register_definition(conn, candidate)
+            created, _ = await store.register_definition(conn, candidate)
             if created:
                 return (
                     f"{path.name}: registered {definition.name} version {version} "
                     f"(changed; the file says version {definition.version})"
                 )
-            if existing is not None and existing.spec == store.definition_spec(candidate):
-                return f"{path.name}: {definition.name} version {version} is up to date"
         raise FlowForgeError(f"{path}: no free version for {definition.name}")  # pragma: no cover
 
     async def watch(self, dsn: str, stop: asyncio.Event, interval: float) -> None:

@@ -143,3 +143,29 @@ def test_dev_applies_a_folder_serves_other_terminals_and_stops_everything(workdi
     assert not (data_dir / "dev.json").exists()
     for port in (session["postgres_port"], session["redis_port"]):
         assert not _accepting(port), f"a server still listens on {port}"
+
+    # Started again, it asks for the same ports: exported URLs stay right.
+    again = subprocess.Popen(
+        [str(CLI), "dev", "--definitions", str(folder)],
+        cwd=workdir,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    again_out = Lines(again)
+    try:
+        again_out.wait_for("hello.yaml: hello version 2 is up to date")
+        second = json.loads((data_dir / "dev.json").read_text())
+        again.send_signal(signal.SIGINT)
+        assert again.wait(timeout=60) == 0
+    finally:
+        if again.poll() is None:
+            again.kill()
+            again.wait()
+        assert again.stdout is not None
+        again.stdout.close()
+    assert (second["postgres_port"], second["redis_port"]) == (
+        session["postgres_port"],
+        session["redis_port"],
+    )
