@@ -399,6 +399,19 @@ def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
     missing = cli("runs", "cancel", "00000000-0000-4000-8000-000000000000")
     assert missing.code == 1 and "there is no run" in missing.err
 
+    # A run cancelled while `user` ran: retried, it runs what was cancelled, and says so.
+    sql(
+        env,
+        "UPDATE flowforge.runs SET status = 'cancelled',"
+        """ checkpoint = '{"v": 2, "seq": 4, "steps": {"user": "C1"}}' WHERE id = $1""",
+        run_id,
+    )
+    retried = cli("runs", "retry", run_id)
+    assert (retried.code, retried.out.strip()) == (
+        0,
+        f"run {run_id}: runs again from the steps that failed or were cancelled (redrive 1)",
+    )
+
 
 # -- a real engine: orchestrator and worker subprocesses ------------------------------------
 
