@@ -54,8 +54,7 @@ fmt:
 typecheck:
     mypy
 
-# Everything local in one command: PostgreSQL and Redis in .flowforge/ (unless URLs are set),
-# the orchestrator, a worker, and ./workflows applied at start and whenever a file changes.
+# Everything local in one command: servers, orchestrator, a worker, ./workflows applied on change.
 dev *ARGS:
     flowforge-orchestrator dev {{ARGS}}
 
