@@ -29,6 +29,7 @@ from flowforge_orchestrator.cli.follow import (
 from flowforge_orchestrator.client import enqueue, redrive
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.durations import format_duration
+from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.errors import ConfigError, NotFound, RedriveError
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.views.pictures import render_dot, render_mermaid
@@ -37,7 +38,8 @@ from flowforge_orchestrator.views.tables import format_table
 
 __all__ = ["add_commands"]
 
-_STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
+# Every status a run can have, from the state machine: a status added there is accepted here.
+_STATUSES = [status.value for status in RunStatus]
 
 
 async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
