@@ -54,6 +54,10 @@ fmt:
 typecheck:
     mypy
 
+# Everything local in one command: servers, orchestrator, a worker, ./workflows applied on change.
+dev *ARGS:
+    flowforge-orchestrator dev {{ARGS}}
+
 # Run the orchestrator daemon (private servers in .flowforge/ unless URLs are set).
 daemon *ARGS:
     flowforge-orchestrator run {{ARGS}}

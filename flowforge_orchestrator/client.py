@@ -1,4 +1,5 @@
-"""Start a run from your own code, inside your own transaction; wake a waiting run; complete
+"""Start a run from your own code, inside your own transaction (an asyncpg connection, or a
+SQLAlchemy `AsyncSession` or `AsyncConnection` on the asyncpg driver); wake a waiting run; complete
 a step handed to your system; run a failed one again; read the outbox as a registered
 consumer (a relay), gap-free, in your transaction.
 
@@ -24,7 +25,8 @@ the orchestrators then.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from flowforge_orchestrator import store
@@ -33,8 +35,14 @@ from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
 from flowforge_orchestrator.core.redrive import redrive_checkpoint
 from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.store import events as store_events
+from flowforge_orchestrator.store.foreign import AnyConnection, driver_connection
+from flowforge_orchestrator.store.redrives import lock_run_to_redrive, redrive_run_text
+
+if TYPE_CHECKING:
+    from flowforge_orchestrator.store import tables
 
 __all__ = [
+    "AnyConnection",
     "EnqueuedRun",
     "FeedEvent",
     "complete_attempt",
@@ -44,9 +52,20 @@ __all__ = [
     "redrive",
     "register_consumer",
     "send_event",
+    "tables",
 ]
 
 FeedEvent = store.FeedEvent
+
+
+def __getattr__(name: str) -> ModuleType:
+    """`client.tables` (SQLAlchemy Core tables), imported when first used: commands that
+    never touch it do not pay for importing SQLAlchemy."""
+    if name == "tables":
+        from flowforge_orchestrator.store import tables
+
+        return tables
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -56,7 +75,7 @@ class EnqueuedRun:
 
 
 async def enqueue(
-    conn: store.Connection,
+    conn: AnyConnection,
     workflow: str,
     input: Any = None,
     *,
@@ -64,9 +83,11 @@ async def enqueue(
     version: int | None = None,
     idempotency_key: str | None = None,
 ) -> EnqueuedRun:
-    """Insert a pending run of `workflow` (latest version unless `version` is given)."""
+    """Insert a pending run of `workflow` (latest version unless `version` is given), in the
+    caller's transaction. `conn`: an asyncpg connection, or a SQLAlchemy `AsyncSession` or
+    `AsyncConnection` on the asyncpg driver."""
     run, created = await store.enqueue_run(
-        conn,
+        await driver_connection(conn),
         workflow,
         input,
         run_id=run_id,
@@ -76,29 +97,29 @@ async def enqueue(
     return EnqueuedRun(run, created)
 
 
-async def redrive(conn: store.Connection, run_id: UUID, *, from_step: str | None = None) -> int:
+async def redrive(conn: AnyConnection, run_id: UUID, *, from_step: str | None = None) -> int:
     """Run a failed or cancelled run again from its failed steps (or from `from_step`),
     keeping the outputs of the steps that succeeded; returns how many times it was redriven.
     The run goes back to pending under its own id, and its history goes on."""
-    async with conn.transaction():
-        run = await store.lock_run(conn, run_id)
+    driver = await driver_connection(conn)
+    async with driver.transaction():  # a savepoint inside the caller's transaction
+        run = await lock_run_to_redrive(driver, run_id)
         if run is None:
             raise NotFound(f"there is no run {run_id}")
-        if run["status"] not in ("failed", "cancelled"):
+        if run.status not in ("failed", "cancelled"):
             raise RedriveError(
-                f"run {run_id} is {run['status']}: only a failed or cancelled run runs again"
+                f"run {run_id} is {run.status}: only a failed or cancelled run runs again"
             )
-        name, version = run["workflow_name"], run["workflow_version"]
-        found = await store.get_definition(conn, name, version) if version else None
-        if found is None:
+        name, version = run.workflow_name, run.workflow_version
+        if run.spec is None:
             raise RedriveError(f"run {run_id}: workflow '{name}' v{version} is not registered")
-        workflow = CompiledWorkflow(parse_definition(found.spec, source=f"{name} v{version}"))
-        checkpoint = redrive_checkpoint(workflow, run["checkpoint"] or {}, from_step=from_step)
-        return await store.redrive_run(conn, run_id, checkpoint)
+        workflow = CompiledWorkflow(parse_definition(run.spec, source=f"{name} v{version}"))
+        checkpoint = redrive_checkpoint(workflow, run.checkpoint, from_step=from_step)
+        return await redrive_run_text(driver, run_id, checkpoint)
 
 
 async def send_event(
-    conn: store.Connection,
+    conn: AnyConnection,
     name: str,
     payload: Any = None,
     *,
@@ -110,11 +131,12 @@ async def send_event(
     its run's wait step starts is kept and taken when it does; a keyed event is kept for
     FLOWFORGE_EVENT_RETENTION. An unknown run id raises NotFound (and aborts the caller's
     transaction, like any failed statement)."""
-    return await store_events.send_event(conn, name, payload, run_id=run_id, key=key)
+    driver = await driver_connection(conn)
+    return await store_events.send_event(driver, name, payload, run_id=run_id, key=key)
 
 
 async def complete_attempt(
-    conn: store.Connection,
+    conn: AnyConnection,
     attempt_id: UUID,
     token: str,
     *,
@@ -125,7 +147,10 @@ async def complete_attempt(
     attempt's `ctx.completion_token`. An `error` is a dict with at least a `message` (and
     optionally `category`, `retryable`, `details`). The first valid completion counts; a
     late, duplicate or wrongly signed one changes nothing."""
-    return await store_events.complete_attempt(conn, attempt_id, token, output=output, error=error)
+    driver = await driver_connection(conn)
+    return await store_events.complete_attempt(
+        driver, attempt_id, token, output=output, error=error
+    )
 
 
 async def register_consumer(conn: store.Connection, name: str, *, from_now: bool = False) -> bool:

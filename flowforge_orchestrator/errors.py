@@ -9,6 +9,8 @@
     │   └── OwnershipLost         the run's epoch moved on: another replica owns it now
     ├── MigrationError            a migration file is missing, altered or failed
     ├── NotFound                  a run or definition that does not exist
+    ├── ServiceUnavailable        a server cannot be used: Redis unreachable, no schema
+    ├── WaitTimedOut              a command gave up waiting (`--timeout`)
     ├── InvalidEvent              an event or outside completion that cannot be sent as given
     ├── JobRefused                a job from the queue failed verification: it is not run
     └── StepError                 one attempt of a step failed (carries `category`, `retryable`)
@@ -36,9 +38,11 @@ __all__ = [
     "NotFound",
     "OwnershipLost",
     "PayloadTooLarge",
+    "ServiceUnavailable",
     "StepError",
     "StoreError",
     "TransientStoreError",
+    "WaitTimedOut",
 ]
 
 
@@ -143,6 +147,15 @@ class JobRefused(FlowForgeError):
 
 class RedriveError(FlowForgeError):
     """A run cannot be run again as asked (not failed or cancelled, no such step, ...)."""
+
+
+class ServiceUnavailable(FlowForgeError):
+    """A server a command needs cannot be used as it is: Redis unreachable or refusing us,
+    a database without the schema this code expects."""
+
+
+class WaitTimedOut(FlowForgeError):
+    """A command gave up waiting (`--timeout`) for what it follows: nothing is wrong with it."""
 
 
 class StepError(FlowForgeError):

@@ -19,6 +19,7 @@ __all__ = [
     "free_port",
     "migration_names",
     "poll",
+    "register_workflows",
     "stop_tasks",
     "verifier",
     "wait_for",
@@ -167,3 +168,15 @@ async def cancel_tasks(tasks: Iterable[asyncio.Task[Any]]) -> None:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     _raise_outcomes(tasks, cancelled_ok=True)
+
+
+async def register_workflows(conn: store.Connection, *names: str) -> None:
+    """A one-step definition (version 1) for each workflow name a test enqueues without
+    caring what it runs: the insert trigger refuses a run of an unknown workflow."""
+    for name in names:
+        spec = {
+            "name": name,
+            "version": 1,
+            "steps": [{"id": "a", "type": "transform", "output": 1}],
+        }
+        await store.insert_definition(conn, name, 1, spec, None)

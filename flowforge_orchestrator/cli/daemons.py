@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from secrets import token_urlsafe
 
 from pydantic import SecretStr
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import (
@@ -19,12 +21,14 @@ from flowforge_orchestrator.cli.common import (
     secrets,
     with_job_key,
 )
+from flowforge_orchestrator.cli.config_view import mask_url
+from flowforge_orchestrator.cli.dev import watch_dev_servers
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.destinations import allow_loopback
-from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.errors import ConfigError, ServiceUnavailable
 from flowforge_orchestrator.ops import sdnotify, telemetry
 
-__all__ = ["add_commands", "require_schema"]
+__all__ = ["add_commands", "require_redis", "require_schema"]
 
 
 def _stop_on_signals(stop: asyncio.Event) -> None:
@@ -67,10 +71,22 @@ async def require_schema(dsn: str) -> None:
     pending = await store.pending_migrations(dsn)
     if pending:
         names = ", ".join(f"{m.version:04d}_{m.name}" for m in pending)
-        raise ConfigError(
+        raise ServiceUnavailable(
             f"the database lacks migrations {names}: run `flowforge-orchestrator migrate` "
             "(or start with --migrate)"
         )
+
+
+async def require_redis(url: str, *, timeout: float = 5.0) -> None:
+    """Refuse to start on a Redis that does not answer now: a daemon outlives a Redis
+    restart, but one started against a wrong URL would wait for it forever."""
+    client = Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+    try:
+        await client.ping()
+    except (RedisError, OSError) as exc:
+        raise ServiceUnavailable(f"Redis unavailable at {mask_url(url)}: {exc}") from exc
+    finally:
+        await client.aclose()
 
 
 async def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
@@ -94,6 +110,8 @@ async def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
             await store.apply_migrations(need_db(live))
         else:
             await require_schema(need_db(live))
+        assert live.redis_url is not None
+        await require_redis(live.redis_url)
         stop = asyncio.Event()
         _stop_on_signals(stop)
         tasks = [asyncio.create_task(run_orchestrator(live, stop))]
@@ -119,20 +137,27 @@ async def cmd_worker(settings: Settings, args: argparse.Namespace) -> int:
     if not settings.database_url or not settings.redis_url:
         raise ConfigError(
             "the worker needs FLOWFORGE_DATABASE_URL and FLOWFORGE_REDIS_URL "
-            "(`flowforge-orchestrator run` prints them when it starts private servers)"
+            "(`flowforge-orchestrator dev` or `run` prints them when it starts private servers; "
+            "commands find the servers of a running `dev` by themselves)"
         )
-    dsn = settings.database_url
+    dsn, redis_url = settings.database_url, settings.redis_url
     settings = with_job_key(settings, create=False)
     console = settings.otel_console or args.otel_console
     telemetry.configure(service_name="flowforge-worker", console=console)
     types = load_step_types(args.types_module)
     await require_schema(dsn)
+    await require_redis(redis_url)
     stop = asyncio.Event()
     _stop_on_signals(stop)
+    moved = asyncio.create_task(watch_dev_servers(settings, stop))
     try:
         await run_worker(settings, types, queues=args.queues or None, stop=stop, secrets=secrets())
     finally:
+        stop.set()
+        reason = await moved
         telemetry.shutdown_tracing()
+    if reason:  # its servers went away: a worker that polled on would wait forever
+        raise ServiceUnavailable(reason)
     return 0
 
 

@@ -7,7 +7,7 @@ import difflib
 import json
 from collections.abc import Collection
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 
@@ -19,6 +19,7 @@ from flowforge_orchestrator.core.definition.models import (
     definition_json_schema,
 )
 from flowforge_orchestrator.core.definition.parse import parse_definition, parse_definition_text
+from flowforge_orchestrator.core.durations import format_duration
 from flowforge_orchestrator.errors import (
     ConfigError,
     DefinitionError,
@@ -27,6 +28,7 @@ from flowforge_orchestrator.errors import (
     NotFound,
 )
 from flowforge_orchestrator.store import reads
+from flowforge_orchestrator.views.tables import format_table
 
 __all__ = ["add_commands", "load_definition", "spec_yaml"]
 
@@ -39,8 +41,29 @@ def spec_yaml(spec: object) -> str:
         spec = store.definition_spec(parse_definition(spec))
     except FlowForgeError:
         pass  # a spec this version cannot read: shown as stored
+    spec = durations_as_written(spec)
     text: str = yaml.safe_dump(spec, sort_keys=False, allow_unicode=True, width=100)
     return text
+
+
+# Fields that hold a duration (stored as seconds), and fields whose values are the user's own
+# data, where a key named `timeout` means whatever the user means by it.
+_DURATIONS = frozenset(
+    {"timeout", "duration", "initial_interval", "max_interval"}
+    | {"schedule_to_start", "heartbeat_timeout"}
+)
+_OPAQUE = frozenset({"with", "output", "input", "data"})
+
+
+def durations_as_written(value: object, key: str | None = None) -> Any:
+    """A spec with its durations in the short form people write (`5m`, `2s`), not seconds."""
+    if isinstance(value, dict):
+        return {k: v if k in _OPAQUE else durations_as_written(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [durations_as_written(v, key) for v in value]
+    if key in _DURATIONS and isinstance(value, int | float) and not isinstance(value, bool):
+        return format_duration(float(value))
+    return value
 
 
 async def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
@@ -81,12 +104,18 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
                 raise NotFound(f"no workflow named '{args.name}' is registered")
         else:
             rows = await store.list_definitions(conn)
+    versions = bool(args.all or args.name)
+    if args.json:
+        print(json.dumps([dict(row) for row in rows], indent=2, default=str))
+        return 0
+    headers = ["workflow", "version", "max_concurrency"] + (["registered"] if versions else [])
+    table = []
     for row in rows:
-        limit = row["max_concurrency"] or "-"
-        line = f"{row['name']}\tv{row['version']}\tmax_concurrency={limit}"
-        if args.all or args.name:
-            line += f"\tregistered {row['created_at']:%Y-%m-%d %H:%M:%S}"
-        print(line)
+        line = [row["name"], f"v{row['version']}", row["max_concurrency"] or "-"]
+        if versions:
+            line.append(f"{row['created_at'].astimezone():%Y-%m-%d %H:%M:%S}")
+        table.append(line)
+    print(format_table(headers, table))
     return 0
 
 
@@ -147,6 +176,7 @@ def add_commands(sub: Subcommands) -> None:
     )
     listing.add_argument("name", nargs="?", help="every version of this workflow")
     listing.add_argument("--all", action="store_true", help="every version of every workflow")
+    listing.add_argument("--json", action="store_true", help="the listing as a JSON array")
     show = add_command(defs, "show", cmd_show, "print a registered definition as YAML")
     show.add_argument("name")
     show.add_argument("--version", type=int, default=None, help="default: the latest")

@@ -14,7 +14,7 @@ from uuid import UUID
 from flowforge_orchestrator import store
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow
-from flowforge_orchestrator.errors import FlowForgeError, NotFound
+from flowforge_orchestrator.errors import NotFound, WaitTimedOut
 from flowforge_orchestrator.store import events as store_events
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.views.render import MAX_ELEMENTS, StepNode, build_tree, render_tree
@@ -170,7 +170,7 @@ async def follow_run(
                 out.write("error: " + json.dumps(row["error"], indent=2) + "\n")
             return str(row["status"])
         if deadline is not None and loop.time() > deadline:
-            raise FlowForgeError(f"run {run_id} still {row['status']} after {timeout}s")
+            raise WaitTimedOut(f"run {run_id} still {row['status']} after {timeout}s")
         await asyncio.sleep(interval)
 
 

@@ -241,11 +241,13 @@ class _Doctor:
         if self.redis_live is not None:
             idle = sorted(set(served) - self.redis_live)
             if idle:
+                # No worker running at all is as bad as none registered: nothing runs.
                 self.add(
                     "workers",
-                    "warn",
+                    "FAIL" if len(idle) == len(served) else "warn",
                     f"no running worker seen for: {', '.join(idle)} (no arq health check in "
-                    "Redis for their queues)",
+                    "Redis for their queues)"
+                    + (": nothing will run until one starts" if len(idle) == len(served) else ""),
                 )
 
 
@@ -407,15 +409,28 @@ class _Tail:
         self.printed = {p for p in self.printed if p > low}
 
 
+async def _start_tail(conn: store.Connection, tail: _Tail, run_id: UUID | None, lines: int) -> None:
+    """Print the latest `lines` events, and count every event of the window that following
+    re-reads as seen: following prints only what is new, never the older events."""
+    head = await reads.outbox_head(conn)
+    window = await reads.outbox_events(
+        conn, run_id=run_id, after=max(0, head - _LOOKBACK), limit=_LOOKBACK
+    )
+    latest = await reads.outbox_events(conn, run_id=run_id, limit=lines) if lines > 0 else []
+    rows = sorted({row["position"]: row for row in [*latest, *window]}.items())
+    shown = [row for _, row in rows[-lines:]] if lines > 0 else []
+    tail.printed.update(position for position, _ in rows)
+    tail.printed.difference_update(row["position"] for row in shown)
+    tail.show(shown)
+    tail.cursor = max(tail.cursor, head, *(position for position, _ in rows))
+
+
 async def cmd_outbox_tail(settings: Settings, args: argparse.Namespace) -> int:
     tail = _Tail(args.run, args.json, set())
     loop = asyncio.get_running_loop()
     deadline = loop.time() + args.timeout if args.timeout else None
     async with connection(settings) as conn:
-        if args.lines > 0:
-            tail.show(await reads.outbox_events(conn, run_id=args.run, limit=args.lines))
-        if not tail.cursor:
-            tail.cursor = await reads.outbox_head(conn)
+        await _start_tail(conn, tail, args.run, args.lines)
         while args.follow and not tail.ended:
             if deadline is not None and loop.time() >= deadline:
                 break

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import gzip
 import json
 import os
@@ -27,14 +28,18 @@ from flowforge_orchestrator.cli.follow import (
 )
 from flowforge_orchestrator.client import enqueue, redrive
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.durations import format_duration
+from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.errors import ConfigError, NotFound, RedriveError
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.views.pictures import render_dot, render_mermaid
 from flowforge_orchestrator.views.render import MAX_ELEMENTS, render_tree
+from flowforge_orchestrator.views.tables import format_table
 
 __all__ = ["add_commands"]
 
-_STATUSES = ["pending", "running", "completed", "failed", "cancelled"]
+# Every status a run can have, from the state machine: a status added there is accepted here.
+_STATUSES = [status.value for status in RunStatus]
 
 
 async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
@@ -43,6 +48,7 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--input is not valid JSON: {exc}") from exc
     async with connection(settings) as conn:
+        await _known_workflow(conn, args.workflow, args.version)
         run = await enqueue(
             conn,
             args.workflow,
@@ -56,6 +62,25 @@ async def cmd_submit(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         status = await follow_run(conn, run.id, out=sys.stdout, timeout=args.timeout)
     return 0 if status == "completed" else 1
+
+
+async def _known_workflow(conn: store.Connection, name: str, version: int | None) -> None:
+    """Refuse a workflow (or version) that is not registered before inserting anything,
+    with the registered names closest to a typo."""
+    if await store.get_definition(conn, name, version) is not None:
+        return
+    if version is not None and await store.get_definition(conn, name) is not None:
+        raise NotFound(
+            f"workflow '{name}' has no version {version} (see `definitions list {name}`)"
+        )
+    names = [row["name"] for row in await store.list_definitions(conn)]
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.6)
+    hint = (
+        f": did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else " (see `definitions list`)"
+    )
+    raise NotFound(f"workflow '{name}' is not registered{hint}")
 
 
 def _title(run: Mapping[str, object]) -> str:
@@ -114,7 +139,11 @@ async def cmd_retry(settings: Settings, args: argparse.Namespace) -> int:
         except (NotFound, RedriveError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-    where = f"from step '{args.from_step}'" if args.from_step else "from its failed steps"
+    where = (
+        f"from step '{args.from_step}'"
+        if args.from_step
+        else "from the steps that failed or were cancelled"
+    )
     print(f"run {args.run_id}: runs again {where} (redrive {count})")
     return 0
 
@@ -129,15 +158,31 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
             until=args.until,
             limit=args.limit,
         )
-    for row in rows:
-        took = ""
-        if row["started_at"] and row["finished_at"]:
-            took = f"{(row['finished_at'] - row['started_at']).total_seconds():.2f}s"
-        print(
-            f"{row['id']}  {row['workflow_name']} v{row['workflow_version'] or '?'}  "
-            f"{row['status']:<9}  {row['created_at']:%Y-%m-%d %H:%M:%S}  {took}".rstrip()
+    if args.json:
+        print(json.dumps([dict(row) for row in rows], indent=2, default=str))
+        return 0
+    print(
+        format_table(
+            ["run", "workflow", "status", "created", "took"],
+            [
+                [
+                    row["id"],
+                    f"{row['workflow_name']} v{row['workflow_version'] or '?'}",
+                    row["status"],
+                    f"{row['created_at'].astimezone():%Y-%m-%d %H:%M:%S}",
+                    _took(row["started_at"], row["finished_at"]),
+                ]
+                for row in rows
+            ],
         )
+    )
     return 0
+
+
+def _took(started: datetime | None, finished: datetime | None) -> str:
+    if started is None or finished is None:
+        return ""
+    return format_duration((finished - started).total_seconds())
 
 
 async def cmd_export(settings: Settings, args: argparse.Namespace) -> int:
@@ -221,6 +266,7 @@ def add_commands(sub: Subcommands) -> None:
         "--until", type=_when, help="created before: a duration ago (30m) or an ISO 8601 time"
     )
     listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true", help="the runs as a JSON array")
     export = add_command(
         runs, "export", cmd_export, "write finished runs with their history to a JSON-lines file"
     )

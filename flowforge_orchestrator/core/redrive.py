@@ -2,7 +2,8 @@
 
 Pure, like the graph. The steps to run again are the failed, timed-out and cancelled ones
 (or, with `from_step`, that step and everything inside it), plus everything that depends on
-them in their list and every control step that contains them, up to the top level. The
+them in their list, every failed or cancelled step those depend on (a sibling cancelled by
+the failure), and every control step that contains them, up to the top level. The
 others keep their status and their stored outputs, which the steps run again read. A
 condition run again chooses again, so all of it is reset; a fan-out runs all its elements
 again (a finished fan-out keeps no per-element state).
@@ -90,10 +91,13 @@ def _spread(
             continue
         reset.add(step_id)
         todo.extend(lists[step_id].dependents[step_id])
+        # An upstream that failed or was cancelled runs again too: a step run again
+        # waits for every step it depends on to succeed, not for a cancelled sibling.
+        step = workflow.definition.step(step_id)
+        todo.extend(dep for dep in step.depends_on if dep in failed)
         owner = owners[step_id]
         if owner is not None:
             todo.append(owner)
-        step = workflow.definition.step(step_id)
         if isinstance(step, ConditionStep):
             todo.extend(_inside(step))
         else:  # a parallel runs its failed and cancelled branches again, keeps the others

@@ -18,7 +18,7 @@ import asyncpg
 from flowforge_orchestrator.core.definition.models import WorkflowDefinition
 from flowforge_orchestrator.core.records import RunChanges, StepResult
 from flowforge_orchestrator.core.tokens import ResultVerifier, StoredResult
-from flowforge_orchestrator.errors import StoreError
+from flowforge_orchestrator.errors import NotFound, StoreError
 from flowforge_orchestrator.store import queries as q
 from flowforge_orchestrator.store.db import json_texts
 from flowforge_orchestrator.store.migrations import pending_on
@@ -154,7 +154,13 @@ async def enqueue_run(
     the input travels as JSON text, so it needs none of our type codecs.
     """
     text = json.dumps(input if input is not None else {}, separators=(",", ":"))
-    new_id = await conn.fetchval(q.ENQUEUE_RUN, run_id, workflow, version, text, idempotency_key)
+    try:
+        new_id = await conn.fetchval(
+            q.ENQUEUE_RUN, run_id, workflow, version, text, idempotency_key
+        )
+    except asyncpg.ForeignKeyViolationError as exc:  # sql/0014: an unknown workflow
+        message, hint = getattr(exc, "message", str(exc)), getattr(exc, "hint", None)
+        raise NotFound(f"{message}: {hint}" if hint else message) from exc
     if new_id is not None:
         return new_id, True
     # The conflicting row is visible to this new statement (READ COMMITTED takes a new

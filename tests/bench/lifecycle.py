@@ -23,6 +23,7 @@ import asyncpg
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.local_services.postgres import LocalPostgres
+from tests.helpers import register_workflows
 
 EVENTS_PER_RUN = 10
 RESULTS_PER_RUN = 3
@@ -56,6 +57,7 @@ async def _wal(conn: asyncpg.Connection) -> int:
 
 
 async def _fill(conn: asyncpg.Connection, runs: int, per_tx: int) -> None:
+    await register_workflows(conn, "bench")  # a run of an unknown workflow is refused
     for _ in range(runs // per_tx):
         await conn.fetchval(WRITE_RUNS, per_tx, EVENTS_PER_RUN, RESULTS_PER_RUN)
 

@@ -8,6 +8,7 @@ from uuid import UUID, uuid4
 
 from flowforge_orchestrator import store
 from tests.chaos.audit import audit
+from tests.helpers import register_workflows
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 A1 = uuid4()
@@ -31,7 +32,9 @@ async def _run(
 ) -> UUID:
     run_id = uuid4()
     seqs = seqs or list(range(1, len(events) + 1))
-    # Runs are inserted pending (sql/0010_isolation.sql); the engine moves them on.
+    # Runs are inserted pending (sql/0010_isolation.sql), of a registered workflow (0014);
+    # the engine moves them on.
+    await register_workflows(conn, "w")
     await conn.execute("INSERT INTO flowforge.runs (id, workflow_name) VALUES ($1, 'w')", run_id)
     await conn.execute(
         "UPDATE flowforge.runs SET status = $2, checkpoint = $3 WHERE id = $1",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import asyncpg
 import pytest
 
 from tests.integration.conftest import Engine
@@ -15,11 +16,18 @@ OK = "name: ok\nversion: 1\nsteps:\n  - {id: a, type: transform, output: {n: 1}}
 
 async def test_a_run_pinned_to_an_unregistered_version_fails_alone(engine: Engine) -> None:
     await engine.register(OK)
-    # An API may pin the version itself; nothing checks it before the claim.
-    lost = await engine.conn.fetchval(
+    insert = (
         "INSERT INTO flowforge.runs (workflow_name, workflow_version, input)"
         " VALUES ('ok', 7, '{}') RETURNING id"
     )
+    # The insert trigger refuses it (sql/0014)...
+    with pytest.raises(asyncpg.ForeignKeyViolationError, match="'ok' version 7 is not registered"):
+        await engine.conn.fetchval(insert)
+    # ...and a row written behind the triggers' back (a restore, a hand edit) still fails
+    # alone at its claim.
+    async with engine.conn.transaction():
+        await engine.conn.execute("SET LOCAL session_replication_role = replica")
+        lost = await engine.conn.fetchval(insert)
     fine = await engine.submit("ok")
 
     run = await engine.finished(lost)

@@ -13,7 +13,7 @@ import pytest
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue, redrive
 from flowforge_orchestrator.config import Settings
-from tests.helpers import wait_for
+from tests.helpers import register_workflows, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 HOLD = "name: held\nversion: 1\nsteps:\n  - {id: busy, type: hold, with: {}}\n"
@@ -23,6 +23,7 @@ HOLD = "name: held\nversion: 1\nsteps:\n  - {id: busy, type: hold, with: {}}\n"
 async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     c = await store.connect(db_url)
     try:
+        await register_workflows(c, "w")
         yield c
     finally:
         await c.close()

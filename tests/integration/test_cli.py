@@ -179,7 +179,7 @@ def test_run_and_worker_refuse_a_database_without_the_schema(
 
     result = cli(command)
 
-    assert result.code == 2
+    assert result.code == 3  # a server that cannot be used as it is
     assert "0001_initial" in result.err and "flowforge-orchestrator migrate" in result.err
 
 
@@ -318,8 +318,14 @@ def test_definitions_list_shows_the_latest_version_of_each_workflow(
 
     assert result.code == 0
     assert result.out.splitlines() == [
-        "demo-order\tv1\tmax_concurrency=-",
-        "greet\tv2\tmax_concurrency=3",
+        "WORKFLOW    VERSION  MAX_CONCURRENCY",
+        "demo-order  v1       -",
+        "greet       v2       3",
+    ]
+    as_json = cli("definitions", "list", "--json")
+    assert [(d["name"], d["version"]) for d in json.loads(as_json.out)] == [
+        ("demo-order", 1),
+        ("greet", 2),
     ]
 
 
@@ -327,8 +333,23 @@ def test_definitions_list_shows_the_latest_version_of_each_workflow(
 
 
 def test_submit_prints_the_run_id_and_honours_idempotency_keys(
-    cli: Callable[..., Result], env: str
+    cli: Callable[..., Result], env: str, tmp_path: Path
 ) -> None:
+    typo = cli("submit", "greet", "--input", "{}")  # nothing registered yet
+    assert cli("definitions", "apply", write(tmp_path / "v1.yaml", VALID)).code == 0
+    typo_after = cli("submit", "gret", "--input", "{}")
+    old_version = cli("submit", "greet", "--version", "4")
+    assert (typo.code, typo.err.strip()) == (
+        2,
+        "error: workflow 'greet' is not registered (see `definitions list`)",
+    )
+    assert (typo_after.code, typo_after.err.strip()) == (
+        2,
+        "error: workflow 'gret' is not registered: did you mean 'greet'?",
+    )
+    assert old_version.code == 2 and "'greet' has no version 4" in old_version.err
+    assert sql(env, "SELECT count(*) FROM flowforge.runs")[0][0] == 0  # nothing inserted
+
     plain = cli("submit", "greet", "--input", '{"user": 42}')
     keyed = cli("submit", "greet", "--input", '{"user": 1}', "--idempotency-key", "k-1")
     again = cli("submit", "greet", "--input", '{"user": 2}', "--idempotency-key", "k-1")
@@ -354,8 +375,9 @@ def test_submit_refuses_input_that_is_not_json(cli: Callable[..., Result], env: 
 
 
 def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
-    cli: Callable[..., Result], env: str
+    cli: Callable[..., Result], env: str, tmp_path: Path
 ) -> None:
+    assert cli("definitions", "apply", write(tmp_path / "v1.yaml", VALID)).code == 0
     run_id = cli("submit", "greet", "--input", "{}").out.strip()
 
     cancelled = cli("runs", "cancel", run_id, "--reason", "ordered twice")
@@ -376,6 +398,19 @@ def test_runs_cancel_and_retry_say_what_they_did_and_what_they_cannot(
 
     missing = cli("runs", "cancel", "00000000-0000-4000-8000-000000000000")
     assert missing.code == 1 and "there is no run" in missing.err
+
+    # A run cancelled while `user` ran: retried, it runs what was cancelled, and says so.
+    sql(
+        env,
+        "UPDATE flowforge.runs SET status = 'cancelled',"
+        """ checkpoint = '{"v": 2, "seq": 4, "steps": {"user": "C1"}}' WHERE id = $1""",
+        run_id,
+    )
+    retried = cli("runs", "retry", run_id)
+    assert (retried.code, retried.out.strip()) == (
+        0,
+        f"run {run_id}: runs again from the steps that failed or were cancelled (redrive 1)",
+    )
 
 
 # -- a real engine: orchestrator and worker subprocesses ------------------------------------
@@ -560,10 +595,11 @@ def test_runs_show_and_list(
     assert missing.err.strip() == f"error: no run with id {missing_id}"
 
     assert completed.code == 0
-    assert [line.split()[0] for line in completed.out.splitlines()] == [done_id]
+    assert completed.out.split()[:5] == ["RUN", "WORKFLOW", "STATUS", "CREATED", "TOOK"]
+    assert [line.split()[0] for line in completed.out.splitlines()[1:]] == [done_id]
     assert "demo-order v1  completed" in completed.out
-    assert [line.split()[0] for line in failures.out.splitlines()] == [failed_id]
-    assert {line.split()[0] for line in everything.out.splitlines()} == {
+    assert [line.split()[0] for line in failures.out.splitlines()[1:]] == [failed_id]
+    assert {line.split()[0] for line in everything.out.splitlines()[1:]} == {
         done_id,
         failed_id,
         other_id,

@@ -8,7 +8,7 @@ import uuid
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
-from tests.helpers import wait_for
+from tests.helpers import register_workflows, wait_for
 from tests.integration.cli_helpers import Cli, cli
 from tests.integration.conftest import Engine
 
@@ -20,6 +20,7 @@ async def test_events_send_by_run_and_by_key_and_refuses_what_cannot_be_sent(
 ) -> None:
     conn = await store.connect(settings.database_url or "")
     try:
+        await register_workflows(conn, "anything")
         run = (await enqueue(conn, "anything", {})).id
         sent = await cli("events", "send", "approved", "--run", str(run), "--data", '{"by": "ann"}')
         assert sent.code == 0 and sent.out.startswith("event ") and sent.out.endswith(" sent\n")

@@ -187,7 +187,7 @@ async def test_runs_watch_follows_a_run_until_it_ends(
     assert re.search(r"^└─ after +echo +succeeded +attempt 1", result.out, re.M)
 
 
-async def test_runs_watch_exits_1_when_the_run_fails_and_2_on_timeout(
+async def test_runs_watch_exits_1_when_the_run_fails_and_4_on_timeout(
     steps_engine: Engine, steps: Steps, cli: Cli
 ) -> None:
     await steps_engine.register(FAILING)
@@ -198,7 +198,7 @@ async def test_runs_watch_exits_1_when_the_run_fails_and_2_on_timeout(
     steps.release.set()
     failed = await cli("runs", "watch", str(run_id), "--timeout", "20")
 
-    assert timed_out.code == 2
+    assert timed_out.code == 4  # gave up waiting: not a usage error
     assert f"error: run {run_id} still running after 0.3s" in timed_out.err
     assert failed.code == 1
     assert "step.failed boom (attempt 1): ValueError: boom refuses" in failed.out
@@ -243,6 +243,23 @@ async def test_outbox_tail_prints_the_latest_events_and_follows_a_run_to_its_end
     assert types[0] == "step.dispatched" and types[-1] == "workflow.completed"
     assert "step.succeeded" in types
     assert re.search(rf"  {run_id}/\d+ +step\.succeeded  after \(attempt 1\)$", followed.out, re.M)
+    # Started mid-run: the latest event, then only newer ones, in order (never seq 1 late).
+    seqs = [int(line.split()[1].rsplit("/", 1)[1]) for line in followed.out.splitlines()]
+    assert seqs[0] == 2 and seqs == sorted(seqs) and len(seqs) == len(set(seqs)), seqs
+
+
+async def test_outbox_tail_follow_without_a_run_prints_the_latest_and_then_only_new_ones(
+    steps_engine: Engine, cli: Cli
+) -> None:
+    await completed_tree_run(steps_engine)
+    await completed_tree_run(steps_engine)
+
+    followed = await cli(
+        "outbox", "tail", "-n", "3", "-f", "--interval", "0.05", "--timeout", "0.5"
+    )
+
+    assert followed.code == 0
+    assert len(followed.out.splitlines()) == 3, followed.out  # not every older event after them
 
 
 async def test_runs_list_filters_by_workflow_status_and_time(
@@ -262,7 +279,11 @@ async def test_runs_list_filters_by_workflow_status_and_time(
     async def ids(*argv: str) -> list[str]:
         result = await cli("runs", "list", *argv)
         assert result.code == 0, result.err
-        return [line.split()[0] for line in result.out.splitlines()]
+        header, *lines = result.out.splitlines()
+        assert header.split() == ["RUN", "WORKFLOW", "STATUS", "CREATED", "TOOK"]
+        as_json = await cli("runs", "list", *argv, "--json")
+        assert [run["id"] for run in json.loads(as_json.out)] == [ln.split()[0] for ln in lines]
+        return [line.split()[0] for line in lines]
 
     assert await ids() == [str(done), str(old), str(older)]
     assert await ids("--since", "1h") == [str(done)]

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 
 from flowforge_orchestrator import store
-from tests.helpers import wait_for
+from tests.helpers import register_workflows, wait_for
 
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 K, J = "key:1", "key:2"
@@ -105,7 +105,8 @@ class Runs:
 
 
 @pytest.fixture
-def runs(conn: asyncpg.Connection) -> Runs:
+async def runs(conn: asyncpg.Connection) -> Runs:
+    await register_workflows(conn, "wf")
     return Runs(conn)
 
 

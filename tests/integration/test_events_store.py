@@ -21,6 +21,7 @@ from flowforge_orchestrator.store.events import (
     events_for_waits,
     record_heartbeats,
 )
+from tests.helpers import register_workflows
 from tests.integration.test_roles import Logins, _refusals, logins
 
 __all__ = ["logins"]  # the role logins fixture, shared with the roles tests
@@ -32,6 +33,7 @@ WEEK = 7 * 24 * 3600.0
 async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     c = await store.connect(db_url)
     try:
+        await register_workflows(c, "any-workflow")
         yield c
     finally:
         await c.close()
@@ -208,6 +210,7 @@ async def test_the_api_sends_events_and_completions_and_the_worker_only_heartbea
     api = await store.connect(logins.api)
     worker = await store.connect(logins.worker)
     try:
+        await register_workflows(admin, "any-workflow")
         run = await _run(admin)
         await send_event(api, "approved", {"by": "ann"}, run_id=run)
         await send_event(api, "paid", {"amount": 3}, key="order-1")

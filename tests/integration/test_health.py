@@ -26,7 +26,7 @@ from flowforge_orchestrator.ops.health import (
 from flowforge_orchestrator.ops.metrics import OrchestratorMetrics, new_registry
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 from tests.conftest import Services, database_dsn
-from tests.helpers import free_port, migration_names
+from tests.helpers import free_port, migration_names, register_workflows
 from tests.integration.conftest import Engine
 
 WORKFLOW = """
@@ -247,6 +247,7 @@ async def test_pending_runs_are_counted(db_url: str, pool: store.Pool) -> None:
     metrics = OrchestratorMetrics(new_registry(process=False))
     conn = await store.connect(db_url)
     try:
+        await register_workflows(conn, "nobody-runs-this")
         for key in ("a", "b"):
             await store.enqueue_run(conn, "nobody-runs-this", {}, idempotency_key=key)
     finally:

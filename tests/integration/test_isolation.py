@@ -17,7 +17,7 @@ import asyncpg
 import pytest
 
 from flowforge_orchestrator import store
-from tests.helpers import wait_for
+from tests.helpers import register_workflows, wait_for
 from tests.integration.conftest import Engine, Steps
 
 GOOD = """
@@ -327,6 +327,7 @@ async def test_a_run_is_inserted_pending_and_nothing_else(db_url: str) -> None:
     await store.apply_migrations(db_url)
     conn = await store.connect(db_url)
     try:
+        await register_workflows(conn, "w")
         for columns, values in [
             ("status", "'running'"),
             ("owner", "'someone'"),

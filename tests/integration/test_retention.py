@@ -15,7 +15,7 @@ from flowforge_orchestrator.client import read_outbox, register_consumer
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.engine.retention import Retention
 from flowforge_orchestrator.ops.metrics import OrchestratorMetrics, new_registry
-from tests.helpers import poll, wait_for
+from tests.helpers import poll, register_workflows, wait_for
 from tests.integration.conftest import Engine
 
 INLINE = """
@@ -170,6 +170,7 @@ async def test_zero_keeps_everything_and_lag_is_sampled(settings: Settings) -> N
     forever = settings.model_copy(update={"run_retention": 0.0})
     try:
         async with pool.acquire() as conn:
+            await register_workflows(conn, "x")
             run_id = await conn.fetchval(
                 "INSERT INTO flowforge.runs (workflow_name) VALUES ('x') RETURNING id"
             )
@@ -211,6 +212,7 @@ async def test_a_run_whose_rows_are_locked_delays_only_itself(
     brief = settings.model_copy(update={"run_retention": 1.0})
     try:
         async with pool.acquire() as conn:
+            await register_workflows(conn, "x")
             run_ids = [
                 await conn.fetchval(
                     "INSERT INTO flowforge.runs (workflow_name) VALUES ('x') RETURNING id"

@@ -22,7 +22,7 @@ from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
 from flowforge_orchestrator.core.records import Limits, RunChanges, StepResult
 from flowforge_orchestrator.core.state import RunStatus
-from flowforge_orchestrator.errors import MigrationError, StoreError
+from flowforge_orchestrator.errors import MigrationError, NotFound, StoreError
 from flowforge_orchestrator.store import OwnedChanges
 from tests.conftest import Services, _admin, database_dsn
 from tests.helpers import migration_names, verifier, wait_for
@@ -65,6 +65,7 @@ WF = CompiledWorkflow(
 async def conn(db_url: str) -> AsyncIterator[asyncpg.Connection]:
     c = await store.connect(db_url)
     try:
+        await store.insert_definition(c, "orders", 1, {"v": 1}, None)  # runs need a workflow
         yield c
     finally:
         await c.close()
@@ -185,7 +186,7 @@ async def test_a_migration_unknown_to_this_code_is_refused(db_url: str) -> None:
 
 
 async def _two_versions(conn: asyncpg.Connection) -> None:
-    assert await store.insert_definition(conn, "orders", 1, {"v": 1}, None)
+    await store.insert_definition(conn, "orders", 1, {"v": 1}, None)  # the fixture's
     assert await store.insert_definition(conn, "orders", 2, {"v": 2}, 5)
     assert not await store.insert_definition(conn, "orders", 2, {"v": "again"}, None)
 
@@ -274,13 +275,16 @@ async def test_an_enqueue_rolled_back_leaves_no_run(conn: asyncpg.Connection) ->
     assert again.created
 
 
-async def test_a_run_of_an_unknown_workflow_is_accepted_unpinned(
+async def test_a_run_of_an_unknown_workflow_is_refused_in_the_inserting_transaction(
     conn: asyncpg.Connection,
 ) -> None:
-    run = await enqueue(conn, "no-such-workflow", {"n": 1})
-    row = await store.get_run(conn, run.id)
-    assert row is not None
-    assert (row["status"], row["workflow_version"]) == ("pending", None)
+    await store.insert_definition(conn, "no-such-workflo", 1, {"v": 1}, None)
+    with pytest.raises(NotFound, match=r"'no-such-workflow' is not registered.*'no-such-workflo'"):
+        async with conn.transaction():
+            await enqueue(conn, "no-such-workflow", {"n": 1})
+    with pytest.raises(NotFound, match="'orders' version 9 is not registered"):
+        await enqueue(conn, "orders", {"n": 1}, version=9)
+    assert await conn.fetchval("SELECT count(*) FROM flowforge.runs") == 0
 
 
 async def test_enqueue_works_on_a_plain_connection_without_codecs(

@@ -6,10 +6,11 @@ from typing import Any
 
 import pytest
 
+from flowforge_orchestrator.core.graph.checkpoint import read_checkpoint
 from flowforge_orchestrator.core.graph.nodes import attempt_id
 from flowforge_orchestrator.core.graph.run import RunState
 from flowforge_orchestrator.core.redrive import redrive_checkpoint
-from flowforge_orchestrator.core.state import RunStatus
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from flowforge_orchestrator.errors import RedriveError
 from tests.unit.test_graph import LIMITS, RUN_ID, Recorder, at, failed, http, ok, workflow
 
@@ -129,3 +130,27 @@ def test_a_redriven_run_reruns_only_the_reset_steps_under_new_attempt_ids() -> N
     assert rec.checkpoint["steps"] == {"a": "S1", "b": {"s": "S", "n": 2, "g": 1}} | {
         "c": {"s": "S", "n": 1, "g": 1}
     }
+
+
+DIAMOND = workflow(http("a"), http("b"), http("c", "a", "b"))
+
+
+def test_from_a_step_also_runs_again_the_cancelled_upstreams_its_dependents_need() -> None:
+    """a failed, and the failure cancelled its sibling b: `--from a` must run b again too,
+    or c (which needs a and b) would start while b is still cancelled."""
+    run = RunState(run_id=RUN_ID, workflow=DIAMOND, version=1, input={}, limits=LIMITS)
+    rec = Recorder()
+    run.start(at(0))
+    rec.drain(run)
+    a = next(d for d in rec.dispatches if d.step_id == "a")
+    rec.apply(run, failed(a, {"message": "a broke", "retryable": False}), at(1))
+    assert rec.status is RunStatus.FAILED
+    assert read_checkpoint(rec.checkpoint).steps["b"].status is StepStatus.CANCELLED
+    for redriven in (
+        redrive_checkpoint(DIAMOND, rec.checkpoint, from_step="a"),
+        redrive_checkpoint(DIAMOND, rec.checkpoint),
+    ):
+        steps = read_checkpoint(redriven).steps
+        assert steps["a"].status is StepStatus.PENDING
+        assert steps["b"].status is StepStatus.PENDING, redriven
+        assert "c" not in steps or steps["c"].status is StepStatus.PENDING

@@ -20,7 +20,7 @@ import heapq
 import json
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -100,18 +100,54 @@ def translate(
     data: Any,
     problems: Problems,
     fields_for: Callable[[dict[str, Any] | None], Collection[str]],
+    model_for: Callable[[dict[str, Any] | None], type[BaseModel]] | None = None,
 ) -> None:
-    """Add one problem per pydantic error; `fields_for(step or None)` names allowed fields."""
+    """Add one problem per pydantic error; `fields_for(step or None)` names allowed fields,
+    `model_for(step or None)` the model, for the fields of nested objects (`retry`)."""
     for error in exc.errors(include_url=False):
         step, path = locate(data, error["loc"])
         context = error.get("ctx") or {}
         if isinstance(context.get("field"), str):
             path = (*path, context["field"])
         message = _message(error)
-        if error["type"] == "extra_forbidden" and len(path) == 1 and isinstance(path[0], str):
-            message = _unknown_field(path[0], fields_for(step))
+        last = path[-1] if path else None
+        if error["type"] == "extra_forbidden" and isinstance(last, str):
+            if len(path) == 1:
+                message = _unknown_field(last, fields_for(step))
+            elif model_for is not None:
+                nested = _nested_model(model_for(step), path[:-1])
+                if nested is not None:
+                    message = _unknown_field(last, _model_fields(nested))
         step_id = step.get("id") if step is not None else None
         problems.add(message, step_id if isinstance(step_id, str) else None, field_path(None, path))
+
+
+def _model_fields(model: type[BaseModel]) -> set[str]:
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+def _nested_model(model: type[BaseModel], path: Sequence[PathPart]) -> type[BaseModel] | None:
+    """The model of the object at `path` (field names, list indexes) inside `model`."""
+    current: Any = model
+    for part in path:
+        if isinstance(part, int):
+            continue  # an element of a list: the list's model is already in hand
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        fields = {info.alias or name: info for name, info in current.model_fields.items()}
+        info = fields.get(part)
+        if info is None:
+            return None
+        current = _model_in(info.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The one model class inside an annotation (`Retry | None`, `list[Retry]`), if one."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    found = {m for arg in get_args(annotation) if (m := _model_in(arg)) is not None}
+    return found.pop() if len(found) == 1 else None
 
 
 def _message(error: ErrorDetails) -> str:

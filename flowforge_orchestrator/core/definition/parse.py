@@ -26,7 +26,7 @@ from flowforge_orchestrator.core.definition.models import (
     WorkflowDefinition,
     step_tag,
 )
-from flowforge_orchestrator.core.definition.reads import for_each_problems
+from flowforge_orchestrator.core.definition.reads import for_each_problems, upstream_problems
 from flowforge_orchestrator.errors import DefinitionError
 
 __all__ = ["parse_definition", "parse_definition_text"]
@@ -34,6 +34,12 @@ __all__ = ["parse_definition", "parse_definition_text"]
 
 def _fields_for(step: dict[str, Any] | None) -> set[str]:
     """Field names (as written) of the model for a raw step, or of the workflow for None."""
+    model = _model_for(step)
+    return {info.alias or name for name, info in model.model_fields.items()}
+
+
+def _model_for(step: dict[str, Any] | None) -> type[BaseModel]:
+    """The model of a raw step, or of the workflow for None."""
     models: dict[str, type[BaseModel]] = {
         "TaskStep": TaskStep,
         "ConditionStep": ConditionStep,
@@ -42,8 +48,7 @@ def _fields_for(step: dict[str, Any] | None) -> set[str]:
         "TransformStep": TransformStep,
         "WaitStep": WaitStep,
     }
-    model = WorkflowDefinition if step is None else models[step_tag(step)]
-    return {info.alias or name for name, info in model.model_fields.items()}
+    return WorkflowDefinition if step is None else models[step_tag(step)]
 
 
 def parse_definition(
@@ -66,11 +71,11 @@ def parse_definition(
         try:
             definition = WorkflowDefinition.model_validate(data)
         except ValidationError as exc:
-            checks.translate(exc, data, problems, _fields_for)
+            checks.translate(exc, data, problems, _fields_for, _model_for)
         checks.check_raw(data, problems, known_types=known_types, http_params=HttpParams)
     if problems.items or definition is None:
         raise DefinitionError(problems.items)
-    late = for_each_problems(definition, source)
+    late = for_each_problems(definition, source) + upstream_problems(definition, source)
     if late:
         raise DefinitionError(late)
     return definition

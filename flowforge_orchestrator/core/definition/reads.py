@@ -1,4 +1,9 @@
-"""What a `for_each` may read: only steps certain to have finished when it starts.
+"""What a step's expressions may read: only steps certain to have finished when it starts.
+
+A step reading `steps.X` where X is not among its upstream steps (its `depends_on`, theirs,
+what its enclosing steps waited for, and every step nested in those) may start before X
+ends and fail at run time with "no such key": refused at `definitions apply`, naming the
+missing `depends_on`.
 
 A fan-out's elements are not stored: a replica that adopts the run evaluates `for_each`
 again and must get the same list. It does if the expression reads only the step's own
@@ -16,7 +21,7 @@ from flowforge_orchestrator.core.definition.models import (
 )
 from flowforge_orchestrator.errors import DefinitionProblem
 
-__all__ = ["for_each_problems"]
+__all__ = ["for_each_problems", "upstream_problems"]
 
 
 def for_each_problems(
@@ -69,3 +74,61 @@ def _check(
         )
         for ref in sorted(refs - finished)
     ]
+
+
+def upstream_problems(
+    definition: WorkflowDefinition, source: str | None = None
+) -> list[DefinitionProblem]:
+    """Every expression (but `for_each`'s, checked above) that reads a step that may not
+    have finished when its own step starts."""
+    problems: list[DefinitionProblem] = []
+    compiled = definition.compiled
+    reads: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    for (step_id, name), expression in compiled.expressions.items():
+        if name != "for_each" and expression.step_refs:
+            reads.setdefault(step_id, []).append((name, expression.step_refs))
+    for (step_id, name), template in compiled.templates.items():
+        refs = frozenset().union(
+            *(e.step_refs or () for string in template.strings for e in string.expressions)
+        )
+        if refs:
+            reads.setdefault(step_id, []).append((name, refs))
+    if not reads:
+        return problems
+    known = {step.id for step in definition.all_steps()}
+    todo: list[tuple[list[Step], tuple[tuple[dict[str, Step], Step], ...]]] = [
+        (definition.steps, ())
+    ]
+    while todo:
+        steps, enclosing = todo.pop()
+        by_id = {step.id: step for step in steps}
+        for step in steps:
+            chain = (*enclosing, (by_id, step))
+            if step.id in reads:
+                done = frozenset().union(*(_upstream(s, ids) for ids, s in chain))
+                finished = done | _nested(done, definition) | _nested({step.id}, definition)
+                for name, refs in reads[step.id]:
+                    for ref in sorted((refs & known) - finished - {step.id}):
+                        problems.append(
+                            DefinitionProblem(
+                                f"reads steps.{ref}, which is not among its upstream steps "
+                                f"and may not have finished: add '{ref}' to depends_on "
+                                f"(of this step, or of the step it is nested in)",
+                                source,
+                                step.id,
+                                name,
+                            )
+                        )
+            todo.extend((inner, chain) for inner in child_lists(step))
+    return problems
+
+
+def _nested(step_ids: frozenset[str] | set[str], definition: WorkflowDefinition) -> set[str]:
+    """Every step nested, at any depth, inside the steps `step_ids`."""
+    found: set[str] = set()
+    todo = [definition.step(step_id) for step_id in step_ids]
+    while todo:
+        for inner in (s for lst in child_lists(todo.pop()) for s in lst):
+            found.add(inner.id)
+            todo.append(inner)
+    return found

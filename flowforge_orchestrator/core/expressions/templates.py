@@ -44,6 +44,7 @@ from typing import Any, NamedTuple, Protocol
 import cel
 
 from flowforge_orchestrator.core.expressions.cost import Shape, Weight, shape_of
+from flowforge_orchestrator.core.expressions.messages import cel_message
 from flowforge_orchestrator.errors import ExpressionError
 
 __all__ = [
@@ -212,7 +213,8 @@ class Expression:
         except KeyError as exc:
             raise self.error(f"no such key: {exc.args[0] if exc.args else exc}") from exc
         except Exception as exc:  # CEL raises TypeError, RuntimeError, ValueError, ...
-            raise self.error(str(exc) or type(exc).__name__) from exc
+            message = cel_message(str(exc) or type(exc).__name__, variables)
+            raise self.error(message) from exc
 
     def error(self, message: str) -> ExpressionError:
         """An ExpressionError about this expression (its source, step and field)."""
