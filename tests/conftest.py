@@ -25,10 +25,17 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 import redis
+from hypothesis import settings as hypothesis_settings
 from pydantic import SecretStr
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
+
+# Property tests check behaviour, not speed: no per-example deadline (hypothesis's default
+# 200 ms failed a CPU-bound example on a machine loaded by other work), and no example
+# database (every run explores the same derandomized or seeded examples).
+hypothesis_settings.register_profile("flowforge", deadline=None, database=None)
+hypothesis_settings.load_profile("flowforge")
 
 TEMPLATE_DB = "flowforge_template"
 # Signs the jobs of every engine a test starts, in process or as processes.
