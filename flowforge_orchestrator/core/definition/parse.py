@@ -18,8 +18,10 @@ from flowforge_orchestrator.core.definition import checks
 from flowforge_orchestrator.core.definition.models import (
     ConditionStep,
     DelayStep,
+    FailStep,
     HttpParams,
     ParallelStep,
+    SwitchStep,
     TaskStep,
     TransformStep,
     WaitStep,
@@ -41,6 +43,8 @@ def _fields_for(step: dict[str, Any] | None) -> set[str]:
         "DelayStep": DelayStep,
         "TransformStep": TransformStep,
         "WaitStep": WaitStep,
+        "SwitchStep": SwitchStep,
+        "FailStep": FailStep,
     }
     model = WorkflowDefinition if step is None else models[step_tag(step)]
     return {info.alias or name for name, info in model.model_fields.items()}
