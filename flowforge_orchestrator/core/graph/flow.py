@@ -192,6 +192,8 @@ def cancel_run(run: Flowing, now: datetime, reason: str | None) -> bool:
         return False
     cancel_scope(run, run._root, now)
     error = {"category": "cancelled", "message": f"the run was cancelled: {reason or 'no reason'}"}
-    if not begin_compensation(run, RunStatus.CANCELLED, error, now, reason):
+    # A pending run (a redriven one may have steps done) ends at once: it never started.
+    started = run.status is RunStatus.RUNNING
+    if not (started and begin_compensation(run, RunStatus.CANCELLED, error, now, reason)):
         finish(run, RunStatus.CANCELLED, now, "workflow.cancelled", {"reason": reason})
     return True

@@ -176,8 +176,7 @@ def _restore_handler(run: Restoring, owner: Node, scope: Scope) -> None:
     until it ran); the frame gets `error` back, a caught step its handler's output."""
     if scope.role == "catch":
         if owner.caught is None or owner.handlers[owner.caught] is not scope:
-            scope.closed = True  # never started, and never will
-            return
+            return  # not (or not yet) taken: as fresh
         scope.started, scope.frame.error = True, owner.error
     elif not scope.started:
         return  # its turn, if any, comes when the run compensates

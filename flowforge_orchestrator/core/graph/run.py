@@ -228,8 +228,14 @@ class RunState:
         for node, error in self._broken:
             fail(self, node, error, now)
         self._broken.clear()
+        # A cancellation at the claim may have dispatched compensations already.
+        sent = {d.attempt_id for d in changes.dispatches}
         for node in list(self._nodes.values()):
-            if node.status is StepStatus.DISPATCHED and node.attempt_id is not None:
+            if (
+                node.status is StepStatus.DISPATCHED
+                and node.attempt_id is not None
+                and node.attempt_id not in sent
+            ):
                 dispatch = dispatch_of(self, node, now)
                 if dispatch is not None:
                     changes.dispatches.append(dispatch)
