@@ -74,7 +74,7 @@ def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool)
     kinds = ["http", "http", "transform", "delay"]
     if depth < MAX_DEPTH:
         kinds += ["condition", "parallel", "for_each"]
-    kind = draw(st.sampled_from(kinds + ["fail"]))
+    kind = draw(st.sampled_from([*kinds, "fail"]))
     step: dict[str, Any] = {"id": step_id}
     if draw(st.integers(0, 4)) == 0:
         step["continue_on_failure"] = True

@@ -51,7 +51,7 @@ def test_a_failed_saga_undoes_what_succeeded_in_reverse_order_then_fails() -> No
     live.ok("reserve", {"id": "R1"})
     live.ok("charge", {"id": "C1"}, now=11)
     live.fail("ship", now=12, error=E400)
-    assert live.run.status is RunStatus.RUNNING and live.run.compensating()
+    assert live.rec.status is RunStatus.RUNNING and live.run.compensating()
     assert live.dispatched()[-1] == "undo_charge"
     assert live.dispatch("undo_charge").params["json"] == {
         "had": {"id": "C1"},
@@ -211,3 +211,28 @@ def test_a_caught_step_is_not_compensated_and_the_run_timeout_spares_compensatio
     assert live.run.status is RunStatus.FAILED
     assert live.run.error is not None and live.run.error["category"] == "run_timeout"
     assert live.run.error["compensation"]["steps"] == {"reserve": "compensated"}
+
+
+def test_a_finished_fan_out_keeps_its_own_compensation() -> None:
+    """Its elements leave memory when it ends; its compensation must not go with them."""
+    wf = workflow(
+        {
+            "id": "each",
+            "type": "parallel",
+            "for_each": "input.xs",
+            "step": http("one", params={"url": "https://svc.test/${{ index }}"}),
+            "compensate": [http("undo_each")],
+        },
+        http("last", "each"),
+    )
+    for xs in ([], [1, 2]):
+        live = Live.start(wf, {"xs": xs})
+        for index in range(len(xs)):
+            live.ok(f"one[{index}]")
+        live.fail("last", error=E400)
+        assert live.dispatched()[-1] == "undo_each"
+        assert live.run.outstanding() == [live.dispatch("undo_each").attempt_id]
+        live.ok("undo_each")
+        assert live.run.status is RunStatus.FAILED
+        assert live.run.error is not None
+        assert live.run.error["compensation"] == {"steps": {"each": "compensated"}}

@@ -86,7 +86,7 @@ def expand(run: Growing, node: Node, items: list[object]) -> None:
 def forget_elements(run: Growing, node: Node) -> None:
     """A finished fan-out keeps only its own output: its elements leave memory and the
     checkpoint (their history stays in the transitions)."""
-    stack = list(own_lists(node))
+    stack = list(node.children)  # its elements; its own handlers and compensation stay
     while stack:
         scope = stack.pop()
         for inner in scope.nodes.values():
