@@ -69,6 +69,49 @@ def step_list(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool
 
 
 @st.composite
+def failure_handling(draw: st.DrawFn, ids: Iterator[int], in_for_each: bool) -> dict[str, Any]:
+    """Now and then a catch handler (of all errors or some), and a compensation (outside
+    a for_each, where none is allowed); both run http or transform steps."""
+    extra: dict[str, Any] = {}
+    if draw(st.integers(0, 3)) == 0:
+        errors = draw(st.sampled_from([None, ["join_failed", "branch_failed"], ["Invalid"]]))
+        handler = [
+            {"id": f"s{next(ids)}", "type": "transform", "output": "${{ error.category }}"}
+            if draw(st.booleans())
+            else {"id": f"s{next(ids)}", "type": "http", "with": {"url": "https://svc.test/h"}}
+        ]
+        extra["catch"] = [{"steps": handler} | ({"errors": errors} if errors else {})]
+    if not in_for_each and draw(st.integers(0, 2)) == 0:
+        undo_id = f"s{next(ids)}"
+        url = f"https://svc.test/undo/{undo_id}"
+        extra["compensate"] = [{"id": undo_id, "type": "http", "with": {"url": url}}]
+    return extra
+
+
+@st.composite
+def choice(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool) -> dict[str, Any]:
+    """A condition, or a switch of two cases and a default."""
+    if_ = draw(st.sampled_from(["input.n > 1", "input.n % 2 == 0", "true", "false"]))
+    if in_for_each and draw(st.booleans()):
+        if_ = "index % 2 == 0"
+    if draw(st.booleans()):
+        return {
+            "type": "condition",
+            "if": if_,
+            "then": draw(step_list(depth + 1, ids, in_for_each)),
+            "else": draw(st.just([]) | step_list(depth + 1, ids, in_for_each)),
+        }
+    return {
+        "type": "switch",
+        "default": draw(st.just([]) | step_list(depth + 1, ids, in_for_each)),
+        "cases": [
+            {"when": when, "steps": draw(step_list(depth + 1, ids, in_for_each))}
+            for when in (if_, "input.n == 0")
+        ],
+    }
+
+
+@st.composite
 def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool) -> Any:
     step_id = f"s{next(ids)}"
     kinds = ["http", "http", "transform", "delay"]
@@ -78,18 +121,7 @@ def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool)
     step: dict[str, Any] = {"id": step_id}
     if draw(st.integers(0, 4)) == 0:
         step["continue_on_failure"] = True
-    if draw(st.integers(0, 3)) == 0:
-        errors = draw(st.sampled_from([None, ["join_failed", "branch_failed"], ["Invalid"]]))
-        handler = [
-            {"id": f"s{next(ids)}", "type": "transform", "output": "${{ error.category }}"}
-            if draw(st.booleans())
-            else {"id": f"s{next(ids)}", "type": "http", "with": {"url": "https://svc.test/h"}}
-        ]
-        step["catch"] = [{"steps": handler} | ({"errors": errors} if errors else {})]
-    if not in_for_each and draw(st.integers(0, 2)) == 0:
-        undo_id = f"s{next(ids)}"
-        url = f"https://svc.test/undo/{undo_id}"
-        step["compensate"] = [{"id": undo_id, "type": "http", "with": {"url": url}}]
+    step |= draw(failure_handling(ids, in_for_each))
     if kind == "fail":
         category = draw(st.sampled_from(["Invalid", "Other"]))
         step |= {"type": "fail", "error": {"message": "no ${{ input.n }}", "category": category}}
@@ -108,22 +140,7 @@ def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool)
                 "until": f"timestamp('{at(draw(st.integers(-2, 5))).isoformat()}')",
             }
     elif kind == "condition":
-        if_ = draw(st.sampled_from(["input.n > 1", "input.n % 2 == 0", "true", "false"]))
-        if in_for_each and draw(st.booleans()):
-            if_ = "index % 2 == 0"
-        if draw(st.booleans()):
-            step |= {"type": "condition", "if": if_}
-            step["then"] = draw(step_list(depth + 1, ids, in_for_each))
-            step["else"] = draw(st.just([]) | step_list(depth + 1, ids, in_for_each))
-        else:
-            step |= {
-                "type": "switch",
-                "default": draw(st.just([]) | step_list(depth + 1, ids, in_for_each)),
-            }
-            step["cases"] = [
-                {"when": when, "steps": draw(step_list(depth + 1, ids, in_for_each))}
-                for when in (if_, "input.n == 0")
-            ]
+        step |= draw(choice(depth, ids, in_for_each))
     else:
         step |= {"type": "parallel", "fail_fast": draw(st.booleans())}
         if draw(st.booleans()):
