@@ -121,7 +121,20 @@ def test_catch_on_a_parallel_step_whose_branch_failed() -> None:
 def test_a_restore_mid_handler_resumes_it_with_error_and_the_output() -> None:
     wf = workflow(
         http(
-            "a", catch=catching((None, [http("h1"), transform("h2", "${{ error.message }}", "h1")]))
+            "a",
+            catch=catching(
+                (
+                    None,
+                    [
+                        http("h1"),
+                        transform(
+                            "h2",
+                            "${{ error.message }} (${{ error.step_id }}/${{ error.attempt }})",
+                            "h1",
+                        ),
+                    ],
+                )
+            ),
         ),
         transform("after", "${{ steps.a.output }}", "a"),
     )
@@ -136,7 +149,7 @@ def test_a_restore_mid_handler_resumes_it_with_error_and_the_output() -> None:
     live.run = adopted
     live.ok("h1", now=12)
     assert live.run.status is RunStatus.COMPLETED
-    assert live.rec.output == {"after": "unavailable"}
+    assert live.rec.output == {"after": "unavailable (a/1)"}
     # And once it has ended, a restore gives the caught step its handler's output again.
     again = live.rec.restore(live.run)
     assert again.checkpoint() == live.rec.checkpoint

@@ -19,7 +19,7 @@ from flowforge_orchestrator.core.graph.nodes import Node
 from flowforge_orchestrator.core.retry import matching_entry
 from flowforge_orchestrator.core.state import StepStatus, check_caught
 
-__all__ = ["catch", "handler_for"]
+__all__ = ["catch", "handler_for", "seen_error"]
 
 
 def handler_for(step: Step, error: dict[str, Any]) -> int | None:
@@ -30,6 +30,11 @@ def handler_for(step: Step, error: dict[str, Any]) -> int | None:
         if handler.errors is None or matching_entry(handler.errors, category) is not None:
             return index
     return None
+
+
+def seen_error(node: Node, error: dict[str, Any]) -> dict[str, Any]:
+    """`error` as a handler's expressions read it: the failure, its step and attempt."""
+    return {**error, "step_id": node.key, "attempt": node.attempt}
 
 
 def catch(
@@ -67,7 +72,7 @@ def catch(
         data=base | {"handler": index, "error": error},
     )
     scope = node.handlers[index]
-    scope.frame.error = error
+    scope.frame.error = seen_error(node, error)
     scope.started = True
     run._queue.append(Check(scope))  # `flow` starts its first steps
     return True

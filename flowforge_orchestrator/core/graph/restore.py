@@ -15,6 +15,7 @@ from uuid import UUID
 
 from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, SwitchStep
 from flowforge_orchestrator.core.expressions.templates import to_json_value
+from flowforge_orchestrator.core.graph.catching import seen_error
 from flowforge_orchestrator.core.graph.checkpoint import Checkpoint, Saved, unpack
 from flowforge_orchestrator.core.graph.compensation import Compensation
 from flowforge_orchestrator.core.graph.context import Reading, evaluate
@@ -177,7 +178,8 @@ def _restore_handler(run: Restoring, owner: Node, scope: Scope) -> None:
     if scope.role == "catch":
         if owner.caught is None or owner.handlers[owner.caught] is not scope:
             return  # not (or not yet) taken: as fresh
-        scope.started, scope.frame.error = True, owner.error
+        scope.started = True
+        scope.frame.error = seen_error(owner, owner.error or {})
     elif not scope.started:
         return  # its turn, if any, comes when the run compensates
     elif run._compensation is not None:
