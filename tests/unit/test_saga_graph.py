@@ -4,7 +4,14 @@ mid-compensation. Pure: no services."""
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow
 
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_control_flow import Live, adopt, parallel
@@ -236,3 +243,30 @@ def test_a_finished_fan_out_keeps_its_own_compensation() -> None:
         assert live.run.status is RunStatus.FAILED
         assert live.run.error is not None
         assert live.run.error["compensation"] == {"steps": {"each": "compensated"}}
+
+
+def test_the_readme_saga_parses_and_compensates_as_it_says() -> None:
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme.split("### Handling failures", 1)[1]
+    text = re.search(r"```yaml\n(.*?)```", section, re.S)
+    assert text is not None
+    wf = CompiledWorkflow(parse_definition(yaml.safe_load(text[1])))
+    live = Live.start(wf, {"order_id": "A-1", "lines": [1], "total": 10})
+    live.ok("reserve", {"body": {"id": "R9"}})
+    live.ok("charge", {"body": {"id": "C7"}})
+    live.fail("ship", error=E400)
+    assert live.dispatch("refund").params == {
+        "method": "POST",
+        "json": {"reason": "bad request"},
+        "url": "https://pay.internal/refund/C7",
+    }
+    assert "release" not in live.dispatched()  # one at a time, latest completion first
+    live.ok("refund")
+    assert live.dispatch("release").params["url"] == "https://stock.internal/release/R9"
+    live.ok("release")
+    assert live.run.status is RunStatus.FAILED
+    assert live.run.error is not None
+    assert live.run.error["compensation"]["steps"] == {
+        "charge": "compensated",
+        "reserve": "compensated",
+    }
