@@ -12,7 +12,6 @@ import yaml
 
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow
-
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_control_flow import Live, adopt, parallel
 from tests.unit.test_graph import at, http, transform, workflow
