@@ -75,6 +75,9 @@ T_E2E = "tests/e2e/test_processes.py"
 T_ISOLATION = "tests/integration/test_isolation.py"
 T_FAULTS = "tests/integration/test_engine_faults.py"
 T_WORKER = "tests/integration/test_worker_faults.py"
+T_SAGA = "tests/unit/test_saga_graph.py"
+T_HANDLING = "tests/integration/test_handling_failures.py"
+T_SAGA_E2E = "tests/e2e/test_saga_processes.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # -- canaries: the copy is what runs, in process and in the daemons ---------------------
@@ -338,6 +341,32 @@ MUTATIONS: tuple[Mutation, ...] = (
         "    for sig in (signal.SIGTERM, signal.SIGINT):\n",
         "    for sig in (signal.SIGINT,):\n",
         f"{T_E2E}::test_a_delay_survives_a_killed_orchestrator_and_fires_once_at_its_time",
+    ),
+    # -- handling failures: catch and compensation -----------------------------------------
+    mutation(
+        "compensations run in completion order, not in reverse",
+        "flowforge_orchestrator/core/graph/compensation.py",
+        "    nodes = (run._nodes.get(key) for key in reversed(run._completed))\n",
+        "    nodes = (run._nodes.get(key) for key in run._completed)\n",
+        f"{T_SAGA}::test_a_failed_saga_undoes_what_succeeded_in_reverse_order_then_fails",
+        f"{T_HANDLING}::test_a_failed_saga_compensates_in_reverse_order_and_ends_failed",
+    ),
+    mutation(
+        "a restored run starts its compensations again (twice after a crash)",
+        "flowforge_orchestrator/core/graph/restore.py",
+        "    elif not scope.started:\n        return  # its turn, if any, comes when the run"
+        " compensates\n",
+        "    else:\n        return  # every compensation restored as not started yet\n",
+        f"{T_SAGA}::test_a_restore_mid_compensation_goes_on_and_starts_nothing_twice",
+        f"{T_SAGA_E2E}::test_an_orchestrator_killed_while_compensating_is_replaced_and_each_runs_once",
+    ),
+    mutation(
+        "catch takes a failure before the step's retries are spent",
+        "flowforge_orchestrator/core/graph/ending.py",
+        "        if _retry(run, node, error, now, status):\n",
+        "        if catch(run, node, error, status, now) or _retry(\n"
+        "            run, node, error, now, status\n        ):\n",
+        "tests/unit/test_catch_graph.py::test_a_matching_handler_runs_after_the_retries_and_dependents_see_its_output",
     ),
 )
 
