@@ -8,7 +8,7 @@ from typing import Any
 
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_control_flow import Live, adopt, parallel
-from tests.unit.test_graph import http, kinds, transform, workflow
+from tests.unit.test_graph import at, failed, http, kinds, ok, transform, workflow
 
 E503 = {"message": "unavailable", "category": "http_503"}
 E400 = {"message": "bad request", "category": "http_400", "retryable": False}
@@ -294,3 +294,16 @@ def test_a_fail_whose_message_renders_empty_fails_with_expression_error() -> Non
     assert error is not None and error["category"] == "expression_error"
     assert error["details"]["field"] == "error.message"
     assert live.run.next_timer() is None
+
+
+def test_the_failed_attempt_of_a_caught_step_delivered_again_changes_nothing() -> None:
+    wf = workflow(http("a", catch=catching((None, [http("h")]))))
+    live = Live.start(wf)
+    live.fail("a", error=E400)
+    again = failed(live.dispatch("a"), E400)
+    assert live.run.apply_result(again, at(20)) is False
+    assert live.run.apply_result(ok(live.dispatch("a"), {"late": True}), at(21)) is False
+    assert live.run.take_changes() is None
+    assert live.status("a") is StepStatus.RUNNING
+    live.ok("h", {"done": 1})
+    assert live.rec.output == {"a": {"done": 1}}

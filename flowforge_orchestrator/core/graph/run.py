@@ -60,7 +60,7 @@ from flowforge_orchestrator.core.graph.flow import cancel_run, drain, fail_run, 
 from flowforge_orchestrator.core.graph.followups import Check, FollowUp
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import to
-from flowforge_orchestrator.core.graph.nodes import WITH_WORKER, Frame, Node, weigh_capped
+from flowforge_orchestrator.core.graph.nodes import Frame, Node, weigh_capped
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
@@ -254,7 +254,8 @@ class RunState:
         node = self._nodes.get(result.step_id)
         if node is None or node.attempt_id != result.attempt_id:
             return False
-        if node.status not in WITH_WORKER or (result.outcome == "handed_off" and node.handed_off):
+        if not node.with_worker or (result.outcome == "handed_off" and node.handed_off):
+            # (A caught step keeps its failed attempt's id while its handler runs.)
             return False
         if node.status is StepStatus.DISPATCHED:
             to(
