@@ -80,6 +80,10 @@ def failure_handling(draw: st.DrawFn, ids: Iterator[int], in_for_each: bool) -> 
             if draw(st.booleans())
             else {"id": f"s{next(ids)}", "type": "http", "with": {"url": "https://svc.test/h"}}
         ]
+        if draw(st.booleans()):  # a second step, after the first
+            url = "https://svc.test/h2"
+            after = {"id": f"s{next(ids)}", "type": "http", "with": {"url": url}}
+            handler.append(after | {"depends_on": [handler[0]["id"]]})
         extra["catch"] = [{"steps": handler} | ({"errors": errors} if errors else {})]
     if not in_for_each and draw(st.integers(0, 2)) == 0:
         undo_id = f"s{next(ids)}"

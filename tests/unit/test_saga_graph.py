@@ -269,3 +269,41 @@ def test_the_readme_saga_parses_and_compensates_as_it_says() -> None:
         "charge": "compensated",
         "reserve": "compensated",
     }
+
+
+def test_a_restored_fan_out_with_a_catch_and_a_compensation_ends_as_the_original() -> None:
+    wf = workflow(
+        {
+            "id": "each",
+            "type": "parallel",
+            "for_each": "input.xs",
+            "step": http("one", params={"url": "https://svc.test/${{ index }}"}),
+            "catch": [{"steps": [http("ask"), http("ask2", "ask")]}],
+            "compensate": [http("undo_each")],
+        },
+        http("gate"),
+        transform("after", "${{ steps.each.output }}", "each", "gate"),
+        http("last", "after"),
+    )
+    live = Live.start(wf, {"xs": [1, 2]})
+    live.ok("one[0]")
+    adopted, changes = adopt(live.run, live.rec, 11)
+    assert changes.events == []
+    live.run = adopted
+    live.fail("one[1]", error=E400)  # the join fails: caught, its handler runs
+    live.ok("ask")
+    again, changes = adopt(live.run, live.rec, 12)  # mid-handler: `ask` done, `ask2` out
+    assert changes.events == []
+    assert sorted(d.step_id for d in changes.dispatches) == ["ask2", "gate"]
+    live.run = again
+    assert live.status("each") is StepStatus.RUNNING
+    live.ok("ask2", "join_failed")
+    live.ok("gate")
+    assert live.run.step_status("after") is StepStatus.SUCCEEDED
+    assert live.dispatch("last")  # after succeeded with the handler's output
+    live.fail("last", error=E400)
+    # Caught: its own work failed, so it is not compensated.
+    assert live.run.status is RunStatus.FAILED
+    assert "undo_each" not in live.dispatched()
+    after = [r for r in live.rec.results.values() if r.step_id == "after"]
+    assert [r.output for r in after] == ["join_failed"]

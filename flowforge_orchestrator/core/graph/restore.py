@@ -72,7 +72,7 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
         else:
             node = fan_outs.popleft()
             _restore_fan_out(run, node, saved, results)
-            scopes.extend(own_lists(node))
+            scopes.extend(node.children)  # its elements (its own handlers came with it)
     run._root.started = run.status is RunStatus.RUNNING
     for scope in reversed(scopes):  # children before their owners
         _restore_scope_state(run, scope)
