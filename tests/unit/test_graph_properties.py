@@ -75,7 +75,7 @@ def failure_handling(draw: st.DrawFn, ids: Iterator[int], in_for_each: bool) -> 
     extra: dict[str, Any] = {}
     if draw(st.integers(0, 3)) == 0:
         errors = draw(st.sampled_from([None, ["join_failed", "branch_failed"], ["Invalid"]]))
-        handler = [
+        handler: list[dict[str, Any]] = [
             {"id": f"s{next(ids)}", "type": "transform", "output": "${{ error.category }}"}
             if draw(st.booleans())
             else {"id": f"s{next(ids)}", "type": "http", "with": {"url": "https://svc.test/h"}}
