@@ -11,7 +11,8 @@ from typing import Any
 import yaml
 
 from flowforge_orchestrator.core.definition.parse import parse_definition
-from flowforge_orchestrator.core.graph.run import CompiledWorkflow
+from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
+from flowforge_orchestrator.core.redrive import redrive_checkpoint
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from tests.unit.test_control_flow import Live, adopt, parallel
 from tests.unit.test_graph import at, http, transform, workflow
@@ -307,3 +308,62 @@ def test_a_restored_fan_out_with_a_catch_and_a_compensation_ends_as_the_original
     assert "undo_each" not in live.dispatched()
     after = [r for r in live.rec.results.values() if r.step_id == "after"]
     assert [r.output for r in after] == ["join_failed"]
+
+
+def test_a_redriven_saga_runs_the_undone_steps_again_and_may_compensate_again() -> None:
+    live = Live.start(saga())
+    live.ok("reserve")
+    live.ok("charge")
+    live.fail("ship", error=E400)
+    live.ok("undo_charge")
+    live.ok("undo_reserve")
+    first_undo = live.dispatch("undo_charge").attempt_id
+    checkpoint = redrive_checkpoint(live.run.workflow, live.rec.checkpoint)
+    assert "u" not in checkpoint and "o" not in checkpoint
+    live.run = RunState(
+        run_id=live.run.run_id,
+        workflow=live.run.workflow,
+        version=3,
+        input={},
+        limits=live.run.limits,
+        status=RunStatus.PENDING,
+        checkpoint=checkpoint,
+        results=live.rec.results,
+    )
+    live.run.start(at(100))
+    live.rec.drain(live.run)
+    assert live.dispatched()[-1] == "reserve"  # undone: it runs again
+    live.ok("reserve", now=101)
+    live.ok("charge", now=102)
+    live.fail("ship", now=103, error=E400)
+    assert live.dispatched()[-1] == "undo_charge"
+    assert live.dispatch("undo_charge").attempt_id != first_undo
+    live.ok("undo_charge", now=104)
+    live.ok("undo_reserve", now=105)
+    assert live.run.status is RunStatus.FAILED
+    assert live.run.error is not None
+    assert live.run.error["compensation"]["steps"] == {
+        "charge": "compensated",
+        "reserve": "compensated",
+    }
+
+
+def test_redrive_resets_a_condition_whose_steps_catch_and_compensate() -> None:
+    wf = workflow(
+        {
+            "id": "route",
+            "type": "condition",
+            "if": "true",
+            "then": [
+                undoable("inner", catch=[{"errors": ["timeout"], "steps": [transform("h", 1)]}]),
+                http("boom", "inner"),
+            ],
+        }
+    )
+    live = Live.start(wf)
+    live.ok("inner")
+    live.fail("boom", error=E400)
+    live.ok("undo_inner")
+    assert live.run.status is RunStatus.FAILED
+    checkpoint = redrive_checkpoint(wf, live.rec.checkpoint)
+    assert checkpoint["steps"]["inner"] == "p1" and checkpoint["steps"]["undo_inner"] == "p1"
