@@ -87,7 +87,6 @@ class StepNode:
             "transform",
             "switch",
             "fail",
-            "wait",
         )
 
 
