@@ -361,6 +361,13 @@ MUTATIONS: tuple[Mutation, ...] = (
         f"{T_SAGA_E2E}::test_an_orchestrator_killed_while_compensating_is_replaced_and_each_runs_once",
     ),
     mutation(
+        "a run cancelled at its claim is handed back although it compensates",
+        "flowforge_orchestrator/engine/claimer.py",
+        "            if state.status.finished:\n",
+        "            if True:\n",
+        f"{T_HANDLING}::test_a_saga_cancelled_while_no_orchestrator_ran_compensates_when_claimed",
+    ),
+    mutation(
         "catch takes a failure before the step's retries are spent",
         "flowforge_orchestrator/core/graph/ending.py",
         "        if _retry(run, node, error, now, status):\n",

@@ -3,15 +3,19 @@ what runs, in which order, what the history and `runs show` keep."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator import store
+from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow
 from flowforge_orchestrator.views.render import build_tree, render_tree
-from tests.helpers import wait_for
+from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
+from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps
 
 
@@ -313,3 +317,46 @@ async def test_fail_with_a_templated_message_caught_by_catch(steps_engine: Engin
         "details": {"order": 42},
     }
     assert of(events, "check") == ["step.failed", "step.caught", "step.succeeded"]
+
+
+async def test_a_saga_cancelled_while_no_orchestrator_ran_compensates_when_claimed(
+    settings: Settings, steps: Steps
+) -> None:
+    """The claim cancels it: the run compensates first, so the claim keeps it (owned,
+    resumed) rather than handing it back as if it had ended."""
+    await store.apply_migrations(settings.database_url or "")
+    types = {**load_step_types([]), "echo": steps.echo, "hold": steps.hold}
+    conn = await store.connect(settings.database_url or "")
+    worker_stop = asyncio.Event()
+    worker = asyncio.create_task(run_worker(settings, types, stop=worker_stop))
+    try:
+        engine = Engine(settings, conn)
+        stop = asyncio.Event()
+        first = asyncio.create_task(run_orchestrator(settings, stop))
+        run_id = await saga_run(engine, ship="hold")
+        await wait_for(lambda: "ship" in steps.started, message="ship never started")
+        stop.set()  # the orchestrator stops (its lease released); ship stays on the worker
+        await stop_tasks([first])
+        assert (await engine.run(run_id))["status"] == "running"
+        assert await store.request_cancel(conn, run_id, "while down") == (True, "running")
+
+        stop = asyncio.Event()
+        second = asyncio.create_task(run_orchestrator(settings, stop))
+        try:
+            run = await engine.finished(run_id, timeout=30)
+        finally:
+            stop.set()
+            await stop_tasks([second])
+        assert run["status"] == "cancelled"
+        await wait_for(lambda: "ship" in steps.aborted, message="ship was not aborted")
+        assert steps.started == ["reserve", "charge", "ship", "refund", "release"]
+        end = (await engine.events(run_id))[-1]
+        assert end["type"] == "workflow.cancelled"
+        assert end["data"]["compensation"] == {
+            "steps": {"charge": "compensated", "reserve": "compensated"}
+        }
+    finally:
+        steps.release.set()
+        worker_stop.set()
+        await stop_tasks([worker])
+        await conn.close()
