@@ -10,9 +10,9 @@ from uuid import UUID
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
-from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.views.render import build_tree, render_tree
 from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 from tests.helpers import stop_tasks, wait_for
