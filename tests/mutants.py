@@ -75,6 +75,9 @@ T_E2E = "tests/e2e/test_processes.py"
 T_ISOLATION = "tests/integration/test_isolation.py"
 T_FAULTS = "tests/integration/test_engine_faults.py"
 T_WORKER = "tests/integration/test_worker_faults.py"
+T_SAGA = "tests/unit/test_saga_graph.py"
+T_HANDLING = "tests/integration/test_handling_failures.py"
+T_SAGA_E2E = "tests/e2e/test_saga_processes.py"
 
 MUTATIONS: tuple[Mutation, ...] = (
     # -- canaries: the copy is what runs, in process and in the daemons ---------------------
@@ -362,6 +365,39 @@ MUTATIONS: tuple[Mutation, ...] = (
         '        if not hmac.compare_digest(expected, str(row["token"]).lower()):\n',
         "        if False:\n",
         "tests/integration/test_outside_completions.py",
+    ),
+    # -- handling failures: catch and compensation -----------------------------------------
+    mutation(
+        "compensations run in completion order, not in reverse",
+        "flowforge_orchestrator/core/graph/compensation.py",
+        "    nodes = (run._nodes.get(key) for key in reversed(run._completed))\n",
+        "    nodes = (run._nodes.get(key) for key in run._completed)\n",
+        f"{T_SAGA}::test_a_failed_saga_undoes_what_succeeded_in_reverse_order_then_fails",
+        f"{T_HANDLING}::test_a_failed_saga_compensates_in_reverse_order_and_ends_failed",
+    ),
+    mutation(
+        "a restored run forgets which compensations finished (ends them twice after a crash)",
+        "flowforge_orchestrator/core/graph/restore.py",
+        "    elif not scope.started:\n        return  # its turn, if any, comes when the run"
+        " compensates\n",
+        "    elif True:\n        return  # no compensation's state is restored\n",
+        f"{T_SAGA}::test_a_restore_mid_compensation_goes_on_and_starts_nothing_twice",
+        f"{T_SAGA_E2E}::test_an_orchestrator_killed_while_compensating_is_replaced_and_each_runs_once",
+    ),
+    mutation(
+        "a run cancelled at its claim is handed back although it compensates",
+        "flowforge_orchestrator/engine/claimer.py",
+        "            if state.status.finished:\n",
+        "            if True:\n",
+        f"{T_HANDLING}::test_a_saga_cancelled_while_no_orchestrator_ran_compensates_when_claimed",
+    ),
+    mutation(
+        "catch takes a failure before the step's retries are spent",
+        "flowforge_orchestrator/core/graph/ending.py",
+        "        if _retry(run, node, error, now, status):\n",
+        "        if catch(run, node, error, status, now) or _retry(\n"
+        "            run, node, error, now, status\n        ):\n",
+        "tests/unit/test_catch_graph.py::test_a_matching_handler_runs_after_the_retries_and_dependents_see_its_output",
     ),
 )
 

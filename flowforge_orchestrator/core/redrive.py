@@ -5,8 +5,10 @@ Pure, like the graph. The steps to run again are the failed, timed-out and cance
 them in their list, every failed or cancelled step those depend on (a sibling cancelled by
 the failure), and every control step that contains them, up to the top level. The
 others keep their status and their stored outputs, which the steps run again read. A
-condition run again chooses again, so all of it is reset; a fan-out runs all its elements
-again (a finished fan-out keeps no per-element state).
+condition (or a switch) run again chooses again, so all of it is reset; a fan-out runs all
+its elements again (a finished fan-out keeps no per-element state). A step run again takes
+its catch handlers and its compensation afresh. In a run that compensated, the steps whose
+compensations ran (undone) run again too, with what depends on them.
 
 The run keeps its id, its history and its sequence numbers; its generation goes up by one,
 and new attempts get ids of that generation, so none collides with an earlier attempt.
@@ -17,7 +19,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from flowforge_orchestrator.core.definition.models import ConditionStep, Step, child_lists
+from flowforge_orchestrator.core.definition.models import (
+    ConditionStep,
+    Step,
+    SwitchStep,
+    child_lists,
+    handler_lists,
+)
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
 from flowforge_orchestrator.core.graph.checkpoint import for_redrive, read_checkpoint
 from flowforge_orchestrator.core.state import StepStatus
@@ -32,9 +40,13 @@ def redrive_checkpoint(
     workflow: CompiledWorkflow, checkpoint: Mapping[str, Any], *, from_step: str | None = None
 ) -> dict[str, Any]:
     """A new checkpoint for the run; its status goes back to pending alongside it."""
-    decoded = read_checkpoint(checkpoint).steps
+    saved = read_checkpoint(checkpoint)
+    decoded = saved.steps
     lists, owners = _structure(workflow)
     failed = {key for key, entry in decoded.items() if entry.status in _RERUN and key in lists}
+    # The steps a compensation undid run again (with what depends on them).
+    undone = set(saved.completed) & set(lists) if saved.compensation is not None else set()
+    failed |= undone
     if from_step is not None:
         if from_step not in lists:
             raise RedriveError(f"the workflow has no step '{from_step}'")
@@ -62,6 +74,10 @@ def _structure(workflow: CompiledWorkflow) -> tuple[dict[str, ListPlan], dict[st
         for step in plan.steps:
             lists[step.id], owners[step.id] = plan, owner
             todo.extend((child, step.id) for child in workflow.children.get(step.id, ()))
+            todo.extend((child, step.id) for child in workflow.handlers.get(step.id, ()))
+            undo = workflow.compensations.get(step.id)
+            if undo is not None:
+                todo.append((undo, step.id))
     return lists, owners
 
 
@@ -98,11 +114,21 @@ def _spread(
         owner = owners[step_id]
         if owner is not None:
             todo.append(owner)
-        if isinstance(step, ConditionStep):
+        if isinstance(step, ConditionStep | SwitchStep):
             todo.extend(_inside(step))
         else:  # a parallel runs its failed and cancelled branches again, keeps the others
             todo.extend(s for s in _inside(step) if s in failed)
+        # A step that runs again may fail and be caught, or be undone, afresh.
+        todo.extend(s for steps in handler_lists(step) for s in _ids(steps))
     return reset
+
+
+def _ids(steps: list[Step]) -> set[str]:
+    """The ids of these steps and of every step nested in them."""
+    found = {s.id for s in steps}
+    for step in steps:
+        found |= _inside(step)
+    return found
 
 
 def _within(step_id: str, owners: dict[str, str | None], reset: set[str]) -> bool:

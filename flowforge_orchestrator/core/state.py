@@ -12,6 +12,7 @@ __all__ = [
     "IllegalTransition",
     "RunStatus",
     "StepStatus",
+    "check_caught",
     "check_run",
     "check_step",
 ]
@@ -108,3 +109,10 @@ def check_run(current: RunStatus, target: RunStatus) -> None:
 def check_step(step_id: str, current: StepStatus, target: StepStatus) -> None:
     if target not in _STEP_EDGES.get(current, frozenset()):
         raise IllegalTransition(f"step '{step_id}' cannot go from {current} to {target}")
+
+
+def check_caught(step_id: str, current: StepStatus) -> None:
+    """A step whose failure a `catch` handler takes goes from any open status (through its
+    `step.failed` event) back to running, for as long as the handler runs."""
+    if current.finished:
+        raise IllegalTransition(f"step '{step_id}' cannot be caught once {current}")

@@ -278,9 +278,11 @@ class Claimer:
         )
         if row.cancel_requested:  # asked for while pending, or while no one owned it
             state.cancel(now, "cancel requested")
-            changes = state.take_changes()
-            assert changes is not None
-            return None, changes
+            if state.status.finished:
+                changes = state.take_changes()
+                assert changes is not None
+                return None, changes
+            # It compensates first (or was compensating already): owned and resumed.
         return self._start(row, workflow, state, now)
 
     def _start(

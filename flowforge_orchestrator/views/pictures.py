@@ -3,7 +3,8 @@
 Pure, like `views.render`. Both pictures have one shape: a node per step (its shape by kind,
 its colour by status), `depends_on` edges, and for a composite step a group (Mermaid
 subgraph, Graphviz cluster) per nested list, which the step leads into: labelled `then`,
-`else`, `branch n`; dashed into a condition's list that was not taken. A fan-out's elements
+`else`, `branch n`, `case n: <when>`, `default`, `catch <errors>`, `compensate`; dashed into
+a list that was not taken. A fan-out's elements
 share one group, summarised past `max_elements` as in the tree.
 """
 
@@ -32,6 +33,9 @@ _COLOURS = {  # fill, stroke
 
 def _label(node: StepNode, now: datetime) -> list[str]:
     lines = [node.key, " · ".join(fact for fact in facts(node, now) if fact)]
+    if node.caught:
+        caught = "failed, caught: " + node.caught
+        lines.append(caught if len(caught) <= 60 else caught[:59] + "…")
     if node.error and node.status not in ("succeeded", "skipped"):
         lines.append(node.error if len(node.error) <= 60 else node.error[:59] + "…")
     return lines
@@ -90,7 +94,7 @@ class _Picture:
                     self.edges.append(self.edge(nid, more, dashed=True))
                 self.out.append(indent + self.close_group())
             for child, entry in _entries(node):
-                dashed = child.taken is False
+                dashed = child.taken is False or (child.exceptional and child.taken is not True)
                 self.edges.append(self.edge(nid, self.id_of(entry.key), child.label, dashed))
 
     def node(self, nid: str, node: StepNode) -> str:

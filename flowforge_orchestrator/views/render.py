@@ -20,7 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, Step
+from flowforge_orchestrator.core.definition.models import (
+    ConditionStep,
+    ParallelStep,
+    Step,
+    SwitchStep,
+)
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
 from flowforge_orchestrator.core.graph.checkpoint import Saved, read_checkpoint
 
@@ -51,6 +56,7 @@ class StepList:
     label: str | None
     steps: list[StepNode]
     taken: bool | None = None
+    exceptional: bool = False  # a catch handler or a compensation: drawn dashed unless taken
 
 
 @dataclass
@@ -69,10 +75,19 @@ class StepNode:
     lists: list[StepList] = field(default_factory=list)
     elements: int | None = None  # a for_each's element count, once known
     hidden: Counter[str] | None = None  # elements left out of the drawing, by status
+    caught: str | None = None  # the failure a catch handler took (the step failed first)
 
     @property
     def worker_step(self) -> bool:
-        return self.kind not in ("condition", "parallel", "for_each", "delay", "transform")
+        return self.kind not in (
+            "condition",
+            "parallel",
+            "for_each",
+            "delay",
+            "transform",
+            "switch",
+            "fail",
+        )
 
 
 # -- building --------------------------------------------------------------------------------
@@ -160,7 +175,37 @@ class _Builder:
             if node.elements is None:
                 node.elements = self.seen_elements(template.steps[0].id + suffix)
             self.fan_out(node, template, suffix)
+        elif isinstance(step, SwitchStep):
+            chosen = entry.branch if entry else None
+            labels = [f"case {i}: {case.when}" for i, case in enumerate(step.cases)]
+            for index, plan in enumerate(self.workflow.children[step.id]):
+                name = str(index) if index < len(step.cases) else "default"
+                taken = None if chosen is None else chosen == name
+                label = labels[index] if index < len(labels) else "default"
+                node.lists.append(StepList(label, self.steps(plan, suffix), taken))
+        self.handlers(node, step, entry, suffix)
         return node
+
+    def handlers(self, node: StepNode, step: Step, entry: Saved | None, suffix: str) -> None:
+        """Catch handlers (the one that took the failure marked taken) and the compensation
+        (with how it went)."""
+        caught = entry.caught if entry else None
+        for index, plan in enumerate(self.workflow.handlers.get(step.id, ())):
+            errors = (step.catch or [])[index].errors
+            label = "catch " + (", ".join(errors) if errors else "any error")
+            taken = True if caught == index else None
+            node.lists.append(StepList(label, self.steps(plan, suffix), taken, exceptional=True))
+        if caught is not None and entry is not None:
+            node.caught = _message(entry.error)
+            if node.status == "succeeded":
+                node.error = None
+        undo = self.workflow.compensations.get(step.id)
+        if undo is not None:
+            steps = self.steps(undo, suffix)
+            state = _undo_state(steps)
+            node.lists.append(
+                StepList(f"compensate{state}", steps, True if state else None, exceptional=True)
+            )
 
     def seen_elements(self, prefix: str) -> int | None:
         """How many elements the history shows (`charge[0]` ... `charge[n-1]`)."""
@@ -179,6 +224,17 @@ class _Builder:
             else:
                 hidden.update(s.status for s in steps)
         node.hidden = hidden or None
+
+
+def _undo_state(steps: Sequence[StepNode]) -> str:
+    statuses = {s.status for s in steps}
+    if statuses <= {"pending"}:
+        return ""
+    if statuses & {"failed", "timed_out"}:
+        return " (compensation failed)"
+    if statuses <= {"succeeded", "skipped"}:
+        return " (compensated)"
+    return " (compensating)"
 
 
 def _topological(steps: Sequence[Step]) -> list[Step]:
@@ -310,7 +366,7 @@ def facts(node: StepNode, now: datetime) -> list[str]:
 
 def list_title(child: StepList) -> str:
     title = child.label or ""
-    if child.taken is True:
+    if child.taken is True and not title.endswith(")"):  # a compensation says how it went
         title += " (taken)"
     elif child.taken is False:
         title += " (not taken)"
@@ -361,6 +417,8 @@ def _node_rows(node: StepNode, indent: str, last: bool, rows: _Rows, now: dateti
     rows.append((indent + branch + node.key, facts(node, now)))
     inner = indent + cont
     items = _child_items(node)
+    if node.caught:
+        rows.append((f"{inner}{'│  ' if items else '   '}failed, caught: {node.caught}", []))
     if node.error and node.status not in ("succeeded", "skipped"):
         rows.append((f"{inner}{'│  ' if items else '   '}error: {node.error}", []))
     for position, item in enumerate(items):

@@ -159,9 +159,10 @@ def steps() -> Steps:
 
 @pytest.fixture
 async def steps_engine(settings: Settings, steps: Steps) -> AsyncIterator[Engine]:
-    """An engine whose worker also serves the `Steps` types: echo, hold, gate, fail."""
+    """An engine whose worker also serves the `Steps` types: echo, hold, gate, refuse (`fail`
+    is a built-in step type)."""
     await store.apply_migrations(settings.database_url or "")
-    types = {"echo": steps.echo, "hold": steps.hold, "fail": steps.fail, "gate": steps.gate}
+    types = {"echo": steps.echo, "hold": steps.hold, "refuse": steps.fail, "gate": steps.gate}
     stop, tasks = await start_engine(settings, types)
     conn = await store.connect(settings.database_url or "")
     try:

@@ -75,7 +75,7 @@ async def test_doctor_says_all_is_well_when_it_is(
 ) -> None:
     await store.apply_roles(settings.database_url or "")
     await steps_engine.register(GREET)
-    await live_workers(settings, ["echo", "fail", "hold", "http"])
+    await live_workers(settings, ["echo", "hold", "http", "refuse"])
 
     result = await cli("doctor")
 

@@ -52,7 +52,7 @@ name: failing
 version: 1
 steps:
   - {id: wait, type: hold}
-  - {id: boom, type: fail, depends_on: [wait]}
+  - {id: boom, type: refuse, depends_on: [wait]}
 """
 
 
@@ -203,7 +203,7 @@ async def test_runs_watch_exits_1_when_the_run_fails_and_4_on_timeout(
     assert failed.code == 1
     assert "step.failed boom (attempt 1): ValueError: boom refuses" in failed.out
     assert f"run {run_id} failed" in failed.out
-    assert re.search(r"^└─ boom +fail +failed +attempt 1", failed.out, re.M)
+    assert re.search(r"^└─ boom +refuse +failed +attempt 1", failed.out, re.M)
     assert re.search(r"^      error: ValueError: boom refuses$", failed.out, re.M)
 
 

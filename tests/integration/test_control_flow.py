@@ -177,7 +177,7 @@ steps:
     type: parallel
     fail_fast: ${fail_fast}
     branches:
-      - [{id: bad, type: fail, with: {}}]
+      - [{id: bad, type: refuse, with: {}}]
       - [{id: good, type: hold, with: {}}]
 """
 

@@ -119,8 +119,8 @@ def test_unknown_types_are_only_checked_against_known_types() -> None:
         yaml.safe_load(EXAMPLE.read_text()), "sms", "type", known_types={"email_send"}
     )
     assert message == (
-        "unknown step type 'sms_send'; known types: condition, delay, email_send, http, "
-        "parallel, transform, wait"
+        "unknown step type 'sms_send'; known types: condition, delay, email_send, fail, "
+        "http, parallel, switch, transform, wait"
     )
 
 
@@ -657,7 +657,7 @@ def test_json_schema_for_editors() -> None:
     assert {"if", "then", "else"} <= set(defs["ConditionStep"]["properties"])
     assert defs["TaskStep"]["properties"]["id"]["pattern"] == r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
     assert defs["TaskStep"]["properties"]["type"]["not"] == {
-        "enum": ["condition", "delay", "parallel", "transform", "wait"]
+        "enum": ["condition", "delay", "fail", "parallel", "switch", "transform", "wait"]
     }
     duration = defs["DelayStep"]["properties"]["duration"]["anyOf"][0]
     assert "1h30m" in duration["description"] and "ISO 8601" in duration["description"]

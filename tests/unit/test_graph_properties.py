@@ -1,7 +1,8 @@
 """Properties of the run graph over random definitions, outcomes, orders and restores.
 
 A definition is drawn as nested step lists (sequences, diamonds, random DAGs) of http,
-transform, delay, condition, parallel and for_each steps; a driver answers the outstanding
+transform, delay, condition, switch, fail, parallel and for_each steps, some with `catch`
+handlers and `compensate` lists; a driver answers the outstanding
 attempts in a random order (each failing or not by a fixed draw), fires timers, re-delivers
 stale results, and now and then hands the run to a new RunState built from its checkpoint.
 The same run is also played without restores: the two must be indistinguishable.
@@ -68,16 +69,67 @@ def step_list(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool
 
 
 @st.composite
+def failure_handling(draw: st.DrawFn, ids: Iterator[int], in_for_each: bool) -> dict[str, Any]:
+    """Now and then a catch handler (of all errors or some), and a compensation (outside
+    a for_each, where none is allowed); both run http or transform steps."""
+    extra: dict[str, Any] = {}
+    if draw(st.integers(0, 3)) == 0:
+        errors = draw(st.sampled_from([None, ["join_failed", "branch_failed"], ["Invalid"]]))
+        handler: list[dict[str, Any]] = [
+            {"id": f"s{next(ids)}", "type": "transform", "output": "${{ error.category }}"}
+            if draw(st.booleans())
+            else {"id": f"s{next(ids)}", "type": "http", "with": {"url": "https://svc.test/h"}}
+        ]
+        if draw(st.booleans()):  # a second step, after the first
+            url = "https://svc.test/h2"
+            after = {"id": f"s{next(ids)}", "type": "http", "with": {"url": url}}
+            handler.append(after | {"depends_on": [handler[0]["id"]]})
+        extra["catch"] = [{"steps": handler} | ({"errors": errors} if errors else {})]
+    if not in_for_each and draw(st.integers(0, 2)) == 0:
+        undo_id = f"s{next(ids)}"
+        url = f"https://svc.test/undo/{undo_id}"
+        extra["compensate"] = [{"id": undo_id, "type": "http", "with": {"url": url}}]
+    return extra
+
+
+@st.composite
+def choice(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool) -> dict[str, Any]:
+    """A condition, or a switch of two cases and a default."""
+    if_ = draw(st.sampled_from(["input.n > 1", "input.n % 2 == 0", "true", "false"]))
+    if in_for_each and draw(st.booleans()):
+        if_ = "index % 2 == 0"
+    if draw(st.booleans()):
+        return {
+            "type": "condition",
+            "if": if_,
+            "then": draw(step_list(depth + 1, ids, in_for_each)),
+            "else": draw(st.just([]) | step_list(depth + 1, ids, in_for_each)),
+        }
+    return {
+        "type": "switch",
+        "default": draw(st.just([]) | step_list(depth + 1, ids, in_for_each)),
+        "cases": [
+            {"when": when, "steps": draw(step_list(depth + 1, ids, in_for_each))}
+            for when in (if_, "input.n == 0")
+        ],
+    }
+
+
+@st.composite
 def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool) -> Any:
     step_id = f"s{next(ids)}"
     kinds = ["http", "http", "transform", "delay"]
     if depth < MAX_DEPTH:
         kinds += ["condition", "parallel", "for_each"]
-    kind = draw(st.sampled_from(kinds))
+    kind = draw(st.sampled_from([*kinds, "fail"]))
     step: dict[str, Any] = {"id": step_id}
     if draw(st.integers(0, 4)) == 0:
         step["continue_on_failure"] = True
-    if kind == "http":
+    step |= draw(failure_handling(ids, in_for_each))
+    if kind == "fail":
+        category = draw(st.sampled_from(["Invalid", "Other"]))
+        step |= {"type": "fail", "error": {"message": "no ${{ input.n }}", "category": category}}
+    elif kind == "http":
         url = f"https://svc.test/{step_id}" + ("/${{ index }}" if in_for_each else "")
         step |= {"type": "http", "with": {"url": url}}
     elif kind == "transform":
@@ -92,12 +144,7 @@ def one_step(draw: st.DrawFn, depth: int, ids: Iterator[int], in_for_each: bool)
                 "until": f"timestamp('{at(draw(st.integers(-2, 5))).isoformat()}')",
             }
     elif kind == "condition":
-        if_ = draw(st.sampled_from(["input.n > 1", "input.n % 2 == 0", "true", "false"]))
-        if in_for_each and draw(st.booleans()):
-            if_ = "index % 2 == 0"
-        step |= {"type": "condition", "if": if_}
-        step["then"] = draw(step_list(depth + 1, ids, in_for_each))
-        step["else"] = draw(st.just([]) | step_list(depth + 1, ids, in_for_each))
+        step |= draw(choice(depth, ids, in_for_each))
     else:
         step |= {"type": "parallel", "fail_fast": draw(st.booleans())}
         if draw(st.booleans()):
@@ -190,6 +237,7 @@ def drive(
     salt: int,
     rate: int,
     restores: int | None,
+    cancel_at: int | None = None,
 ) -> Trace:
     """Play a run to its end. `order` seeds which attempt is answered next, `restores` (if
     not None) seeds when the run is adopted; restores draw from their own generator, so a
@@ -200,11 +248,18 @@ def drive(
     run.start(at(0))
     trace.take(run)
     now = 0.0
-    for _ in range(400):
+    for step in range(400):
         if run.status is not RunStatus.RUNNING:
             break
         if restores is not None and adopt_now.random() < 0.4:
             run = adopt(run, trace, now)
+        if step == cancel_at:
+            # Cancelled mid-way: it compensates first, and a second request changes nothing.
+            already = run.compensating()
+            assert run.cancel(at(now), "asked") is not already
+            trace.take(run)
+            assert run.cancel(at(now), "again") is False
+            continue
         by_id = {d.attempt_id: d for d in trace.sent}
         outstanding = sorted(
             (by_id[a] for a in run.outstanding() if a in by_id), key=lambda d: d.step_id
@@ -251,12 +306,13 @@ def check_trace(wf: CompiledWorkflow, trace: Trace) -> None:
     assert run is not None
 
     # Every run ends, and leaves nothing behind: no attempt on a worker, no timer.
-    assert run.status in (RunStatus.COMPLETED, RunStatus.FAILED)
+    assert run.status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED)
     assert trace.rec.status is run.status
-    assert [e.type for e in events if e.step_id is None] == [
-        "workflow.started",
-        f"workflow.{run.status.value}",
-    ]
+    run_events = [e.type for e in events if e.step_id is None]
+    assert run_events in (
+        ["workflow.started", f"workflow.{run.status.value}"],
+        ["workflow.started", "workflow.compensating", f"workflow.{run.status.value}"],
+    )
     assert events[-1].step_id is None
     assert run.next_timer() is None
 
@@ -264,7 +320,7 @@ def check_trace(wf: CompiledWorkflow, trace: Trace) -> None:
     assert [e.seq for e in events] == list(range(1, len(events) + 1))
 
     # No event twice: each (type, key, attempt) happens once at most.
-    seen = [(e.type, e.step_id, e.data.get("attempt")) for e in events]
+    seen = [(e.type, e.step_id, e.data.get("attempt"), e.data.get("caught")) for e in events]
     assert len(seen) == len(set(seen)), "an event was emitted twice"
 
     # No attempt is dispatched twice (re-dispatches after adoption are not in `sent`).
@@ -292,6 +348,40 @@ def check_trace(wf: CompiledWorkflow, trace: Trace) -> None:
     assert not [key for key in trace.rec.checkpoint["steps"] if "[" in key]
 
     check_dependencies(wf, events)
+    check_compensations(wf, run, events)
+
+
+COMPENSATION_EVENTS = {"step.compensating", "step.compensated", "step.compensation_failed"}
+
+
+def check_compensations(wf: CompiledWorkflow, run: RunState, events: list[Event]) -> None:
+    """Only steps that succeeded (not caught) are compensated, all of them when the run
+    failed, in reverse order of completion, one at a time, each once."""
+    caught = {e.step_id for e in events if e.type == "step.caught"}
+    done = [
+        e.step_id
+        for e in events
+        if e.type == "step.succeeded"
+        and e.step_id is not None
+        and e.step_id not in caught
+        and wf.definition.step(e.step_id.split("[", 1)[0]).compensate
+    ]
+    undone = [e.step_id for e in events if e.type == "step.compensating"]
+    if run.status in (RunStatus.FAILED, RunStatus.CANCELLED):
+        assert undone == list(reversed(done))
+    else:
+        assert undone == []
+    ended = [e.step_id for e in events if e.type in COMPENSATION_EVENTS - {"step.compensating"}]
+    assert ended == undone  # each ended before the next began, once
+    current: str | None = None
+    for e in events:
+        if e.type == "step.compensating":
+            assert current is None, "two compensations at once"
+            current = e.step_id
+        elif e.type in ("step.compensated", "step.compensation_failed"):
+            assert e.step_id == current
+            current = None
+    assert current is None
 
 
 def check_dependencies(wf: CompiledWorkflow, events: list[Event]) -> None:
@@ -302,6 +392,11 @@ def check_dependencies(wf: CompiledWorkflow, events: list[Event]) -> None:
         key = e.step_id
         if key is None:
             continue
+        if e.type in COMPENSATION_EVENTS:
+            assert finished.get(key) == "succeeded", f"{key} compensated, not succeeded"
+            continue
+        if e.type == "step.caught":
+            continue
         assert key not in finished, f"{key} changed after it {finished[key]}"
         if e.from_status == "pending" and e.type in STARTS:
             step_id = key.split("[", 1)[0]
@@ -310,7 +405,7 @@ def check_dependencies(wf: CompiledWorkflow, events: list[Event]) -> None:
                 assert dep + suffix in finished, f"{key} started before {dep + suffix} ended"
                 if finished[dep + suffix] in ("failed", "timed_out"):
                     assert wf.definition.step(dep).continue_on_failure
-        if e.to_status in TERMINAL:
+        if e.to_status in TERMINAL and not e.data.get("caught"):
             finished[key] = e.to_status
 
 
@@ -322,13 +417,22 @@ def check_dependencies(wf: CompiledWorkflow, events: list[Event]) -> None:
     restores=st.integers(0, 2**16),
     salt=st.integers(0, 2**16),
     rate=st.sampled_from([0, 15, 40]),
+    cancel_at=st.none() | st.integers(0, 12),
 )
 def test_random_runs_end_cleanly_and_restores_are_invisible(
-    wf: CompiledWorkflow, input: Any, order: int, restores: int, salt: int, rate: int
+    wf: CompiledWorkflow,
+    input: Any,
+    order: int,
+    restores: int,
+    salt: int,
+    rate: int,
+    cancel_at: int | None,
 ) -> None:
-    plain = drive(wf, input, order=order, salt=salt, rate=rate, restores=None)
+    plain = drive(wf, input, order=order, salt=salt, rate=rate, restores=None, cancel_at=cancel_at)
     check_trace(wf, plain)
-    adopted = drive(wf, input, order=order, salt=salt, rate=rate, restores=restores)
+    adopted = drive(
+        wf, input, order=order, salt=salt, rate=rate, restores=restores, cancel_at=cancel_at
+    )
     check_trace(wf, adopted)
     assert adopted.rec.events == plain.rec.events
     assert adopted.rec.output == plain.rec.output

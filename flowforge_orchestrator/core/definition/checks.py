@@ -62,15 +62,20 @@ MAX_TEXT_CHARS = 1 << 20
 """Longest definition text (1 MiB)."""
 _MAX_REPORTED = 20  # problems of one kind worth listing
 
-BUILTIN_STEP_TYPES = frozenset({"http", "condition", "parallel", "delay", "transform", "wait"})
-INLINE_STEP_TYPES = frozenset({"condition", "parallel", "delay", "transform", "wait"})
+BUILTIN_STEP_TYPES = frozenset(
+    {"http", "condition", "parallel", "delay", "transform", "wait", "switch", "fail"}
+)
+INLINE_STEP_TYPES = frozenset(
+    {"condition", "parallel", "delay", "transform", "wait", "switch", "fail"}
+)
 # Union member labels pydantic puts in an error's loc; they are not keys of the data.
 UNION_TAGS = frozenset(
     {"TaskStep", "ConditionStep", "ParallelStep", "DelayStep", "TransformStep", "WaitStep"}
-    | {"JoinMode", "JoinAtLeast"}
+    | {"SwitchStep", "FailStep", "JoinMode", "JoinAtLeast"}
 )
 ROOTS = frozenset({"input", "steps", "run"})
 ITEM_ROOTS = frozenset({"item", "index"})
+ERROR_ROOT = "error"  # in a catch handler's steps and a compensation's
 SECRETS = "secrets"
 
 
@@ -291,6 +296,24 @@ def _children(
             yield from _steps_in(branch, (*where, "branches", j))
         if isinstance(step.get("step"), dict):
             yield step["step"], (*where, "step")
+    elif kind == "switch":
+        cases = step.get("cases")
+        for j, case in enumerate(cases if isinstance(cases, list) else ()):
+            if isinstance(case, dict):
+                yield from _steps_in(case.get("steps"), (*where, "cases", j, "steps"))
+        yield from _steps_in(step.get("default"), (*where, "default"))
+    for name, steps in _handler_lists(step):
+        yield from _steps_in(steps, (*where, *name))
+
+
+def _handler_lists(step: dict[str, Any]) -> Iterator[tuple[tuple[PathPart, ...], Any]]:
+    """A raw step's catch handlers' steps and its compensation, with their paths."""
+    catch = step.get("catch")
+    for j, handler in enumerate(catch if isinstance(catch, list) else ()):
+        if isinstance(handler, dict):
+            yield ("catch", j, "steps"), handler.get("steps")
+    if "compensate" in step:
+        yield ("compensate",), step.get("compensate")
 
 
 def _add_at(problems: Problems, data: Any, path: tuple[PathPart, ...], message: str) -> None:
@@ -310,6 +333,7 @@ class RawStep:
     in_for_each: bool  # inside a for_each template: `item` and `index` exist
     owner: str | None = None  # nearest enclosing step with an id, to locate an id-less step
     path: tuple[PathPart, ...] = ()  # from `owner` (or the root) to this step
+    reads_error: bool = False  # inside a catch handler or a compensation: `error` exists
 
     def where(self, name: str | None) -> tuple[str | None, str | None]:
         """(step id, field) of a problem in field `name`, located via the owner if no id."""
@@ -331,6 +355,7 @@ def _lists(
     *,
     in_for_each: bool,
     template: bool,
+    reads_error: bool = False,
 ) -> Iterator[tuple[list[RawStep], bool]]:
     if not isinstance(steps, list):
         return
@@ -341,6 +366,7 @@ def _lists(
             in_for_each,
             owner,
             prefix if template else (*prefix, i),
+            reads_error,
         )
         for i, s in enumerate(steps)
         if isinstance(s, dict)
@@ -349,6 +375,25 @@ def _lists(
     for raw in raws:
         kind, data = raw.data.get("type"), raw.data
         inner = (raw.id, ()) if raw.id is not None else (raw.owner, raw.path)
+        for where, handler_steps in _handler_lists(data):
+            yield from _lists(
+                handler_steps,
+                inner[0],
+                (*inner[1], *where),
+                in_for_each=in_for_each,
+                template=False,
+                reads_error=True,
+            )
+        if kind == "switch":
+            for where, case_steps in _switch_lists(data):
+                yield from _lists(
+                    case_steps,
+                    inner[0],
+                    (*inner[1], *where),
+                    in_for_each=in_for_each,
+                    template=False,
+                    reads_error=reads_error,
+                )
         if kind == "condition":
             for name in ("then", "else"):
                 yield from _lists(
@@ -357,15 +402,38 @@ def _lists(
                     (*inner[1], name),
                     in_for_each=in_for_each,
                     template=False,
+                    reads_error=reads_error,
                 )
         elif kind == "parallel":
             branches = data.get("branches")
             for j, branch in enumerate(branches if isinstance(branches, list) else ()):
                 where = (*inner[1], "branches", j)
-                yield from _lists(branch, inner[0], where, in_for_each=in_for_each, template=False)
+                yield from _lists(
+                    branch,
+                    inner[0],
+                    where,
+                    in_for_each=in_for_each,
+                    template=False,
+                    reads_error=reads_error,
+                )
             if isinstance(data.get("step"), dict):
                 where = (*inner[1], "step")
-                yield from _lists([data["step"]], inner[0], where, in_for_each=True, template=True)
+                yield from _lists(
+                    [data["step"]],
+                    inner[0],
+                    where,
+                    in_for_each=True,
+                    template=True,
+                    reads_error=reads_error,
+                )
+
+
+def _switch_lists(data: dict[str, Any]) -> Iterator[tuple[tuple[PathPart, ...], Any]]:
+    cases = data.get("cases")
+    for j, case in enumerate(cases if isinstance(cases, list) else ()):
+        if isinstance(case, dict):
+            yield ("cases", j, "steps"), case.get("steps")
+    yield ("default",), data.get("default")
 
 
 def check_raw(
@@ -385,6 +453,14 @@ def check_raw(
         _check_dependencies(found, template, ids, problems)
     for step in steps:
         _check_type(step, known_types, problems)
+        if step.in_for_each and step.data.get("compensate") is not None:
+            problems.at(
+                step,
+                "a step inside a for_each cannot have a compensation (its elements leave "
+                "memory once the fan-out ends); compensate the parallel step itself",
+                "compensate",
+            )
+        _check_nested_compensations(step, problems)
         if step.data.get("type") == "http":
             _check_http(step, http_params, problems)
         _check_step_expressions(step, ids, problems)
@@ -395,6 +471,23 @@ def check_raw(
         )
     if data.get("output") is not None:
         _Reads(problems, ids, None, ROOTS).template(data["output"], "output")
+
+
+def _check_nested_compensations(step: RawStep, problems: Problems) -> None:
+    """A compensation's steps undo; they are not undone in turn."""
+    undo = step.data.get("compensate")
+    todo = [s for s, _ in _steps_in(undo, ())]
+    while todo:
+        inner = todo.pop()
+        if inner.get("compensate") is not None:
+            name = inner.get("id") if isinstance(inner.get("id"), str) else "?"
+            problems.at(
+                step,
+                f"step '{name}' of this compensation has a compensation of its own; "
+                "compensations are not compensated",
+                "compensate",
+            )
+        todo.extend(s for s, _ in _children(inner, ()))
 
 
 def _check_ids(steps: list[RawStep], problems: Problems) -> set[str]:
@@ -557,10 +650,12 @@ def _check_step_expressions(step: RawStep, ids: set[str], problems: Problems) ->
     kind = step.data.get("type")
     if not isinstance(kind, str):
         return
-    reads = _Reads(problems, ids, step, ROOTS | ITEM_ROOTS if step.in_for_each else ROOTS)
+    roots = ROOTS | ITEM_ROOTS if step.in_for_each else ROOTS
+    reads = _Reads(problems, ids, step, roots | {ERROR_ROOT} if step.reads_error else roots)
     bare = _BARE_FIELDS.get(kind)
     if bare is not None and isinstance(step.data.get(bare), str):
         reads.bare(step.data[bare], bare)
+    _check_switch_and_fail(step, kind, reads)
     if kind == "transform" and "output" in step.data:
         reads.template(step.data["output"], "output")
     elif kind not in INLINE_STEP_TYPES and "with" in step.data:
@@ -583,6 +678,16 @@ def _check_step_expressions(step: RawStep, ids: set[str], problems: Problems) ->
                     "matches: the worker evaluates it without the orchestrator's limits",
                     string.field,
                 )
+
+
+def _check_switch_and_fail(step: RawStep, kind: str, reads: _Reads) -> None:
+    """A switch's `when`s are bare CEL; a fail step's `error` is a template."""
+    if kind == "switch" and isinstance(step.data.get("cases"), list):
+        for j, case in enumerate(step.data["cases"]):
+            if isinstance(case, dict) and isinstance(case.get("when"), str):
+                reads.bare(case["when"], f"cases.{j}.when")
+    if kind == "fail" and "error" in step.data:
+        reads.template(step.data["error"], "error")
 
 
 @dataclass
@@ -620,6 +725,8 @@ class _Reads:
         for root in sorted(expression.roots - self.allowed):
             if root in ITEM_ROOTS:
                 message = f"'{root}' exists only inside the step of a for_each"
+            elif root == ERROR_ROOT:
+                message = "'error' exists only in the steps of a catch handler or a compensation"
             elif root == SECRETS:
                 message = (
                     "secrets can only be read in `with` of a worker step: "

@@ -47,17 +47,22 @@ __all__ = [
     "BUILTIN_STEP_TYPES",
     "INLINE_STEP_TYPES",
     "AtLeast",
+    "CatchHandler",
     "CompiledExpressions",
     "Concurrency",
     "ConditionStep",
     "Defaults",
     "DelayStep",
     "Duration",
+    "FailError",
+    "FailStep",
     "HttpParams",
     "ParallelStep",
     "RetryPolicy",
     "Step",
     "StepBase",
+    "SwitchCase",
+    "SwitchStep",
     "TaskStep",
     "TransformStep",
     "WaitStep",
@@ -65,6 +70,7 @@ __all__ = [
     "child_lists",
     "compile_definition",
     "definition_json_schema",
+    "handler_lists",
     "step_tag",
     "topological_order",
 ]
@@ -237,6 +243,25 @@ class StepBase(_Model):
     )
     retry: RetryPolicy | None = None
     continue_on_failure: bool = False
+    catch: list[CatchHandler] | None = Field(
+        default=None,
+        description="Handlers tried in order once the step has failed for good (its retries "
+        "spent): the first whose `errors` match runs its steps, which read `error`; the step "
+        "then counts as done, with the handler's output.",
+    )
+    compensate: list[Step] | None = Field(
+        default=None,
+        min_length=1,
+        description="Steps that undo this one: when the run fails or is cancelled, the "
+        "compensations of the steps that succeeded run in reverse order of completion.",
+    )
+
+
+class CatchHandler(_Model):
+    """One `catch` handler: `errors` are matched like `retry_on` (absent: every error)."""
+
+    errors: list[RetryCategory] | None = Field(default=None, min_length=1)
+    steps: list[Step] = Field(min_length=1)
 
 
 class TaskStep(StepBase):
@@ -245,7 +270,9 @@ class TaskStep(StepBase):
     type: str = Field(
         pattern=STEP_TYPE_PATTERN,
         json_schema_extra={
-            "not": {"enum": ["condition", "delay", "parallel", "transform", "wait"]}
+            "not": {
+                "enum": ["condition", "delay", "fail", "parallel", "switch", "transform", "wait"]
+            }
         },
     )
     with_: dict[str, Any] = Field(default_factory=dict, alias="with")
@@ -359,8 +386,41 @@ class TransformStep(StepBase):
     output: Any
 
 
+class SwitchCase(_Model):
+    """One case of a switch: `when` (bare CEL, true or false) and the steps it runs."""
+
+    when: str
+    steps: list[Step] = Field(min_length=1)
+
+
+class SwitchStep(StepBase):
+    """Runs the steps of the first case whose `when` is true, else `default`; every list
+    not taken is skipped. Its output is `{case: <index or "default">, output}`."""
+
+    type: Literal["switch"]
+    cases: list[SwitchCase] = Field(min_length=1)
+    default: list[Step] = Field(default_factory=list)
+
+
+class FailError(_Model):
+    """The error a fail step ends with; each field is a template (`${{ }}`)."""
+
+    message: str = Field(min_length=1)
+    category: str = "failed"
+    details: Any = None
+
+
+class FailStep(StepBase):
+    """Ends with `error` (rendered from its templates): its list fails, unless caught."""
+
+    type: Literal["fail"]
+    error: FailError
+
+
 _STEP_TAGS = {
     "condition": "ConditionStep",
+    "switch": "SwitchStep",
+    "fail": "FailStep",
     "parallel": "ParallelStep",
     "delay": "DelayStep",
     "transform": "TransformStep",
@@ -379,7 +439,9 @@ Step = Annotated[
     | Annotated[ParallelStep, Tag("ParallelStep")]
     | Annotated[DelayStep, Tag("DelayStep")]
     | Annotated[TransformStep, Tag("TransformStep")]
-    | Annotated[WaitStep, Tag("WaitStep")],
+    | Annotated[WaitStep, Tag("WaitStep")]
+    | Annotated[SwitchStep, Tag("SwitchStep")]
+    | Annotated[FailStep, Tag("FailStep")],
     Discriminator(step_tag),
 ]
 """Any step; the `type` picks the model, every non-control type is a `TaskStep`."""
@@ -393,12 +455,30 @@ class Concurrency(_Model):
 
 
 def child_lists(step: Step) -> list[list[Step]]:
-    """The step lists nested directly in `step` (a for_each template is a one-step list)."""
+    """The step lists nested directly in `step` (a for_each template is a one-step list),
+    then its catch handlers' and its compensation (`handler_lists`)."""
+    return _own_lists(step) + handler_lists(step)
+
+
+def _own_lists(step: Step) -> list[list[Step]]:
     if isinstance(step, ConditionStep):
         return [step.then, step.else_]
+    if isinstance(step, SwitchStep):
+        return [case.steps for case in step.cases] + [step.default]
     if isinstance(step, ParallelStep):
         return list(step.branches or ()) + ([[step.step]] if step.step is not None else [])
     return []
+
+
+def handler_lists(step: Step) -> list[list[Step]]:
+    """The lists a step holds for when things go wrong: each catch handler's steps, in
+    order, then its compensation (if any)."""
+    lists = [handler.steps for handler in step.catch or ()]
+    return lists + ([step.compensate] if step.compensate else [])
+
+
+def _both_endings() -> list[Literal["failed", "cancelled"]]:
+    return ["failed", "cancelled"]
 
 
 class WorkflowDefinition(_Model):
@@ -416,6 +496,10 @@ class WorkflowDefinition(_Model):
     concurrency: Concurrency | None = None
     defaults: Defaults = Field(default_factory=Defaults)
     output: Any = None
+    compensate_on: list[Literal["failed", "cancelled"]] = Field(
+        default_factory=_both_endings,
+        description="The run endings that run the compensations of the steps that succeeded.",
+    )
     steps: list[Step] = Field(min_length=1)
     _index: dict[str, Step] | None = PrivateAttr(None)
     _compiled: CompiledExpressions | None = PrivateAttr(None)
@@ -468,7 +552,20 @@ class WorkflowDefinition(_Model):
         return self._compiled
 
 
-for _model in (ConditionStep, ParallelStep, WorkflowDefinition):
+for _model in (
+    StepBase,
+    CatchHandler,
+    TaskStep,
+    ConditionStep,
+    ParallelStep,
+    DelayStep,
+    WaitStep,
+    TransformStep,
+    SwitchCase,
+    SwitchStep,
+    FailStep,
+    WorkflowDefinition,
+):
     _model.model_rebuild()
 
 
@@ -500,6 +597,9 @@ def compile_definition(defn: WorkflowDefinition) -> CompiledExpressions:
             "until": getattr(step, "until", None),
             "key": step.key if isinstance(step, WaitStep) else None,
         }
+        if isinstance(step, SwitchStep):
+            for i, case in enumerate(step.cases):
+                bare[f"cases.{i}.when"] = case.when
         for name, source in bare.items():
             if source is not None:
                 expressions[(step.id, name)] = compile_expression(
@@ -512,6 +612,10 @@ def compile_definition(defn: WorkflowDefinition) -> CompiledExpressions:
         elif isinstance(step, TransformStep):
             templates[(step.id, "output")] = compile_template(
                 step.output, step_id=step.id, field="output"
+            )
+        elif isinstance(step, FailStep):
+            templates[(step.id, "error")] = compile_template(
+                step.error.model_dump(), step_id=step.id, field="error"
             )
     key = defn.concurrency.key if defn.concurrency else None
     return CompiledExpressions(

@@ -18,8 +18,10 @@ from flowforge_orchestrator.core.definition import checks
 from flowforge_orchestrator.core.definition.models import (
     ConditionStep,
     DelayStep,
+    FailStep,
     HttpParams,
     ParallelStep,
+    SwitchStep,
     TaskStep,
     TransformStep,
     WaitStep,
@@ -47,6 +49,8 @@ def _model_for(step: dict[str, Any] | None) -> type[BaseModel]:
         "DelayStep": DelayStep,
         "TransformStep": TransformStep,
         "WaitStep": WaitStep,
+        "SwitchStep": SwitchStep,
+        "FailStep": FailStep,
     }
     return WorkflowDefinition if step is None else models[step_tag(step)]
 

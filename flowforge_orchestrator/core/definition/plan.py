@@ -11,12 +11,12 @@ from dataclasses import dataclass, field
 
 from flowforge_orchestrator.core.definition.models import (
     ConditionStep,
-    DelayStep,
+    FailStep,
     ParallelStep,
     Step,
+    SwitchStep,
     TaskStep,
     TransformStep,
-    WaitStep,
     WorkflowDefinition,
 )
 from flowforge_orchestrator.core.definition.urls import UrlTemplate, url_string
@@ -55,6 +55,9 @@ class CompiledWorkflow:
     definition: WorkflowDefinition
     root: ListPlan = field(init=False)
     children: dict[str, tuple[ListPlan, ...]] = field(init=False)  # by composite step id
+    handlers: dict[str, tuple[ListPlan, ...]] = field(init=False)  # catch handlers, by step
+    compensations: dict[str, ListPlan] = field(init=False)  # by step id
+    errors: dict[str, Template] = field(init=False)  # a fail step's `error`
     params: dict[str, Template] = field(init=False)
     outputs: dict[str, Template] = field(init=False)
     expressions: dict[tuple[str, str], Expression] = field(init=False)
@@ -72,9 +75,10 @@ class CompiledWorkflow:
         compiled = definition.compiled
         self.root = ListPlan.of(definition.steps)
         self.children, self.params, self.outputs, self.secret_paths = {}, {}, {}, {}
-        self.urls = {}
+        self.urls, self.handlers, self.compensations, self.errors = {}, {}, {}, {}
         self.expressions = dict(compiled.expressions)
         for step in definition.all_steps():
+            self._plan_lists(step)
             if isinstance(step, TaskStep):
                 params = compiled.template(step.id, "with")
                 self.params[step.id] = params
@@ -88,16 +92,26 @@ class CompiledWorkflow:
                     self.params[step.id] = compile_template(rest, step_id=step.id, field="with")
             elif isinstance(step, TransformStep):
                 self.outputs[step.id] = compiled.template(step.id, "output")
-            elif isinstance(step, ConditionStep):
-                self.children[step.id] = (ListPlan.of(step.then), ListPlan.of(step.else_))
-            elif isinstance(step, ParallelStep):
-                if step.step is not None:
-                    self.children[step.id] = (ListPlan.of([step.step]),)
-                else:
-                    self.children[step.id] = tuple(ListPlan.of(b) for b in step.branches or ())
-            else:
-                assert isinstance(step, DelayStep | WaitStep)
+            elif isinstance(step, FailStep):
+                self.errors[step.id] = compiled.template(step.id, "error")
         self.run_output = compiled.output
+
+    def _plan_lists(self, step: Step) -> None:
+        """The step lists `step` holds: its branches, its catch handlers, its compensation."""
+        if step.catch:
+            self.handlers[step.id] = tuple(ListPlan.of(h.steps) for h in step.catch)
+        if step.compensate:
+            self.compensations[step.id] = ListPlan.of(step.compensate)
+        if isinstance(step, ConditionStep):
+            self.children[step.id] = (ListPlan.of(step.then), ListPlan.of(step.else_))
+        elif isinstance(step, ParallelStep):
+            if step.step is not None:
+                self.children[step.id] = (ListPlan.of([step.step]),)
+            else:
+                self.children[step.id] = tuple(ListPlan.of(b) for b in step.branches or ())
+        elif isinstance(step, SwitchStep):
+            lists = [case.steps for case in step.cases] + [step.default]
+            self.children[step.id] = tuple(ListPlan.of(steps) for steps in lists)
 
     def expression(self, step_id: str, field_name: str) -> Expression:
         return self.expressions[(step_id, field_name)]

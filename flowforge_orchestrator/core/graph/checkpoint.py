@@ -12,11 +12,16 @@ here only (the graph, the redrive and the views all go through this module).
   stored attempt ids (`a`) and full status names; it is still read.
 * `seq`: the last event's sequence number; `g`: the redrives so far (absent: 0);
   `deadline`: when the run times out (absent: no timeout).
+* `o`: the keys of the steps with a `compensate` that succeeded, in completion order
+  (absent: none); `u`: set while the run compensates: `end` (failed | cancelled), `e` the
+  `error` its compensations read, `r` a cancellation's reason. Which compensations ran is
+  in their own steps' entries. Both are absent in older checkpoints, which read as none.
 * `steps`: by node key, each node that is not pending (or pending with attempts behind it:
   redriven) as `"<status letter><attempt>"` ("S1": succeeded on its first attempt), or as a
   dict when it has more to say: `e` its error, `t` its timer, `b` a condition's branch,
   `x` a fan-out's size, `g` the generation of its attempt, `k` a running wait's key,
-  `h` a running attempt handed off to another system (1).
+  `h` a running attempt handed off to another system (1), `c` the catch handler that took
+  its failure.
 * A running fan-out of one worker step packs its elements into its own entry: `i`, one
   letter per element ('p': pending, or saved on its own entry for an error or a retry
   timer) and `na`, the attempt numbers past 1 by element index.
@@ -35,9 +40,10 @@ from typing import Any
 from uuid import UUID
 
 from flowforge_orchestrator.core.definition.models import TaskStep
+from flowforge_orchestrator.core.graph.compensation import Compensation
 from flowforge_orchestrator.core.graph.nodes import Node
 from flowforge_orchestrator.core.records import CHECKPOINT_VERSION
-from flowforge_orchestrator.core.state import StepStatus
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -84,6 +90,7 @@ class Saved:
     generation: int = 0
     elements: str | None = None  # a packed fan-out: one letter per element
     element_attempts: dict[str, int] = field(default_factory=dict)  # those past attempt 1
+    caught: int | None = None  # the catch handler that took its failure
 
 
 @dataclass(frozen=True)
@@ -94,6 +101,8 @@ class Checkpoint:
     generation: int = 0
     deadline: datetime | None = None
     steps: dict[str, Saved] = field(default_factory=dict)  # by node key
+    completed: list[str] = field(default_factory=list)  # steps to undo, in completion order
+    compensation: Compensation | None = None  # set while the run compensates
 
 
 def carries_incarnation(saved: Mapping[str, Any] | None) -> bool:
@@ -113,6 +122,8 @@ def write_checkpoint(
     generation: int,
     deadline: datetime | None,
     incarnation: bool,
+    completed: list[str] | None = None,
+    compensation: Compensation | None = None,
 ) -> dict[str, Any]:
     """The stored form of a run: `nodes` are saved one by one (the pending ones left out),
     `fan_outs` (running, of one worker step) with their elements packed; `incarnation`
@@ -136,6 +147,13 @@ def write_checkpoint(
         saved["g"] = generation
     if deadline is not None:
         saved["deadline"] = deadline.isoformat()
+    if completed:
+        saved["o"] = list(completed)
+    if compensation is not None:
+        phase: dict[str, object] = {"end": compensation.ending.value, "e": compensation.error}
+        if compensation.reason is not None:
+            phase["r"] = compensation.reason
+        saved["u"] = phase
     return saved
 
 
@@ -166,6 +184,8 @@ def _encode(node: Node, *, full: bool = False) -> Entry:
         extra["x"] = len(node.items)
     if node.generation:
         extra["g"] = node.generation
+    if node.caught is not None:
+        extra["c"] = node.caught
     if not extra and not full:
         return f"{letter}{node.attempt or ''}"
     return {"s": letter, "n": node.attempt, **extra}
@@ -203,11 +223,18 @@ def read_checkpoint(saved: Mapping[str, Any] | None) -> Checkpoint:
     if not saved:
         return Checkpoint()
     deadline = saved.get("deadline")
+    phase = saved.get("u")
     return Checkpoint(
         seq=int(saved.get("seq", 0)),
         generation=int(saved.get("g", 0)),
         deadline=datetime.fromisoformat(deadline) if deadline else None,
         steps={key: _decode(value) for key, value in saved.get("steps", {}).items()},
+        completed=list(saved.get("o", [])),
+        compensation=(
+            Compensation(RunStatus(phase["end"]), dict(phase["e"]), phase.get("r"))
+            if phase
+            else None
+        ),
     )
 
 
@@ -229,6 +256,7 @@ def _decode(saved: str | Mapping[str, Any]) -> Saved:
         generation=int(saved.get("g", 0)),
         elements=saved.get("i"),
         element_attempts=dict(saved.get("na", {})),
+        caught=saved.get("c"),
     )
 
 
@@ -257,7 +285,11 @@ def for_redrive(
             steps[key] = f"{_LETTERS[StepStatus.PENDING]}{attempts}"
         else:
             steps.pop(key, None)
-    out = {key: value for key, value in saved.items() if key != "deadline"}
+    # A compensation phase is over; the steps that stay succeeded keep their place.
+    out = {key: value for key, value in saved.items() if key not in ("deadline", "u", "o")}
+    completed = [k for k in saved.get("o", []) if k in steps and k not in rerun]
+    if completed:
+        out["o"] = completed
     out["steps"] = steps
     out["g"] = int(saved.get("g", 0)) + 1
     return out

@@ -1,6 +1,6 @@
 """What a run's expressions see from one node: `input`, `run`, the finished `steps` visible
-from its frame, `item`/`index` inside a for_each, and what those values weigh (for the
-evaluator's routing)."""
+from its frame, `item`/`index` inside a for_each, `error` in a catch handler or a
+compensation, and what those values weigh (for the evaluator's routing)."""
 
 from __future__ import annotations
 
@@ -33,15 +33,20 @@ def context(run: Reading, node: Node | None) -> Context:
     # The weights are for the evaluator's routing; without one, nobody asks.
     weigher = FrameWeigher(frame, run._weigh_input) if run._evaluator else None
     if element is None:
-        return build_context(run.input, StepsView(frame), run._run_info, weigher=weigher)
-    return build_context(
-        run.input,
-        StepsView(frame),
-        run._run_info,
-        item=element.item,
-        index=element.index,
-        weigher=weigher,
-    )
+        built = build_context(run.input, StepsView(frame), run._run_info, weigher=weigher)
+    else:
+        built = build_context(
+            run.input,
+            StepsView(frame),
+            run._run_info,
+            item=element.item,
+            index=element.index,
+            weigher=weigher,
+        )
+    error = frame.error_value()
+    if error is not None:  # in a catch handler or a compensation
+        built["error"] = error
+    return built
 
 
 def evaluate(run: Reading, node: Node, field: str) -> Any:

@@ -15,7 +15,9 @@ from datetime import UTC, datetime, timedelta
 from flowforge_orchestrator.core.definition.models import (
     ConditionStep,
     DelayStep,
+    FailStep,
     ParallelStep,
+    SwitchStep,
     TaskStep,
     TransformStep,
     WaitStep,
@@ -40,7 +42,7 @@ from flowforge_orchestrator.core.records import WaitStarted
 from flowforge_orchestrator.core.state import StepStatus
 from flowforge_orchestrator.errors import ExpressionError, StepError
 
-__all__ = ["branch_finished", "launch", "start_node", "start_scope"]
+__all__ = ["branch_finished", "chosen_list", "launch", "start_node", "start_scope"]
 
 # Control steps need nothing of the run beyond what dispatching does: `Dispatching`.
 
@@ -74,6 +76,10 @@ def start_node(run: Dispatching, node: Node, now: datetime) -> None:
             _start_wait(run, node, step, now)
         elif isinstance(step, ConditionStep):
             _start_condition(run, node, now)
+        elif isinstance(step, SwitchStep):
+            _start_switch(run, node, step, now)
+        elif isinstance(step, FailStep):
+            fail(run, node, _raised(run, node), now)
         else:
             assert isinstance(step, ParallelStep)
             _start_parallel(run, node, step, now)
@@ -141,6 +147,66 @@ def _start_condition(run: Dispatching, node: Node, now: datetime) -> None:
     to(run, node, StepStatus.RUNNING, now, "step.started", data={"branch": node.branch})
     skip_scope(run, other, now)
     start_scope(run, chosen, now)
+
+
+def _start_switch(run: Dispatching, node: Node, step: SwitchStep, now: datetime) -> None:
+    """The first case whose `when` is true runs (else `default`); every other list is
+    skipped, at every depth."""
+    node.branch = "default"
+    for index in range(len(step.cases)):
+        name = f"cases.{index}.when"
+        value = evaluate(run, node, name)
+        if not isinstance(value, bool):
+            expression = run.workflow.expression(step.id, name)
+            raise expression.error(f"`when` must give true or false, got {kind_of(value)}")
+        if value:
+            node.branch = str(index)
+            break
+    chosen = chosen_list(node)
+    to(run, node, StepStatus.RUNNING, now, "step.started", data={"case": _case(node.branch)})
+    for scope in node.children:
+        if scope is not chosen:
+            skip_scope(run, scope, now)
+    start_scope(run, chosen, now)
+
+
+def chosen_list(node: Node) -> Scope:
+    """The list a condition or a switch chose (its `branch`, which must be set)."""
+    if node.branch in ("then", "else"):
+        return node.children[node.branch == "else"]
+    return node.children[-1 if node.branch == "default" else int(node.branch or 0)]
+
+
+def _case(branch: str | None) -> int | str:
+    return int(branch) if branch is not None and branch.isdigit() else "default"
+
+
+def switch_output(node: Node, scope: Scope) -> dict[str, object]:
+    return {"case": _case(node.branch), "output": list_output(scope)}
+
+
+def _raised(run: Dispatching, node: Node) -> dict[str, object]:
+    """The error a fail step ends with, rendered from its templates (never retried)."""
+    step = node.step
+    assert isinstance(step, FailStep)
+    rendered = run.workflow.errors[step.id].render(context(run, node), evaluator=run._evaluator)
+    assert isinstance(rendered, dict)
+    for name in ("message", "category"):
+        value = rendered.get(name)
+        if not isinstance(value, str) or not value:
+            raise ExpressionError(
+                f"must give a non-empty string, got {kind_of(value)}",
+                expression=str(getattr(step.error, name)),
+                step_id=step.id,
+                field=f"error.{name}",
+            )
+    details = rendered.get("details")
+    return StepError(
+        rendered["message"],
+        category=rendered["category"],
+        retryable=False,
+        details=details if isinstance(details, dict) or details is None else {"value": details},
+    ).to_dict()
 
 
 # -- parallel steps ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from datetime import datetime, timedelta
 from typing import Any, Protocol
 
 from flowforge_orchestrator.core.definition.models import TaskStep
+from flowforge_orchestrator.core.graph.catching import catch
 from flowforge_orchestrator.core.graph.failures import invalid_output, measure, too_large
 from flowforge_orchestrator.core.graph.moves import Moving, to
 from flowforge_orchestrator.core.graph.nodes import Node, Scope, list_succeeded
@@ -36,6 +37,8 @@ class Ending(Moving, Protocol):
     """What ending steps uses of the run."""
 
     limits: Limits
+    # The keys of the steps with a compensation that succeeded, in the order they did.
+    _completed: list[str]
 
 
 def succeed(
@@ -58,6 +61,8 @@ def succeed(
     node.output = output
     run._context_bytes += size
     to(run, node, StepStatus.SUCCEEDED, now, "step.succeeded")
+    if node.undo is not None and node.caught is None:
+        run._completed.append(node.key)  # a caught step's own work failed: nothing to undo
     assert node.attempt_id is not None
     changes = run._journal.changes()
     if was_with_worker:
@@ -69,7 +74,8 @@ def succeed(
         changes.inline_results.append(
             InlineResult(node.attempt_id, node.key, "succeeded", output, None, now)
         )
-    elif not was_with_worker:
+    elif not was_with_worker and node.caught is None:
+        # A caught step's attempt has its failure stored; its output is its handler's.
         changes.inline_results.append(
             InlineResult(node.attempt_id, node.key, "succeeded", output, None, now)
         )
@@ -100,12 +106,14 @@ def fail(
             )
         if _retry(run, node, error, now, status):
             return
-    event = "step.timed_out" if status is StepStatus.TIMED_OUT else "step.failed"
-    to(run, node, status, now, event, data={"error": error})
-    if node.attempt_id is not None and not isinstance(node.step, TaskStep):
+    if node.attempt_id is not None and not isinstance(node.step, TaskStep) and node.caught is None:
         run._journal.changes().inline_results.append(
             InlineResult(node.attempt_id, node.key, "failed", None, error, now)
         )
+    if catch(run, node, error, status, now):  # only once its retries are spent
+        return
+    event = "step.timed_out" if status is StepStatus.TIMED_OUT else "step.failed"
+    to(run, node, status, now, event, data={"error": error})
 
 
 def _retry(
@@ -165,9 +173,14 @@ def cancel_node(run: Ending, node: Node, now: datetime) -> None:
 
 
 def cancel_children(run: Ending, node: Node, now: datetime) -> None:
+    """Close the lists `node` holds: its branches, and the handler it runs (the others
+    never started; a compensation is not the step's to end)."""
     for child in node.children:
         if not child.closed:
             cancel_scope(run, child, now)
+    for handler in node.handlers:
+        if handler.started and not handler.closed:
+            cancel_scope(run, handler, now)
 
 
 def cancel_scope(run: Ending, scope: Scope, now: datetime) -> None:

@@ -14,6 +14,7 @@ from flowforge_orchestrator.errors import ExpressionError, PayloadTooLarge, Step
 __all__ = [
     "branch_failed",
     "expression_error",
+    "handler_failed",
     "invalid_output",
     "measure",
     "run_timed_out",
@@ -84,6 +85,17 @@ def branch_failed(
     return StepError(
         f"step '{owner}': {message}: {cause.get('message', 'no message')}",
         category="branch_failed",
+        retryable=False,
+        details={"failed_step": culprit, "cause": cause},
+    ).to_dict()
+
+
+def handler_failed(owner: str, culprit: str, cause: dict[str, Any]) -> dict[str, Any]:
+    """A caught step fails with the step of its catch handler that failed the handler."""
+    return StepError(
+        f"step '{owner}': step '{culprit}' of its catch handler failed: "
+        f"{cause.get('message', 'no message')}",
+        category="handler_failed",
         retryable=False,
         details={"failed_step": culprit, "cause": cause},
     ).to_dict()

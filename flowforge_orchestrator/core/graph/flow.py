@@ -3,8 +3,9 @@
 Each step that finishes queues a follow-up (`followups`); `drain` works the queue until
 nothing is left to decide. Follow-ups start the dependents of a finished node, fail its
 list when it failed (unless `continue_on_failure`), and hand a finished list to its owner:
-the run (top level), a condition (its branch) or a parallel step (one branch, judged by the
-join policy).
+the run (top level), a condition or a switch (its chosen list), a parallel step (one
+branch, judged by the join policy), a caught step (its handler) or, while the run
+compensates, the phase (`compensation`).
 """
 
 from __future__ import annotations
@@ -12,32 +13,40 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Protocol
 
-from flowforge_orchestrator.core.definition.models import ConditionStep
-from flowforge_orchestrator.core.graph.attempts import Dispatching
+from flowforge_orchestrator.core.definition.models import ConditionStep, SwitchStep
+from flowforge_orchestrator.core.graph.compensation import (
+    Compensating,
+    begin_compensation,
+    compensation_ended,
+    compensation_scopes,
+    finish,
+)
 from flowforge_orchestrator.core.graph.context import context
-from flowforge_orchestrator.core.graph.control import branch_finished, launch, start_node
+from flowforge_orchestrator.core.graph.control import (
+    branch_finished,
+    launch,
+    start_node,
+    switch_output,
+)
 from flowforge_orchestrator.core.graph.ending import cancel_node, cancel_scope, fail, skip, succeed
 from flowforge_orchestrator.core.graph.failures import (
     branch_failed,
     expression_error,
+    handler_failed,
     invalid_output,
     measure,
 )
 from flowforge_orchestrator.core.graph.followups import Check, Finished, Launch
 from flowforge_orchestrator.core.graph.nodes import FAILED, Node, Scope, list_output, list_succeeded
-from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
+from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from flowforge_orchestrator.errors import ExpressionError
 
-__all__ = ["Flowing", "drain", "fail_run", "finish", "open_scopes"]
+__all__ = ["Flowing", "cancel_run", "drain", "fail_run", "finish", "open_scopes"]
 
 
-class Flowing(Dispatching, Protocol):
+class Flowing(Compensating, Protocol):
     """What working the queue uses of the run: all that starting steps does, and the run's
-    own status, output and error."""
-
-    status: RunStatus
-    output: object
-    error: dict[str, Any] | None
+    own status, output, error and compensation."""
 
 
 def drain(run: Flowing, now: datetime) -> None:
@@ -94,8 +103,14 @@ def _scope_done(run: Flowing, scope: Scope, now: datetime) -> None:
     owner = scope.owner
     if owner is None:
         _complete(run, now)
+    elif scope.role == "catch":
+        succeed(run, owner, list_output(scope), now)
+    elif scope.role == "undo":
+        compensation_ended(run, owner, scope, now)
     elif isinstance(owner.step, ConditionStep):
         succeed(run, owner, {"branch": owner.branch, "output": list_output(scope)}, now)
+    elif isinstance(owner.step, SwitchStep):
+        succeed(run, owner, switch_output(owner, scope), now)
     else:
         branch_finished(run, owner, scope, now)
 
@@ -108,8 +123,14 @@ def _fail_scope(run: Flowing, scope: Scope, culprit: Node, now: datetime) -> Non
     owner = scope.owner
     if owner is None:
         fail_run(run, {**error, "step_id": culprit.key}, now)
+    elif scope.role == "catch":
+        fail(run, owner, handler_failed(owner.key, culprit.key, error), now)
+    elif scope.role == "undo":
+        compensation_ended(run, owner, scope, now)
     elif isinstance(owner.step, ConditionStep):
         fail(run, owner, branch_failed(owner.key, owner.branch, culprit.key, error), now)
+    elif isinstance(owner.step, SwitchStep):
+        fail(run, owner, branch_failed(owner.key, f"case {owner.branch}", culprit.key, error), now)
     else:
         branch_finished(run, owner, scope, now)
 
@@ -121,9 +142,11 @@ def open_scopes(run: Flowing) -> list[Scope]:
         child
         for node in run._nodes.values()
         if node.status is StepStatus.RUNNING
-        for child in node.children
+        for child in node.children + node.handlers
         if child.started and not child.closed
     ]
+    if run._compensation is not None:
+        scopes += [s for s in compensation_scopes(run) if s.started and not s.closed]
     return scopes
 
 
@@ -149,22 +172,28 @@ def _complete(run: Flowing, now: datetime) -> None:
 
 
 def fail_run(run: Flowing, error: dict[str, Any], now: datetime) -> None:
-    """End the run as failed: everything not finished is cancelled."""
-    if run.status.finished:
+    """The run fails: everything not finished is cancelled, then its compensations run
+    (if any) before it ends. Nothing changes once it ended or while it compensates."""
+    if run.status.finished or run._compensation is not None:
         return
     cancel_scope(run, run._root, now)
+    if begin_compensation(run, RunStatus.FAILED, error, now):
+        return
     run.error = error
     finish(run, RunStatus.FAILED, now, "workflow.failed", {"error": error})
 
 
-def finish(
-    run: Flowing, status: RunStatus, now: datetime, event: str, data: dict[str, object]
-) -> None:
-    """The run ends in `status`: no timer and no follow-up is left."""
-    previous = run.status
-    check_run(previous, status)
-    run.status = status
-    run._timers.reset()
-    run._queue.clear()
-    run._journal.emit(now, event, status, from_status=previous, data=data)
-    run._journal.changes().finished_at = now
+def cancel_run(run: Flowing, now: datetime, reason: str | None) -> bool:
+    """The run is cancelled: pending steps never start, running ones are aborted, every open
+    step is recorded cancelled; then its compensations run (if any) before it ends. False
+    once it ended, or while it compensates (decision: the compensations, which make the
+    cancellation safe, go on; the run ends as it was going to)."""
+    if run.status.finished or run._compensation is not None:
+        return False
+    cancel_scope(run, run._root, now)
+    error = {"category": "cancelled", "message": f"the run was cancelled: {reason or 'no reason'}"}
+    # A pending run (a redriven one may have steps done) ends at once: it never started.
+    started = run.status is RunStatus.RUNNING
+    if not (started and begin_compensation(run, RunStatus.CANCELLED, error, now, reason)):
+        finish(run, RunStatus.CANCELLED, now, "workflow.cancelled", {"reason": reason})
+    return True

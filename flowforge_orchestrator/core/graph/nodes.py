@@ -7,7 +7,8 @@ the name spaces expressions read (frames).
 * A **scope** is one instance of a step list: the top level, a `then`/`else`, a parallel
   branch, one for_each element. It knows how many of its nodes are still open.
 * A **frame** is what `steps.<id>` and `item`/`index` mean: the top level has one, each
-  for_each element another (its steps are visible inside it, the outer ones too).
+  for_each element another (its steps are visible inside it, the outer ones too). A catch
+  handler and a compensation each have one too, which adds `error`.
 
 Kept apart from the rules (`run` and its parts); these are the records the rules move, and
 `checkpoint` saves.
@@ -39,6 +40,7 @@ __all__ = [
     "kind_of",
     "list_output",
     "list_succeeded",
+    "own_lists",
     "weigh_capped",
 ]
 
@@ -78,6 +80,7 @@ class Frame:
     index: int | None = None
     names: dict[str, Node] = field(default_factory=dict)
     weight: Weight | None = None  # of `item`, once an expression asked
+    error: Any = _NO_ITEM  # `error` in a catch handler or a compensation, once known
 
     def lookup(self, step_id: str) -> Node | None:
         frame: Frame | None = self
@@ -94,6 +97,13 @@ class Frame:
         while frame is not None and frame.item is _NO_ITEM:
             frame = frame.parent
         return frame
+
+    def error_value(self) -> Any:
+        """`error` as the nearest handler or compensation frame knows it (None: not set)."""
+        frame: Frame | None = self
+        while frame is not None and frame.error is _NO_ITEM:
+            frame = frame.parent
+        return None if frame is None else frame.error
 
     def item_weight(self) -> Weight:
         if self.weight is None:
@@ -150,6 +160,8 @@ class FrameWeigher:
         if root == "item":
             element = self._frame.item_frame()
             return element.item_weight() if element is not None else _SMALL
+        if root == "error":
+            return weigh_capped(self._frame.error_value())
         return _SMALL
 
     def _steps(self, refs: frozenset[str] | None) -> Weight:
@@ -178,6 +190,7 @@ class Scope:
     plan: ListPlan
     frame: Frame
     owner: Node | None
+    role: str = "list"  # list | catch (a handler of `owner`) | undo (its compensation)
     nodes: dict[str, Node] = field(default_factory=dict)  # by step id
     open: int = 0
     started: bool = False
@@ -215,11 +228,17 @@ class Node:
     packed: bool = False  # a fan-out element whose state its fan-out's entry carries
     elements: list[Node] = field(default_factory=list)  # a packed fan-out's, in order
     weight: Weight | None = None  # of context_entry(), cached while its status holds
+    handlers: list[Scope] = field(default_factory=list)  # its catch handlers' lists
+    caught: int | None = None  # the handler that took its failure (it runs, then ends it)
+    undo: Scope | None = None  # its compensation
 
     @property
     def with_worker(self) -> bool:
-        """A worker step whose current attempt is out: dispatched or running."""
-        return self.status in WITH_WORKER and isinstance(self.step, TaskStep)
+        """A worker step whose current attempt is out: dispatched or running (a caught
+        step runs its handler instead)."""
+        return (
+            self.status in WITH_WORKER and isinstance(self.step, TaskStep) and self.caught is None
+        )
 
     def context_entry(self) -> dict[str, Any]:
         return {"output": self.output, "status": self.status.value, "error": self.error}
@@ -228,6 +247,11 @@ class Node:
         if self.weight is None:
             self.weight = weigh_capped(self.context_entry())
         return self.weight
+
+
+def own_lists(node: Node) -> list[Scope]:
+    """Every list instance `node` holds: its branches, its handlers, its compensation."""
+    return node.children + node.handlers + ([node.undo] if node.undo is not None else [])
 
 
 def list_output(scope: Scope) -> Any:

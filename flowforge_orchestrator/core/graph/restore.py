@@ -13,14 +13,17 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 from uuid import UUID
 
-from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep
+from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, SwitchStep
 from flowforge_orchestrator.core.expressions.templates import to_json_value
+from flowforge_orchestrator.core.graph.catching import seen_error
 from flowforge_orchestrator.core.graph.checkpoint import Checkpoint, Saved, unpack
+from flowforge_orchestrator.core.graph.compensation import Compensation
 from flowforge_orchestrator.core.graph.context import Reading, evaluate
+from flowforge_orchestrator.core.graph.control import chosen_list
 from flowforge_orchestrator.core.graph.joins import JoinState, needed
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import Numbering, current_attempt_id
-from flowforge_orchestrator.core.graph.nodes import FAILED, Node, Scope
+from flowforge_orchestrator.core.graph.nodes import FAILED, Node, Scope, list_output, own_lists
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER
 from flowforge_orchestrator.core.graph.tree import Growing, expand
 from flowforge_orchestrator.core.records import StepResult, json_size
@@ -40,6 +43,8 @@ class Restoring(Growing, Reading, Numbering, Protocol):
     _journal: Journal
     # Nodes found unrestorable, with why: they fail when the run resumes.
     _broken: list[tuple[Node, dict[str, Any]]]
+    _completed: list[str]
+    _compensation: Compensation | None
 
 
 def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
@@ -48,6 +53,8 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
     run._generation = saved.generation
     if saved.deadline is not None:
         run._timers.put(RUN_TIMER, saved.deadline)
+    run._completed = list(saved.completed)
+    run._compensation = saved.compensation
     scopes = [run._root]
     fan_outs: deque[Node] = deque()
     index = 0
@@ -61,11 +68,11 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
                     _restore_node(run, node, entry, results)
                     if entry.items is not None:
                         fan_outs.append(node)
-                scopes.extend(node.children)
+                scopes.extend(own_lists(node))
         else:
             node = fan_outs.popleft()
             _restore_fan_out(run, node, saved, results)
-            scopes.extend(node.children)
+            scopes.extend(node.children)  # its elements (its own handlers came with it)
     run._root.started = run.status is RunStatus.RUNNING
     for scope in reversed(scopes):  # children before their owners
         _restore_scope_state(run, scope)
@@ -76,6 +83,7 @@ def _restore_node(run: Restoring, node: Node, entry: Saved, results: Results) ->
     node.fire_at, node.branch, node.wait_key = entry.fire_at, entry.branch, entry.wait_key
     node.handed_off = entry.handed_off
     node.generation = entry.generation
+    node.caught = entry.caught
     if entry.attempt_id is not None:
         node.attempt_id = entry.attempt_id
     elif node.attempt and node.status is not StepStatus.PENDING:
@@ -83,7 +91,8 @@ def _restore_node(run: Restoring, node: Node, entry: Saved, results: Results) ->
     if node.status.finished:
         node.scope.open -= 1
     result = results.get(node.attempt_id) if node.attempt_id else None
-    if result is not None and node.status is StepStatus.SUCCEEDED:
+    # A caught step's output is its handler's (see _restore_handler).
+    if result is not None and node.status is StepStatus.SUCCEEDED and node.caught is None:
         node.output = result.output
         run._context_bytes += json_size(result.output)
     if not node.status.finished and node.fire_at is not None:
@@ -137,6 +146,9 @@ def _restore_scope_state(run: Restoring, scope: Scope) -> None:
     if any(n.status is not StepStatus.PENDING for n in nodes):
         scope.started = True
     owner = scope.owner
+    if owner is not None and scope.role != "list":
+        _restore_handler(run, owner, scope)
+        return
     if owner is None and run.status is RunStatus.PENDING:
         return  # a redriven run: its top level opens when it starts again
     if owner is not None and owner.status.finished:
@@ -153,11 +165,38 @@ def _restore_scope_state(run: Restoring, scope: Scope) -> None:
         scope.closed, scope.outcome = True, "succeeded"
     if owner is None:
         return
-    if isinstance(owner.step, ConditionStep):
-        if owner.branch is not None and scope is not owner.children[owner.branch == "else"]:
+    if isinstance(owner.step, ConditionStep | SwitchStep):
+        if owner.branch is not None and scope is not chosen_list(owner):
             scope.closed, scope.outcome = True, "skipped"
         return
     _restore_join(owner, scope)
+
+
+def _restore_handler(run: Restoring, owner: Node, scope: Scope) -> None:
+    """A catch handler's list (open only if it took the failure) or a compensation's (open
+    until it ran); the frame gets `error` back, a caught step its handler's output."""
+    if scope.role == "catch":
+        if owner.caught is None or owner.handlers[owner.caught] is not scope:
+            return  # not (or not yet) taken: as fresh
+        scope.started = True
+        scope.frame.error = seen_error(owner, owner.error or {})
+    elif not scope.started:
+        return  # its turn, if any, comes when the run compensates
+    elif run._compensation is not None:
+        scope.frame.error = run._compensation.error
+    culprit = next(
+        (n for n in scope.nodes.values() if n.status in FAILED and not n.step.continue_on_failure),
+        None,
+    )
+    if culprit is not None:
+        scope.closed, scope.outcome, scope.failure = True, "failed", culprit.error
+    elif scope.done:
+        scope.closed, scope.outcome = True, "succeeded"
+        if scope.role == "catch" and owner.status is StepStatus.SUCCEEDED:
+            owner.output = list_output(scope)
+            run._context_bytes += json_size(owner.output)
+    if owner.status.finished and scope.role == "catch":
+        scope.closed = True
 
 
 def _restore_join(owner: Node, scope: Scope) -> None:

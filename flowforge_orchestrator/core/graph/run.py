@@ -10,9 +10,12 @@ of it, and each calling only those below it:
 
     run       RunState: the entry points, what the engine reads
     flow      the follow-up queue; lists and the run closing
-    control   steps and lists starting; delay, wait, condition, transform, parallel (joins)
+    compensation  the run ending: at once, or after compensating (sagas)
+    control   steps and lists starting; delay, wait, condition, switch, fail, transform,
+              parallel (joins)
     attempts  worker attempts: dispatch, deadlines, schedule-to-start, timeouts
     ending    steps ending: succeed, fail (or retry), skip, cancel
+    catching  a final failure handed to a `catch` handler
     moves     one step's move: the event, the follow-up; attempt ids
     tree      lists instantiated, fan-outs expanded and forgotten
     restore   the graph rebuilt from a checkpoint (read by `checkpoint`, written there too)
@@ -48,14 +51,15 @@ from flowforge_orchestrator.core.graph.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from flowforge_orchestrator.core.graph.compensation import Compensation, go_on
 from flowforge_orchestrator.core.graph.control import start_scope
-from flowforge_orchestrator.core.graph.ending import cancel_scope, fail, succeed
+from flowforge_orchestrator.core.graph.ending import fail, succeed
 from flowforge_orchestrator.core.graph.failures import run_timed_out
-from flowforge_orchestrator.core.graph.flow import drain, fail_run, finish, open_scopes
+from flowforge_orchestrator.core.graph.flow import cancel_run, drain, fail_run, open_scopes
 from flowforge_orchestrator.core.graph.followups import Check, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import to
-from flowforge_orchestrator.core.graph.nodes import WITH_WORKER, Frame, Node, weigh_capped
+from flowforge_orchestrator.core.graph.nodes import Frame, Node, weigh_capped
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
@@ -119,6 +123,8 @@ class RunState:
         self._saved_alone: dict[str, Node] = {}
         self._queue = FollowUps()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
+        self._completed: list[str] = []  # steps with a compensation, as they succeeded
+        self._compensation: Compensation | None = None  # set while it compensates
         self._root = new_scope(self, workflow.root, Frame(None), None)
         if checkpoint:
             restore(self, read_checkpoint(checkpoint), results or {})
@@ -134,6 +140,8 @@ class RunState:
             generation=self._generation,
             deadline=self._timers.deadline,
             incarnation=self._incarnation is not None,
+            completed=self._completed,
+            compensation=self._compensation,
         )
 
     def take_changes(self) -> RunChanges | None:
@@ -180,9 +188,7 @@ class RunState:
         return [
             WaitStarted(node.key, node.attempt_id, node.step.event, node.wait_key)
             for node in self._nodes.values()
-            if node.attempt_id is not None
-            and node.status is StepStatus.RUNNING
-            and isinstance(node.step, WaitStep)
+            if node.attempt_id is not None and _is_waiting(node) and isinstance(node.step, WaitStep)
         ]
 
     def is_waiting(self, key: str, attempt_id: UUID) -> bool:
@@ -221,8 +227,14 @@ class RunState:
         for node, error in self._broken:
             fail(self, node, error, now)
         self._broken.clear()
+        # A cancellation at the claim may have dispatched compensations already.
+        sent = {d.attempt_id for d in changes.dispatches}
         for node in list(self._nodes.values()):
-            if node.status is StepStatus.DISPATCHED and node.attempt_id is not None:
+            if (
+                node.status is StepStatus.DISPATCHED
+                and node.attempt_id is not None
+                and node.attempt_id not in sent
+            ):
                 dispatch = dispatch_of(self, node, now)
                 if dispatch is not None:
                     changes.dispatches.append(dispatch)
@@ -230,6 +242,8 @@ class RunState:
         # Everything a commit decided was committed with it; this only re-checks, so that
         # a run is never left waiting on a follow-up that was lost.
         self._queue.extend(Check(scope) for scope in open_scopes(self))
+        if self._compensation is not None and self.status is RunStatus.RUNNING:
+            go_on(self, now)  # the compensation in progress goes on; none: the next
         drain(self, now)
 
     def apply_result(self, result: StepResult, now: datetime) -> bool:
@@ -239,7 +253,8 @@ class RunState:
         node = self._nodes.get(result.step_id)
         if node is None or node.attempt_id != result.attempt_id:
             return False
-        if node.status not in WITH_WORKER or (result.outcome == "handed_off" and node.handed_off):
+        if not node.with_worker or (result.outcome == "handed_off" and node.handed_off):
+            # (A caught step keeps its failed attempt's id while its handler runs.)
             return False
         if node.status is StepStatus.DISPATCHED:
             to(
@@ -322,16 +337,22 @@ class RunState:
 
     def cancel(self, now: datetime, reason: str | None = None) -> bool:
         """Cancel the run: pending steps never start, running ones are aborted, every open
-        step is recorded cancelled. False if the run had already finished."""
-        if self.status.finished:
+        step is recorded cancelled; then its compensations run, if it has any. False if the
+        run had already finished, or is compensating already."""
+        if not cancel_run(self, now, reason):
             return False
-        cancel_scope(self, self._root, now)
-        finish(self, RunStatus.CANCELLED, now, "workflow.cancelled", {"reason": reason})
+        drain(self, now)  # compensations, if any, start
         return True
 
+    def compensating(self) -> bool:
+        """Whether the run is undoing its steps before it ends (it is still running)."""
+        return self._compensation is not None and not self.status.finished
+
     def fail_run(self, error: dict[str, Any], now: datetime) -> None:
-        """End the run as failed: everything not finished is cancelled."""
+        """The run fails: everything not finished is cancelled; its compensations, if any,
+        run before it ends."""
         fail_run(self, error, now)
+        drain(self, now)
 
     def _weigh_input(self) -> Weight:
         """What the run's input weighs, for the evaluator's routing: weighed once, if asked."""
@@ -341,7 +362,11 @@ class RunState:
 
 
 def _is_waiting(node: Node) -> bool:
-    return node.status is StepStatus.RUNNING and isinstance(node.step, WaitStep)
+    return (
+        node.status is StepStatus.RUNNING
+        and isinstance(node.step, WaitStep)
+        and node.caught is None
+    )
 
 
 def _event_timeout(node: Node) -> dict[str, Any]:

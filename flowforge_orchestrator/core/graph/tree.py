@@ -6,9 +6,14 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from flowforge_orchestrator.core.definition.models import ConditionStep, ParallelStep, TaskStep
+from flowforge_orchestrator.core.definition.models import (
+    ConditionStep,
+    ParallelStep,
+    SwitchStep,
+    TaskStep,
+)
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
-from flowforge_orchestrator.core.graph.nodes import Frame, Node, Scope
+from flowforge_orchestrator.core.graph.nodes import Frame, Node, Scope, own_lists
 from flowforge_orchestrator.core.graph.timers import Timers
 from flowforge_orchestrator.core.records import json_size
 from flowforge_orchestrator.core.state import StepStatus
@@ -30,10 +35,13 @@ class Growing(Protocol):
     _context_bytes: int  # what the outputs in memory weigh, for the run's byte limit
 
 
-def new_scope(run: Growing, plan: ListPlan, frame: Frame, owner: Node | None) -> Scope:
+def new_scope(
+    run: Growing, plan: ListPlan, frame: Frame, owner: Node | None, role: str = "list"
+) -> Scope:
     """An instance of a step list, with its nodes (and theirs, but a fan-out's elements:
-    those come with `expand`)."""
-    scope = Scope(plan, frame, owner)
+    those come with `expand`). A catch handler and a compensation get a frame of their own,
+    for `error`."""
+    scope = Scope(plan, frame, owner, role)
     for step in plan.steps:
         node = Node(step.id + frame.suffix, step, scope)
         scope.nodes[step.id] = node
@@ -41,12 +49,19 @@ def new_scope(run: Growing, plan: ListPlan, frame: Frame, owner: Node | None) ->
         run._nodes[node.key] = node
         run._saved_alone[node.key] = node
         scope.open += 1
-        if isinstance(step, ConditionStep) or (
+        if isinstance(step, ConditionStep | SwitchStep) or (
             isinstance(step, ParallelStep) and step.for_each is None
         ):
             node.children = [
                 new_scope(run, child, frame, node) for child in run.workflow.children[step.id]
             ]
+        node.handlers = [
+            new_scope(run, handler, Frame(frame, frame.suffix), node, "catch")
+            for handler in run.workflow.handlers.get(step.id, ())
+        ]
+        undo = run.workflow.compensations.get(step.id)
+        if undo is not None:
+            node.undo = new_scope(run, undo, Frame(frame, frame.suffix), node, "undo")
     return scope
 
 
@@ -71,7 +86,7 @@ def expand(run: Growing, node: Node, items: list[object]) -> None:
 def forget_elements(run: Growing, node: Node) -> None:
     """A finished fan-out keeps only its own output: its elements leave memory and the
     checkpoint (their history stays in the transitions)."""
-    stack = list(node.children)
+    stack = list(node.children)  # its elements; its own handlers and compensation stay
     while stack:
         scope = stack.pop()
         for inner in scope.nodes.values():
@@ -80,6 +95,6 @@ def forget_elements(run: Growing, node: Node) -> None:
             run._timers.drop(inner.key)
             if inner.status is StepStatus.SUCCEEDED:
                 run._context_bytes -= json_size(inner.output)
-            stack.extend(inner.children)
+            stack.extend(own_lists(inner))
     node.children, node.items, node.elements = [], None, []
     run._packed.pop(node.key, None)
