@@ -18,6 +18,7 @@ from flowforge_orchestrator.core.definition.models import (
     Step,
     WorkflowDefinition,
     child_lists,
+    handler_lists,
 )
 from flowforge_orchestrator.errors import DefinitionProblem
 
@@ -96,16 +97,19 @@ def upstream_problems(
     if not reads:
         return problems
     known = {step.id for step in definition.all_steps()}
-    todo: list[tuple[list[Step], tuple[tuple[dict[str, Step], Step], ...]]] = [
-        (definition.steps, ())
+    # Each list with its enclosing steps, and the steps certain to have ended when the list
+    # runs because it is a catch handler or a compensation of theirs (the step it handles
+    # failed, or the step it undoes succeeded, before any of its steps starts).
+    todo: list[tuple[list[Step], tuple[tuple[dict[str, Step], Step], ...], frozenset[str]]] = [
+        (definition.steps, (), frozenset())
     ]
     while todo:
-        steps, enclosing = todo.pop()
+        steps, enclosing, ended = todo.pop()
         by_id = {step.id: step for step in steps}
         for step in steps:
             chain = (*enclosing, (by_id, step))
             if step.id in reads:
-                done = frozenset().union(*(_upstream(s, ids) for ids, s in chain))
+                done = ended.union(*(_upstream(s, ids) for ids, s in chain))
                 finished = done | _nested(done, definition) | _nested({step.id}, definition)
                 for name, refs in reads[step.id]:
                     for ref in sorted((refs & known) - finished - {step.id}):
@@ -119,8 +123,15 @@ def upstream_problems(
                                 name,
                             )
                         )
-            todo.extend((inner, chain) for inner in child_lists(step))
+            todo.extend((inner, chain, ended) for inner in _own_lists(step))
+            handled = ended | {step.id} | _nested({step.id}, definition)
+            todo.extend((inner, chain, frozenset(handled)) for inner in handler_lists(step))
     return problems
+
+
+def _own_lists(step: Step) -> list[list[Step]]:
+    handlers = handler_lists(step)
+    return [inner for inner in child_lists(step) if not any(inner is h for h in handlers)]
 
 
 def _nested(step_ids: frozenset[str] | set[str], definition: WorkflowDefinition) -> set[str]:
