@@ -22,19 +22,21 @@ async def test_many_beats_of_many_attempts_cost_few_statements_and_keep_the_last
     db_url: str,
 ) -> None:
     conn = await store.connect(db_url)
+    # The writer has a connection of its own: the test reads on `conn` while it writes.
+    writer = await store.connect(db_url)
     statements = 0
 
     async def write(rows: Sequence[tuple[UUID, UUID, bytes, Any]]) -> int:
         nonlocal statements
         statements += 1
-        return await record_heartbeats(conn, rows)
+        return await record_heartbeats(writer, rows)
 
+    beats = Heartbeats(write)
+    task = asyncio.create_task(beats.run())
     try:
         tokens = AttemptTokens(await store.engine_secret(conn))
         run = uuid.uuid4()
         attempts = [uuid.uuid4() for _ in range(20)]
-        beats = Heartbeats(write)
-        task = asyncio.create_task(beats.run())
         started = asyncio.get_running_loop().time()
         for page in range(50):
             for attempt in attempts:
@@ -47,13 +49,14 @@ async def test_many_beats_of_many_attempts_cost_few_statements_and_keep_the_last
 
         await wait_for(all_at_the_last_page, timeout=10, message="the last beats were written")
         elapsed = asyncio.get_running_loop().time() - started
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
         # 1,000 beats, written at most every 0.5 s (a quarter of the 2 s timeout), plus the
         # first write and the last.
         assert 1 <= statements <= elapsed / 0.5 + 2, (statements, elapsed)
         assert await conn.fetchval("SELECT count(*) FROM flowforge.heartbeats") == 20
     finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await writer.close()
         await conn.close()
 
 
