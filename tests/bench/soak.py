@@ -32,6 +32,7 @@ from flowforge_orchestrator.client import enqueue, read_outbox, register_consume
 from flowforge_orchestrator.core.durations import parse_duration
 from tests.bench.cluster import Cluster
 from tests.bench.workloads import CHAIN_5, CHAIN_10, DEFINITIONS, FANOUT
+from tests.helpers import poll
 
 log = logging.getLogger("soak")
 
@@ -258,9 +259,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             )
             return int(open_runs) == 0
 
-        deadline = time.monotonic() + 120
-        while not await all_ended() and time.monotonic() < deadline:
-            await asyncio.sleep(0.5)
+        await poll(all_ended, timeout=120, interval=0.5)  # the drain, bounded
         stop_reading.set()
         await tasks[1]
         unfinished = [r for r in runs if consumer.last_types.get(r) != "workflow.completed"]

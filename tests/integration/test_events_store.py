@@ -3,7 +3,6 @@ found for waits in order, each taken once per run; heartbeats only with their to
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 
@@ -21,7 +20,7 @@ from flowforge_orchestrator.store.events import (
     events_for_waits,
     record_heartbeats,
 )
-from tests.helpers import register_workflows
+from tests.helpers import register_workflows, wait_for
 from tests.integration.test_roles import Logins, _refusals, logins
 
 __all__ = ["logins"]  # the role logins fixture, shared with the roles tests
@@ -84,10 +83,7 @@ async def test_a_rolled_back_event_is_neither_stored_nor_announced(
         async with conn.transaction():
             first = await send_event(conn, "approved", {"n": 1}, run_id=run)
             last = await send_event(conn, "approved", {"n": 2}, run_id=run)
-        for _ in range(100):
-            if heard:
-                break
-            await asyncio.sleep(0.02)
+        await wait_for(lambda: len(heard) >= 2, timeout=5, message="no notification")
         assert heard == [f"{first}-{first}", f"{last}-{last}"]
         found = await events_by_ids(conn, first, last)
         assert [e.payload for e in found] == [{"n": 1}, {"n": 2}]
