@@ -4,6 +4,12 @@ A run's trace crosses PostgreSQL and Redis (orchestrator -> outbox, orchestrator
 worker), where no instrumentation can follow it, so we store the W3C `traceparent` string
 and rebuild a parent `Context` from it on the other side.
 
+Quiet when idle: spans are made only for runs. The asyncpg instrumentation records a query
+only under a span already current (`ChildSpansOnly`), so the daemons' background work
+(polls, lease renewals, retention, samplers, claims that find nothing, heartbeats) starts
+no trace of its own; a query made for a step (the worker's result write) lands in that
+step's trace.
+
 Configuration comes from the standard `OTEL_*` variables. Reading them here is a deliberate
 exception to "config is read once at the edge": the SDK and its exporters read them anyway,
 and they are the contract operators expect.
@@ -20,21 +26,29 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import SERVICE_NAME, Resource
-from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace import SpanProcessor
+from opentelemetry.sdk.trace import TracerProvider as SdkTracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
 )
-from opentelemetry.trace import Span, SpanContext, Tracer
+from opentelemetry.trace import Span, SpanContext, SpanKind, Tracer, TracerProvider
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.util import types
+
+# The API's return type of `start_as_current_span` (a context manager that also decorates).
+from opentelemetry.util._decorator import _AgnosticContextManager
 
 __all__ = [
     "TRACER_NAME",
+    "ChildSpansOnly",
+    "ChildSpansOnlyTracer",
     "add_span_processor",
     "configure",
     "context_from_traceparent",
     "current_traceparent",
+    "has_parent_span",
     "instrument_asyncpg",
     "setup_tracing",
     "shutdown_tracing",
@@ -56,12 +70,12 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() == "true"
 
 
-def _sdk_provider() -> TracerProvider | None:
+def _sdk_provider() -> SdkTracerProvider | None:
     provider = trace.get_tracer_provider()
-    return provider if isinstance(provider, TracerProvider) else None
+    return provider if isinstance(provider, SdkTracerProvider) else None
 
 
-def _install_provider(service_name: str) -> TracerProvider:
+def _install_provider(service_name: str) -> SdkTracerProvider:
     """Create and register the global SDK provider (caller holds `_lock`)."""
     existing = _sdk_provider()
     if existing is not None:
@@ -69,7 +83,7 @@ def _install_provider(service_name: str) -> TracerProvider:
     # OTEL_SERVICE_NAME wins over the caller's name, as the specification says; the SDK's own
     # detector would lose to an explicit attribute, hence the explicit read.
     name = os.environ.get("OTEL_SERVICE_NAME", "").strip() or service_name
-    provider = TracerProvider(resource=Resource.create({SERVICE_NAME: name}))
+    provider = SdkTracerProvider(resource=Resource.create({SERVICE_NAME: name}))
     trace.set_tracer_provider(provider)
     installed = _sdk_provider()
     if installed is None:
@@ -79,7 +93,7 @@ def _install_provider(service_name: str) -> TracerProvider:
     return installed
 
 
-def setup_tracing(*, service_name: str, console: bool = False) -> TracerProvider | None:
+def setup_tracing(*, service_name: str, console: bool = False) -> SdkTracerProvider | None:
     """Configure the process's tracer provider; safe to call again (nothing is added twice).
 
     Exports to OTLP/HTTP (batched) when `OTEL_EXPORTER_OTLP_ENDPOINT` or
@@ -126,7 +140,7 @@ def shutdown_tracing() -> None:
         provider.shutdown()
 
 
-def configure(*, service_name: str, console: bool = False) -> TracerProvider | None:
+def configure(*, service_name: str, console: bool = False) -> SdkTracerProvider | None:
     """What a daemon calls at start: `setup_tracing`, and query spans where spans are
     recorded. Unrecorded, each query's span would still cost ~30 us of the worker's time
     per step (measured with cProfile under the throughput benchmark)."""
@@ -137,14 +151,101 @@ def configure(*, service_name: str, console: bool = False) -> TracerProvider | N
 
 
 def instrument_asyncpg() -> None:
-    """Trace asyncpg queries (without their parameters, which may carry user data); idempotent."""
+    """Trace asyncpg queries made under a span (without their parameters, which may carry
+    user data); idempotent. A query outside any span records nothing: see `ChildSpansOnly`."""
     from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 
     with _lock:
         # The instrumentor is a singleton with an unannotated __init__.
         instrumentor = AsyncPGInstrumentor(capture_parameters=False)  # type: ignore[no-untyped-call]
         if not instrumentor.is_instrumented_by_opentelemetry:
-            instrumentor.instrument()
+            instrumentor.instrument(tracer_provider=ChildSpansOnly())
+
+
+def has_parent_span(context: Context | None = None) -> bool:
+    """Whether `context` (default: the current one) holds a valid span to parent a new one."""
+    return trace.get_current_span(context).get_span_context().is_valid
+
+
+class ChildSpansOnlyTracer(Tracer):
+    """A tracer that makes spans only as children: without a parent span in the given or
+    current context it returns the invalid (non-recording) span, so no root trace begins."""
+
+    def __init__(self, inner: Tracer) -> None:
+        self._inner = inner
+
+    def start_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: trace._Links = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+    ) -> Span:
+        if not has_parent_span(context):
+            return trace.INVALID_SPAN
+        return self._inner.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+
+    def start_as_current_span(
+        self,
+        name: str,
+        context: Context | None = None,
+        kind: SpanKind = SpanKind.INTERNAL,
+        attributes: types.Attributes = None,
+        links: trace._Links = None,
+        start_time: int | None = None,
+        record_exception: bool = True,
+        set_status_on_exception: bool = True,
+        end_on_exit: bool = True,
+    ) -> _AgnosticContextManager[Span]:
+        span = self.start_span(
+            name,
+            context,
+            kind,
+            attributes,
+            links,
+            start_time,
+            record_exception,
+            set_status_on_exception,
+        )
+        return trace.use_span(
+            span,
+            end_on_exit=end_on_exit,
+            record_exception=record_exception,
+            set_status_on_exception=set_status_on_exception,
+        )
+
+
+class ChildSpansOnly(TracerProvider):
+    """The tracer provider given to instrumentations of background I/O (asyncpg): their
+    tracers come from the global provider, looked up at each call, and only make children."""
+
+    def get_tracer(
+        self,
+        instrumenting_module_name: str,
+        instrumenting_library_version: str | None = None,
+        schema_url: str | None = None,
+        attributes: types.Attributes = None,
+    ) -> Tracer:
+        inner = trace.get_tracer(
+            instrumenting_module_name,
+            instrumenting_library_version,
+            schema_url=schema_url,
+            attributes=attributes,
+        )
+        return ChildSpansOnlyTracer(inner)
 
 
 def tracer() -> Tracer:

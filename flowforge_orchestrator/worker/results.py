@@ -13,18 +13,29 @@ chain of steps) is written at once, and a busy worker fills its batches.
 A batch the database refuses (a value JSONB cannot hold) is written row by row, so only
 the result at fault is refused; transient failures are retried forever, since a result is
 the only copy of finished work.
+
+Each result's write is a span in its step's trace ("write result", a child of the span
+current when `write` was called); the batch's queries are recorded under the first one's.
+The writer's own loop runs in an empty context, so it belongs to no step.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.context import Context
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.errors import StoreError
+from flowforge_orchestrator.ops import telemetry
 
 __all__ = ["Pending", "ResultWriter"]
 
@@ -39,9 +50,11 @@ COALESCE = 0.005
 
 @dataclass(frozen=True)
 class Pending:
-    """A result handed to the writer, and what its `write` call waits for."""
+    """A result handed to the writer, what its `write` call waits for, and the trace
+    context of that call (its step's span)."""
 
     result: StepResult
+    context: Context = field(default_factory=otel_context.get_current)
     done: asyncio.Future[None] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -63,7 +76,10 @@ class ResultWriter:
 
     async def write(self, result: StepResult) -> None:
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # An empty context: a task copies its creator's, which is a step's span here.
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), context=contextvars.Context()
+            )
         pending = Pending(result)
         self._queue.append(pending)
         self._wake.set()
@@ -133,4 +149,36 @@ class ResultWriter:
                 await store.insert_results(conn, [p.result for p in batch])
 
         what = f"writing {len(batch)} result(s)"
-        await store.retrying(write, what=what)
+        with _write_spans(batch):
+            await store.retrying(write, what=what)
+
+
+@contextmanager
+def _write_spans(batch: list[Pending]) -> Iterator[None]:
+    """A "write result" span in each traced result's step trace, the first one current
+    (the batch's queries are its children); ended with the write, failed if it fails."""
+    spans = [
+        telemetry.tracer().start_span(
+            "write result",
+            context=p.context,
+            kind=trace.SpanKind.CLIENT,
+            attributes={
+                "flowforge.step_id": p.result.step_id,
+                "flowforge.attempt_id": str(p.result.attempt_id),
+                "flowforge.results_in_batch": len(batch),
+            },
+        )
+        for p in batch
+        if telemetry.has_parent_span(p.context)  # a result written outside a step: no span
+    ]
+    try:
+        first = spans[0] if spans else trace.INVALID_SPAN
+        with trace.use_span(first, record_exception=False, set_status_on_exception=False):
+            yield
+    except Exception as exc:
+        for span in spans:
+            span.set_status(trace.StatusCode.ERROR, str(exc))
+        raise
+    finally:
+        for span in spans:
+            span.end()

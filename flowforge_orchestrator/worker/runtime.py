@@ -325,19 +325,20 @@ class WorkerRuntime:
                 timer.outcome = outcome
             if error is not None:
                 span.set_status(trace.StatusCode.ERROR, error.get("message", ""))
-        result = StepResult(
-            attempt_id=job.attempt_id,
-            step_id=job.step_id,
-            outcome=outcome,
-            output=output,
-            error=error,
-            started_at=started,
-            finished_at=_now(),
-            worker=self.node,
-            run_id=job.run_id,
-            token=job.token,
-        )
-        await self._report(redactor, result)
+            result = StepResult(
+                attempt_id=job.attempt_id,
+                step_id=job.step_id,
+                outcome=outcome,
+                output=output,
+                error=error,
+                started_at=started,
+                finished_at=_now(),
+                worker=self.node,
+                run_id=job.run_id,
+                token=job.token,
+            )
+            # Under the step's span: its result's write is a child of it, in the run's trace.
+            await self._report(redactor, result)
         return outcome
 
     def _redacted(
