@@ -34,8 +34,10 @@ bench *ARGS:
     python -m tests.bench {{ARGS}}
 
 # Soak: sustained mixed load with a short retention and a feed consumer; are tables, RSS and
-# latency flat? (`--minutes 20` by default; report in .flowforge/soak/). Not in CI.
+# latency flat? (`--minutes 20` by default; report in .flowforge/soak/). Not in CI. The
+# plot needs matplotlib (the `soak` extra, installed here when missing).
 soak *ARGS:
+    python -c 'import matplotlib' 2>/dev/null || {{venv}}/bin/pip install -q -e '.[soak]'
     python -m tests.bench.soak {{ARGS}}
 
 # Chaos: kill orchestrators and workers, restart Redis and PostgreSQL while runs go through.

@@ -188,6 +188,10 @@ class Cluster:
         env.update(extra)
         return env
 
+    def cli(self) -> list[str]:
+        """The command that starts `flowforge-orchestrator` (the soak wraps it)."""
+        return _cli()
+
     def check(self) -> None:
         """Raise WorkloadFailed if one of the processes died."""
         for proc in (self.orchestrator, self.worker, self.raw_worker):
@@ -200,7 +204,7 @@ class Cluster:
         line = f"orchestrator {node} running"
         return await start(
             "orchestrator",
-            [*_cli(), "run"],
+            [*self.cli(), "run"],
             env=self.env(FLOWFORGE_NODE_ID=node),
             cwd=REPO,
             log=self.logs / "orchestrator.log",
@@ -215,7 +219,7 @@ class Cluster:
         await self.redis.delete(key)
         return await start(
             "worker",
-            [*_cli(), "worker", "--types-module", STEP_MODULE],
+            [*self.cli(), "worker", "--types-module", STEP_MODULE],
             env=self.env(FLOWFORGE_NODE_ID="bench-worker"),
             cwd=REPO,
             log=self.logs / "worker.log",

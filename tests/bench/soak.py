@@ -11,7 +11,13 @@ over the interval. At the end the load stops, the runs finish, the consumer drai
 every event it got is checked: none twice, each run's `seq` without a gap, every run's
 last event read. Verdict: after the warm-up (the first retention period and a sample), the
 last third of the samples against the first third must not grow beyond the noise allowed
-below. Writes JSON (and a PNG when matplotlib is installed) to `--out`.
+below, and the idle windows must export no span. Writes JSON (and a PNG when matplotlib is
+installed: `pip install -e '.[soak]'`) to `--out`.
+
+Spans: the orchestrator and the worker run under `tests.bench.spancount`, which counts every
+span they end (tracing on, as with an exporter). The report gives spans per minute in an
+idle window (`--idle` seconds) before the load and after the drain, and spans per step
+executed under load (per sample and in total, by span name).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import asyncio
 import json
 import logging
 import statistics
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +38,8 @@ from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue, read_outbox, register_consumer
 from flowforge_orchestrator.core.durations import parse_duration
 from tests.bench.cluster import Cluster
+from tests.bench.spancount import ENV as SPAN_COUNTS
+from tests.bench.spancount import WRITE_EVERY, read_counts
 from tests.bench.workloads import CHAIN_5, CHAIN_10, DEFINITIONS, FANOUT
 from tests.helpers import poll
 
@@ -65,14 +74,69 @@ WHERE finished_at > now() - make_interval(secs => $1)
 
 
 class SoakCluster(Cluster):
-    """The bench's cluster, its processes started with extra settings."""
+    """The bench's cluster, its processes started with extra settings and their spans
+    counted into `spans` (see tests/bench/spancount.py)."""
 
-    def __init__(self, extra: dict[str, str], **kw: Any) -> None:
+    def __init__(self, extra: dict[str, str], spans: Path, **kw: Any) -> None:
         super().__init__(**kw)
-        self.extra = extra
+        self.extra = {**extra, SPAN_COUNTS: str(spans)}
+
+    def cli(self) -> list[str]:
+        return [sys.executable, "-m", "tests.bench.spancount"]
 
     def env(self, **extra: str) -> dict[str, str]:
         return super().env(**{**self.extra, **extra})
+
+
+SPAN_FILES = {"orchestrator": "run.json", "worker": "worker.json"}
+
+
+def _kind(name: str) -> str:
+    """A span name without the run's or step's own part ("step charge" -> "step")."""
+    return name.split(" ", 1)[0] if name.startswith(("step ", "workflow ")) else name
+
+
+class Spans:
+    """The span counts the orchestrator and the worker write, and differences of them."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+
+    def read(self) -> dict[str, dict[str, Any]]:
+        return {proc: read_counts(self.where / name) for proc, name in SPAN_FILES.items()}
+
+    @staticmethod
+    def delta(
+        before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
+        """Spans ended between two reads: per process, roots, and by kind of name."""
+        by_kind: dict[str, int] = defaultdict(int)
+        for proc in SPAN_FILES:
+            old = before[proc]["by_name"]
+            for name, count in after[proc]["by_name"].items():
+                by_kind[_kind(name)] += count - old.get(name, 0)
+        per_process = {p: after[p]["total"] - before[p]["total"] for p in SPAN_FILES}
+        return {
+            "total": sum(per_process.values()),
+            "roots": sum(after[p]["roots"] - before[p]["roots"] for p in SPAN_FILES),
+            "per_process": per_process,
+            "by_kind": {k: v for k, v in sorted(by_kind.items()) if v},
+        }
+
+
+def per_step(delta: dict[str, Any]) -> float | None:
+    """Spans per step attempt executed (the worker's `step` spans); None when none ran."""
+    steps = delta["by_kind"].get("step", 0)
+    return round(delta["total"] / steps, 2) if steps else None
+
+
+async def _idle(spans: Spans, seconds: float) -> dict[str, Any]:
+    """Spans ended while nothing is enqueued for `seconds`, and their rate per minute."""
+    await asyncio.sleep(2 * WRITE_EVERY)  # the last spans of what came before are written
+    before = spans.read()
+    await asyncio.sleep(seconds + 2 * WRITE_EVERY)
+    delta = Spans.delta(before, spans.read())
+    return {"seconds": seconds, "per_minute": round(delta["total"] * 60 / seconds, 2), **delta}
 
 
 class Consumer:
@@ -163,7 +227,12 @@ def _growth(samples: list[dict[str, Any]], value: Any) -> float:
     return last / first if first else 1.0
 
 
-def verdict(samples: list[dict[str, Any]], warmup: float, checks: dict[str, Any]) -> dict[str, Any]:
+def verdict(
+    samples: list[dict[str, Any]],
+    warmup: float,
+    checks: dict[str, Any],
+    idle_spans: int = 0,
+) -> dict[str, Any]:
     steady = [s for s in samples if s["minute"] * 60 >= warmup]
     growth = {
         "total_bytes": _growth(steady, lambda s: s["total_bytes"]),
@@ -180,6 +249,8 @@ def verdict(samples: list[dict[str, Any]], warmup: float, checks: dict[str, Any]
     failed = [k for k, g in growth.items() if g > limits[k]]
     if checks["duplicates"] or checks["gaps"] or checks["unfinished_reads"]:
         failed.append("feed")
+    if idle_spans:
+        failed.append("idle_spans")
     return {
         "steady_samples": len(steady),
         "growth": {k: round(v, 3) for k, v in growth.items()},
@@ -199,7 +270,7 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
         return False
     samples = report["samples"]
     minutes = [s["minute"] for s in samples]
-    fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
+    fig, axes = plt.subplots(5, 1, figsize=(8, 12), sharex=True)
     axes[0].plot(minutes, [s["total_bytes"] / 2**20 for s in samples])
     axes[0].set_ylabel("tables+indexes MiB")
     axes[1].plot(minutes, [s["rss_kb"]["orchestrator"] / 1024 for s in samples], label="orch")
@@ -212,7 +283,9 @@ def _plot(report: dict[str, Any], path: Path) -> bool:
     axes[2].legend()
     axes[3].plot(minutes, [s["lag_events"] for s in samples])
     axes[3].set_ylabel("consumer lag (events)")
-    axes[3].set_xlabel("minute")
+    axes[4].plot(minutes, [s["spans_per_step"] or 0 for s in samples])
+    axes[4].set_ylabel("spans per step")
+    axes[4].set_xlabel("minute")
     fig.tight_layout()
     fig.savefig(path)
     return True
@@ -222,14 +295,18 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
     retention = parse_duration(args.retention)
     extra = {"FLOWFORGE_RUN_RETENTION": repr(retention), "FLOWFORGE_OUTBOX_MAX_AGE": "1d"}
     out: Path = args.out
+    spans = Spans(out / "spans")
     async with SoakCluster(
         extra,
+        spans.where,
         poll_delay=0.05,
         max_jobs=100,
         logs=out / "logs",
         definitions=DEFINITIONS,
     ) as cluster:
         await register_consumer(cluster.conn, CONSUMER)
+        idle_before = await _idle(spans, args.idle)
+        log.info("idle before the load: %s", json.dumps(idle_before))
         consumer = Consumer(cluster)
         stop_load, stop_reading = asyncio.Event(), asyncio.Event()
         runs: list[UUID] = []
@@ -240,10 +317,18 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         samples = []
         started = time.monotonic()
         end = started + args.minutes * 60
+        load_counts = last_counts = spans.read()
         while time.monotonic() < end:
             await asyncio.sleep(min(args.sample_every, max(0.0, end - time.monotonic())))
             cluster.check()
-            samples.append(await _sample(cluster, args.sample_every, time.monotonic() - started))
+            sample = await _sample(cluster, args.sample_every, time.monotonic() - started)
+            counts = spans.read()
+            delta = Spans.delta(last_counts, counts)
+            last_counts = counts
+            sample["spans"] = delta["total"]
+            sample["root_spans"] = delta["roots"]
+            sample["spans_per_step"] = per_step(delta)
+            samples.append(sample)
             log.info(
                 "sample %s",
                 json.dumps(
@@ -252,6 +337,7 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             )
         stop_load.set()
         await tasks[0]
+        under_load = Spans.delta(load_counts, spans.read())
 
         async def all_ended() -> bool:
             open_runs = await cluster.conn.fetchval(
@@ -262,6 +348,8 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
         await poll(all_ended, timeout=120, interval=0.5)  # the drain, bounded
         stop_reading.set()
         await tasks[1]
+        idle_after = await _idle(spans, args.idle)
+        log.info("idle after the drain: %s", json.dumps(idle_after))
         unfinished = [r for r in runs if consumer.last_types.get(r) != "workflow.completed"]
         checks = {
             "runs_enqueued": len(runs),
@@ -271,17 +359,24 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
             "unfinished_reads": len(unfinished),
         }
         warmup = retention + args.sample_every
+        idle_spans = idle_before["total"] + idle_after["total"]
         report = {
             "config": {
                 "minutes": args.minutes,
                 "rate_runs_per_s": args.rate,
                 "retention_s": retention,
                 "sample_every_s": args.sample_every,
+                "idle_s": args.idle,
                 "servers": cluster.servers,
             },
             "samples": samples,
             "checks": checks,
-            "verdict": verdict(samples, warmup, checks),
+            "spans": {
+                "idle_before_load": idle_before,
+                "idle_after_drain": idle_after,
+                "under_load": {"per_step": per_step(under_load), **under_load},
+            },
+            "verdict": verdict(samples, warmup, checks, idle_spans),
         }
     return report
 
@@ -292,6 +387,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=20.0, help="runs enqueued per second")
     parser.add_argument("--retention", default="60s", help="FLOWFORGE_RUN_RETENTION")
     parser.add_argument("--sample-every", type=float, default=60.0, help="seconds")
+    parser.add_argument(
+        "--idle", type=float, default=60.0, help="seconds of each idle window (spans counted)"
+    )
     parser.add_argument("--out", type=Path, default=Path(".flowforge/soak"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -299,7 +397,12 @@ def main() -> None:
     report = asyncio.run(soak(args))
     (args.out / "soak.json").write_text(json.dumps(report, indent=2, default=str))
     plotted = _plot(report, args.out / "soak.png")
-    print(json.dumps({"checks": report["checks"], "verdict": report["verdict"]}, indent=2))
+    summary = {k: report[k] for k in ("checks", "verdict")}
+    summary["spans_per_minute_idle"] = [
+        report["spans"][w]["per_minute"] for w in ("idle_before_load", "idle_after_drain")
+    ]
+    summary["spans_per_step_under_load"] = report["spans"]["under_load"]["per_step"]
+    print(json.dumps(summary, indent=2))
     print(
         f"report: {args.out / 'soak.json'}"
         + (f", plot: {args.out / 'soak.png'}" if plotted else "")
