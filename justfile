@@ -33,9 +33,9 @@ mutants *ARGS:
 bench *ARGS:
     python -m tests.bench {{ARGS}}
 
+# The plot needs matplotlib: the `soak` extra, installed here when missing.
 # Soak: sustained mixed load with a short retention and a feed consumer; are tables, RSS and
-# latency flat? (`--minutes 20` by default; report in .flowforge/soak/). Not in CI. The
-# plot needs matplotlib (the `soak` extra, installed here when missing).
+# latency flat? (`--minutes 20` by default; report in .flowforge/soak/). Not in CI.
 soak *ARGS:
     python -c 'import matplotlib' 2>/dev/null || {{venv}}/bin/pip install -q -e '.[soak]'
     python -m tests.bench.soak {{ARGS}}
