@@ -233,3 +233,31 @@ def test_queries_are_traced_only_where_spans_are_recorded(console: bool, instrum
         check=True,
     )
     assert proc.stdout.strip() == instrumented
+
+
+def test_child_spans_only_records_nothing_without_a_parent(exporter: InMemorySpanExporter) -> None:
+    quiet = telemetry.ChildSpansOnly().get_tracer("background")
+    with quiet.start_as_current_span("SELECT") as span:
+        assert not span.is_recording()
+        assert not telemetry.has_parent_span()  # nothing became current either
+    assert not quiet.start_span("SELECT").is_recording()
+    # A parent given explicitly, but invalid (a bad traceparent), is no parent.
+    assert not quiet.start_span("SELECT", context=context_from_traceparent("00-bad")).is_recording()
+    assert exporter.get_finished_spans() == ()
+
+
+def test_child_spans_only_records_children_of_the_current_or_given_span(
+    exporter: InMemorySpanExporter,
+) -> None:
+    quiet = telemetry.ChildSpansOnly().get_tracer("background")
+    with tracer().start_as_current_span("step") as step:
+        with quiet.start_as_current_span("INSERT") as insert:
+            assert trace.get_current_span() is insert
+    given = quiet.start_span("UPDATE", context=context_from_traceparent(traceparent_of(step)))
+    given.end()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert sorted(spans) == ["INSERT", "UPDATE", "step"]
+    step_id = step.get_span_context().span_id
+    for name in ("INSERT", "UPDATE"):
+        parent = spans[name].parent
+        assert parent is not None and parent.span_id == step_id
