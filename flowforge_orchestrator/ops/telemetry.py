@@ -141,9 +141,9 @@ def shutdown_tracing() -> None:
 
 
 def configure(*, service_name: str, console: bool = False) -> SdkTracerProvider | None:
-    """What a daemon calls at start: `setup_tracing`, and query spans where spans are
-    recorded. Unrecorded, each query's span would still cost ~30 us of the worker's time
-    per step (measured with cProfile under the throughput benchmark)."""
+    """What a daemon calls at start: `setup_tracing`, and query spans (under a current span
+    only) where spans are recorded. Unrecorded, each query's span would still cost ~30 us
+    of the worker's time per step (measured with cProfile under the throughput benchmark)."""
     provider = setup_tracing(service_name=service_name, console=console)
     if provider is not None:
         instrument_asyncpg()
