@@ -3,24 +3,30 @@ steps' result writes. asyncpg is instrumented here as `configure()` does in the 
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
+from uuid import uuid4
 
 import pytest
 import yaml
 from opentelemetry.instrumentation.asyncpg import AsyncPGInstrumentor
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind
+from opentelemetry.trace import SpanKind, StatusCode
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.client import enqueue
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.records import StepResult
+from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.ops import telemetry
 from flowforge_orchestrator.store import feed
 from flowforge_orchestrator.store import queries as q
+from flowforge_orchestrator.worker.results import ResultWriter
 from flowforge_orchestrator.worker.runtime import StepContext
 from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import start_engine
@@ -155,3 +161,54 @@ async def test_a_runs_trace_holds_its_steps_result_writes(
     ]
     assert inserts and all(s.parent is not None and s.parent.span_id in write_ids for s in inserts)
     assert queries.seen[q.INSERT_RESULTS] >= 1
+
+
+async def test_result_writes_are_spans_of_their_steps_and_a_refused_one_fails_alone(
+    db_url: str, spans: InMemorySpanExporter, queries: Queries
+) -> None:
+    """`queries`: asyncpg instrumented, so the INSERT has a span to sit under."""
+    pool = await store.create_pool(db_url, size=2)
+    writer = ResultWriter(pool)
+    tracer = telemetry.tracer()
+
+    async def step(name: str, output: Any) -> None:
+        with tracer.start_as_current_span(f"step {name}"):
+            await writer.write(_result(name, output))
+
+    try:
+        secret = "nul \u0000 s3cret"  # JSONB cannot hold a NUL character
+        outcomes = await asyncio.gather(
+            step("good", {"ok": 1}),
+            step("bad", {"text": secret}),
+            writer.write(_result("untraced", {"ok": 2})),  # outside any span: no span
+            return_exceptions=True,
+        )
+    finally:
+        await writer.close()
+        await pool.close()
+    assert outcomes[0] is None and isinstance(outcomes[1], StoreError) and outcomes[2] is None
+    finished = spans.get_finished_spans()
+    steps = {s.name.removeprefix("step "): s for s in finished if s.name.startswith("step ")}
+    writes = [s for s in finished if s.name == "write result"]
+    by_step: dict[str, list[ReadableSpan]] = {}
+    for write in writes:
+        by_step.setdefault(str((write.attributes or {})["flowforge.step_id"]), []).append(write)
+    assert sorted(by_step) == ["bad", "good"]
+    for name, spans_of_step in by_step.items():
+        step_span = steps[name].context
+        assert step_span is not None
+        for write in spans_of_step:
+            assert write.parent is not None and write.parent.span_id == step_span.span_id
+    # The refused result's last write failed, naming the error's type, never the value.
+    last_bad = by_step["bad"][-1]
+    assert last_bad.status.status_code is StatusCode.ERROR
+    assert last_bad.status.description == "StoreError"
+    assert by_step["good"][-1].status.status_code is not StatusCode.ERROR
+    assert not any("s3cret" in str(s.status.description) for s in finished)
+
+
+def _result(step_id: str, output: Any) -> StepResult:
+    now = datetime.now(UTC)
+    return StepResult(
+        uuid4(), step_id, "succeeded", output, None, now, now, "w", uuid4(), bytes(16)
+    )
