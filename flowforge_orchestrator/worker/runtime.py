@@ -561,6 +561,7 @@ async def run_worker(
                 job_serializer=json_serializer,
                 job_deserializer=job_deserializer,
                 log_results=False,
+                worker_name=settings.node_id,
             )
             for t in served
         ]
