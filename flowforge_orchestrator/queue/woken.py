@@ -88,6 +88,7 @@ class WakeableWorker(Worker):
     _wake_sent = False  # a wake of our own poll is on its way, no poll has counted since
     _waking: set[asyncio.Task[None]] | None = None  # held: the loop keeps weak references
     _announced_at: float | None = None  # when the presence entry was last refreshed
+    last_polled: float | None = None  # loop time of the last poll that reached Redis
 
     def __init__(self, *args: Any, worker_name: str | None = None, **kwargs: Any) -> None:
         """arq's Worker; `worker_name`: the name this worker announces in the queue's
@@ -246,6 +247,7 @@ class WakeableWorker(Worker):
         try:
             while True:
                 await self._poll_iteration()
+                self.last_polled = self.loop.time()
                 await self._wait(pubsub)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]
