@@ -487,11 +487,13 @@ async def _serve_queue(worker: WakeableWorker, give_up: float) -> None:
     warns once per outage; the pool's idle connections, which the server closed, are
     dropped rather than kept half-closed.
 
-    A Redis that no poll has reached for `give_up` seconds (0: no limit) has moved or is
-    gone for good: ServiceUnavailable then, so the process exits and says so (code 3), where
-    polling on would wait forever for a server that is not coming back."""
+    An outage (failures with no poll that reached Redis in between) that lasts `give_up`
+    seconds (0: no limit) is a Redis that moved or is gone for good: ServiceUnavailable
+    then, so the process exits and says so (code 3), where polling on would wait forever
+    for a server that is not coming back."""
     loop = asyncio.get_running_loop()
-    delay, failed_at, began = 0.1, None, loop.time()
+    delay, failed_at = 0.1, None
+    began, polled = 0.0, worker.last_polled  # when this outage began; the poll before it
     while True:
         try:
             await worker.main()
@@ -506,9 +508,10 @@ async def _serve_queue(worker: WakeableWorker, give_up: float) -> None:
                     exc,
                     f" (for up to {give_up:g}s)" if give_up else "",
                 )
+            if failed_at is None or worker.last_polled != polled:  # Redis was reached since
+                began, polled = now, worker.last_polled
             failed_at = now
-            # Since the last poll that reached Redis: each outage is counted on its own.
-            unreached = now - (worker.last_polled or began)
+            unreached = now - began
             if give_up and unreached >= give_up:
                 raise ServiceUnavailable(
                     f"Redis not reached for {unreached:.0f}s ({exc}); the worker gives up "

@@ -16,8 +16,8 @@ from flowforge_orchestrator.local_services import LocalRedis
 from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
-GIVE_UP = 6.0
-OUTAGE = 2.0  # seconds each outage lasts: three of them last longer than GIVE_UP in all
+GIVE_UP = 5.0
+OUTAGE = 1.5  # seconds each outage lasts: four of them last longer than GIVE_UP in all
 LATE = "name: late\nversion: 1\nsteps:\n  - {id: a, type: echo, with: {n: 1}}\n"
 
 
@@ -43,7 +43,7 @@ async def test_an_outage_shorter_than_the_give_up_is_ridden_out(
     try:
         engine = Engine(settings, conn)
         await engine.register(LATE)
-        for outage in range(3):
+        for outage in range(4):
             own_redis._stop_process()  # down, keeping the port
             await wait_for(lambda: not own_redis.pid, message="Redis did not stop")
             await asyncio.sleep(OUTAGE)  # the outage itself: what the worker must outlast
