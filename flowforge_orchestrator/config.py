@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     worker_shutdown_grace: float = Field(
         default=30.0, ge=0, description="On SIGTERM, how long in-flight attempts may finish."
     )
+    worker_redis_give_up: float = Field(
+        default=60.0,
+        ge=0,
+        description="Seconds a worker goes on trying a Redis it cannot reach before it exits "
+        "with code 3 (a Redis that moved); shorter outages are ridden out. 0: never gives up.",
+    )
     step_timeout: float = Field(
         default=300.0, gt=0, description="Default step timeout when a definition sets none."
     )

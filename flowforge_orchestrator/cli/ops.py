@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-from arq.constants import health_check_key_suffix
 from redis.asyncio import Redis
 
 from flowforge_orchestrator import store
@@ -30,6 +29,7 @@ from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.durations import format_duration
 from flowforge_orchestrator.errors import ConfigError, FlowForgeError
 from flowforge_orchestrator.queue.dispatch import queue_name
+from flowforge_orchestrator.queue.presence import live_workers
 from flowforge_orchestrator.store import reads
 from flowforge_orchestrator.store.migrations import load_migrations
 
@@ -56,7 +56,8 @@ class _Doctor:
     timeout: float
     findings: list[Finding]
     migrated: bool = False
-    redis_live: set[str] | None = None  # step types with a live worker; None: Redis unknown
+    # The workers serving each step type now (only types with some); None: Redis unknown.
+    redis_live: dict[str, list[str]] | None = None
 
     def add(self, check: str, status: str, detail: str) -> None:
         self.findings.append(Finding(check, status, detail))
@@ -121,17 +122,19 @@ class _Doctor:
             await client.aclose()
         self.add("redis", "ok", f"{mask_url(url)} answers PING")
 
-    async def _live_types(self, client: Redis) -> set[str]:
-        """Step types whose queue has a worker's arq health check (set by a running worker,
-        removed when it stops, expiring an hour after a worker vanished)."""
+    async def _live_types(self, client: Redis) -> dict[str, list[str]]:
+        """The workers serving each registered step type now: those in its queue's presence
+        set (refreshed while a worker polls, left when it stops, expired soon after a
+        worker vanished)."""
         if not self.settings.database_url:
-            return set()
+            return {}
         try:
             async with connection(self.settings) as conn:
                 types = [r["name"] for r in await reads.step_type_registrations(conn)]
         except Exception:  # the postgresql and migrations checks say what is wrong
-            return set()
-        return {t for t in types if await client.exists(queue_name(t) + health_check_key_suffix)}
+            return {}
+        live = {t: await live_workers(client, queue_name(t)) for t in types}
+        return {t: names for t, names in live.items() if names}
 
     async def migrations(self) -> None:
         pending = await store.pending_migrations(self.settings.database_url or "")
@@ -239,14 +242,20 @@ class _Doctor:
         types = ", ".join(f"{name} ({worker})" for name, worker in sorted(served.items()))
         self.add("workers", "ok", f"registered step types: {types}")
         if self.redis_live is not None:
-            idle = sorted(set(served) - self.redis_live)
+            live = self.redis_live
+            if live:
+                running = ", ".join(
+                    f"{t} ({', '.join(names)})" for t, names in sorted(live.items())
+                )
+                self.add("workers", "ok", f"running now: {running}")
+            idle = sorted(set(served) - set(live))
             if idle:
                 # No worker running at all is as bad as none registered: nothing runs.
                 self.add(
                     "workers",
                     "FAIL" if len(idle) == len(served) else "warn",
-                    f"no running worker seen for: {', '.join(idle)} (no arq health check in "
-                    "Redis for their queues)"
+                    f"no running worker seen for: {', '.join(idle)} (none is in the presence "
+                    "set of their queues in Redis)"
                     + (": nothing will run until one starts" if len(idle) == len(served) else ""),
                 )
 

@@ -80,14 +80,19 @@ def matching_entry(retry_on: list[str], category: str) -> str | None:
 
 
 def _refusal(policy: RetryPolicy, error: dict[str, Any], attempt: int) -> str | None:
-    """Why the attempt must not be retried, or None when it may be."""
+    """Why the attempt must not be retried, or None when it may be. The words name what
+    decided it, since an error's own `retryable: true` only means it may be retried."""
     if attempt < 1:
         raise ValueError(f"attempt numbers start at 1, not {attempt}")
     category = str(error.get("category", "error"))
     if error.get("retryable", True) is False:
-        return f"the error ({category}) is not retryable"
-    if matching_entry(policy.retry_on, category) is None:
-        return f"{category} is not in retry_on"
+        return f"not retried: the error ({category}) is not retryable"
+    entry = matching_entry(policy.retry_on, category)
+    if entry is None:
+        return f"not retried: {category} is not in retry_on [{', '.join(policy.retry_on)}]"
+    if policy.max_retries == 0:
+        why = category if entry == category else f"{category} matches {entry}"
+        return f"not retried: {why} in retry_on, but the step allows no retries (max_retries: 0)"
     if attempt > policy.max_retries:
         return f"retries exhausted: attempt {attempt} of {policy.max_retries + 1} failed"
     return None
@@ -172,7 +177,8 @@ def decide(
     policy: RetryPolicy, error: dict[str, Any], attempt: int, *, rand: float, now: datetime
 ) -> RetryDecision:
     """Retry or give up after attempt `attempt` (1-based) failed with `error` (a
-    `StepError.to_dict()`); `rand` uniform in [0, 1), `now` timezone-aware."""
+    `StepError.to_dict()`); `rand` uniform in [0, 1), `now` timezone-aware. The step's
+    error carries `reason` as its `retry_decision`."""
     refusal = _refusal(policy, error, attempt)
     if refusal is not None:
         return RetryDecision(retry=False, delay=0.0, reason=refusal)

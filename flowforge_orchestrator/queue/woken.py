@@ -17,6 +17,9 @@ semaphore in the middle of one. A poll counts its free slots before its claim go
 slot that frees while the claim is on its way was not counted, and the worker is not full
 then, so the poll wakes another itself if its claim left due jobs behind. One wake is sent
 per poll: the next poll serves every slot freed until it counts its own.
+
+A named worker keeps its entry in the queue's presence set while it polls and removes it
+when it closes (`presence`): what `doctor` reads to know which queues a worker serves now.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
@@ -32,6 +36,8 @@ from arq.worker import Worker
 from redis.asyncio.client import PubSub
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+
+from flowforge_orchestrator.queue import presence
 
 __all__ = ["WakeableWorker", "wake_channel"]
 
@@ -81,6 +87,27 @@ class WakeableWorker(Worker):
     _freed_meanwhile = False  # a slot freed since the current poll counted its free ones
     _wake_sent = False  # a wake of our own poll is on its way, no poll has counted since
     _waking: set[asyncio.Task[None]] | None = None  # held: the loop keeps weak references
+    _announced_at: float | None = None  # when the presence entry was last refreshed
+    last_polled: float | None = None  # loop time of the last poll that reached Redis
+
+    def __init__(self, *args: Any, worker_name: str | None = None, **kwargs: Any) -> None:
+        """arq's Worker; `worker_name`: the name this worker announces in the queue's
+        presence set (None: it announces nothing)."""
+        super().__init__(*args, **kwargs)
+        self.worker_name = worker_name
+        self.presence_ttl = presence.presence_ttl(self.poll_delay_s)
+
+    async def record_health(self) -> None:
+        """arq's health-check key (hourly), and this worker's presence entry, refreshed a
+        third of its TTL apart: the worker polls at least that often."""
+        await super().record_health()
+        if self.worker_name is None:
+            return
+        now = self.loop.time()
+        if self._announced_at is not None and now - self._announced_at < self.presence_ttl / 3:
+            return
+        await presence.announce(self.pool, self.queue_name, self.worker_name, self.presence_ttl)
+        self._announced_at = now
 
     async def _cancel_aborted_jobs(self) -> None:
         """arq looks for aborted jobs at every poll; woken polls come many times a second
@@ -184,7 +211,8 @@ class WakeableWorker(Worker):
 
     async def aclose(self) -> None:
         """`Worker.close` without its deprecated redis `close()` call; the pool is closed
-        even when Redis is gone (the health key then expires on its own)."""
+        even when Redis is gone (the presence entry then expires on its own). arq's
+        health-check key is the queue's, not this worker's: it goes with the last worker."""
         pending = [*self.tasks.values(), *(self._waking or ())]
         for task in pending:
             task.cancel()
@@ -193,9 +221,10 @@ class WakeableWorker(Worker):
         if pool is None:
             return
         try:
-            await pool.delete(self.health_check_key)
+            if self.worker_name is not None:
+                await presence.leave(pool, self.queue_name, self.worker_name, self.health_check_key)
         except (OSError, RedisError) as exc:
-            log.debug("could not delete the health key of %s: %s", self.queue_name, exc)
+            log.debug("could not leave the presence set of %s: %s", self.queue_name, exc)
         finally:
             await pool.aclose(close_connection_pool=True)
 
@@ -210,6 +239,7 @@ class WakeableWorker(Worker):
                 expires_extra_ms=self.expires_extra_ms,
             )
         self.ctx["redis"] = self.pool
+        self._announced_at = None  # (again) polling: announce at once
         if self.on_startup:
             await self.on_startup(self.ctx)
         pubsub = self.pool.pubsub()
@@ -217,6 +247,7 @@ class WakeableWorker(Worker):
         try:
             while True:
                 await self._poll_iteration()
+                self.last_polled = self.loop.time()
                 await self._wait(pubsub)
         finally:
             await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -277,7 +277,7 @@ def build_tree(
     checkpoint and the attempts know are listed flat.
     """
     saved = read_checkpoint(checkpoint).steps
-    tries: Counter[str] = Counter(str(a["step_id"]) for a in attempts)
+    tries = _latest_attempts(attempts)
     errors = {
         str(a["step_id"]): message
         for a in attempts
@@ -288,6 +288,20 @@ def build_tree(
         return _flat(saved, attempts, times, tries, errors)
     builder = _Builder(workflow, saved, times, errors, tries, max(1, max_elements))
     return builder.steps(workflow.root, "")
+
+
+def _latest_attempts(attempts: Sequence[Mapping[str, Any]]) -> Counter[str]:
+    """The number of each step's latest attempt (`attempts` in dispatch order), as its events
+    and its worker know it. Not a count of attempts: a fan-out that a redrive runs again
+    numbers its elements' attempts afresh, so `charge[0]` may have two attempts 1."""
+    latest: Counter[str] = Counter()
+    seen: Counter[str] = Counter()
+    for a in attempts:
+        key = str(a["step_id"])
+        seen[key] += 1
+        number = a.get("attempt")
+        latest[key] = number if isinstance(number, int) else seen[key]
+    return latest
 
 
 def _flat(

@@ -43,6 +43,7 @@ from flowforge_orchestrator.errors import (
     ExpressionError,
     JobRefused,
     PayloadTooLarge,
+    ServiceUnavailable,
     StepError,
     StoreError,
 )
@@ -480,14 +481,20 @@ async def _serve_health(
 REDIS_RETRY_MAX = 1.0  # seconds: a Redis that is back is used within about this
 
 
-async def _serve_queue(worker: WakeableWorker) -> None:
+async def _serve_queue(worker: WakeableWorker, give_up: float) -> None:
     """arq's poll loop, started again when Redis goes away (arq lets the error out): a
     restarted or failed-over Redis must not end the worker. Attempts in flight go on; their
     results go to PostgreSQL, which needs no Redis. Tries again at most a second apart, and
     warns once per outage; the pool's idle connections, which the server closed, are
-    dropped rather than kept half-closed."""
+    dropped rather than kept half-closed.
+
+    An outage (failures with no poll that reached Redis in between) that lasts `give_up`
+    seconds (0: no limit) is a Redis that moved or is gone for good: ServiceUnavailable
+    then, so the process exits and says so (code 3), where polling on would wait forever
+    for a server that is not coming back."""
     loop = asyncio.get_running_loop()
     delay, failed_at = 0.1, None
+    began, polled = 0.0, worker.last_polled  # when this outage began; the poll before it
     while True:
         try:
             await worker.main()
@@ -497,11 +504,21 @@ async def _serve_queue(worker: WakeableWorker) -> None:
             if failed_at is None or now - failed_at > 5 * REDIS_RETRY_MAX:  # a new outage
                 delay = 0.1
                 log.warning(
-                    "queue %s: Redis failed (%s); trying again until it answers",
+                    "queue %s: Redis failed (%s); trying again until it answers%s",
                     worker.queue_name,
                     exc,
+                    f" (for up to {give_up:g}s)" if give_up else "",
                 )
+            if failed_at is None or worker.last_polled != polled:  # Redis was reached since
+                began, polled = now, worker.last_polled
             failed_at = now
+            unreached = now - began
+            if give_up and unreached >= give_up:
+                raise ServiceUnavailable(
+                    f"Redis not reached for {unreached:.0f}s ({exc}); the worker gives up "
+                    f"(FLOWFORGE_WORKER_REDIS_GIVE_UP={give_up:g}): check FLOWFORGE_REDIS_URL, "
+                    "then start it again"
+                ) from exc
             await worker.drop_idle_connections()
             await asyncio.sleep(delay)
             delay = min(delay * 2, REDIS_RETRY_MAX)
@@ -562,12 +579,14 @@ async def run_worker(
                 job_serializer=json_serializer,
                 job_deserializer=job_deserializer,
                 log_results=False,
+                worker_name=settings.node_id,
             )
             for t in served
         ]
         runtime.queues = list(workers)
         stop = stop or asyncio.Event()
-        tasks = [asyncio.create_task(_serve_queue(w)) for w in workers]
+        give_up = settings.worker_redis_give_up
+        tasks = [asyncio.create_task(_serve_queue(w, give_up)) for w in workers]
         checks = {
             "database": health.database_check(functools.partial(store.answers, pool)),
             "redis": health.redis_check(lambda: workers[0].pool.ping()),  # None until up

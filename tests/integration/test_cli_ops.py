@@ -15,6 +15,8 @@ import yaml
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.config_view import settings_table
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.queue import presence
+from flowforge_orchestrator.queue.dispatch import queue_name
 from tests.conftest import Services, _admin, database_dsn, run_sync
 from tests.helpers import migration_names, wait_for
 from tests.integration.cli_helpers import Cli, cli
@@ -54,17 +56,16 @@ def empty_db(services: Services) -> Iterator[str]:
 
 
 async def live_workers(settings: Settings, types: list[str]) -> None:
-    """Until every type's queue has a worker's arq health check (set on its first poll)."""
+    """Until every type's queue has a worker in its presence set (from its first poll)."""
     client = redis.asyncio.Redis.from_url(settings.redis_url or "")
     try:
-        keys = [f"flowforge:queue:{t}:health-check" for t in types]
-        await wait_for(lambda: _all(client, keys), message="a worker wrote no health check")
+        await wait_for(lambda: _all(client, types), message="no worker announced itself")
     finally:
         await client.aclose()
 
 
-async def _all(client: redis.asyncio.Redis, keys: list[str]) -> bool:
-    return int(await client.exists(*keys)) == len(keys)  # exists() counts those that exist
+async def _all(client: redis.asyncio.Redis, types: list[str]) -> bool:
+    return all([await presence.live_workers(client, queue_name(t)) for t in types])
 
 
 # -- doctor ----------------------------------------------------------------------------------
@@ -194,7 +195,8 @@ async def test_doctor_finds_ungranted_tables_and_unserved_step_types(
     assert ("ok", "registered step types: http (w-1)") in checks["workers"]
     assert (  # registered once, none running now: a FAIL, like none registered
         "FAIL",
-        "no running worker seen for: http (no arq health check in Redis for their queues): "
+        "no running worker seen for: http (none is in the presence set of their queues in "
+        "Redis): "
         "nothing will run until one starts",
     ) in checks["workers"]
 

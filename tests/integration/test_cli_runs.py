@@ -47,6 +47,13 @@ steps:
   - {id: after, type: echo, depends_on: [wait], with: {done: true}}
 """
 
+REFUSED = """
+name: refused
+version: 1
+steps:
+  - {id: boom, type: refuse}
+"""
+
 FAILING = """
 name: failing
 version: 1
@@ -293,3 +300,40 @@ async def test_runs_list_filters_by_workflow_status_and_time(
     assert await ids("--workflow", "tree", "--status", "failed") == []
     bad = await cli("runs", "list", "--since", "yesterday")
     assert bad.code == 2 and "neither a duration" in bad.err
+
+
+async def test_runs_list_takes_every_status_and_a_cancelled_run_retried_says_so(
+    steps_engine: Engine, cli: Cli
+) -> None:
+    done = await completed_tree_run(steps_engine)
+    await steps_engine.register(SLOW)
+    await steps_engine.register(REFUSED)
+    held, cancelled = await steps_engine.submit("slow"), await steps_engine.submit("slow")
+    failed = await steps_engine.submit("refused")
+    assert (await steps_engine.finished(failed))["status"] == "failed"
+    assert (await cli("runs", "cancel", str(cancelled))).code == 0
+    assert (await steps_engine.finished(cancelled))["status"] == "cancelled"
+
+    async def held_runs() -> bool:
+        return bool((await steps_engine.run(held))["status"] == "running")
+
+    await wait_for(held_runs, message="the held run did not start")
+
+    listed = {}
+    for status in ("pending", "running", "completed", "failed", "cancelled"):
+        result = await cli("runs", "list", "--status", status, "--json")
+        assert result.code == 0, (status, result.err)
+        listed[status] = [run["id"] for run in json.loads(result.out)]
+    assert listed == {
+        "pending": [],
+        "running": [str(held)],
+        "completed": [str(done)],
+        "failed": [str(failed)],
+        "cancelled": [str(cancelled)],
+    }
+
+    retried = await cli("runs", "retry", str(cancelled))
+    assert (retried.code, retried.out.strip()) == (
+        0,
+        f"run {cancelled}: runs again from the steps that failed or were cancelled (redrive 1)",
+    )

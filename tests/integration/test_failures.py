@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -18,7 +19,10 @@ from flowforge_orchestrator.errors import NotFound, RedriveError
 from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.worker.runtime import StepContext
 from tests.helpers import dispatched_attempt, stop_tasks, verifier, wait_for
+from tests.integration.cli_helpers import Cli, cli
 from tests.integration.conftest import Engine, Steps, start_engine
+
+__all__ = ["cli"]  # the fixture
 
 
 def _types(events: list[dict[str, Any]], step_id: str) -> list[str]:
@@ -437,3 +441,38 @@ async def test_a_step_whose_output_is_not_json_fails_once_with_the_reason(
             await stop_tasks(tasks)
         finally:
             await conn.close()
+
+
+PAYMENT = """
+name: payment
+version: 1
+steps:
+  - id: charge
+    type: http
+    with: {url: "http://svc.test/charge"}
+    retry: {max_retries: 3, initial_interval: 0.05s, retry_on: [http_5xx, timeout]}
+"""
+
+
+async def test_a_402_not_in_retry_on_says_what_decided_in_runs_show_and_the_outbox(
+    engine: Engine, cli: Cli
+) -> None:
+    with respx.mock() as router:
+        route = router.get("http://svc.test/charge").respond(402, text="pay first")
+        await engine.register(PAYMENT)
+        run_id = await engine.submit("payment")
+        run = await engine.finished(run_id)
+
+    decision = "not retried: http_402 is not in retry_on [http_5xx, timeout]"
+    assert route.call_count == 1
+    assert run["status"] == "failed"
+    # The error keeps its shape ("retryable": the error may be retried) and says what decided.
+    assert (run["error"]["retryable"], run["error"]["retry_decision"]) == (True, decision)
+    shown = await cli("runs", "show", str(run_id), "--json")
+    assert shown.code == 0, shown.err
+    assert json.loads(shown.out)["error"]["retry_decision"] == decision
+    tail = await cli("outbox", "tail", "--run", str(run_id), "--json", "-n", "100")
+    assert tail.code == 0, tail.err
+    events = [json.loads(line) for line in tail.out.splitlines()]
+    said = {e["type"]: e["data"]["error"]["retry_decision"] for e in events if "error" in e["data"]}
+    assert said == {"step.failed": decision, "workflow.failed": decision}

@@ -30,6 +30,7 @@ from tests.helpers import migration_names, verifier, wait_for
 REPO = Path(__file__).resolve().parents[2]
 T0 = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 LIMITS = Limits(max_output_bytes=10_000, max_context_bytes=100_000, default_timeout=30.0)
+DEFAULT_RETRY_ON = "timeout, connection_error, http_5xx, http_429"  # retry_on unless set
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 TABLES = {
     "workflow_definitions",
@@ -676,10 +677,11 @@ async def test_inline_results_and_cancelled_attempts_are_written(
     assert attempts["b"]["status"] == "failed"
     assert attempts["c"]["status"] == "cancelled"  # open when the run failed
     assert attempts["c"]["finished_at"] == T0 + timedelta(seconds=4)
-    assert attempts["b"]["error"] == {"message": "no"}
+    decided = {"retry_decision": f"not retried: error is not in retry_on [{DEFAULT_RETRY_ON}]"}
+    assert attempts["b"]["error"] == {"message": "no", **decided}
     row = await store.get_run(conn, run_id)
     assert row is not None
-    assert (row["status"], row["error"]) == ("failed", {"message": "no", "step_id": "b"})
+    assert (row["status"], row["error"]) == ("failed", {"message": "no", **decided, "step_id": "b"})
 
 
 async def test_renew_and_release_only_touch_this_owners_running_runs(

@@ -497,7 +497,12 @@ def test_a_failed_result_without_an_error_gets_a_generic_one() -> None:
     d = drain(run).dispatches[0]
     run.apply_result(StepResult(d.attempt_id, "a", "failed", None, None, None, at(1)), at(2))
     changes = drain(run)
-    assert changes.error == {"message": "step failed", "step_id": "a"}
+    assert changes.error == {
+        "message": "step failed",
+        "step_id": "a",
+        "retry_decision": "not retried: error is not in retry_on "
+        "[timeout, connection_error, http_5xx, http_429]",
+    }
     assert changes.events[0].at == at(1)  # no started_at: the finish time stands in
 
 

@@ -199,17 +199,31 @@ def test_decide_retries_with_backoff() -> None:
 
 
 def test_decide_gives_up_and_says_why() -> None:
-    p = policy(max_retries=1)
+    p = policy(max_retries=1, retry_on=["timeout", "http_5xx", "http_429"])
     cases = {
         "retries exhausted: attempt 2 of 2 failed": (error("timeout"), 2),
-        "the error (payload_too_large) is not retryable": (
+        "not retried: the error (payload_too_large) is not retryable": (
             error("payload_too_large", retryable=False),
             1,
         ),
-        "http_400 is not in retry_on": (error("http_400"), 1),
+        "not retried: http_402 is not in retry_on [timeout, http_5xx, http_429]": (
+            error("http_402", retryable=True),
+            1,
+        ),
     }
     for reason, (err, attempt) in cases.items():
         assert decide(p, err, attempt, rand=0.5, now=NOW) == RetryDecision(False, 0.0, reason)
+
+
+def test_decide_says_when_a_listed_error_is_not_retried_for_want_of_retries() -> None:
+    none = policy(max_retries=0)  # the default: no retry policy
+    assert decide(none, error("http_503"), 1, rand=0.5, now=NOW).reason == (
+        "not retried: http_503 matches http_5xx in retry_on, but the step allows no retries "
+        "(max_retries: 0)"
+    )
+    assert decide(none, error("timeout"), 1, rand=0.5, now=NOW).reason == (
+        "not retried: timeout in retry_on, but the step allows no retries (max_retries: 0)"
+    )
 
 
 def test_decide_honours_retry_after_from_the_error_details() -> None:

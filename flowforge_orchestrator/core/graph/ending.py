@@ -18,7 +18,7 @@ from flowforge_orchestrator.core.graph.moves import Moving, to
 from flowforge_orchestrator.core.graph.nodes import Node, Scope, list_succeeded
 from flowforge_orchestrator.core.graph.timers import iso
 from flowforge_orchestrator.core.records import AttemptFinished, InlineResult, Limits, json_size
-from flowforge_orchestrator.core.retry import decide
+from flowforge_orchestrator.core.retry import RetryDecision, decide
 from flowforge_orchestrator.core.state import StepStatus
 
 __all__ = [
@@ -92,8 +92,12 @@ def fail(
     """The attempt failed (`status`: failed or timed_out): retry it if its policy says so,
     else the step fails."""
     cancel_children(run, node, now)  # a control step that fails ends what it holds
-    node.error = error
     with_worker = node.with_worker
+    decision = _decision(run, node, error, now) if with_worker else None
+    if decision is not None and error.get("retryable", True) is not False:
+        # "retryable": true only says the error may be retried: say what the policy decided.
+        error = {**error, "retry_decision": decision.reason}
+    node.error = error
     run._timers.clear(node)
     if with_worker:
         assert node.attempt_id is not None
@@ -104,7 +108,8 @@ def fail(
             run._journal.changes().inline_results.append(
                 InlineResult(node.attempt_id, node.key, "failed", None, error, now)
             )
-        if _retry(run, node, error, now, status):
+        if decision is not None and decision.retry:
+            _retry(run, node, error, now, status, decision.delay)
             return
     if node.attempt_id is not None and not isinstance(node.step, TaskStep) and node.caught is None:
         run._journal.changes().inline_results.append(
@@ -116,19 +121,26 @@ def fail(
     to(run, node, status, now, event, data={"error": error})
 
 
-def _retry(
-    run: Ending, node: Node, error: dict[str, Any], now: datetime, outcome: StepStatus
-) -> bool:
-    """`outcome`: how the attempt ended (failed or timed_out). The retrying event says
-    it, because that event is what ends the attempt in `step_attempts` (sql/0007)."""
+def _decision(run: Ending, node: Node, error: dict[str, Any], now: datetime) -> RetryDecision:
+    """Whether the step's policy retries its failed attempt, and why."""
     assert node.attempt_id is not None
     policy = run.workflow.definition.effective_retry(node.step)
     # The jitter comes from the attempt id: a replay after a crash waits the same.
     rand = node.attempt_id.int / 2**128
-    decision = decide(policy, error, node.attempt, rand=rand, now=now)
-    if not decision.retry:
-        return False
-    at = now + timedelta(seconds=decision.delay)
+    return decide(policy, error, node.attempt, rand=rand, now=now)
+
+
+def _retry(
+    run: Ending,
+    node: Node,
+    error: dict[str, Any],
+    now: datetime,
+    outcome: StepStatus,
+    delay: float,
+) -> None:
+    """`outcome`: how the attempt ended (failed or timed_out). The retrying event says
+    it, because that event is what ends the attempt in `step_attempts` (sql/0007)."""
+    at = now + timedelta(seconds=delay)
     data = {
         "error": error,
         "outcome": outcome.value,
@@ -137,7 +149,6 @@ def _retry(
     }
     to(run, node, StepStatus.RETRYING, now, "step.retrying", data=data)
     run._timers.set(node, at)
-    return True
 
 
 def skip(run: Ending, node: Node, now: datetime) -> None:
