@@ -165,7 +165,8 @@ steps: [{id: call, type: workflow, workflow: slow}]
     child_run = await engine.finished(child["id"])
     assert child_run["status"] == "cancelled"
     await wait_for(lambda: hanging.gone == 1, message="the child's http step was not aborted")
-    events = {(e["type"], (e["data"] or {}).get("step_id")) for e in await engine.events(child["id"])}
+    history = await engine.events(child["id"])
+    events = {(e["type"], (e["data"] or {}).get("step_id")) for e in history}
     assert ("step.cancelled", "fetch") in events
 
 
