@@ -401,7 +401,8 @@ LIST_STEP_TYPES = "SELECT name FROM flowforge.step_types ORDER BY name"
 
 RUN_COLUMNS = """
 id, workflow_name, workflow_version, status, input, output, error, owner, epoch,
-lease_expires_at, idempotency_key, created_at, started_at, finished_at, updated_at
+lease_expires_at, idempotency_key, created_at, started_at, finished_at, updated_at,
+parent_run_id, parent_step, depth
 """
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM flowforge.runs WHERE id = $1"

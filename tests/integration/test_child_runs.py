@@ -4,7 +4,9 @@ worker; a real HTTP server on loopback for the step a cancellation must abort.""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -14,7 +16,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from tests.helpers import wait_for
+from tests.integration.cli_helpers import Cli, cli
 from tests.integration.conftest import Engine, Steps
+
+__all__ = ["cli"]  # the fixture
 
 MAX_DEPTH = 3
 
@@ -61,7 +66,8 @@ async def hanging() -> AsyncIterator[Hanging]:
 async def children_of(engine: Engine, run_id: UUID) -> list[dict[str, Any]]:
     rows = await engine.conn.fetch(
         "SELECT id, status, parent_step, parent_attempt_id, depth, error, workflow_version"
-        " FROM flowforge.runs WHERE parent_run_id = $1 ORDER BY created_at, id",
+        " FROM flowforge.runs WHERE parent_run_id = $1"
+        " ORDER BY created_at, length(parent_step), parent_step, id",
         run_id,
     )
     return [dict(r) for r in rows]
@@ -328,3 +334,48 @@ steps:
         child_span = by_run[str(child_id)]
         assert child_span.parent is not None
         assert child_span.parent.span_id == step_span.context.span_id
+
+
+async def test_runs_show_and_list_link_parents_and_children(
+    steps_engine: Engine, cli: Cli, tmp_path: Path
+) -> None:
+    await steps_engine.register(CHILD)
+    await steps_engine.register("""
+name: parent
+version: 1
+steps:
+  - {id: call, type: workflow, workflow: child, input: {n: 1}}
+  - id: each
+    type: parallel
+    for_each: "[1, 2]"
+    step: {id: one, type: workflow, workflow: child, input: {n: "${{ item }}"}}
+""")
+    run_id = await steps_engine.submit("parent")
+    assert (await steps_engine.finished(run_id))["status"] == "completed"
+    children = await children_of(steps_engine, run_id)
+    assert [c["parent_step"] for c in children] == ["call", "one[0]", "one[1]"]
+
+    shown = await cli("runs", "show", str(run_id))
+    assert shown.code == 0, shown.err
+    listed = shown.out.split("children:\n", 1)[1].splitlines()
+    assert listed[0].strip() == "call"
+    assert f"{children[0]['id']}  child v1  completed" in listed[1]
+    assert listed[2].strip() == "one"
+    assert f"{children[1]['id']}  child v1  completed one[0]" in listed[3]
+
+    child = await cli("runs", "show", str(children[0]["id"]))
+    assert f"parent    {run_id} (step call)" in child.out
+
+    only = await cli("runs", "list", "--parent", str(run_id), "--json")
+    assert only.code == 0, only.err
+    assert sorted(row["id"] for row in json.loads(only.out)) == sorted(
+        str(c["id"]) for c in children
+    )
+
+    recursive = tmp_path / "recurse.yaml"
+    recursive.write_text(
+        "name: recurse\nversion: 1\nsteps: [{id: again, type: workflow, workflow: recurse}]\n"
+    )
+    applied = await cli("definitions", "apply", str(recursive))
+    assert applied.code == 0, applied.err
+    assert "warning:" in applied.err and "step 'again' starts a run of 'recurse'" in applied.err

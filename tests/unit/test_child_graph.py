@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from flowforge_orchestrator.core.definition.calls import unguarded_self_calls
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.nodes import child_run_id
 from flowforge_orchestrator.core.graph.run import RunState
@@ -236,3 +237,28 @@ def test_kinds_of_a_child_attempt_match_a_worker_attempt() -> None:
         ("step.succeeded", "pay"),
         ("workflow.completed", None),
     ]
+
+
+def _calls_of(*steps: dict[str, Any]) -> list[str]:
+    definition = parse_definition({"name": "tree", "version": 1, "steps": list(steps)})
+    return unguarded_self_calls(definition)
+
+
+def test_a_workflow_calling_itself_without_a_condition_is_found() -> None:
+    me = {"workflow": "tree"}
+    assert _calls_of(call("again", **me)) == ["again"]
+    assert _calls_of(
+        {"id": "both", "type": "parallel", "branches": [[call("left", **me)], [http("x")]]}
+    ) == ["left"]
+    assert _calls_of(call("other")) == []  # another workflow
+    guarded = [
+        {"id": "c", "type": "condition", "if": "input.more", "then": [call("a", **me)]},
+        {
+            "id": "s",
+            "type": "switch",
+            "cases": [{"when": "input.more", "steps": [call("b", **me)]}],
+        },
+        {"id": "f", "type": "parallel", "for_each": "input.kids", "step": call("d", **me)},
+        {**http("h"), "catch": [{"steps": [call("e", **me)]}]},
+    ]
+    assert _calls_of(*guarded) == []
