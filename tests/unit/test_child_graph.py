@@ -251,7 +251,7 @@ def test_a_workflow_calling_itself_without_a_condition_is_found() -> None:
         {"id": "both", "type": "parallel", "branches": [[call("left", **me)], [http("x")]]}
     ) == ["left"]
     assert _calls_of(call("other")) == []  # another workflow
-    guarded = [
+    guarded: list[dict[str, Any]] = [
         {"id": "c", "type": "condition", "if": "input.more", "then": [call("a", **me)]},
         {
             "id": "s",
