@@ -262,3 +262,17 @@ def test_a_workflow_calling_itself_without_a_condition_is_found() -> None:
         {**http("h"), "catch": [{"steps": [call("e", **me)]}]},
     ]
     assert _calls_of(*guarded) == []
+
+
+def test_unwritten_changes_followed_by_an_ended_attempt_start_no_child() -> None:
+    run, rec = new_run(workflow(call("pay"), http("other"))), Recorder()
+    run.start(at(0))
+    earlier = run.take_changes()  # not written: its row was locked elsewhere
+    assert earlier is not None
+    (child,) = earlier.children
+    run.cancel(at(1), "asked")
+    merged = earlier.then(run.take_changes())
+    assert merged.children == []  # never inserted, so nothing to cancel either
+    assert merged.child_cancels == []
+    assert merged.status is RunStatus.CANCELLED
+    assert rec.events == [] and child.run_id not in merged.child_cancels
