@@ -276,3 +276,17 @@ def test_unwritten_changes_followed_by_an_ended_attempt_start_no_child() -> None
     assert merged.child_cancels == []
     assert merged.status is RunStatus.CANCELLED
     assert rec.events == [] and child.run_id not in merged.child_cancels
+
+
+def test_a_restored_parent_keeps_its_steps_deadline_and_cancels_the_child_at_it() -> None:
+    run, rec = new_run(workflow(call("pay", timeout="10s"))), Recorder()
+    run.start(at(0))
+    (child,) = started(rec.drain(run))
+    adopted = rec.restore(run)
+    adopted.resume(at(5))
+    assert adopted.next_timer() == at(10)
+    assert adopted.fire_timers(at(10))
+    changes = adopted.take_changes()
+    assert changes is not None and changes.child_cancels == [child.run_id]
+    assert adopted.status is RunStatus.FAILED
+    assert adopted.error is not None and adopted.error["category"] == "timeout"
