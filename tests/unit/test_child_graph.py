@@ -290,3 +290,28 @@ def test_a_restored_parent_keeps_its_steps_deadline_and_cancels_the_child_at_it(
     assert changes is not None and changes.child_cancels == [child.run_id]
     assert adopted.status is RunStatus.FAILED
     assert adopted.error is not None and adopted.error["category"] == "timeout"
+
+
+def test_a_restored_fan_out_of_children_waits_for_the_same_children() -> None:
+    wf = workflow(
+        {
+            "id": "all",
+            "type": "parallel",
+            "for_each": "input.items",
+            "step": call("one", input={"n": "${{ item }}"}),
+        },
+    )
+    run, rec = new_run(wf, {"items": [1, 2, 3]}), Recorder()
+    run.start(at(0))
+    children = started(rec.drain(run))
+    assert rec.apply(run, answer(children[0], 10), at(1))
+    assert "one[1]" not in rec.checkpoint["steps"]  # the elements are packed
+    adopted = rec.restore(run)
+    adopted.resume(at(2))
+    again = adopted.take_changes()
+    assert again is None or again.children == []
+    assert sorted(adopted.children_out()) == sorted(c.parent_attempt_id for c in children[1:])
+    for child in children[1:]:
+        assert adopted.apply_result(answer(child, child.input["n"] * 10), at(3))
+    assert adopted.status is RunStatus.COMPLETED
+    assert [b["output"] for b in adopted.output["all"]] == [10, 20, 30]
