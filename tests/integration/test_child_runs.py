@@ -22,6 +22,7 @@ from tests.integration.conftest import Engine, Steps
 __all__ = ["cli"]  # the fixture
 
 MAX_DEPTH = 3
+DEADLINE = 60.0  # seconds any wait here may take on a loaded machine (never slept)
 
 
 @pytest.fixture
@@ -96,7 +97,7 @@ steps:
   - {id: use, type: transform, depends_on: [call], output: "${{ steps.call.output.result * 10 }}"}
 """)
     run_id = await steps_engine.submit("parent", {"n": 20})
-    run = await steps_engine.finished(run_id)
+    run = await steps_engine.finished(run_id, DEADLINE)
     assert run["status"] == "completed", run["error"]
     assert run["output"] == {"use": 410}
     (child,) = await children_of(steps_engine, run_id)
@@ -137,7 +138,7 @@ steps:
     retry: {max_retries: 1, initial_interval: 100ms, retry_on: [child_failed]}
 """)
     run_id = await steps_engine.submit("parent")
-    run = await steps_engine.finished(run_id)
+    run = await steps_engine.finished(run_id, DEADLINE)
     assert run["status"] == "failed"
     error = run["error"]
     assert error["category"] == "child_failed" and error["step_id"] == "call"
@@ -163,14 +164,18 @@ version: 1
 steps: [{id: call, type: workflow, workflow: slow}]
 """)
     run_id = await engine.submit("parent")
-    await wait_for(lambda: hanging.arrived == 1, message="the child's http step never ran")
+    await wait_for(
+        lambda: hanging.arrived == 1, timeout=DEADLINE, message="the child's http step never ran"
+    )
     assert (await store.request_cancel(engine.conn, run_id, "enough"))[0]
-    run = await engine.finished(run_id)
+    run = await engine.finished(run_id, DEADLINE)
     assert run["status"] == "cancelled"
     (child,) = await children_of(engine, run_id)
-    child_run = await engine.finished(child["id"])
+    child_run = await engine.finished(child["id"], DEADLINE)
     assert child_run["status"] == "cancelled"
-    await wait_for(lambda: hanging.gone == 1, message="the child's http step was not aborted")
+    await wait_for(
+        lambda: hanging.gone == 1, timeout=DEADLINE, message="the child's http step was not aborted"
+    )
     history = await engine.events(child["id"])
     events = {(e["type"], (e["data"] or {}).get("step_id")) for e in history}
     assert ("step.cancelled", "fetch") in events
@@ -190,10 +195,12 @@ version: 1
 steps: [{id: call, type: workflow, workflow: held, retry: {max_retries: 3}}]
 """)
     run_id = await steps_engine.submit("parent")
-    await wait_for(lambda: steps.started == ["h"], message="the child never ran its step")
+    await wait_for(
+        lambda: steps.started == ["h"], timeout=DEADLINE, message="the child never ran its step"
+    )
     (child,) = await children_of(steps_engine, run_id)
     await store.request_cancel(steps_engine.conn, child["id"], "not needed")
-    run = await steps_engine.finished(run_id)
+    run = await steps_engine.finished(run_id, DEADLINE)
     assert run["status"] == "failed"
     assert run["error"]["category"] == "child_cancelled"
     assert len(await children_of(steps_engine, run_id)) == 1  # not retried
@@ -221,10 +228,12 @@ steps: [{id: call, type: workflow, workflow: single}]
         pending = await steps_engine.conn.fetchval(count, "pending")
         return bool(running == 1 and pending == 4 and steps.running == 1)
 
-    await wait_for(one_running_four_held, message="the children were not held to one")
+    await wait_for(
+        one_running_four_held, timeout=DEADLINE, message="the children were not held to one"
+    )
     steps.release.set()
     for run_id in parents:
-        assert (await steps_engine.finished(run_id))["status"] == "completed"
+        assert (await steps_engine.finished(run_id, DEADLINE))["status"] == "completed"
     assert steps.most_running == 1 and len(steps.started) == 5
 
 
@@ -248,11 +257,13 @@ steps:
     step: {id: one, type: workflow, workflow: item, input: {n: "${{ item }}"}}
 """)
     run_id = await steps_engine.submit("batch", {"items": list(range(200))})
-    await wait_for(lambda: steps.running == 20, message="20 children never ran at once")
+    await wait_for(
+        lambda: steps.running == 20, timeout=DEADLINE, message="20 children never ran at once"
+    )
     # max_parallel bounds the children started, not only the steps running.
     assert len(await children_of(steps_engine, run_id)) == 20
     steps.release.set()
-    run = await steps_engine.finished(run_id, timeout=120)
+    run = await steps_engine.finished(run_id, DEADLINE)
     assert run["status"] == "completed", run["error"]
     assert [b["output"] for b in run["output"]["each"]] == list(range(200))
     children = await children_of(steps_engine, run_id)
@@ -269,13 +280,13 @@ version: 1
 steps: [{id: again, type: workflow, workflow: recurse}]
 """)
     run_id = await engine.submit("recurse")
-    run = await engine.finished(run_id)
+    run = await engine.finished(run_id, DEADLINE)
     assert run["status"] == "failed"
     chain = [run_id]
     for _ in range(MAX_DEPTH):
         (child,) = await children_of(engine, chain[-1])
         chain.append(child["id"])
-    deepest = await engine.finished(chain[-1])
+    deepest = await engine.finished(chain[-1], DEADLINE)
     assert deepest["error"]["category"] == "child_depth_exceeded"
     message = deepest["error"]["message"]
     assert "'recurse'" in message and f"{MAX_DEPTH + 1} deep" in message
@@ -295,7 +306,7 @@ steps:
   - {id: after, type: transform, depends_on: [call], output: "${{ steps.call.status }}"}
 """)
     run_id = await engine.submit("parent")
-    run = await engine.finished(run_id)
+    run = await engine.finished(run_id, DEADLINE)
     assert run["status"] == "completed" and run["output"] == {"after": "failed"}
     assert await children_of(engine, run_id) == []
     failed = [e for e in await engine.events(run_id) if e["type"] == "step.failed"]
@@ -315,13 +326,15 @@ steps:
   - {id: second, type: workflow, workflow: child, input: {n: 2}}
 """)
     run_id = await steps_engine.submit("parent")
-    assert (await steps_engine.finished(run_id))["status"] == "completed"
+    assert (await steps_engine.finished(run_id, DEADLINE))["status"] == "completed"
     children = {c["parent_step"]: c["id"] for c in await children_of(steps_engine, run_id)}
 
     def runs_spans() -> list[Any]:
         return [s for s in spans.get_finished_spans() if s.name.startswith("workflow ")]
 
-    await wait_for(lambda: len(runs_spans()) == 3, message="the runs' spans did not end")
+    await wait_for(
+        lambda: len(runs_spans()) == 3, timeout=DEADLINE, message="the runs' spans did not end"
+    )
     finished = spans.get_finished_spans()
     by_run = {s.attributes["flowforge.run_id"]: s for s in runs_spans() if s.attributes}
     parent = by_run[str(run_id)]
@@ -351,7 +364,7 @@ steps:
     step: {id: one, type: workflow, workflow: child, input: {n: "${{ item }}"}}
 """)
     run_id = await steps_engine.submit("parent")
-    assert (await steps_engine.finished(run_id))["status"] == "completed"
+    assert (await steps_engine.finished(run_id, DEADLINE))["status"] == "completed"
     children = await children_of(steps_engine, run_id)
     assert [c["parent_step"] for c in children] == ["call", "one[0]", "one[1]"]
 
