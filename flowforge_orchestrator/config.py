@@ -80,6 +80,14 @@ class Settings(BaseSettings):
         description="Largest run context: input plus every step output (JSON bytes).",
     )
 
+    # Child runs (README: "Child runs").
+    max_child_depth: int = Field(
+        default=16,
+        ge=1,
+        description="How deep child runs (`type: workflow` steps) may nest; a step that would "
+        "start one deeper fails with child_depth_exceeded.",
+    )
+
     # Expressions (README: "Expression limits").
     expression_timeout: float = Field(
         default=0.1,

@@ -72,6 +72,7 @@ T_FLOW = "tests/integration/test_control_flow.py"
 T_FAILURES = "tests/integration/test_failures.py"
 T_QUEUE = "tests/integration/test_queue_worker.py"
 T_E2E = "tests/e2e/test_processes.py"
+T_CHILDREN = "tests/integration/test_child_runs.py"
 T_ISOLATION = "tests/integration/test_isolation.py"
 T_FAULTS = "tests/integration/test_engine_faults.py"
 T_WORKER = "tests/integration/test_worker_faults.py"
@@ -398,6 +399,29 @@ MUTATIONS: tuple[Mutation, ...] = (
         "        if catch(run, node, error, status, now) or _retry(\n"
         "            run, node, error, now, status\n        ):\n",
         "tests/unit/test_catch_graph.py::test_a_matching_handler_runs_after_the_retries_and_dependents_see_its_output",
+    ),
+    mutation(
+        "stopping a workflow step aborts a worker job instead of cancelling its child run",
+        "flowforge_orchestrator/core/graph/ending.py",
+        "    if isinstance(node.step, WorkflowStep):\n",
+        "    if False:\n",
+        f"{T_CHILDREN}::test_cancelling_the_parent_cancels_the_child_and_aborts_its_http_step",
+    ),
+    mutation(
+        "an adopted parent sends its workflow steps to workers like leaf steps",
+        "flowforge_orchestrator/core/graph/run.py",
+        "                and not isinstance(node.step, WorkflowStep)"
+        "  # its child run exists already\n",
+        "",
+        "tests/e2e/test_child_processes.py",
+    ),
+    mutation(
+        "a child run that ends does not answer its parent's attempt",
+        "flowforge_orchestrator/store/queries.py",
+        "    WHERE parent_attempt_id IS NOT NULL"
+        " AND status IN ('completed', 'failed', 'cancelled')\n",
+        "    WHERE false\n",
+        f"{T_CHILDREN}::test_a_parent_calls_a_three_step_child_and_uses_its_output",
     ),
 )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import sys
 from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
@@ -14,6 +15,7 @@ import yaml
 from flowforge_orchestrator import store
 from flowforge_orchestrator.cli.common import Subcommands, add_command, connection
 from flowforge_orchestrator.config import Settings
+from flowforge_orchestrator.core.definition.calls import unguarded_self_calls
 from flowforge_orchestrator.core.definition.models import (
     WorkflowDefinition,
     definition_json_schema,
@@ -70,6 +72,13 @@ async def cmd_apply(settings: Settings, args: argparse.Namespace) -> int:
     async with connection(settings) as conn:
         known = set(await store.list_step_types(conn)) | set(args.allow_type or [])
         definition = load_definition(Path(args.file), known_types=known)
+        for step_id in unguarded_self_calls(definition):
+            print(
+                f"warning: {args.file}: step '{step_id}' starts a run of '{definition.name}' "
+                "itself with no condition on its path: every run starts another until the "
+                "depth limit (FLOWFORGE_MAX_CHILD_DEPTH) fails them all",
+                file=sys.stderr,
+            )
         created, existing = await store.register_definition(conn, definition)
         if not created:
             if existing is not None and existing.spec != store.definition_spec(definition):

@@ -44,6 +44,7 @@ async def run_details(conn: store.Connection, run_id: UUID) -> dict[str, Any]:
     run["transitions"] = [dict(t) for t in await store.run_transitions(conn, run_id)]
     run["waiting"] = await store_events.run_waits(conn, run_id)
     run["events_not_taken"] = await store_events.run_events_not_taken(conn, run_id)
+    run["children"] = [dict(c) for c in await reads.child_runs(conn, run_id)]
     beats = await store_events.run_heartbeats(conn, run_id)
     for attempt in run["attempts"]:
         attempt["last_heartbeat"] = beats.get(attempt["id"])
@@ -92,14 +93,16 @@ def _seconds(start: datetime | None, end: datetime | None) -> str:
     return f"{(end - start).total_seconds():.3f}s" if start and end else "-"
 
 
-def format_run(
-    run: dict[str, Any], steps: Sequence[StepNode] = (), *, now: datetime | None = None
-) -> str:
-    """The run's facts, its step tree (when given), then every attempt."""
+def _facts(run: dict[str, Any]) -> list[str]:
+    """The run's own lines: ids, status, its parent (a child run), times, input, outcome."""
     lines = [
         f"run       {run['id']}",
         f"workflow  {run['workflow_name']} v{run['workflow_version'] or '?'}",
         f"status    {run['status']}",
+    ]
+    if run.get("parent_run_id") is not None:
+        lines.append(f"parent    {run['parent_run_id']} (step {run['parent_step']})")
+    lines += [
         f"created   {run['created_at']}",
         f"took      {_seconds(run['started_at'], run['finished_at'])}",
         f"input     {json.dumps(run['input'])}",
@@ -108,6 +111,14 @@ def format_run(
         lines.append(f"output    {json.dumps(run['output'])}")
     if run["error"] is not None:
         lines.append(f"error     {json.dumps(run['error'])}")
+    return lines
+
+
+def format_run(
+    run: dict[str, Any], steps: Sequence[StepNode] = (), *, now: datetime | None = None
+) -> str:
+    """The run's facts, its step tree (when given), then every attempt."""
+    lines = _facts(run)
     if steps:
         lines.append("steps:")
         tree = render_tree(steps, now or run["updated_at"])
@@ -132,6 +143,9 @@ def format_run(
             key = f" key {json.dumps(w['key'])}" if w["key"] is not None else ""
             until = f" until {w['deadline']}" if w["deadline"] else " (no timeout)"
             lines.append(f"  {w['step_id']:<20} event {w['event']}{key}{until}")
+    if run.get("children"):
+        lines.append("children:")
+        lines += _children(run["children"])
     if run.get("events_not_taken"):
         lines.append("events not taken:")
         for e in run["events_not_taken"]:
@@ -139,6 +153,34 @@ def format_run(
                 f"  #{e['id']:<8} {e['name']:<20} {e['created_at']}  {json.dumps(e['payload'])}"
             )
     return "\n".join(lines)
+
+
+MAX_CHILDREN_SHOWN = 20  # per step; a fan-out of a thousand is summarised
+
+
+def _children(children: Sequence[dict[str, Any]]) -> list[str]:
+    """The child runs under the step that started them (its key: `charge[3]` for one
+    fan-out element), a step's attempts in order."""
+    by_step: dict[str, list[dict[str, Any]]] = {}
+    for child in children:
+        step = str(child["parent_step"])
+        by_step.setdefault(step.split("[", 1)[0] if "[" in step else step, []).append(child)
+    lines: list[str] = []
+    for step, runs in by_step.items():
+        lines.append(f"  {step}")
+        for child in runs[:MAX_CHILDREN_SHOWN]:
+            where = f" {child['parent_step']}" if child["parent_step"] != step else ""
+            lines.append(
+                f"    {child['id']}  {child['workflow_name']} "
+                f"v{child['workflow_version'] or '?'}  {child['status']}{where}"
+            )
+        if len(runs) > MAX_CHILDREN_SHOWN:
+            counts: dict[str, int] = {}
+            for child in runs[MAX_CHILDREN_SHOWN:]:
+                counts[child["status"]] = counts.get(child["status"], 0) + 1
+            summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+            lines.append(f"    ... and {len(runs) - MAX_CHILDREN_SHOWN} more ({summary})")
+    return lines
 
 
 async def follow_run(

@@ -157,6 +157,7 @@ async def cmd_list(settings: Settings, args: argparse.Namespace) -> int:
             since=args.since,
             until=args.until,
             limit=args.limit,
+            parent=args.parent,
         )
     if args.json:
         print(json.dumps([dict(row) for row in rows], indent=2, default=str))
@@ -264,6 +265,9 @@ def add_commands(sub: Subcommands) -> None:
     )
     listing.add_argument(
         "--until", type=_when, help="created before: a duration ago (30m) or an ISO 8601 time"
+    )
+    listing.add_argument(
+        "--parent", type=run_id_arg, metavar="RUN_ID", help="only the child runs of this run"
     )
     listing.add_argument("--limit", type=int, default=20)
     listing.add_argument("--json", action="store_true", help="the runs as a JSON array")

@@ -17,6 +17,7 @@ from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
 __all__ = [
     "CHECKPOINT_VERSION",
     "AttemptFinished",
+    "ChildStart",
     "Dispatch",
     "Event",
     "EventTaken",
@@ -42,6 +43,7 @@ class Limits:
     max_output_bytes: int
     max_context_bytes: int
     default_timeout: float
+    max_child_depth: int = 16  # how deep child runs may nest (the top run is depth 0)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,22 @@ class Dispatch:
     # The attempt before this one, whose last heartbeat the engine hands to this one.
     previous_attempt_id: UUID | None = None
     last_heartbeat: Any = None  # the previous attempt's last heartbeat details
+
+
+@dataclass(frozen=True)
+class ChildStart:
+    """A workflow step's attempt starts a child run: inserted (once: its id is derived from
+    the attempt) in the commit that records the attempt. When it ends, its final commit
+    writes the result of `parent_attempt_id`, which wakes the parent like a worker's."""
+
+    run_id: UUID  # the child's
+    parent_step: str  # the step's key in the parent
+    parent_attempt_id: UUID
+    workflow: str
+    version: int | None  # None: the latest registered, pinned on the child's row
+    input: Any
+    depth: int  # the parent's depth + 1
+    traceparent: str | None = None  # the parent's step span, set by the engine
 
 
 @dataclass(frozen=True)
@@ -152,6 +170,8 @@ class RunChanges:
     probes: list[tuple[str, UUID, str]] = field(default_factory=list)
     waits: list[WaitStarted] = field(default_factory=list)  # to listen for, once committed
     events_taken: list[EventTaken] = field(default_factory=list)
+    children: list[ChildStart] = field(default_factory=list)  # child runs to insert
+    child_cancels: list[UUID] = field(default_factory=list)  # child runs to cancel
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
@@ -159,11 +179,13 @@ class RunChanges:
 
     def then(self, later: RunChanges | None) -> RunChanges:
         """These changes (not written yet) followed by `later`, as one commit: the events
-        of both in order, the state of the later. A dispatch whose attempt `later` already
-        ends is dropped: it was never sent, and must not be."""
+        of both in order, the state of the later. A dispatch (or a child run) whose attempt
+        `later` already ends is dropped: it was never sent, and must not be."""
         if later is None:
             return self
         ended = {a.attempt_id for a in later.attempts_finished}
+        # A child never inserted needs no cancelling either.
+        unborn = {c.run_id for c in self.children if c.parent_attempt_id in ended}
         return RunChanges(
             run_id=self.run_id,
             status=later.status,
@@ -176,6 +198,9 @@ class RunChanges:
             probes=self.probes + later.probes,
             waits=self.waits + later.waits,
             events_taken=self.events_taken + later.events_taken,
+            children=[c for c in self.children if c.parent_attempt_id not in ended]
+            + later.children,
+            child_cancels=[c for c in self.child_cancels + later.child_cancels if c not in unborn],
             output=later.output,
             error=later.error,
             started_at=self.started_at or later.started_at,

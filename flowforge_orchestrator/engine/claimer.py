@@ -34,6 +34,7 @@ from flowforge_orchestrator.core.records import (
 from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.core.tokens import ResultVerifier
 from flowforge_orchestrator.engine.admission import read_inputs, reject
+from flowforge_orchestrator.engine.children import end_child_spans, trace_children
 from flowforge_orchestrator.engine.faults import cause, set_aside
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.workflows import Rejected, Workflows
@@ -151,6 +152,7 @@ class Claimer:
                 )
             except BaseException:
                 for owned in batch.claimed.values():  # these graphs never became ours
+                    end_child_spans(owned)
                     owned.span.end()
                 raise
         written = {w.changes.run_id: w.changes for w in batch.writes}
@@ -275,6 +277,7 @@ class Claimer:
             results=results,
             incarnation=_incarnation(row.created_at),
             evaluator=self._evaluator,
+            depth=row.depth,
         )
         if row.cancel_requested:  # asked for while pending, or while no one owned it
             state.cancel(now, "cancel requested")
@@ -304,6 +307,7 @@ class Claimer:
             raise
         changes = state.take_changes()
         assert changes is not None
+        trace_children(owned, changes)
         return owned, changes
 
     async def _acquire_slots(

@@ -21,6 +21,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.core import jsonb
 from flowforge_orchestrator.core.records import RunChanges, rejected_run
 from flowforge_orchestrator.core.state import RunStatus
+from flowforge_orchestrator.engine.children import trace_children
 from flowforge_orchestrator.engine.faults import cause, set_aside
 from flowforge_orchestrator.engine.owned import Drop, Owned, OwnedRuns
 from flowforge_orchestrator.errors import StepError, StoreError
@@ -102,6 +103,8 @@ class Committer:
 
     async def _write(self, items: list[Item], *, skip_locked: bool) -> dict[UUID, bool]:
         """One statement, atomic on its own: no BEGIN/COMMIT round trips."""
+        for owned, changes in items:
+            trace_children(owned, changes)  # the child runs' rows carry their step's span
         writes = [
             store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch) for o, changes in items
         ]

@@ -42,6 +42,7 @@ from flowforge_orchestrator.core.tokens import AttemptTokens, RefusedResult, Res
 from flowforge_orchestrator.engine.background import Background
 from flowforge_orchestrator.engine.beats import HeartbeatWatcher
 from flowforge_orchestrator.engine.cancels import CancellationWatcher
+from flowforge_orchestrator.engine.children import end_child_spans
 from flowforge_orchestrator.engine.claimer import Claimer
 from flowforge_orchestrator.engine.committer import Committer
 from flowforge_orchestrator.engine.eventing import EventDelivery
@@ -137,6 +138,7 @@ class Orchestrator:
             max_output_bytes=settings.max_output_bytes,
             max_context_bytes=settings.max_context_bytes,
             default_timeout=settings.step_timeout,
+            max_child_depth=settings.max_child_depth,
         )
         self.claimer = Claimer(
             settings,
@@ -359,6 +361,7 @@ class Orchestrator:
         self.events.listen(changes.run_id, owned.state.waiting())
         if adopted:
             self.runs.handed_off(changes.run_id, owned.state.handed_off())
+            self.runs.awaiting_children(changes.run_id, owned.state.children_out())
         if adopted and self.runs.notify(owned.state.outstanding()):
             self.results.wake.set()  # results may have arrived while it was unowned
 
@@ -370,6 +373,7 @@ class Orchestrator:
         applied by the results loop, not sent to a worker a second time."""
         run_id = changes.run_id
         going_on = self.runs.committed(owned, changes, answered)
+        end_child_spans(owned, changes)
         self.events.committed(run_id, changes)
         if changes.aborts:
             self.background.spawn(self.reconciler.abort(changes.aborts))
@@ -399,6 +403,7 @@ class Orchestrator:
         if give_back:
             self.background.spawn(self.leases.release_given_back())
         if owned is not None:
+            end_child_spans(owned)
             owned.span.end()
             log.warning(
                 "run %s dropped from this orchestrator: %s",

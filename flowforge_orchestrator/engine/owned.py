@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 from uuid import UUID
 
@@ -42,6 +42,8 @@ class Owned:
     # next commit writes them first. `deferrals` counts the tries, for the backoff.
     unwritten: RunChanges | None = None
     deferrals: int = 0
+    # The spans of its workflow steps' attempts out with a child run (engine.children).
+    child_spans: dict[UUID, trace.Span] = field(default_factory=dict)
 
     def take_changes(self) -> RunChanges | None:
         """What the next commit writes for this run: unwritten changes first, then new ones."""
@@ -75,6 +77,8 @@ class OwnedRuns:
         # run -> its attempts handed off to another system: outstanding too (a completion
         # is routed like a result), but never delivered or reconciled with Redis again.
         self._handed: dict[UUID, set[UUID]] = {}
+        # Those of them that wait for a child run (a workflow step's): no completion to read.
+        self._children: set[UUID] = set()
         self._beating: dict[UUID, UUID] = {}  # outstanding attempts that must beat -> run
         self._index: dict[UUID, UUID] = {}  # outstanding attempt -> its run
         self._dirty: set[UUID] = set()
@@ -114,6 +118,7 @@ class OwnedRuns:
             self._beating.pop(attempt_id, None)
         for attempt_id in self._handed.pop(run_id, ()):
             del self._index[attempt_id]
+            self._children.discard(attempt_id)
         self._dirty.discard(run_id)
         return owned
 
@@ -171,9 +176,15 @@ class OwnedRuns:
             self.finished(run_id)
             return False
         self.adopt(run_id, owned)
-        for ended in changes.attempts_finished:
-            self._forget(run_id, ended.attempt_id)
+        ended = set()
+        for finished in changes.attempts_finished:
+            ended.add(finished.attempt_id)
+            self._forget(run_id, finished.attempt_id)
         self.dispatched(run_id, changes.dispatches, answered=answered)
+        self.awaiting_children(
+            run_id,
+            [c.parent_attempt_id for c in changes.children if c.parent_attempt_id not in ended],
+        )
         return True
 
     def handed_off(self, run_id: UUID, attempt_ids: Iterable[UUID]) -> None:
@@ -190,6 +201,14 @@ class OwnedRuns:
             handed.add(attempt_id)
             self._index[attempt_id] = run_id
 
+    def awaiting_children(self, run_id: UUID, attempt_ids: Iterable[UUID]) -> None:
+        """These attempts of an owned run (workflow steps') wait for their child runs:
+        outstanding, answered by the child's result, with no job to deliver or reconcile."""
+        attempt_ids = list(attempt_ids)
+        self.handed_off(run_id, attempt_ids)
+        if run_id in self._runs:
+            self._children.update(attempt_ids)
+
     def run_of(self, attempt_id: UUID) -> UUID | None:
         """The owned run whose attempt this is, if it is outstanding."""
         return self._index.get(attempt_id)
@@ -199,8 +218,13 @@ class OwnedRuns:
         return [*self._sent.get(run_id, ()), *self._handed.get(run_id, ())]
 
     def is_handed_off(self, attempt_id: UUID) -> bool:
+        """Whether the attempt waits for a completion from outside (not for a child run)."""
         run_id = self._index.get(attempt_id)
-        return run_id is not None and attempt_id in self._handed.get(run_id, ())
+        return (
+            run_id is not None
+            and attempt_id in self._handed.get(run_id, ())
+            and attempt_id not in self._children
+        )
 
     def outstanding(self) -> dict[UUID, UUID]:
         """Every outstanding attempt -> its run (a copy of the index)."""
@@ -229,6 +253,7 @@ class OwnedRuns:
                 del self._sent[run_id]
         elif attempt_id in self._handed.get(run_id, ()):
             self._handed[run_id].discard(attempt_id)
+            self._children.discard(attempt_id)
             del self._index[attempt_id]
 
     # -- what waits to be done -----------------------------------------------------------

@@ -52,7 +52,7 @@ CANCEL_ASKED = """(cancel_requested OR EXISTS (
 # one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
 _CLAIM_COLUMNS = f"""
 id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,
-traceparent, {CANCEL_ASKED} AS cancel_requested, created_at
+traceparent, {CANCEL_ASKED} AS cancel_requested, created_at, depth
 """
 
 # Runs whose owner stopped renewing: adopted by whoever claims first. `$2`: runs this
@@ -250,7 +250,8 @@ WITH {locked}owned AS (
         AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
              traceparent, started_at)
     WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}
-    RETURNING r.id
+    RETURNING r.id, r.status, r.output, r.error, r.started_at, r.finished_at, r.workflow_name,
+              r.parent_run_id, r.parent_step, r.parent_attempt_id
 ),
 -- One row per transition: the history and the relay's outbox at once (sql/0006).
 events AS (
@@ -286,6 +287,53 @@ taken AS (
     SELECT r, e, s, a
     FROM unnest($31::uuid[], $32::bigint[], $33::text[], $34::uuid[]) AS x(r, e, s, a)
     WHERE r IN (SELECT id FROM owned)
+    ON CONFLICT DO NOTHING
+),
+-- Child runs of workflow steps (sql/0015), once each: their ids are derived from the
+-- parent's attempt. A workflow that is not registered fails the attempt instead, through
+-- its result (`unknown`), so only that step fails.
+child AS MATERIALIZED (
+    SELECT x.*, EXISTS (SELECT FROM flowforge.workflow_definitions d
+                        WHERE d.name = x.w AND (x.v IS NULL OR d.version = x.v)) AS known
+    FROM unnest($35::uuid[], $36::uuid[], $37::text[], $38::uuid[], $39::text[],
+                $40::integer[], $41::text[], $42::integer[], $43::text[])
+        AS x(c, p, s, a, w, v, i, d, tp)
+    WHERE x.p IN (SELECT id FROM owned)
+),
+children AS (
+    INSERT INTO flowforge.runs (id, workflow_name, workflow_version, input, parent_run_id,
+                                parent_step, parent_attempt_id, depth, traceparent)
+    SELECT c, w, v, i::jsonb, p, s, a, d, tp FROM child WHERE known
+    ON CONFLICT (id) DO NOTHING
+),
+unknown AS (
+    INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, error, worker,
+                                        started_at, finished_at, token)
+    SELECT a, p, s, 'failed', flowforge.child_unknown(s, w, v), 'orchestrator', now(), now(),
+           flowforge.attempt_token(a)
+    FROM child WHERE NOT known
+    ON CONFLICT DO NOTHING
+),
+-- Stopping a workflow step cancels its child run: a request, as `runs cancel` writes.
+child_cancels AS (
+    INSERT INTO flowforge.cancel_requests (run_id, reason)
+    SELECT c, 'its parent run ' || p || ' stopped the step that started it'
+    FROM unnest($44::uuid[], $45::uuid[]) AS x(p, c)
+    WHERE p IN (SELECT id FROM owned)
+),
+-- A child run that ends answers its parent's attempt, in its final transaction: the
+-- result wakes the parent as a worker's does, exactly once.
+to_parent AS (
+    INSERT INTO flowforge.step_results (attempt_id, run_id, step_id, outcome, output, error,
+                                        worker, started_at, finished_at, token)
+    SELECT parent_attempt_id, parent_run_id, parent_step,
+           CASE WHEN status = 'completed' THEN 'succeeded' ELSE 'failed' END,
+           CASE WHEN status = 'completed' THEN output END,
+           CASE WHEN status <> 'completed'
+                THEN flowforge.child_error(id, workflow_name, parent_step, status, error) END,
+           'orchestrator', started_at, finished_at, flowforge.attempt_token(parent_attempt_id)
+    FROM owned
+    WHERE parent_attempt_id IS NOT NULL AND status IN ('completed', 'failed', 'cancelled')
     ON CONFLICT DO NOTHING
 )
 {answer}
@@ -353,7 +401,8 @@ LIST_STEP_TYPES = "SELECT name FROM flowforge.step_types ORDER BY name"
 
 RUN_COLUMNS = """
 id, workflow_name, workflow_version, status, input, output, error, owner, epoch,
-lease_expires_at, idempotency_key, created_at, started_at, finished_at, updated_at
+lease_expires_at, idempotency_key, created_at, started_at, finished_at, updated_at,
+parent_run_id, parent_step, depth
 """
 
 GET_RUN = f"SELECT {RUN_COLUMNS} FROM flowforge.runs WHERE id = $1"

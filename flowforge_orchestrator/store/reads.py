@@ -15,6 +15,7 @@ import asyncpg
 
 __all__ = [
     "RoleState",
+    "child_runs",
     "definition_versions",
     "find_runs",
     "latest_specs",
@@ -41,8 +42,18 @@ WHERE ($1::text IS NULL OR workflow_name = $1)
   AND ($2::text IS NULL OR status = $2)
   AND ($3::timestamptz IS NULL OR created_at >= $3)
   AND ($4::timestamptz IS NULL OR created_at < $4)
+  AND ($6::uuid IS NULL OR parent_run_id = $6)
 ORDER BY created_at DESC
 LIMIT $5
+"""
+
+# A run's child runs (sql/0015), oldest first; those one commit started in step order
+# (`each[2]` before `each[10]`).
+CHILD_RUNS = """
+SELECT id, parent_step, parent_attempt_id, workflow_name, workflow_version, status,
+       created_at, finished_at
+FROM flowforge.runs WHERE parent_run_id = $1
+ORDER BY created_at, length(parent_step), parent_step, id
 """
 
 DEFINITION_VERSIONS = """
@@ -111,9 +122,16 @@ async def find_runs(
     since: datetime | None = None,
     until: datetime | None = None,
     limit: int = 20,
+    parent: UUID | None = None,
 ) -> list[asyncpg.Record]:
-    """Newest first; `since` inclusive, `until` exclusive, both on `created_at`."""
-    return list(await conn.fetch(FIND_RUNS, workflow, status, since, until, limit))
+    """Newest first; `since` inclusive, `until` exclusive, both on `created_at`;
+    `parent`: only the child runs of that run."""
+    return list(await conn.fetch(FIND_RUNS, workflow, status, since, until, limit, parent))
+
+
+async def child_runs(conn: asyncpg.Connection, run_id: UUID) -> list[asyncpg.Record]:
+    """The child runs the run's workflow steps started, oldest first."""
+    return list(await conn.fetch(CHILD_RUNS, run_id))
 
 
 async def definition_versions(

@@ -66,6 +66,7 @@ class ClaimedRun:
     traceparent: str | None
     cancel_requested: bool = False
     created_at: datetime | None = None
+    depth: int = 0  # how deep a child run is nested (0: started on its own)
 
 
 @dataclass(frozen=True)
@@ -184,6 +185,7 @@ def _claimed(row: asyncpg.Record) -> ClaimedRun:
         traceparent=row["traceparent"],
         cancel_requested=row["cancel_requested"],
         created_at=row["created_at"],
+        depth=row["depth"],
     )
 
 
@@ -363,6 +365,8 @@ async def _write_changes(
     events = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
     inline = [(o.changes.run_id, r) for o in batch for r in o.changes.inline_results]
     taken = [(o.changes.run_id, t) for o in batch for t in o.changes.events_taken]
+    children = [(o.changes.run_id, c) for o in batch for c in o.changes.children]
+    cancels = [(o.changes.run_id, c) for o in batch for c in o.changes.child_cancels]
     rows = await conn.fetch(
         query,
         owner,
@@ -399,6 +403,17 @@ async def _write_changes(
         [t.event_id for _, t in taken],
         [t.step_id for _, t in taken],
         [t.attempt_id for _, t in taken],
+        [c.run_id for _, c in children],
+        [run_id for run_id, _ in children],
+        [c.parent_step for _, c in children],
+        [c.parent_attempt_id for _, c in children],
+        [c.workflow for _, c in children],
+        [c.version for _, c in children],
+        [text or "null" for text in json_texts(c.input for _, c in children)],
+        [c.depth for _, c in children],
+        [c.traceparent for _, c in children],
+        [run_id for run_id, _ in cancels],
+        [child for _, child in cancels],
     )
     return {row["id"]: row["written"] for row in rows}
 

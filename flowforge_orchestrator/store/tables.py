@@ -64,6 +64,11 @@ runs = Table(
     Column("concurrency_keys", ARRAY(Text)),
     Column("waiting", Boolean, nullable=False),
     Column("redrives", Integer, nullable=False),
+    # A child run (sql/0015): the run, step and attempt that started it, and how deep.
+    Column("parent_run_id", Uuid),
+    Column("parent_step", Text),
+    Column("parent_attempt_id", Uuid),
+    Column("depth", Integer, nullable=False),
 )
 
 events = Table(

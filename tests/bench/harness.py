@@ -38,8 +38,11 @@ from tests.bench.report import figures, format_table
 
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
-WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked")
+WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked", "children")
 QUICK_SCALE = 0.01
+# The sides of a workload that run on the engine (the others are raw arq): each leaves runs
+# that the next repeat must not see.
+_ENGINE_SIDES = ("engine", "steps")
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class Sizes:
     scale_runs: int = 10_000
     event_runs: int = 50  # one after the other: 50 event handoffs and 50 step handoffs
     parked_runs: int = 10_000
+    child_runs: int = 1000  # children of one fan-out, against as many plain steps
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -108,6 +112,10 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
         "scale": {"engine": lambda: workloads.scale(cluster, sizes.scale_runs, timeout)},
         "events": {"engine": lambda: workloads.events(cluster, sizes.event_runs, timeout)},
         "parked": {"engine": lambda: workloads.parked(cluster, sizes.parked_runs, timeout)},
+        "children": {
+            "engine": lambda: workloads.children(cluster, sizes.child_runs, timeout),
+            "steps": lambda: workloads.plain_fanout(cluster, sizes.child_runs, timeout),
+        },
     }
     return table[name]
 
@@ -127,10 +135,10 @@ async def _workload(cluster: Cluster, name: str, sizes: Sizes, config: BenchConf
                 result[side].append(await measure())
             except WorkloadFailed as exc:
                 result[f"{side}_error"] = str(exc)
-                if side != "engine":
+                if side not in _ENGINE_SIDES:
                     await cluster.clear_raw_queue()
             finally:
-                if side == "engine":
+                if side in _ENGINE_SIDES:
                     await cluster.reset()
             status = (result[f"{side}_error"] or "ok").partition("\n")[0]
             took = time.monotonic() - began

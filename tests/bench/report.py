@@ -229,6 +229,17 @@ SPECS: list[_Spec] = [
     ),
     _Spec("fan-out: WAL bytes per item", "B", "fanout", _get("wal_bytes_per_item"), None, None),
     _Spec(
+        "child runs/s vs plain fan-out steps/s",
+        "/s",
+        "children",
+        _get("children_per_s"),
+        ("steps", _get("steps_per_s")),
+        None,
+    ),
+    _Spec(
+        "child runs: WAL bytes per child", "B", "children", _get("wal_bytes_per_child"), None, None
+    ),
+    _Spec(
         "fan-out: write transactions per item",
         "",
         "fanout",

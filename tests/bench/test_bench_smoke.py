@@ -33,7 +33,15 @@ def test_quick_run_produces_every_figure(
     report = json.loads(out.read_text())
 
     workloads = report["workloads"]
-    assert set(workloads) == {"throughput", "latency", "fanout", "scale", "events", "parked"}
+    assert set(workloads) == {
+        "throughput",
+        "latency",
+        "fanout",
+        "scale",
+        "events",
+        "parked",
+        "children",
+    }
     for name, result in workloads.items():
         errors = {k: v for k, v in result.items() if k.endswith("_error") and v}
         assert not errors, f"{name}: {errors}"  # every run completed, every baseline ran

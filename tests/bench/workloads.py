@@ -25,15 +25,19 @@ from tests.bench.processes import WorkloadFailed, until
 __all__ = [
     "CHAIN_5",
     "CHAIN_10",
+    "CHILD",
+    "CHILDREN",
     "DEFINITIONS",
     "FANOUT",
     "PARK",
     "WAIT",
     "WAIT_EVENT",
+    "children",
     "events",
     "fanout",
     "latency",
     "parked",
+    "plain_fanout",
     "scale",
     "throughput",
 ]
@@ -44,6 +48,8 @@ FANOUT = "bench-fanout"
 PARK = "bench-park"
 WAIT = "bench-wait"  # parked on an event that never comes
 WAIT_EVENT = "bench-event"  # two steps, a wait, a step: the event's handoff and a step's
+CHILD = "bench-child"  # one no-op step: what each child run of CHILDREN runs
+CHILDREN = "bench-children"  # the fan-out of FANOUT, one child run per item
 _ENDED = ("completed", "failed", "cancelled")
 
 
@@ -70,6 +76,24 @@ DEFINITIONS: list[dict[str, Any]] = [
                 "type": "parallel",
                 "for_each": "input.items",
                 "step": {"id": "touch", "type": STEP_TYPE, "with": {"item": "${{ item }}"}},
+            }
+        ],
+    },
+    {"name": CHILD, "version": 1, "steps": [{"id": "touch", "type": STEP_TYPE}]},
+    {
+        "name": CHILDREN,
+        "version": 1,
+        "steps": [
+            {
+                "id": "fan",
+                "type": "parallel",
+                "for_each": "input.items",
+                "step": {
+                    "id": "call",
+                    "type": "workflow",
+                    "workflow": CHILD,
+                    "input": {"item": "${{ item }}"},
+                },
             }
         ],
     },
@@ -278,6 +302,41 @@ async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]
         "wal_bytes_per_item": wal / max(items, 1),
         "write_transactions_per_item": writes / max(items, 1),
     }
+
+
+async def children(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]:
+    """One run whose `for_each` starts a child run per item (each a run of one no-op step):
+    enqueue commit to the end of the last run, against `plain_fanout` (the same fan-out of
+    plain steps) in the same workload."""
+    _require(cluster, CHILD)
+    _require(cluster, CHILDREN)
+    await cluster.checkpoint()
+    before = await cluster.db_stats()
+    committed = await _enqueue_all(cluster, CHILDREN, [{"items": list(range(items))}])
+    await _wait_ended(cluster, items + 1, timeout)
+    after = await cluster.db_stats()
+    await _expect(cluster, "completed")
+    wall = await _last_finish(cluster) - committed
+    started = int(
+        await cluster.conn.fetchval(
+            "SELECT count(*) FROM flowforge.runs WHERE parent_run_id IS NOT NULL"
+        )
+    )
+    if started != items:
+        raise WorkloadFailed(f"the fan-out started {started} child runs for {items} items")
+    return {
+        "children": items,
+        "wall_s": wall,
+        "children_per_s": items / wall,
+        "wal_bytes_per_child": (after["lsn"] - before["lsn"]) / max(items, 1),
+    }
+
+
+async def plain_fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]:
+    """`fanout`, with its rate: what `children` is compared with."""
+    result = await fanout(cluster, items, timeout)
+    result["steps_per_s"] = items / result["wall_s"]
+    return result
 
 
 async def scale(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:

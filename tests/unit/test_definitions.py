@@ -120,7 +120,7 @@ def test_unknown_types_are_only_checked_against_known_types() -> None:
     )
     assert message == (
         "unknown step type 'sms_send'; known types: condition, delay, email_send, fail, "
-        "http, parallel, switch, transform, wait"
+        "http, parallel, switch, transform, wait, workflow"
     )
 
 
@@ -657,8 +657,18 @@ def test_json_schema_for_editors() -> None:
     assert {"if", "then", "else"} <= set(defs["ConditionStep"]["properties"])
     assert defs["TaskStep"]["properties"]["id"]["pattern"] == r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
     assert defs["TaskStep"]["properties"]["type"]["not"] == {
-        "enum": ["condition", "delay", "fail", "parallel", "switch", "transform", "wait"]
+        "enum": [
+            "condition",
+            "delay",
+            "fail",
+            "parallel",
+            "switch",
+            "transform",
+            "wait",
+            "workflow",
+        ]
     }
+    assert {"workflow", "version", "input"} <= set(defs["WorkflowStep"]["properties"])
     duration = defs["DelayStep"]["properties"]["duration"]["anyOf"][0]
     assert "1h30m" in duration["description"] and "ISO 8601" in duration["description"]
     assert {"type": "number", "minimum": 0} in duration["anyOf"]

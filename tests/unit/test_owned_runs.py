@@ -22,7 +22,13 @@ from opentelemetry import trace
 
 from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
-from flowforge_orchestrator.core.records import AttemptFinished, Dispatch, Limits, RunChanges
+from flowforge_orchestrator.core.records import (
+    AttemptFinished,
+    ChildStart,
+    Dispatch,
+    Limits,
+    RunChanges,
+)
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 
@@ -347,5 +353,32 @@ def test_a_handed_off_attempt_stays_routed_but_is_never_delivered_or_reconciled(
     assert runs.answered(run_id, first.attempt_id) is not None  # its completion applied
     assert not runs.is_handed_off(first.attempt_id) and runs.outstanding() == {}
     runs.handed_off(run_id, [first.attempt_id])
+    runs.finished(run_id)
+    assert runs.outstanding() == {} and index_is_the_union_of_outstanding_attempts(runs)
+
+
+def test_an_attempt_waiting_for_its_child_run_is_routed_but_never_delivered() -> None:
+    runs = OwnedRuns(monotonic=lambda: 100.0)
+    run_id = uuid4()
+    attempt, ended = uuid4(), uuid4()
+    started = [
+        ChildStart(uuid4(), "call", attempt, "child", None, {}, 1),
+        ChildStart(uuid4(), "gone", ended, "child", None, {}, 1),  # ended in the same commit
+    ]
+    commit = changes(run_id, ended=[ended])
+    commit.children = started
+    assert runs.committed(owned(run_id), commit)
+
+    assert runs.attempts_of(run_id) == [attempt]
+    assert index_is_the_union_of_outstanding_attempts(runs)
+    assert not runs.is_handed_off(attempt)  # no completion from outside to read for it
+    assert runs.take_undelivered() == [] and runs.sent_before(200.0) == {}
+    assert runs.notify([attempt]) and runs.take_notified() == [attempt]
+    assert runs.answered(run_id, attempt) is not None  # the child's result applied
+    assert runs.outstanding() == {}
+
+    runs.awaiting_children(run_id, [attempt])  # adopted again, still waiting
+    runs.awaiting_children(uuid4(), [uuid4()])  # a run not owned keeps nothing
+    assert runs.outstanding() == {attempt: run_id}
     runs.finished(run_id)
     assert runs.outstanding() == {} and index_is_the_union_of_outstanding_attempts(runs)

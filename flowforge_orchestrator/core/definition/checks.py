@@ -63,15 +63,15 @@ MAX_TEXT_CHARS = 1 << 20
 _MAX_REPORTED = 20  # problems of one kind worth listing
 
 BUILTIN_STEP_TYPES = frozenset(
-    {"http", "condition", "parallel", "delay", "transform", "wait", "switch", "fail"}
+    {"http", "condition", "parallel", "delay", "transform", "wait", "switch", "fail", "workflow"}
 )
 INLINE_STEP_TYPES = frozenset(
-    {"condition", "parallel", "delay", "transform", "wait", "switch", "fail"}
+    {"condition", "parallel", "delay", "transform", "wait", "switch", "fail", "workflow"}
 )
 # Union member labels pydantic puts in an error's loc; they are not keys of the data.
 UNION_TAGS = frozenset(
     {"TaskStep", "ConditionStep", "ParallelStep", "DelayStep", "TransformStep", "WaitStep"}
-    | {"SwitchStep", "FailStep", "JoinMode", "JoinAtLeast"}
+    | {"SwitchStep", "FailStep", "WorkflowStep", "JoinMode", "JoinAtLeast"}
 )
 ROOTS = frozenset({"input", "steps", "run"})
 ITEM_ROOTS = frozenset({"item", "index"})
@@ -267,7 +267,7 @@ def _check_step_depth(data: dict[str, Any], problems: Problems) -> None:
             )
             _add_at(problems, data, where, message)
             continue
-        for name in ("with", "output"):
+        for name in ("with", "output", "input"):
             problem = depth_problem(step.get(name), MAX_DEPTH)
             if problem is not None:
                 _add_at(problems, data, (*where, name), "the value " + problem[3:])
@@ -658,6 +658,8 @@ def _check_step_expressions(step: RawStep, ids: set[str], problems: Problems) ->
     _check_switch_and_fail(step, kind, reads)
     if kind == "transform" and "output" in step.data:
         reads.template(step.data["output"], "output")
+    elif kind == "workflow" and "input" in step.data:
+        reads.template(step.data["input"], "input")
     elif kind not in INLINE_STEP_TYPES and "with" in step.data:
         reads.allowed |= {SECRETS}
         template = reads.template(step.data["with"], "with")

@@ -67,6 +67,7 @@ __all__ = [
     "TransformStep",
     "WaitStep",
     "WorkflowDefinition",
+    "WorkflowStep",
     "child_lists",
     "compile_definition",
     "definition_json_schema",
@@ -271,7 +272,16 @@ class TaskStep(StepBase):
         pattern=STEP_TYPE_PATTERN,
         json_schema_extra={
             "not": {
-                "enum": ["condition", "delay", "fail", "parallel", "switch", "transform", "wait"]
+                "enum": [
+                    "condition",
+                    "delay",
+                    "fail",
+                    "parallel",
+                    "switch",
+                    "transform",
+                    "wait",
+                    "workflow",
+                ]
             }
         },
     )
@@ -417,6 +427,25 @@ class FailStep(StepBase):
     error: FailError
 
 
+class WorkflowStep(StepBase):
+    """Starts a run of the workflow `workflow` (a child run: its own row, history and
+    limits) with `input` (a template) and waits for it: the child's output is the step's
+    output; a failed child fails the step (`child_failed`, its error in `details`), one
+    cancelled on its own with `child_cancelled`. Each attempt starts a new child. `version`:
+    absent, the latest registered when the attempt starts, pinned on the child's row. Only
+    the step's own `timeout` applies (it cancels the child); the workflow's default step
+    timeout does not."""
+
+    type: Literal["workflow"]
+    workflow: Annotated[
+        str,
+        _pattern(NAME_PATTERN, "workflow name (letters, digits, _ . -; at most 128)"),
+        WithJsonSchema({"type": "string", "pattern": NAME_PATTERN}),
+    ]
+    version: int | None = Field(default=None, ge=1)
+    input: Any = None
+
+
 _STEP_TAGS = {
     "condition": "ConditionStep",
     "switch": "SwitchStep",
@@ -425,6 +454,7 @@ _STEP_TAGS = {
     "delay": "DelayStep",
     "transform": "TransformStep",
     "wait": "WaitStep",
+    "workflow": "WorkflowStep",
 }
 
 
@@ -441,7 +471,8 @@ Step = Annotated[
     | Annotated[TransformStep, Tag("TransformStep")]
     | Annotated[WaitStep, Tag("WaitStep")]
     | Annotated[SwitchStep, Tag("SwitchStep")]
-    | Annotated[FailStep, Tag("FailStep")],
+    | Annotated[FailStep, Tag("FailStep")]
+    | Annotated[WorkflowStep, Tag("WorkflowStep")],
     Discriminator(step_tag),
 ]
 """Any step; the `type` picks the model, every non-control type is a `TaskStep`."""
@@ -564,6 +595,7 @@ for _model in (
     SwitchCase,
     SwitchStep,
     FailStep,
+    WorkflowStep,
     WorkflowDefinition,
 ):
     _model.model_rebuild()
@@ -616,6 +648,10 @@ def compile_definition(defn: WorkflowDefinition) -> CompiledExpressions:
         elif isinstance(step, FailStep):
             templates[(step.id, "error")] = compile_template(
                 step.error.model_dump(), step_id=step.id, field="error"
+            )
+        elif isinstance(step, WorkflowStep):
+            templates[(step.id, "input")] = compile_template(
+                step.input if step.input is not None else {}, step_id=step.id, field="input"
             )
     key = defn.concurrency.key if defn.concurrency else None
     return CompiledExpressions(

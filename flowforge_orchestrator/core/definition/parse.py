@@ -26,6 +26,7 @@ from flowforge_orchestrator.core.definition.models import (
     TransformStep,
     WaitStep,
     WorkflowDefinition,
+    WorkflowStep,
     step_tag,
 )
 from flowforge_orchestrator.core.definition.reads import for_each_problems, upstream_problems
@@ -51,6 +52,7 @@ def _model_for(step: dict[str, Any] | None) -> type[BaseModel]:
         "WaitStep": WaitStep,
         "SwitchStep": SwitchStep,
         "FailStep": FailStep,
+        "WorkflowStep": WorkflowStep,
     }
     return WorkflowDefinition if step is None else models[step_tag(step)]
 

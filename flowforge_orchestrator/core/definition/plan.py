@@ -18,6 +18,7 @@ from flowforge_orchestrator.core.definition.models import (
     TaskStep,
     TransformStep,
     WorkflowDefinition,
+    WorkflowStep,
 )
 from flowforge_orchestrator.core.definition.urls import UrlTemplate, url_string
 from flowforge_orchestrator.core.expressions.templates import Expression, Template, compile_template
@@ -60,6 +61,7 @@ class CompiledWorkflow:
     errors: dict[str, Template] = field(init=False)  # a fail step's `error`
     params: dict[str, Template] = field(init=False)
     outputs: dict[str, Template] = field(init=False)
+    child_inputs: dict[str, Template] = field(init=False)  # a workflow step's `input`
     expressions: dict[tuple[str, str], Expression] = field(init=False)
     # Paths in `with` that read `secrets`: only the worker renders them, from its own
     # environment, so secret values never reach PostgreSQL, Redis, logs or events.
@@ -76,6 +78,7 @@ class CompiledWorkflow:
         self.root = ListPlan.of(definition.steps)
         self.children, self.params, self.outputs, self.secret_paths = {}, {}, {}, {}
         self.urls, self.handlers, self.compensations, self.errors = {}, {}, {}, {}
+        self.child_inputs = {}
         self.expressions = dict(compiled.expressions)
         for step in definition.all_steps():
             self._plan_lists(step)
@@ -94,6 +97,8 @@ class CompiledWorkflow:
                 self.outputs[step.id] = compiled.template(step.id, "output")
             elif isinstance(step, FailStep):
                 self.errors[step.id] = compiled.template(step.id, "error")
+            elif isinstance(step, WorkflowStep):
+                self.child_inputs[step.id] = compiled.template(step.id, "input")
         self.run_output = compiled.output
 
     def _plan_lists(self, step: Step) -> None:

@@ -37,7 +37,10 @@ __all__ = [
 
 class Dispatching(Ending, Reading, Protocol):
     """What dispatching attempts uses of the run: ending steps, and evaluating their
-    parameters."""
+    parameters; and, for a workflow step's child run, how deep the run is (0: it is not
+    a child run)."""
+
+    depth: int
 
 
 def dispatch_new_attempt(run: Dispatching, node: Node, now: datetime) -> None:

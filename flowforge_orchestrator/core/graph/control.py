@@ -21,9 +21,11 @@ from flowforge_orchestrator.core.definition.models import (
     TaskStep,
     TransformStep,
     WaitStep,
+    WorkflowStep,
 )
 from flowforge_orchestrator.core.expressions.templates import Expression, to_json_value
 from flowforge_orchestrator.core.graph.attempts import Dispatching, dispatch_new_attempt
+from flowforge_orchestrator.core.graph.children import start_child
 from flowforge_orchestrator.core.graph.context import context, evaluate
 from flowforge_orchestrator.core.graph.ending import (
     cancel_children,
@@ -62,6 +64,9 @@ def start_node(run: Dispatching, node: Node, now: datetime) -> None:
     step = node.step
     if isinstance(step, TaskStep):
         dispatch_new_attempt(run, node, now)
+        return
+    if isinstance(step, WorkflowStep):
+        start_child(run, node, now)
         return
     begin_attempt(run, node)
     try:

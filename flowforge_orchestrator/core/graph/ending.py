@@ -11,11 +11,11 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any, Protocol
 
-from flowforge_orchestrator.core.definition.models import TaskStep
+from flowforge_orchestrator.core.definition.models import TaskStep, WorkflowStep
 from flowforge_orchestrator.core.graph.catching import catch
 from flowforge_orchestrator.core.graph.failures import invalid_output, measure, too_large
 from flowforge_orchestrator.core.graph.moves import Moving, to
-from flowforge_orchestrator.core.graph.nodes import Node, Scope, list_succeeded
+from flowforge_orchestrator.core.graph.nodes import Node, Scope, child_run_id, list_succeeded
 from flowforge_orchestrator.core.graph.timers import iso
 from flowforge_orchestrator.core.records import AttemptFinished, InlineResult, Limits, json_size
 from flowforge_orchestrator.core.retry import RetryDecision, decide
@@ -23,6 +23,7 @@ from flowforge_orchestrator.core.state import StepStatus
 
 __all__ = [
     "Ending",
+    "abort",
     "cancel_children",
     "cancel_node",
     "cancel_scope",
@@ -180,6 +181,17 @@ def cancel_node(run: Ending, node: Node, now: datetime) -> None:
         changes.attempts_finished.append(
             AttemptFinished(node.attempt_id, StepStatus.CANCELLED, now, None)
         )
+        abort(run, node)
+
+
+def abort(run: Ending, node: Node) -> None:
+    """Stop the node's attempt where it runs: a worker's job is aborted, a child run is
+    cancelled (a request written with this commit; it cancels its own children)."""
+    assert node.attempt_id is not None
+    changes = run._journal.changes()
+    if isinstance(node.step, WorkflowStep):
+        changes.child_cancels.append(child_run_id(node.attempt_id))
+    else:
         changes.aborts.append(node.attempt_id)
 
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from typing import Any, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from flowforge_orchestrator.core.definition.models import Step, TaskStep
+from flowforge_orchestrator.core.definition.models import Step, TaskStep, WorkflowStep
 from flowforge_orchestrator.core.definition.plan import ListPlan
 from flowforge_orchestrator.core.expressions.cost import INLINE_NODES, Weight, weigh
 from flowforge_orchestrator.core.graph.joins import JoinState
@@ -37,6 +37,7 @@ __all__ = [
     "Scope",
     "StepsView",
     "attempt_id",
+    "child_run_id",
     "kind_of",
     "list_output",
     "list_succeeded",
@@ -68,6 +69,16 @@ def attempt_id(
     run = f"{run_id}@{incarnation}" if incarnation else str(run_id)
     suffix = f"/g{generation}" if generation else ""
     return uuid5(NAMESPACE_URL, f"flowforge:{run}/{key}/{attempt}{suffix}")
+
+
+# Child run ids are derived from the parent's attempt: one child per attempt, whoever
+# (re)writes the commit that starts it.
+CHILD_NAMESPACE: Final = UUID("6f0c3f3e-6d0e-4c1e-9a55-0c5f1f0a1d15")
+
+
+def child_run_id(attempt: UUID) -> UUID:
+    """The id of the child run a workflow step's attempt starts."""
+    return uuid5(CHILD_NAMESPACE, str(attempt))
 
 
 @dataclass(slots=True, eq=False)
@@ -235,9 +246,12 @@ class Node:
     @property
     def with_worker(self) -> bool:
         """A worker step whose current attempt is out: dispatched or running (a caught
-        step runs its handler instead)."""
+        step runs its handler instead). A workflow step's attempt is out too, with its
+        child run: its result comes back the same way."""
         return (
-            self.status in WITH_WORKER and isinstance(self.step, TaskStep) and self.caught is None
+            self.status in WITH_WORKER
+            and isinstance(self.step, TaskStep | WorkflowStep)
+            and self.caught is None
         )
 
     def context_entry(self) -> dict[str, Any]:

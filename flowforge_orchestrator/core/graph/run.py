@@ -34,7 +34,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
-from flowforge_orchestrator.core.definition.models import DelayStep, WaitStep
+from flowforge_orchestrator.core.definition.models import DelayStep, WaitStep, WorkflowStep
 from flowforge_orchestrator.core.definition.plan import SECRET_ROOTS, CompiledWorkflow
 from flowforge_orchestrator.core.expressions.cost import Weight
 from flowforge_orchestrator.core.expressions.templates import Evaluator
@@ -51,6 +51,7 @@ from flowforge_orchestrator.core.graph.checkpoint import (
     read_checkpoint,
     write_checkpoint,
 )
+from flowforge_orchestrator.core.graph.children import child_timer
 from flowforge_orchestrator.core.graph.compensation import Compensation, go_on
 from flowforge_orchestrator.core.graph.control import start_scope
 from flowforge_orchestrator.core.graph.ending import fail, succeed
@@ -93,12 +94,15 @@ class RunState:
         results: Mapping[UUID, StepResult] | None = None,
         incarnation: str | None = None,
         evaluator: Evaluator | None = None,
+        depth: int = 0,
     ) -> None:
         """`incarnation`: when the run's row was created (see `nodes.attempt_id`); runs
         checkpointed before attempt ids carried it keep the ids they have. `evaluator`
         evaluates every expression of the run (the orchestrator's bounds them:
-        `engine.sandbox`); None evaluates in process, unbounded."""
+        `engine.sandbox`); None evaluates in process, unbounded. `depth`: how deep the run
+        is nested as a child run (0: started on its own)."""
         self.run_id = run_id
+        self.depth = depth
         self._incarnation = incarnation if carries_incarnation(checkpoint) else None
         self.workflow = workflow
         self.version = version
@@ -175,6 +179,17 @@ class RunState:
             if node.attempt_id is not None and node.with_worker and node.handed_off
         ]
 
+    def children_out(self) -> list[UUID]:
+        """Attempts of workflow steps whose child run has not answered yet: outstanding,
+        but with no worker job (nothing to deliver to Redis or look for there)."""
+        return [
+            node.attempt_id
+            for node in self._nodes.values()
+            if node.attempt_id is not None
+            and node.with_worker
+            and isinstance(node.step, WorkflowStep)
+        ]
+
     def step_status(self, key: str) -> StepStatus:
         return self._nodes[key].status
 
@@ -234,6 +249,7 @@ class RunState:
                 node.status is StepStatus.DISPATCHED
                 and node.attempt_id is not None
                 and node.attempt_id not in sent
+                and not isinstance(node.step, WorkflowStep)  # its child run exists already
             ):
                 dispatch = dispatch_of(self, node, now)
                 if dispatch is not None:
@@ -309,7 +325,9 @@ class RunState:
                 continue
             node = self._nodes[key]
             node.fire_at = None
-            if node.status is StepStatus.RETRYING or node.with_worker:
+            if isinstance(node.step, WorkflowStep) and not node.status.finished:
+                child_timer(self, node, now)
+            elif node.status is StepStatus.RETRYING or node.with_worker:
                 timer_fired(self, node, now)
             elif node.status is StepStatus.RUNNING and isinstance(node.step, DelayStep):
                 succeed(self, node, {"waited_until": iso(now)}, now)

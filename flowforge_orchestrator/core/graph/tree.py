@@ -11,6 +11,7 @@ from flowforge_orchestrator.core.definition.models import (
     ParallelStep,
     SwitchStep,
     TaskStep,
+    WorkflowStep,
 )
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
 from flowforge_orchestrator.core.graph.nodes import Frame, Node, Scope, own_lists
@@ -75,12 +76,18 @@ def expand(run: Growing, node: Node, items: list[object]) -> None:
         for index, item in enumerate(items)
     ]
     node.children = [new_scope(run, template, frame, node) for frame in frames]
-    if len(template.steps) == 1 and isinstance(template.steps[0], TaskStep):
+    if len(template.steps) == 1 and _packable(template.steps[0]):
         run._packed[node.key] = node
         node.elements = [next(iter(scope.nodes.values())) for scope in node.children]
         for element in node.elements:
             element.packed = True
             del run._saved_alone[element.key]
+
+
+def _packable(step: object) -> bool:
+    """A fan-out of one worker step, or of one workflow step without a timeout (whose
+    deadline a packed element could not keep), saves its elements packed."""
+    return isinstance(step, TaskStep) or (isinstance(step, WorkflowStep) and step.timeout is None)
 
 
 def forget_elements(run: Growing, node: Node) -> None:
