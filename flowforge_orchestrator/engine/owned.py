@@ -24,6 +24,7 @@ from opentelemetry import trace
 
 from flowforge_orchestrator.core.graph.run import RunState
 from flowforge_orchestrator.core.records import Dispatch, RunChanges
+from flowforge_orchestrator.engine.parking import Parking
 
 __all__ = ["Drop", "Owned", "OwnedRuns", "Sent"]
 
@@ -42,6 +43,8 @@ class Owned:
     # next commit writes them first. `deferrals` counts the tries, for the backoff.
     unwritten: RunChanges | None = None
     deferrals: int = 0
+    # Decided for the write in flight: the run hibernates with it (engine/parking.py).
+    parking: Parking | None = None
 
     def take_changes(self) -> RunChanges | None:
         """What the next commit writes for this run: unwritten changes first, then new ones."""
