@@ -39,6 +39,8 @@ from tests.bench.report import figures, format_table
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
 WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked")
+# Asked for by name only (`--workloads hibernated`): minutes at full size.
+EXTRA_WORKLOADS = ("hibernated",)
 QUICK_SCALE = 0.01
 
 
@@ -52,6 +54,8 @@ class Sizes:
     scale_runs: int = 10_000
     event_runs: int = 50  # one after the other: 50 event handoffs and 50 step handoffs
     parked_runs: int = 10_000
+    hibernated_runs: int = 100_000  # on a 1-hour delay: hibernated
+    due_runs: int = 10_000  # hibernated, then due: do their timers fire on time?
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -108,6 +112,11 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
         "scale": {"engine": lambda: workloads.scale(cluster, sizes.scale_runs, timeout)},
         "events": {"engine": lambda: workloads.events(cluster, sizes.event_runs, timeout)},
         "parked": {"engine": lambda: workloads.parked(cluster, sizes.parked_runs, timeout)},
+        "hibernated": {
+            "engine": lambda: workloads.hibernated(
+                cluster, sizes.hibernated_runs, sizes.due_runs, timeout
+            )
+        },
     }
     return table[name]
 
@@ -232,10 +241,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workloads",
         nargs="+",
-        choices=WORKLOADS,
+        choices=WORKLOADS + EXTRA_WORKLOADS,
         default=list(WORKLOADS),
         metavar="NAME",
-        help=f"run only these ({', '.join(WORKLOADS)}; db cost comes with throughput)",
+        help=f"run only these ({', '.join(WORKLOADS)}; db cost comes with throughput; "
+        f"by name only: {', '.join(EXTRA_WORKLOADS)})",
     )
     p.add_argument(
         "--poll-delay",

@@ -6,6 +6,7 @@ all; an event that arrives while the run is leaving memory is not lost."""
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -176,7 +177,7 @@ async def test_an_event_by_key_wakes_exactly_the_hibernated_runs_of_that_key(
     seven = await engine.submit("keyed", {"order": 7})
     eight = await engine.submit("keyed", {"order": 8})
     for run_id in (seven, eight):
-        await wait_for(lambda r=run_id: engine.hibernated(r), message="never hibernated")
+        await wait_for(functools.partial(engine.hibernated, run_id), message="not hibernated")
 
     await send_event(engine.conn, "paid", {"amount": 3}, key="order-7")
     assert (await engine.finished(seven))["status"] == "completed"
