@@ -140,8 +140,9 @@ class Hibernation:
         until = (due - self._clock()).total_seconds() - self._ahead
         if until <= 0:
             self._wake_claim()
-            # The claim takes them in batches; look again shortly, not in a busy loop.
-            return max(0.05, min(1.0, self._ahead / 2))
+            # The claim takes them in batches; look again soon (well within the time a
+            # run is claimed ahead), not in a busy loop.
+            return max(0.05, min(0.25, self._ahead / 4))
         return min(until, self._poll_interval)
 
     def _woke(self, count: int) -> None:

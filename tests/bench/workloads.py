@@ -47,7 +47,7 @@ WAIT = "bench-wait"  # parked on an event that never comes
 PARK_HOUR = "bench-park-hour"  # hibernated: a 1-hour delay
 PARK_DUE = "bench-park-due"  # hibernated, then due: a delay of DUE_DELAY seconds
 DUE_DELAY = 30.0
-DUE_AFTER = "5"  # FLOWFORGE_HIBERNATE_AFTER while they are due (claimed 2.5 s ahead)
+DUE_AFTER = "10"  # FLOWFORGE_HIBERNATE_AFTER while they are due (claimed 5 s ahead)
 # What the workloads measuring runs held in memory (scale, parked) set: no hibernation.
 IN_MEMORY = {"FLOWFORGE_HIBERNATE_AFTER": "0"}
 WAIT_EVENT = "bench-event"  # two steps, a wait, a step: the event's handoff and a step's
@@ -396,7 +396,7 @@ async def hibernated(cluster: Cluster, runs: int, due: int, timeout: float) -> d
     fresh orchestrator (FLOWFORGE_HIBERNATE_AFTER at its default): each claim hibernates its
     runs again. Its RSS before, at its highest while claiming (sampled every 0.2 s) and
     once all are parked; then `due` runs on a DUE_DELAY-second delay among them, under an
-    orchestrator with HIBERNATE_AFTER=5 s: how late each timer fires after it is due."""
+    orchestrator with HIBERNATE_AFTER=10 s: how late each timer fires after it is due."""
     _require(cluster, PARK_HOUR)
     _require(cluster, PARK_DUE)
     orchestrator = await cluster.restart_orchestrator()
