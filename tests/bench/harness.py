@@ -77,6 +77,8 @@ class BenchConfig:
     out: Path | None = None
     database_url: str | None = None  # admin DSN; None: a private durable server
     redis_url: str | None = None
+    hibernated_runs: int | None = None  # the hibernated workload's sizes, unscaled
+    due_runs: int | None = None
 
 
 Measure = Callable[[], Awaitable[dict[str, Any]]]
@@ -180,6 +182,8 @@ def _default_out() -> Path:
 async def run(config: BenchConfig, command: str = "python -m tests.bench") -> dict[str, Any]:
     """Run the workloads; write the JSON report, print the table; return the report."""
     sizes = Sizes().scaled(config.scale)
+    chosen = {"hibernated_runs": config.hibernated_runs, "due_runs": config.due_runs}
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in chosen.items() if v is not None})
     out = config.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = out.with_name(out.stem + "-logs")
@@ -238,6 +242,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=defaults.repeat, help="repeats per workload")
     p.add_argument("--scale", type=float, default=None, help="size factor (default 1)")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes (scale {QUICK_SCALE:g})")
+    p.add_argument("--hibernated-runs", type=int, default=None, help="runs parked by `hibernated`")
+    p.add_argument("--due-runs", type=int, default=None, help="runs due in `hibernated`")
     p.add_argument(
         "--workloads",
         nargs="+",
@@ -290,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         database_url=args.database_url,
         redis_url=args.redis_url,
+        hibernated_runs=args.hibernated_runs,
+        due_runs=args.due_runs,
     )
     command = " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])
     try:
