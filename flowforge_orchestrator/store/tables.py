@@ -64,6 +64,7 @@ runs = Table(
     Column("concurrency_keys", ARRAY(Text)),
     Column("waiting", Boolean, nullable=False),
     Column("redrives", Integer, nullable=False),
+    _time("wake_at"),  # set while the run hibernates (sql/0017); 'infinity': until an event
 )
 
 events = Table(
