@@ -68,6 +68,13 @@ class Settings(BaseSettings):
         description="How long an event sent by key waits for runs that reach their wait "
         "step later (seconds; events sent to one run are kept for it).",
     )
+    hibernate_after: float = Field(
+        default=60.0,
+        ge=0,
+        description="A running run with nothing to do until a timer further away than this "
+        "(seconds), or until an event, leaves the orchestrator's memory and is claimed again "
+        'when due (README: "Hibernation"); 0 keeps every run in memory.',
+    )
     db_pool_size: int = Field(default=10, gt=1, description="Connections per process.")
 
     # Payload limits.

@@ -35,8 +35,10 @@ from flowforge_orchestrator.core.state import RunStatus
 from flowforge_orchestrator.core.tokens import ResultVerifier
 from flowforge_orchestrator.engine.admission import read_inputs, reject
 from flowforge_orchestrator.engine.children import end_child_spans, trace_children
+from flowforge_orchestrator.engine.committer import owned_changes
 from flowforge_orchestrator.engine.faults import cause, set_aside
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
+from flowforge_orchestrator.engine.parking import Parking, park_until, wake_ahead
 from flowforge_orchestrator.engine.workflows import Rejected, Workflows
 from flowforge_orchestrator.errors import ExpressionError, FlowForgeError, StoreError
 from flowforge_orchestrator.ops import metrics, telemetry
@@ -96,6 +98,7 @@ class Claimer:
         self.clock = clock
         self._claimed = claimed
         self._workflows = Workflows()
+        self._wake_ahead = wake_ahead(settings.hibernate_after)
         self.wake = asyncio.Event()
 
     async def loop(self) -> None:
@@ -140,7 +143,11 @@ class Claimer:
         started = time.perf_counter()
         async with store.transaction(self.pool) as conn:
             rows = await store.claim_runs(
-                conn, self.settings.claim_batch, among=among, set_apart=self._runs.apart()
+                conn,
+                self.settings.claim_batch,
+                among=among,
+                set_apart=self._runs.apart(),
+                wake_ahead=self._wake_ahead,
             )
             if not rows:
                 return False
@@ -188,24 +195,36 @@ class Claimer:
                 # run: fail this one, with the reason, and go on.
                 log.exception("run %s could not be started", row.id, extra={"run_id": str(row.id)})
                 owned, changes = None, reject(row, f"internal error: {exc}", now)
-            if owned is not None:
-                batch.claimed[row.id] = owned
-            batch.writes.append(
-                store.OwnedChanges(
-                    changes,
-                    epoch=row.epoch,
-                    new_epoch=row.epoch + 1,
-                    claimed=True,
-                    traceparent=owned.new_traceparent if owned else None,
+            if owned is None:
+                write = store.OwnedChanges(
+                    changes, epoch=row.epoch, new_epoch=row.epoch + 1, claimed=True
                 )
-            )
+            else:
+                batch.claimed[row.id] = owned
+                owned.parking = self._parking(row, owned, now)
+                write = owned_changes(owned, changes, new_epoch=row.epoch + 1, claimed=True)
+            batch.writes.append(write)
         return batch
+
+    def _parking(self, row: store.ClaimedRun, owned: Owned, now: datetime) -> Parking | None:
+        """Whether the claimed run hibernates again at once: parked on a far timer, yes
+        (claiming many parked runs never holds them all in memory). A run woken with
+        waits, no: an event may be what woke it, and its waits look for it once it is
+        claimed (it hibernates again with a later commit)."""
+        if row.wake_at is not None and owned.state.waiting():
+            return None
+        return park_until(owned.state, now, self.settings.hibernate_after)
 
     def _took(self, batch: _Batch, written: dict[UUID, RunChanges]) -> None:
         """The claim committed: its runs are ours, fenced by their new epoch."""
         rows, claimed = batch.rows, batch.claimed
-        adopted_count = sum(1 for r in rows if r.status == RunStatus.RUNNING and r.id in claimed)
+        adopted_count = sum(
+            1
+            for r in rows
+            if r.status == RunStatus.RUNNING and r.id in claimed and r.wake_at is None
+        )
         self.metrics.reconciled("adopted", adopted_count)
+        self.metrics.reconciled("woken", sum(1 for r in rows if r.wake_at is not None))
         self.metrics.reconciled(
             "rejected", sum(1 for r in rows if r.id not in claimed) - len(batch.blocked)
         )
@@ -226,7 +245,7 @@ class Claimer:
         message = f"the database refused to store this run: {cause(fault)}"
         try:
             async with store.transaction(self.pool) as conn:
-                rows = await store.claim_runs(conn, 1, among=[run_id])
+                rows = await store.claim_runs(conn, 1, among=[run_id], wake_ahead=self._wake_ahead)
                 if not rows:
                     return  # claimed meanwhile, or no longer claimable
                 row = rows[0]

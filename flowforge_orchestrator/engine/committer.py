@@ -27,7 +27,7 @@ from flowforge_orchestrator.engine.owned import Drop, Owned, OwnedRuns
 from flowforge_orchestrator.errors import StepError, StoreError
 from flowforge_orchestrator.ops import metrics
 
-__all__ = ["Committer"]
+__all__ = ["Committer", "owned_changes"]
 
 log = logging.getLogger("flowforge_orchestrator.engine.orchestrator")
 
@@ -50,6 +50,24 @@ class _Verdict:
             self.deferred + other.deferred,
             self.failed + other.failed,
         )
+
+
+def owned_changes(
+    owned: Owned, changes: RunChanges, *, new_epoch: int, claimed: bool = False
+) -> store.OwnedChanges:
+    """The write of a run's changes, fenced by its epoch; it hibernates the run if
+    `owned.parking` says so (and the changes leave it running)."""
+    parking = owned.parking if changes.status is RunStatus.RUNNING else None
+    return store.OwnedChanges(
+        changes,
+        epoch=owned.epoch,
+        new_epoch=new_epoch,
+        claimed=claimed,
+        traceparent=owned.new_traceparent if claimed else None,
+        parked=parking is not None,
+        wake_at=parking.wake_at if parking is not None else None,
+        waits=parking.waits if parking is not None else (),
+    )
 
 
 class Committer:
@@ -105,9 +123,7 @@ class Committer:
         """One statement, atomic on its own: no BEGIN/COMMIT round trips."""
         for owned, changes in items:
             trace_children(owned, changes)  # the child runs' rows carry their step's span
-        writes = [
-            store.OwnedChanges(changes, epoch=o.epoch, new_epoch=o.epoch) for o, changes in items
-        ]
+        writes = [owned_changes(o, changes, new_epoch=o.epoch) for o, changes in items]
         async with self._owned_rows, self.pool.acquire() as conn:
             if skip_locked:
                 return await store.write_changes_skip_locked(

@@ -14,6 +14,9 @@ blocking each other:
                             the earliest;
 * `EventDelivery` (eventing): NOTIFY on `flowforge_events` -> the wait steps the new
                             events concern take the oldest they may;
+* `Hibernation` (hibernation): runs parked on a far timer or an event leave memory with
+                            their commit; it wakes them when due, or called by an event
+                            or a cancellation;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -46,9 +49,11 @@ from flowforge_orchestrator.engine.children import end_child_spans
 from flowforge_orchestrator.engine.claimer import Claimer
 from flowforge_orchestrator.engine.committer import Committer
 from flowforge_orchestrator.engine.eventing import EventDelivery
+from flowforge_orchestrator.engine.hibernation import Hibernation
 from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
+from flowforge_orchestrator.engine.parking import park_until
 from flowforge_orchestrator.engine.reconciler import Reconciler
 from flowforge_orchestrator.engine.results import ResultApplier
 from flowforge_orchestrator.engine.retention import Retention
@@ -120,9 +125,9 @@ class Orchestrator:
             {
                 "flowforge_runs": self._on_run_notify,
                 "flowforge_results": self._on_result_notify,
-                "flowforge_cancel": self.cancels.on_notify,
+                "flowforge_cancel": self._on_cancel_notify,
                 "flowforge_completions": self._on_completion_notify,
-                "flowforge_events": self.events.on_notify,
+                "flowforge_events": self._on_event_notify,
             },
             on_connect=self._reconnected,
         )
@@ -213,6 +218,16 @@ class Orchestrator:
             changed=changed,
             drop=drop,
         )
+        self.hibernation = Hibernation(
+            self.pool,
+            self.metrics,
+            self.runs,
+            after=self.settings.hibernate_after,
+            poll_interval=self.settings.poll_interval,
+            event_retention=self.settings.event_retention,
+            clock=clock,
+            wake_claim=self.claimer.wake.set,
+        )
         self.cancels = CancellationWatcher(
             self.pool,
             self.node,
@@ -227,6 +242,14 @@ class Orchestrator:
 
     def _on_run_notify(self, _payload: str) -> None:
         self.claimer.wake.set()
+
+    def _on_cancel_notify(self, payload: str) -> None:
+        self.cancels.on_notify(payload)
+        self.hibernation.on_cancel_notify(payload)  # a run not here may be hibernated
+
+    def _on_event_notify(self, payload: str) -> None:
+        self.events.on_notify(payload)
+        self.hibernation.on_event_notify(payload)
 
     def _on_result_notify(self, payload: str) -> None:
         """Payload: the attempt ids of one statement's results, comma-separated (sql/0009)."""
@@ -278,6 +301,7 @@ class Orchestrator:
             "timers": self.timekeeper.loop,
             "events": self.events.loop,
             "heartbeats": self.heartbeats.loop,
+            "hibernation": self.hibernation.loop,
         }
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
@@ -323,6 +347,7 @@ class Orchestrator:
             await self.cancels.missed()
             await self.reconciler.reconcile_jobs()
             await self.events.poll()
+            await self.hibernation.poll()
 
     # -- results and commits -------------------------------------------------------------
 
@@ -342,6 +367,9 @@ class Orchestrator:
             await self._wake_commit.wait()
             self._wake_commit.clear()
             batch = self.runs.take_dirty()
+            now = self.clock()
+            for owned, _ in batch:  # whether each run hibernates with this commit
+                owned.parking = park_until(owned.state, now, self.settings.hibernate_after)
             if batch:
                 self._committing = True
                 try:
@@ -358,6 +386,8 @@ class Orchestrator:
         self, owned: Owned, changes: RunChanges, answered: Collection[UUID], adopted: bool
     ) -> None:
         self._committed(owned, changes, answered)
+        if owned.parking is not None and not changes.status.finished:
+            return  # hibernated with its claim
         self.events.listen(changes.run_id, owned.state.waiting())
         if adopted:
             self.runs.handed_off(changes.run_id, owned.state.handed_off())
@@ -379,7 +409,9 @@ class Orchestrator:
             self.background.spawn(self.reconciler.abort(changes.aborts))
         if changes.probes:
             self.background.spawn(self.reconciler.probe(run_id, changes.probes))
-        if going_on:
+        if going_on and owned.parking is not None:
+            self._hibernated(owned, run_id)
+        elif going_on:
             self.timekeeper.schedule(run_id)
         else:
             self.timekeeper.discard(run_id)
@@ -392,6 +424,18 @@ class Orchestrator:
             log.debug("run %s %s", run_id, changes.status.value, extra={"run_id": str(run_id)})
         if self.runs.has_undelivered:
             self.background.spawn(self.reconciler.redeliver())
+
+    def _hibernated(self, owned: Owned, run_id: UUID) -> None:
+        """The run was released with its wake-up time: it leaves memory. What happened to
+        it meanwhile and is not committed is forgotten; `Hibernation` wakes it if that was
+        an event or a cancellation (they are still in the database)."""
+        self.runs.finished(run_id)
+        self.timekeeper.discard(run_id)
+        self.events.forget(run_id)
+        self.hibernation.parked(run_id)
+        self.metrics.reconciled("hibernated")
+        owned.span.set_attribute("flowforge.hibernated", True)
+        owned.span.end()
 
     def _drop(self, run_id: UUID, why: str, *, give_back: bool = False) -> None:
         """Forget a run. `give_back`: we still own it but cannot go on (an error); expire

@@ -24,6 +24,7 @@ from opentelemetry import trace
 
 from flowforge_orchestrator.core.graph.run import RunState
 from flowforge_orchestrator.core.records import Dispatch, RunChanges
+from flowforge_orchestrator.engine.parking import Parking
 
 __all__ = ["Drop", "Owned", "OwnedRuns", "Sent"]
 
@@ -44,6 +45,8 @@ class Owned:
     deferrals: int = 0
     # The spans of its workflow steps' attempts out with a child run (engine.children).
     child_spans: dict[UUID, trace.Span] = field(default_factory=dict)
+    # Decided for the write in flight: the run hibernates with it (engine/parking.py).
+    parking: Parking | None = None
 
     def take_changes(self) -> RunChanges | None:
         """What the next commit writes for this run: unwritten changes first, then new ones."""

@@ -52,7 +52,7 @@ CANCEL_ASKED = """(cancel_requested OR EXISTS (
 # one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
 _CLAIM_COLUMNS = f"""
 id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,
-traceparent, {CANCEL_ASKED} AS cancel_requested, created_at, depth
+traceparent, {CANCEL_ASKED} AS cancel_requested, created_at, depth, wake_at
 """
 
 # Runs whose owner stopped renewing: adopted by whoever claims first. `$2`: runs this
@@ -76,13 +76,32 @@ LIMIT $1
 FOR UPDATE SKIP LOCKED
 """
 
+# Hibernated runs whose wake-up time is due, or within `$3` seconds (loaded a little early,
+# so that their timers fire on time), earliest first (sql/0016). Their parked waits go: the
+# run listens in memory again once claimed.
+SELECT_WOKEN_RUNS = f"""
+WITH woken AS (
+    SELECT {_CLAIM_COLUMNS}
+    FROM flowforge.runs
+    WHERE status = 'running' AND wake_at <= now() + make_interval(secs => $3)
+      AND NOT id = ANY($2::uuid[])
+    ORDER BY wake_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+), unparked AS (
+    DELETE FROM flowforge.parked_waits p USING woken w WHERE p.run_id = w.id
+)
+SELECT * FROM woken
+"""
+
 # The same, among given runs only: the halves of a claim that failed, searched for the run
 # the database refuses.
 SELECT_CLAIMABLE_AMONG = f"""
 SELECT {_CLAIM_COLUMNS}
 FROM flowforge.runs
 WHERE id = ANY($1::uuid[])
-  AND ((status = 'running' AND lease_expires_at < now()) OR (status = 'pending' AND NOT waiting))
+  AND ((status = 'running' AND lease_expires_at < now()) OR (status = 'pending' AND NOT waiting)
+       OR (status = 'running' AND wake_at <= now() + make_interval(secs => $2)))
 ORDER BY created_at
 FOR UPDATE SKIP LOCKED
 """
@@ -235,20 +254,21 @@ WITH {locked}owned AS (
         output = u.output::jsonb,
         error = u.error::jsonb,
         epoch = u.new_epoch,
-        owner = $1,
+        owner = CASE WHEN u.parked THEN NULL ELSE $1 END,
         lease_expires_at = CASE
-            WHEN u.status IN ('completed', 'failed', 'cancelled') THEN NULL
+            WHEN u.status IN ('completed', 'failed', 'cancelled') OR u.parked THEN NULL
             WHEN u.claimed THEN now() + make_interval(secs => $2)
             ELSE r.lease_expires_at END,
         traceparent = coalesce(u.traceparent, r.traceparent),
         started_at = coalesce(r.started_at, u.started_at),
         finished_at = u.finished_at,
+        wake_at = CASE WHEN u.parked THEN coalesce(u.wake_at, 'infinity') END,
         updated_at = now()
     FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[],
                 $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
-                $13::timestamptz[])
+                $13::timestamptz[], $46::boolean[], $47::timestamptz[])
         AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
-             traceparent, started_at)
+             traceparent, started_at, parked, wake_at)
     WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}
     RETURNING r.id, r.status, r.output, r.error, r.started_at, r.finished_at, r.workflow_name,
               r.parent_run_id, r.parent_step, r.parent_attempt_id
@@ -335,6 +355,12 @@ to_parent AS (
     FROM owned
     WHERE parent_attempt_id IS NOT NULL AND status IN ('completed', 'failed', 'cancelled')
     ON CONFLICT DO NOTHING
+),
+-- The wait steps of the runs this commit parks (sql/0016): what an event finds them by.
+parked AS (
+    INSERT INTO flowforge.parked_waits (run_id, name, key)
+    SELECT r, n, k FROM unnest($48::uuid[], $49::text[], $50::text[]) AS x(r, n, k)
+    WHERE r IN (SELECT id FROM owned)
 )
 {answer}
 """

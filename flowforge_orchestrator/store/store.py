@@ -67,6 +67,7 @@ class ClaimedRun:
     cancel_requested: bool = False
     created_at: datetime | None = None
     depth: int = 0  # how deep a child run is nested (0: started on its own)
+    wake_at: datetime | None = None  # set: it was hibernated (sql/0016), now due or called
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,12 @@ class OwnedChanges:
     new_epoch: int
     claimed: bool = False
     traceparent: str | None = None
+    # Hibernate the run with this write (sql/0016): released, to be claimed again at
+    # `wake_at` (None: only an event or a cancellation wakes it), or when one of its
+    # `waits` (event name, key) is sent an event.
+    parked: bool = False
+    wake_at: datetime | None = None
+    waits: tuple[tuple[str, str | None], ...] = ()
 
 
 # -- definitions ---------------------------------------------------------------------------
@@ -186,6 +193,7 @@ def _claimed(row: asyncpg.Record) -> ClaimedRun:
         cancel_requested=row["cancel_requested"],
         created_at=row["created_at"],
         depth=row["depth"],
+        wake_at=row["wake_at"],
     )
 
 
@@ -195,17 +203,22 @@ async def claim_runs(
     *,
     among: Sequence[UUID] | None = None,
     set_apart: Sequence[UUID] = (),
+    wake_ahead: float = 0.0,
 ) -> list[ClaimedRun]:
-    """Lock runs to take over (expired leases first, then pending FIFO) in this transaction.
+    """Lock runs to take over (expired leases first, then hibernated runs due within
+    `wake_ahead` seconds, then pending FIFO) in this transaction.
 
     `among`: only these runs (those of them that can be claimed now); `set_apart`: runs
     never to claim. The rows stay locked until the transaction that writes their first
     changes commits; `write_changes(..., claimed=True)` moves the epoch and takes the lease.
     """
     if among is not None:
-        return [_claimed(row) for row in await conn.fetch(q.SELECT_CLAIMABLE_AMONG, list(among))]
+        rows = await conn.fetch(q.SELECT_CLAIMABLE_AMONG, list(among), wake_ahead)
+        return [_claimed(row) for row in rows]
     apart = list(set_apart)
     rows = list(await conn.fetch(q.SELECT_EXPIRED_RUNS, limit, apart))
+    if len(rows) < limit:
+        rows += await conn.fetch(q.SELECT_WOKEN_RUNS, limit - len(rows), apart, wake_ahead)
     if len(rows) < limit:
         rows += await conn.fetch(q.SELECT_PENDING_RUNS, limit - len(rows), apart)
     return [_claimed(row) for row in rows]
@@ -367,6 +380,7 @@ async def _write_changes(
     taken = [(o.changes.run_id, t) for o in batch for t in o.changes.events_taken]
     children = [(o.changes.run_id, c) for o in batch for c in o.changes.children]
     cancels = [(o.changes.run_id, c) for o in batch for c in o.changes.child_cancels]
+    waits = [(o.changes.run_id, name, key) for o in batch if o.parked for name, key in o.waits]
     rows = await conn.fetch(
         query,
         owner,
@@ -414,6 +428,11 @@ async def _write_changes(
         [c.traceparent for _, c in children],
         [run_id for run_id, _ in cancels],
         [child for _, child in cancels],
+        [o.parked for o in batch],
+        [o.wake_at for o in batch],
+        [run_id for run_id, _, _ in waits],
+        [name for _, name, _ in waits],
+        [key for _, _, key in waits],
     )
     return {row["id"]: row["written"] for row in rows}
 

@@ -69,6 +69,7 @@ runs = Table(
     Column("parent_step", Text),
     Column("parent_attempt_id", Uuid),
     Column("depth", Integer, nullable=False),
+    _time("wake_at"),  # set while the run hibernates (sql/0016); 'infinity': until an event
 )
 
 events = Table(

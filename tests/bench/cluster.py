@@ -40,7 +40,7 @@ REPO = Path(__file__).resolve().parents[2]
 STEP_MODULE = "tests.bench.steps"
 STEP_TYPE = "noop"
 _HEALTH = ":health-check"  # arq's per-queue key, written by a worker's first poll
-_RUN_TABLES = "flowforge.runs, flowforge.step_results, flowforge.outbox"
+_RUN_TABLES = "flowforge.runs, flowforge.step_results, flowforge.outbox, flowforge.parked_waits"
 # What a reset clears in Redis: the engine's queues and arq's per-job keys (both workers').
 _ENGINE_KEYS = (queue_name("*"), "arq:job:*", "arq:in-progress:*", "arq:retry:*", "arq:result:*")
 _UNFINISHED_RUNS = "SELECT count(*) FROM flowforge.runs WHERE status IN ('pending', 'running')"
@@ -198,14 +198,15 @@ class Cluster:
             if proc is not None:
                 proc.check()
 
-    async def _start_orchestrator(self) -> Proc:
+    async def _start_orchestrator(self, **env: str) -> Proc:
+        """`env`: settings of this orchestrator only (FLOWFORGE_HIBERNATE_AFTER=...)."""
         self._generation += 1
         node = f"bench-orchestrator-{self._generation}"
         line = f"orchestrator {node} running"
         return await start(
             "orchestrator",
             [*self.cli(), "run"],
-            env=self.env(FLOWFORGE_NODE_ID=node),
+            env=self.env(FLOWFORGE_NODE_ID=node, **env),
             cwd=REPO,
             log=self.logs / "orchestrator.log",
             ready=lambda proc: line in proc.output(),
@@ -244,12 +245,13 @@ class Cluster:
         procs = [p for p in (self.orchestrator, self.worker, self.raw_worker) if p is not None]
         await asyncio.gather(*(p.stop() for p in procs))
 
-    async def restart_orchestrator(self) -> Proc:
-        """A fresh orchestrator process (it releases its runs' leases as it stops)."""
+    async def restart_orchestrator(self, **env: str) -> Proc:
+        """A fresh orchestrator process (it releases its runs' leases as it stops), with
+        `env` as settings of its own."""
         if self.orchestrator is not None:
             await self.orchestrator.stop()
         self.orchestrator = None
-        self.orchestrator = await self._start_orchestrator()
+        self.orchestrator = await self._start_orchestrator(**env)
         return self.orchestrator
 
     # -- state -------------------------------------------------------------------------------

@@ -39,6 +39,8 @@ from tests.bench.report import figures, format_table
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
 WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked", "children")
+# Asked for by name only (`--workloads hibernated`): minutes at full size.
+EXTRA_WORKLOADS = ("hibernated",)
 QUICK_SCALE = 0.01
 # The sides of a workload that run on the engine (the others are raw arq): each leaves runs
 # that the next repeat must not see.
@@ -56,6 +58,8 @@ class Sizes:
     event_runs: int = 50  # one after the other: 50 event handoffs and 50 step handoffs
     parked_runs: int = 10_000
     child_runs: int = 1000  # children of one fan-out, against as many plain steps
+    hibernated_runs: int = 100_000  # on a 1-hour delay: hibernated
+    due_runs: int = 10_000  # hibernated, then due: do their timers fire on time?
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -77,6 +81,8 @@ class BenchConfig:
     out: Path | None = None
     database_url: str | None = None  # admin DSN; None: a private durable server
     redis_url: str | None = None
+    hibernated_runs: int | None = None  # the hibernated workload's sizes, unscaled
+    due_runs: int | None = None
 
 
 Measure = Callable[[], Awaitable[dict[str, Any]]]
@@ -115,6 +121,11 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
         "children": {
             "engine": lambda: workloads.children(cluster, sizes.child_runs, timeout),
             "steps": lambda: workloads.plain_fanout(cluster, sizes.child_runs, timeout),
+        },
+        "hibernated": {
+            "engine": lambda: workloads.hibernated(
+                cluster, sizes.hibernated_runs, sizes.due_runs, timeout
+            )
         },
     }
     return table[name]
@@ -179,6 +190,8 @@ def _default_out() -> Path:
 async def run(config: BenchConfig, command: str = "python -m tests.bench") -> dict[str, Any]:
     """Run the workloads; write the JSON report, print the table; return the report."""
     sizes = Sizes().scaled(config.scale)
+    chosen = {"hibernated_runs": config.hibernated_runs, "due_runs": config.due_runs}
+    sizes = dataclasses.replace(sizes, **{k: v for k, v in chosen.items() if v is not None})
     out = config.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
     logs = out.with_name(out.stem + "-logs")
@@ -237,13 +250,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=defaults.repeat, help="repeats per workload")
     p.add_argument("--scale", type=float, default=None, help="size factor (default 1)")
     p.add_argument("--quick", action="store_true", help=f"tiny sizes (scale {QUICK_SCALE:g})")
+    p.add_argument("--hibernated-runs", type=int, default=None, help="runs parked by `hibernated`")
+    p.add_argument("--due-runs", type=int, default=None, help="runs due in `hibernated`")
     p.add_argument(
         "--workloads",
         nargs="+",
-        choices=WORKLOADS,
+        choices=WORKLOADS + EXTRA_WORKLOADS,
         default=list(WORKLOADS),
         metavar="NAME",
-        help=f"run only these ({', '.join(WORKLOADS)}; db cost comes with throughput)",
+        help=f"run only these ({', '.join(WORKLOADS)}; db cost comes with throughput; "
+        f"by name only: {', '.join(EXTRA_WORKLOADS)})",
     )
     p.add_argument(
         "--poll-delay",
@@ -288,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
         database_url=args.database_url,
         redis_url=args.redis_url,
+        hibernated_runs=args.hibernated_runs,
+        due_runs=args.due_runs,
     )
     command = " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])
     try:

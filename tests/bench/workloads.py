@@ -35,6 +35,7 @@ __all__ = [
     "children",
     "events",
     "fanout",
+    "hibernated",
     "latency",
     "parked",
     "plain_fanout",
@@ -47,6 +48,12 @@ CHAIN_10 = "bench-chain-10"
 FANOUT = "bench-fanout"
 PARK = "bench-park"
 WAIT = "bench-wait"  # parked on an event that never comes
+PARK_HOUR = "bench-park-hour"  # hibernated: a 1-hour delay
+PARK_DUE = "bench-park-due"  # hibernated, then due: a delay of DUE_DELAY seconds
+DUE_DELAY = 30.0
+DUE_AFTER = "10"  # FLOWFORGE_HIBERNATE_AFTER while they are due (claimed 5 s ahead)
+# What the workloads measuring runs held in memory (scale, parked) set: no hibernation.
+IN_MEMORY = {"FLOWFORGE_HIBERNATE_AFTER": "0"}
 WAIT_EVENT = "bench-event"  # two steps, a wait, a step: the event's handoff and a step's
 CHILD = "bench-child"  # one no-op step: what each child run of CHILDREN runs
 CHILDREN = "bench-children"  # the fan-out of FANOUT, one child run per item
@@ -98,6 +105,12 @@ DEFINITIONS: list[dict[str, Any]] = [
         ],
     },
     {"name": PARK, "version": 1, "steps": [{"id": "park", "type": "delay", "duration": "10m"}]},
+    {"name": PARK_HOUR, "version": 1, "steps": [{"id": "park", "type": "delay", "duration": "1h"}]},
+    {
+        "name": PARK_DUE,
+        "version": 1,
+        "steps": [{"id": "park", "type": "delay", "duration": f"{DUE_DELAY:g}s"}],
+    },
     {
         "name": WAIT,
         "version": 1,
@@ -343,7 +356,7 @@ async def scale(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
     """Workload 4: `runs` runs each parked on a 10-minute delay, claimed by a fresh
     orchestrator; its RSS before and after, and enqueue commit to the last claim seen."""
     _require(cluster, PARK)
-    orchestrator = await cluster.restart_orchestrator()
+    orchestrator = await cluster.restart_orchestrator(**IN_MEMORY)
     rss_before = orchestrator.rss_kb()
     committed = await _enqueue_all(cluster, PARK, [{"n": i} for i in range(runs)])
     pending = "SELECT count(*) = 0 FROM flowforge.runs WHERE status = 'pending'"
@@ -404,7 +417,7 @@ async def parked(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
     orchestrator: its RSS per parked run, and the transactions the database serves per slow
     poll while they wait (what parked runs cost it: no query per run)."""
     _require(cluster, WAIT)
-    orchestrator = await cluster.restart_orchestrator()
+    orchestrator = await cluster.restart_orchestrator(**IN_MEMORY)
     rss_before = orchestrator.rss_kb()
     await _enqueue_all(cluster, WAIT, [{"n": i} for i in range(runs)])
     waits = "SELECT count(*) FROM flowforge.outbox WHERE type = 'step.waiting'"
@@ -420,4 +433,75 @@ async def parked(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
         "runs": runs,
         "rss_per_run_kib": (rss_after - rss_before) / runs,
         "transactions_per_poll": (after - before) * cluster.poll_interval / window,
+    }
+
+
+_INSERT_PENDING = """
+INSERT INTO flowforge.runs (workflow_name, input)
+SELECT $1, jsonb_build_object('n', n) FROM generate_series($2::int, $3::int) AS n
+"""
+_PARKED = "SELECT count(*) FROM flowforge.runs WHERE wake_at IS NOT NULL AND owner IS NULL"
+_LATENESS = """
+SELECT extract(epoch FROM f.time - s.time)::float8 * 1000 - $1 * 1000 AS late_ms
+FROM flowforge.outbox s
+JOIN flowforge.outbox f ON f.run_id = s.run_id AND f.step_id = s.step_id
+JOIN flowforge.runs r ON r.id = s.run_id
+WHERE r.workflow_name = $2 AND s.type = 'step.started' AND f.type = 'step.succeeded'
+"""
+
+
+async def hibernated(cluster: Cluster, runs: int, due: int, timeout: float) -> dict[str, Any]:
+    """Workload 7: `runs` runs on a 1-hour delay, inserted by SQL in batches, claimed by a
+    fresh orchestrator (FLOWFORGE_HIBERNATE_AFTER at its default): each claim hibernates its
+    runs again. Its RSS before, at its highest while claiming (sampled every 0.2 s) and
+    once all are parked; then `due` runs on a DUE_DELAY-second delay among them, under an
+    orchestrator with HIBERNATE_AFTER=10 s: how late each timer fires after it is due."""
+    _require(cluster, PARK_HOUR)
+    _require(cluster, PARK_DUE)
+    orchestrator = await cluster.restart_orchestrator()
+    rss_before = orchestrator.rss_kb()
+    began = time.monotonic()
+    for first in range(1, runs + 1, 10_000):
+        await cluster.conn.execute(_INSERT_PENDING, PARK_HOUR, first, min(first + 9_999, runs))
+    peak = orchestrator.rss_kb()
+
+    async def all_parked() -> bool:
+        nonlocal peak
+        peak = max(peak, orchestrator.rss_kb())
+        return int(await cluster.conn.fetchval(_PARKED)) >= runs
+
+    await until(all_parked, timeout, f"{runs} runs not parked", interval=0.2, alive=cluster.check)
+    parked_s = time.monotonic() - began
+    rss_after = orchestrator.rss_kb()
+    window = 2 * cluster.poll_interval if runs >= 1000 else 1.0
+    before = await cluster.transactions()
+    await asyncio.sleep(window)
+    after = await cluster.transactions()
+    rss_idle = orchestrator.rss_kb()
+
+    await cluster.restart_orchestrator(FLOWFORGE_HIBERNATE_AFTER=DUE_AFTER)
+    await cluster.conn.execute(_INSERT_PENDING, PARK_DUE, 1, due)
+    ended = (
+        "SELECT count(*) FROM flowforge.runs WHERE workflow_name = 'bench-park-due'"
+        " AND status = 'completed'"
+    )
+    await _wait(cluster, ended, due, timeout + DUE_DELAY, f"{due} due runs did not complete")
+    late = [row["late_ms"] for row in await cluster.conn.fetch(_LATENESS, DUE_DELAY, PARK_DUE)]
+    woke = await cluster.conn.fetchval(
+        "SELECT count(*) FROM flowforge.runs WHERE workflow_name = 'bench-park-due'"
+        " AND epoch >= 2"  # claimed twice: parked once at least
+    )
+    return {
+        "runs": runs,
+        "park_s": parked_s,
+        "park_rate": runs / parked_s,
+        "rss_before_kib": rss_before,
+        "rss_peak_kib": peak,
+        "rss_after_kib": rss_after,
+        "rss_idle_kib": rss_idle,
+        "rss_peak_mb": peak / 1024,
+        "transactions_per_poll": (after - before) * cluster.poll_interval / window,
+        "due_runs": due,
+        "due_woken_from_hibernation": int(woke),
+        "late_ms": late,
     }

@@ -78,6 +78,7 @@ class ChaosCluster:
     orchestrators: int
     workers: int
     lease_seconds: float
+    hibernate_after: float
     note: Callable[[str], None]
     slots: list[Slot] = field(default_factory=list)
     crashes: list[Crash] = field(default_factory=list)
@@ -145,6 +146,7 @@ class ChaosCluster:
             FLOWFORGE_REDIS_URL=self.redis_url,
             FLOWFORGE_NODE_ID=node,
             FLOWFORGE_LEASE_SECONDS=repr(self.lease_seconds),
+            FLOWFORGE_HIBERNATE_AFTER=repr(self.hibernate_after),
             FLOWFORGE_POLL_INTERVAL="1",
             FLOWFORGE_SHUTDOWN_TIMEOUT="5",
             FLOWFORGE_WORKER_MAX_JOBS="50",

@@ -246,6 +246,7 @@ async def run(config: ChaosConfig, work: Path) -> Figures:
         orchestrators=config.orchestrators,
         workers=config.workers,
         lease_seconds=config.lease_seconds,
+        hibernate_after=config.hibernate_after,
         note=note,
     )
     async with servers_and_processes as cluster, FaultServer(config.seed) as server:
@@ -306,6 +307,7 @@ def _parser() -> argparse.ArgumentParser:
         "graceful_restarts",
         "connection_drops",
         "lease_seconds",
+        "hibernate_after",
     ):
         value = getattr(defaults, name)
         flag = "--" + name.replace("_", "-")

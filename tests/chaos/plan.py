@@ -72,6 +72,9 @@ class ChaosConfig:
     graceful_restarts: int = 3  # SIGTERM an orchestrator or a worker under load, start anew
     connection_drops: int = 1
     lease_seconds: float = 3.0
+    # FLOWFORGE_HIBERNATE_AFTER: short, so that runs on a delay or a backoff of a second
+    # hibernate and come back while processes are killed around them; 0 turns it off.
+    hibernate_after: float = 0.5
     work_dir: Path | None = None  # None: .flowforge/chaos/<time>-<seed>
     keep: bool = False  # keep the logs even when all went well
     verbose: bool = False

@@ -170,13 +170,14 @@ class Cluster:
         await self.until(lambda: ready in process.output(), f"{name} did not start", timeout=30)
         return process
 
-    async def orchestrator(self, node: str, lease_seconds: float = 2) -> Process:
+    async def orchestrator(self, node: str, lease_seconds: float = 2, **env: str) -> Process:
         return await self.start(
             f"orchestrator-{node}",
             ["run"],
             f"orchestrator {node} running",
             FLOWFORGE_NODE_ID=node,
             FLOWFORGE_LEASE_SECONDS=str(lease_seconds),
+            **env,
         )
 
     async def worker(self, node: str = "w") -> Process:

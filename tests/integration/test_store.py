@@ -48,6 +48,7 @@ TABLES = {
     "step_completions",
     "heartbeats",
     "outbox_consumers",
+    "parked_waits",
 }
 WF = CompiledWorkflow(
     parse_definition(
