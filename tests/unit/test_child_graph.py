@@ -315,3 +315,23 @@ def test_a_restored_fan_out_of_children_waits_for_the_same_children() -> None:
         assert adopted.apply_result(answer(child, child.input["n"] * 10), at(3))
     assert adopted.status is RunStatus.COMPLETED
     assert [b["output"] for b in adopted.output["all"]] == [10, 20, 30]
+
+
+def test_an_input_that_cannot_be_rendered_or_is_too_large_fails_the_step_alone() -> None:
+    wf = workflow(
+        call("bad", input={"x": "${{ input.missing.deeper }}"}, continue_on_failure=True),
+        call("big", input={"blob": "${{ input.blob }}"}, continue_on_failure=True),
+    )
+    limits = replace(LIMITS, max_context_bytes=2_000)
+    run = RunState(
+        run_id=RUN_ID, workflow=wf, version=3, input={"blob": "x" * 2_500}, limits=limits
+    )
+    rec = Recorder()
+    run.start(at(0))
+    changes = rec.drain(run)
+    assert changes is not None and changes.children == []
+    failed = {e.step_id: e.data["error"] for e in rec.events if e.type == "step.failed"}
+    assert failed["bad"]["category"] == "expression_error"
+    assert failed["big"]["category"] == "payload_too_large"
+    assert "the child's input" in failed["big"]["message"]
+    assert run.status is RunStatus.COMPLETED  # each failure was its step's alone
