@@ -14,6 +14,8 @@ blocking each other:
                             the earliest;
 * `EventDelivery` (eventing): NOTIFY on `flowforge_events` -> the wait steps the new
                             events concern take the oldest they may;
+* `Liveness` (liveness):     holds this node's lock on a session of its own; ends the
+                            leases of owners whose session died, so they fail over at once;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -47,6 +49,7 @@ from flowforge_orchestrator.engine.committer import Committer
 from flowforge_orchestrator.engine.eventing import EventDelivery
 from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
+from flowforge_orchestrator.engine.liveness import Liveness
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.reconciler import Reconciler
 from flowforge_orchestrator.engine.results import ResultApplier
@@ -169,6 +172,13 @@ class Orchestrator:
             drop=self._drop,
             wake_claim=self.claimer.wake.set,
         )
+        self.liveness = Liveness(
+            settings,
+            self.metrics,
+            owned=self.runs.ids,
+            wake_claim=self.claimer.wake.set,
+            regained=self.leases.renew_once,
+        )
 
     def _compose_watchers(self) -> None:
         """The parts that watch the owned runs: results, timers, cancellations, Redis."""
@@ -276,7 +286,10 @@ class Orchestrator:
             "timers": self.timekeeper.loop,
             "events": self.events.loop,
             "heartbeats": self.heartbeats.loop,
+            "liveness": self.liveness.loop,
         }
+        # The node lock before the first claim: a run claimed here is never judged dead.
+        await self.liveness.start()
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
         ]
@@ -310,6 +323,7 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await self.leases.release_all()
+        await self.liveness.close()  # the lock goes last: the leases are released already
 
     async def _poll_loop(self) -> None:
         """The slow path that covers lost notifications and undelivered jobs."""
