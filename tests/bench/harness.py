@@ -31,14 +31,14 @@ from typing import Any
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import FlowForgeError
-from tests.bench import workloads
+from tests.bench import failover, workloads
 from tests.bench.cluster import REPO, Cluster
 from tests.bench.processes import WorkloadFailed
 from tests.bench.report import figures, format_table
 
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
-WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked")
+WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked", "failover", "replicas")
 QUICK_SCALE = 0.01
 
 
@@ -52,6 +52,8 @@ class Sizes:
     scale_runs: int = 10_000
     event_runs: int = 50  # one after the other: 50 event handoffs and 50 step handoffs
     parked_runs: int = 10_000
+    failover_runs: int = 200  # running on the orchestrator that is killed
+    replica_runs: int = 1000  # of 5 steps, on 2 orchestrators + 2 workers, then on 1 + 1
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -108,6 +110,11 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
         "scale": {"engine": lambda: workloads.scale(cluster, sizes.scale_runs, timeout)},
         "events": {"engine": lambda: workloads.events(cluster, sizes.event_runs, timeout)},
         "parked": {"engine": lambda: workloads.parked(cluster, sizes.parked_runs, timeout)},
+        "failover": {"engine": lambda: failover.failover(cluster, sizes.failover_runs, timeout)},
+        "replicas": {  # "engine": 2 orchestrators + 2 workers; "single": 1 + 1
+            "engine": lambda: failover.replicas(cluster, sizes.replica_runs, timeout, 2),
+            "single": lambda: failover.replicas(cluster, sizes.replica_runs, timeout, 1),
+        },
     }
     return table[name]
 
