@@ -213,3 +213,45 @@ async def _free(settings: Settings, node: str) -> bool:
         return await store_liveness.try_lock_node(session, node)
     finally:
         await session.close()
+
+
+async def test_a_process_whose_lock_another_session_holds_retries_until_it_is_free(
+    settings: Settings, conn: store.Connection
+) -> None:
+    engine = Engine(settings, conn)
+    await engine.register(PARK)
+    earlier = await _hold(settings, "me")  # the session of an earlier process, not yet ended
+    leftovers = await _running(engine, "me", 2)
+    regained: list[float] = []
+    woken: list[int] = []
+    liveness = _liveness(settings, regained, woken)
+    await liveness.start()
+    task = asyncio.create_task(liveness.loop())
+    try:
+        assert not liveness.held and not liveness.watching
+        # Its runs are not released while the earlier session may still be driving them.
+        assert await _leases_ended(conn, leftovers) == 0
+        await earlier.close()
+        await wait_for(lambda: liveness.held, timeout=10, message="the lock was never taken")
+        assert regained  # the lease renewal learns what is still ours
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await liveness.close()
+
+
+async def test_at_start_an_earlier_process_s_leases_are_released_and_the_claim_woken(
+    settings: Settings, conn: store.Connection
+) -> None:
+    engine = Engine(settings, conn)
+    await engine.register(PARK)
+    leftovers = await _running(engine, "me", 2)
+    woken: list[int] = []
+    liveness = _liveness(settings, [], woken)
+    await liveness.start()
+    try:
+        assert liveness.held and liveness.watching
+        assert await _leases_ended(conn, leftovers) == 2
+        assert woken == [1]
+    finally:
+        await liveness.close()
