@@ -7,13 +7,14 @@ leases of every owner whose lock no session holds, which wakes the claimers. A p
 dies loses its session at once (its socket is closed), so its runs are adopted within about
 one interval instead of after their lease.
 
-When this replica's own lock session drops (a database restart, a connection killed), it
-goes on driving its runs (every write is still fenced by its epoch: a run another replica
+While this replica does not hold its lock it claims nothing (the others would take it
+back). When its lock session drops (a database restart, a connection killed), it goes on
+driving the runs it holds (every write is still fenced by its epoch: a run another replica
 took meanwhile is dropped at its next commit or lease renewal), takes its lock again as
-soon as it can, renews its leases at once to learn which runs it lost, and judges the others
-only once it has held its lock again for `grace` seconds: after a restart every replica
-has lost its lock, and the others need that time to take theirs back. For the same reason
-no owner is judged while the server itself started less than `grace` ago.
+soon as it can, renews its leases at once to learn which runs it lost, claims again, and
+judges the others only once it has held its lock again for `grace` seconds: after a
+restart every replica has lost its lock, and the others need that time to take theirs
+back. For the same reason no owner is judged while the server started less than `grace` ago.
 """
 
 from __future__ import annotations
@@ -134,10 +135,10 @@ class Liveness:
             # An earlier process of this node id whose session the server has not closed
             # yet (its host vanished): its keepalive ends it within seconds.
             self._failures += 1
-            if self._failures in (1, 20):
+            if self._failures % 20 == 1:
                 log.warning(
                     "liveness lock of %s is held by another session (an earlier process of "
-                    "this node id?); retrying; meanwhile runs fail over at lease expiry",
+                    "this node id?); retrying, and claiming nothing until it is free",
                     self.node,
                 )
             return False

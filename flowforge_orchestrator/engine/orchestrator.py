@@ -151,6 +151,7 @@ class Orchestrator:
             evaluator=evaluator,
             clock=self.clock,
             claimed=self._claimed,
+            may_claim=lambda: self.liveness.held,
         )
         self.committer = Committer(
             settings,
@@ -177,7 +178,7 @@ class Orchestrator:
             self.metrics,
             owned=self.runs.ids,
             wake_claim=self.claimer.wake.set,
-            regained=self.leases.renew_once,
+            regained=self._regained,
         )
 
     def _compose_watchers(self) -> None:
@@ -260,6 +261,12 @@ class Orchestrator:
         """After (re)connecting LISTEN: look for everything we may have missed."""
         self.runs.notify_all()
         self.results.wake.set()
+        self.claimer.wake.set()
+
+    async def _regained(self) -> None:
+        """The node lock is held again after it was lost: learn at once which runs another
+        replica adopted meanwhile (they are dropped), then claim again."""
+        await self.leases.renew_once()
         self.claimer.wake.set()
 
     def _result_refused(self, refused: RefusedResult) -> None:

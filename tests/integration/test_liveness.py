@@ -15,9 +15,10 @@ import pytest
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.engine.liveness import Liveness
+from flowforge_orchestrator.engine.orchestrator import run_orchestrator
 from flowforge_orchestrator.ops import metrics
 from flowforge_orchestrator.store import liveness as store_liveness
-from tests.helpers import poll, wait_for
+from tests.helpers import poll, stop_tasks, wait_for
 from tests.integration.conftest import Engine
 
 PARK = "name: park\nversion: 1\nsteps:\n  - {id: p, type: delay, duration: 1h}\n"
@@ -255,3 +256,34 @@ async def test_at_start_an_earlier_process_s_leases_are_released_and_the_claim_w
         assert woken == [1]
     finally:
         await liveness.close()
+
+
+async def test_an_orchestrator_claims_nothing_until_it_holds_its_node_lock(
+    settings: Settings, conn: store.Connection
+) -> None:
+    engine = Engine(settings, conn)
+    await engine.register(PARK)
+    earlier = await _hold(settings, "me")
+    node = settings.model_copy(update={"node_id": "me", "liveness_interval": 0.1})
+    stop = asyncio.Event()
+    ready = asyncio.Event()
+    task = asyncio.create_task(run_orchestrator(node, stop, ready=ready))
+    try:
+        await asyncio.wait_for(ready.wait(), 20)
+        run_id = await engine.submit("park")
+
+        async def claimed() -> bool:
+            return bool((await engine.run(run_id))["status"] != "pending")
+
+        # Three slow polls' worth: it would be claimed in milliseconds by a replica that may.
+        assert not await poll(claimed, timeout=3 * settings.poll_interval)
+        await earlier.close()
+        await wait_for(
+            claimed, timeout=10, message="the run was not claimed once the lock was free"
+        )
+        run = await engine.run(run_id)
+        assert (run["status"], run["owner"]) == ("running", "me")
+    finally:
+        stop.set()
+        await stop_tasks([task])
+        await earlier.close()
