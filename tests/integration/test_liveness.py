@@ -190,7 +190,8 @@ async def test_the_lock_is_taken_again_after_its_session_is_killed_and_others_ju
             return await _leases_ended(conn, ghosts) == 2
 
         await wait_for(ended, timeout=10, message="the ghost's leases did not end")
-        assert liveness.watching and woken
+        await wait_for(lambda: bool(woken), timeout=10, message="the claim was not woken")
+        assert liveness.watching
         ended_at = await conn.fetchval(
             "SELECT extract(epoch FROM max(lease_expires_at))::float8 FROM flowforge.runs"
             " WHERE id = ANY($1::uuid[])",
