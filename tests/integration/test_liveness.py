@@ -288,3 +288,23 @@ async def test_an_orchestrator_claims_nothing_until_it_holds_its_node_lock(
         stop.set()
         await stop_tasks([task])
         await earlier.close()
+
+
+async def test_a_dead_owner_s_many_leases_end_a_bounded_batch_per_statement(
+    settings: Settings, conn: store.Connection
+) -> None:
+    engine = Engine(settings, conn)
+    await engine.register(PARK)
+    first = await _running(engine, "dead-1", 3)
+    second = await _running(engine, "dead-2", 2)
+    batches = []
+    while batch := await store_liveness.expire_dead_owners(conn, "me", 0, limit=2):
+        assert sum(batch.values()) <= 2
+        batches.append(batch)
+    assert len(batches) == 3
+    ended: dict[str, int] = {}
+    for batch in batches:
+        for owner, runs in batch.items():
+            ended[owner] = ended.get(owner, 0) + runs
+    assert ended == {"dead-1": 3, "dead-2": 2}
+    assert await _leases_ended(conn, first + second) == 5
