@@ -90,7 +90,10 @@ class Liveness:
         while True:
             await asyncio.sleep(self.interval if self._failures == 0 else self._backoff())
             if not self.held:
+                first = not self._lost  # `start` could not take it: never held until now
                 if await self._acquire():
+                    if first:
+                        await self._release_leftovers()
                     await self._regained()
                 continue
             if not self.watching:

@@ -234,8 +234,11 @@ async def test_a_process_whose_lock_another_session_holds_retries_until_it_is_fr
         # Its runs are not released while the earlier session may still be driving them.
         assert await _leases_ended(conn, leftovers) == 0
         await earlier.close()
-        await wait_for(lambda: liveness.held, timeout=10, message="the lock was never taken")
-        assert regained  # the lease renewal learns what is still ours
+        await wait_for(lambda: bool(regained), timeout=10, message="the lock was never taken")
+        assert liveness.held and liveness.watching
+        # The earlier process is gone for sure now: its leases are released for adoption.
+        assert await _leases_ended(conn, leftovers) == 2
+        assert woken
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
