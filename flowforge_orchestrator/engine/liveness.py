@@ -35,7 +35,10 @@ __all__ = ["GRACE_INTERVALS", "Liveness"]
 log = logging.getLogger("flowforge_orchestrator.engine.orchestrator")
 
 GRACE_INTERVALS = 6  # intervals the lock must have been held again before others are judged
-_STATEMENT_TIMEOUT = 10.0  # seconds; a lock session that answers no faster is given up
+# Seconds; a lock session that answers no faster is given up. `asyncio.timeout`, not
+# `wait_for`: on Python 3.11 `wait_for` can swallow a cancellation that arrives as its
+# statement completes, and this loop would then outlive the shutdown that cancelled it.
+_STATEMENT_TIMEOUT = 10.0
 
 
 class Liveness:
@@ -110,7 +113,8 @@ class Liveness:
         conn, self._conn, self._held_since = self._conn, None, None
         if conn is not None and not conn.is_closed():
             try:
-                await asyncio.wait_for(conn.close(), timeout=2)
+                async with asyncio.timeout(2):
+                    await conn.close()
             except Exception:
                 conn.terminate()
 
@@ -122,13 +126,10 @@ class Liveness:
     async def _acquire(self) -> bool:
         """Open the lock session if needed and take the lock; True when held."""
         try:
-            if self._conn is None or self._conn.is_closed():
-                self._conn = await asyncio.wait_for(
-                    store_liveness.connect_lock_session(self.dsn), _STATEMENT_TIMEOUT
-                )
-            taken = await asyncio.wait_for(
-                store_liveness.try_lock_node(self._conn, self.node), _STATEMENT_TIMEOUT
-            )
+            async with asyncio.timeout(_STATEMENT_TIMEOUT):
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await store_liveness.connect_lock_session(self.dsn)
+                taken = await store_liveness.try_lock_node(self._conn, self.node)
         except Exception as exc:
             self._failures += 1
             log.warning("could not take this orchestrator's liveness lock (%s); retrying", exc)
@@ -154,10 +155,10 @@ class Liveness:
     async def _release_leftovers(self) -> None:
         assert self._conn is not None
         try:
-            released = await asyncio.wait_for(
-                store_liveness.release_leftovers(self._conn, self.node, self._owned()),
-                _STATEMENT_TIMEOUT,
-            )
+            async with asyncio.timeout(_STATEMENT_TIMEOUT):
+                released = await store_liveness.release_leftovers(
+                    self._conn, self.node, self._owned()
+                )
         except Exception as exc:
             log.warning("could not release an earlier process's leases (%s)", exc)
             return
@@ -174,7 +175,8 @@ class Liveness:
         """While not judging others: only show the lock session is still there."""
         assert self._conn is not None
         try:
-            await asyncio.wait_for(store.ping(self._conn), _STATEMENT_TIMEOUT)
+            async with asyncio.timeout(_STATEMENT_TIMEOUT):
+                await store.ping(self._conn)
         except Exception as exc:
             await self._lose(exc)
 
@@ -184,10 +186,10 @@ class Liveness:
         released: dict[str, int] = {}
         while self._conn is not None:
             try:
-                dead = await asyncio.wait_for(
-                    store_liveness.expire_dead_owners(self._conn, self.node, self.grace),
-                    _STATEMENT_TIMEOUT,
-                )
+                async with asyncio.timeout(_STATEMENT_TIMEOUT):
+                    dead = await store_liveness.expire_dead_owners(
+                        self._conn, self.node, self.grace
+                    )
             except Exception as exc:
                 await self._lose(exc)
                 break
