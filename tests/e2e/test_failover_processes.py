@@ -125,7 +125,9 @@ async def test_a_sigstopped_owner_is_taken_over_at_lease_expiry_and_its_late_wri
         a.popen.send_signal(signal.SIGCONT)
 
     # a wakes up still holding the run in memory, with the result notification and its
-    # lease renewal due: whatever it tries first, the fence refuses it and a drops the run.
+    # lease renewal due: its renewal finds the run owned by b (`lease lost`), or its commit
+    # finds the epoch moved on (`lost ownership`); either way nothing is written and a
+    # drops the run.
     dropped = re.compile(rf"run {run_id} dropped from this orchestrator: ([a-z ()]+)")
     await cluster.until(lambda: dropped.search(a.output()), "a never dropped the run")
     reason = dropped.search(a.output())
