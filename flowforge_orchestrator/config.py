@@ -47,6 +47,13 @@ class Settings(BaseSettings):
 
     # Ownership and polling.
     lease_seconds: float = Field(default=30.0, gt=0, description="Run lease length.")
+    liveness_interval: float = Field(
+        default=0.5,
+        gt=0,
+        description="How often an orchestrator checks, in one query, that the owners of "
+        "running runs still hold their PostgreSQL session; a dead owner's runs are adopted "
+        "then, not after their lease (seconds).",
+    )
     poll_interval: float = Field(
         default=5.0, gt=0, description="Slow poll for runs and results missed by NOTIFY."
     )

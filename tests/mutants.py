@@ -73,6 +73,7 @@ T_FAILURES = "tests/integration/test_failures.py"
 T_QUEUE = "tests/integration/test_queue_worker.py"
 T_E2E = "tests/e2e/test_processes.py"
 T_CHILDREN = "tests/integration/test_child_runs.py"
+T_LIVENESS = "tests/integration/test_liveness.py"
 T_ISOLATION = "tests/integration/test_isolation.py"
 T_FAULTS = "tests/integration/test_engine_faults.py"
 T_WORKER = "tests/integration/test_worker_faults.py"
@@ -422,6 +423,27 @@ MUTATIONS: tuple[Mutation, ...] = (
         " AND status IN ('completed', 'failed', 'cancelled')\n",
         "    WHERE false\n",
         f"{T_CHILDREN}::test_a_parent_calls_a_three_step_child_and_uses_its_output",
+    ),
+    mutation(
+        "liveness: an owner is judged dead although its node lock is held",
+        "flowforge_orchestrator/store/liveness.py",
+        "      AND hashtext(owner)::oid NOT IN (SELECT objid FROM held)\n",
+        "      AND true\n",
+        f"{T_LIVENESS}::test_a_dead_owner_s_leases_end_in_one_statement_and_the_claimers_are_woken",
+    ),
+    mutation(
+        "liveness: a replica claims while it does not hold its node lock",
+        "flowforge_orchestrator/engine/orchestrator.py",
+        "            may_claim=lambda: self.liveness.held,\n",
+        "            may_claim=lambda: True,\n",
+        f"{T_LIVENESS}::test_an_orchestrator_claims_nothing_until_it_holds_its_node_lock",
+    ),
+    mutation(
+        "liveness: the others are judged at once when the lock is taken again (no grace)",
+        "flowforge_orchestrator/engine/liveness.py",
+        "        return not self._lost or time.monotonic() - self._held_since >= self.grace\n",
+        "        return True\n",
+        f"{T_LIVENESS}::test_the_lock_is_taken_again_after_its_session_is_killed_and_others_judged_after_grace",
     ),
 )
 

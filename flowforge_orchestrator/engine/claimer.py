@@ -86,7 +86,10 @@ class Claimer:
         evaluator: Evaluator | None,
         clock: Callable[[], datetime],
         claimed: Claimed,
+        may_claim: Callable[[], bool] = lambda: True,
     ) -> None:
+        """`may_claim`: False while this replica does not hold its node lock (the other
+        replicas would take what it claims); whoever makes it true again sets `wake`."""
         self.settings = settings
         self.node = settings.node_id
         self.pool = pool
@@ -97,6 +100,7 @@ class Claimer:
         self._evaluator = evaluator
         self.clock = clock
         self._claimed = claimed
+        self._may_claim = may_claim
         self._workflows = Workflows()
         self._wake_ahead = wake_ahead(settings.hibernate_after)
         self.wake = asyncio.Event()
@@ -105,6 +109,8 @@ class Claimer:
         while True:
             await self.wake.wait()
             self.wake.clear()
+            if not self._may_claim():
+                continue
             try:
                 while await self._claim_isolating():
                     pass

@@ -14,6 +14,7 @@ from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.engine.owned import Drop, OwnedRuns
 from flowforge_orchestrator.errors import FlowForgeError
 from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.store import liveness as store_liveness
 
 __all__ = ["LeaseKeeper"]
 
@@ -100,12 +101,14 @@ class LeaseKeeper:
         self._wake_claim()
 
     async def release_all(self) -> None:
-        """Hand every owned run back at once, so a replica adopts them without waiting."""
+        """Hand every owned run back at once, and wake the other replicas' claims, so one
+        adopts them without waiting for its slow poll."""
         if not len(self._runs):
             return
         try:
             async with self.pool.acquire() as conn:
                 await store.release_leases(conn, self.node, self._runs.ids())
+                await store_liveness.wake_claimers(conn)
         except Exception as exc:
             log.warning("could not release leases (%s); they expire on their own", exc)
         for owned in self._runs.clear():

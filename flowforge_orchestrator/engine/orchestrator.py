@@ -17,6 +17,8 @@ blocking each other:
 * `Hibernation` (hibernation): runs parked on a far timer or an event leave memory with
                             their commit; it wakes them when due, or called by an event
                             or a cancellation;
+* `Liveness` (liveness):     holds this node's lock on a session of its own; ends the
+                            leases of owners whose session died, so they fail over at once;
 * `LeaseKeeper` (leases), `CancellationWatcher` (cancels), `Reconciler` (reconciler).
 
 `run_orchestrator` is the process around it: pool, Redis, health and metrics endpoint.
@@ -52,6 +54,7 @@ from flowforge_orchestrator.engine.eventing import EventDelivery
 from flowforge_orchestrator.engine.hibernation import Hibernation
 from flowforge_orchestrator.engine.leases import LeaseKeeper
 from flowforge_orchestrator.engine.listener import Listener
+from flowforge_orchestrator.engine.liveness import Liveness
 from flowforge_orchestrator.engine.owned import Owned, OwnedRuns
 from flowforge_orchestrator.engine.parking import park_until
 from flowforge_orchestrator.engine.reconciler import Reconciler
@@ -155,6 +158,7 @@ class Orchestrator:
             evaluator=evaluator,
             clock=self.clock,
             claimed=self._claimed,
+            may_claim=lambda: self.liveness.held,
         )
         self.committer = Committer(
             settings,
@@ -175,6 +179,13 @@ class Orchestrator:
             owned_rows=owned_rows,
             drop=self._drop,
             wake_claim=self.claimer.wake.set,
+        )
+        self.liveness = Liveness(
+            settings,
+            self.metrics,
+            owned=self.runs.ids,
+            wake_claim=self.claimer.wake.set,
+            regained=self._regained,
         )
 
     def _compose_watchers(self) -> None:
@@ -277,6 +288,12 @@ class Orchestrator:
         self.results.wake.set()
         self.claimer.wake.set()
 
+    async def _regained(self) -> None:
+        """The node lock is held again after it was lost: learn at once which runs another
+        replica adopted meanwhile (they are dropped), then claim again."""
+        await self.leases.renew_once()
+        self.claimer.wake.set()
+
     def _result_refused(self, refused: RefusedResult) -> None:
         """A result row that does not count (wrong token) or cannot be read; once per row."""
         self.metrics.results_refused.labels(refused.reason).inc()
@@ -302,7 +319,10 @@ class Orchestrator:
             "events": self.events.loop,
             "heartbeats": self.heartbeats.loop,
             "hibernation": self.hibernation.loop,
+            "liveness": self.liveness.loop,
         }
+        # The node lock before the first claim: a run claimed here is never judged dead.
+        await self.liveness.start()
         tasks = [
             asyncio.create_task(_supervised(name, loop), name=name) for name, loop in loops.items()
         ]
@@ -336,6 +356,7 @@ class Orchestrator:
             task.cancel()
         await asyncio.gather(*tasks.values(), return_exceptions=True)
         await self.leases.release_all()
+        await self.liveness.close()  # the lock goes last: the leases are released already
 
     async def _poll_loop(self) -> None:
         """The slow path that covers lost notifications and undelivered jobs."""

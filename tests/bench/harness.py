@@ -31,14 +31,24 @@ from typing import Any
 
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.errors import FlowForgeError
-from tests.bench import workloads
+from tests.bench import failover, workloads
 from tests.bench.cluster import REPO, Cluster
 from tests.bench.processes import WorkloadFailed
 from tests.bench.report import figures, format_table
 
 __all__ = ["BenchConfig", "Sizes", "main", "run"]
 
-WORKLOADS = ("throughput", "latency", "fanout", "scale", "events", "parked", "children")
+WORKLOADS = (
+    "throughput",
+    "latency",
+    "fanout",
+    "scale",
+    "events",
+    "parked",
+    "children",
+    "failover",
+    "replicas",
+)
 # Asked for by name only (`--workloads hibernated`): minutes at full size.
 EXTRA_WORKLOADS = ("hibernated",)
 QUICK_SCALE = 0.01
@@ -60,6 +70,8 @@ class Sizes:
     child_runs: int = 1000  # children of one fan-out, against as many plain steps
     hibernated_runs: int = 100_000  # on a 1-hour delay: hibernated
     due_runs: int = 10_000  # hibernated, then due: do their timers fire on time?
+    failover_runs: int = 200  # running on the orchestrator that is killed
+    replica_runs: int = 1000  # of 5 steps, on 2 orchestrators + 2 workers, then on 1 + 1
 
     def scaled(self, factor: float) -> Sizes:
         return Sizes(
@@ -126,6 +138,11 @@ def _measures(cluster: Cluster, name: str, sizes: Sizes, timeout: float) -> dict
             "engine": lambda: workloads.hibernated(
                 cluster, sizes.hibernated_runs, sizes.due_runs, timeout
             )
+        },
+        "failover": {"engine": lambda: failover.failover(cluster, sizes.failover_runs, timeout)},
+        "replicas": {  # "engine": 2 orchestrators + 2 workers; "single": 1 + 1
+            "engine": lambda: failover.replicas(cluster, sizes.replica_runs, timeout, 2),
+            "single": lambda: failover.replicas(cluster, sizes.replica_runs, timeout, 1),
         },
     }
     return table[name]

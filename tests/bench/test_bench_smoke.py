@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.bench.harness import WORKLOADS
 from tests.conftest import Services
 
 REPO = Path(__file__).resolve().parents[2]
@@ -33,15 +34,7 @@ def test_quick_run_produces_every_figure(
     report = json.loads(out.read_text())
 
     workloads = report["workloads"]
-    assert set(workloads) == {
-        "throughput",
-        "latency",
-        "fanout",
-        "scale",
-        "events",
-        "parked",
-        "children",
-    }
+    assert set(workloads) == set(WORKLOADS)
     for name, result in workloads.items():
         errors = {k: v for k, v in result.items() if k.endswith("_error") and v}
         assert not errors, f"{name}: {errors}"  # every run completed, every baseline ran

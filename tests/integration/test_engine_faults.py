@@ -26,6 +26,7 @@ from flowforge_orchestrator.core.graph.run import RunState
 from flowforge_orchestrator.engine.orchestrator import Orchestrator, run_orchestrator
 from flowforge_orchestrator.errors import StoreError
 from flowforge_orchestrator.ops import metrics
+from flowforge_orchestrator.store import liveness as store_liveness
 from flowforge_orchestrator.worker.runtime import load_step_types, run_worker
 from tests.helpers import dispatched_attempt, stop_tasks, wait_for
 from tests.integration.conftest import SECRETS, Engine, Steps
@@ -217,16 +218,22 @@ async def test_a_lease_lost_to_another_owner_is_dropped_and_the_run_adopted(
     await wait_for(lambda: "h" in steps.started, message="the held step never started")
 
     # Another replica took the run (owner and epoch) and then stopped: the renewal finds
-    # the run no longer ours.
-    await faults.conn.execute(
-        "UPDATE flowforge.runs SET owner = 'elsewhere', epoch = epoch + 1,"
-        " lease_expires_at = now() + interval '2 seconds' WHERE id = $1",
-        run_id,
-    )
-    await wait_for(
-        lambda: any("lease lost" in r.getMessage() for r in caplog.records),
-        message="the lost lease was not noticed",
-    )
+    # the run no longer ours. While that replica lives it holds its node lock (else this
+    # one's liveness would take the run back at once, before any renewal).
+    elsewhere = await store_liveness.connect_lock_session(faults.settings.database_url or "")
+    assert await store_liveness.try_lock_node(elsewhere, "elsewhere")
+    try:
+        await faults.conn.execute(
+            "UPDATE flowforge.runs SET owner = 'elsewhere', epoch = epoch + 1,"
+            " lease_expires_at = now() + interval '2 seconds' WHERE id = $1",
+            run_id,
+        )
+        await wait_for(
+            lambda: any("lease lost" in r.getMessage() for r in caplog.records),
+            message="the lost lease was not noticed",
+        )
+    finally:
+        await elsewhere.close()
     steps.release.set()
 
     run = await faults.finished(run_id, timeout=30)
