@@ -28,7 +28,14 @@ from flowforge_orchestrator.queue.dispatch import queue_name
 from tests.bench.cluster import REPO, STEP_MODULE, STEP_TYPE, Cluster
 from tests.bench.processes import Proc, WorkloadFailed, start, until
 from tests.bench.report import percentile
-from tests.bench.workloads import CHAIN_5, _enqueue_all, _expect, _last_finish, _wait_ended
+from tests.bench.workloads import (
+    CHAIN_5,
+    IN_MEMORY,
+    _enqueue_all,
+    _expect,
+    _last_finish,
+    _wait_ended,
+)
 
 __all__ = ["FAILOVER", "failover", "replicas"]
 
@@ -51,7 +58,7 @@ def _cli() -> list[str]:
     )
 
 
-async def _orchestrator(cluster: Cluster, node: str, *, watching: bool = False) -> Proc:
+async def _orchestrator(cluster: Cluster, node: str, *, watching: bool = False, **env: str) -> Proc:
     """Another orchestrator; `watching`: ready once it judges the others' liveness."""
     line = (
         f"orchestrator {node} watching other orchestrators' liveness"
@@ -61,7 +68,7 @@ async def _orchestrator(cluster: Cluster, node: str, *, watching: bool = False) 
     return await start(
         node,
         [*_cli(), "run"],
-        env=cluster.env(FLOWFORGE_NODE_ID=node),
+        env=cluster.env(FLOWFORGE_NODE_ID=node, **env),
         cwd=REPO,
         log=cluster.logs / f"{node}.log",
         ready=lambda proc: line in proc.output(),
@@ -91,9 +98,10 @@ async def _count(cluster: Cluster, sql: str, *args: Any) -> int:
 async def failover(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any]:
     """Kill the owner of `runs` running runs; how long until a running replica commits
     each of them (see the module docstring)."""
-    assert cluster.orchestrator is not None
     await _register(cluster)
-    a = cluster.orchestrator
+    # The runs stay in their owner's memory (no hibernation): a hibernated run has no owner,
+    # so nothing of it fails over; what is measured is the in-flight runs of a dead process.
+    a = await cluster.restart_orchestrator(**IN_MEMORY)
     await _enqueue_all(cluster, FAILOVER, [{"n": i} for i in range(runs)])
     parked = (
         "SELECT count(*) FROM flowforge.outbox WHERE type = 'step.started' AND step_id = 'park'"
@@ -105,7 +113,7 @@ async def failover(cluster: Cluster, runs: int, timeout: float) -> dict[str, Any
     await until(all_parked, timeout, f"{runs} runs not parked", alive=cluster.check)
     generation = int(time.time() * 1000) % 1_000_000
     node_b = f"bench-failover-b-{generation}"
-    b = await _orchestrator(cluster, node_b, watching=True)
+    b = await _orchestrator(cluster, node_b, watching=True, **IN_MEMORY)
     try:
         return await _kill_and_watch(cluster, a, b, runs, timeout)
     finally:

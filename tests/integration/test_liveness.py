@@ -268,7 +268,11 @@ async def test_an_orchestrator_claims_nothing_until_it_holds_its_node_lock(
     engine = Engine(settings, conn)
     await engine.register(PARK)
     earlier = await _hold(settings, "me")
-    node = settings.model_copy(update={"node_id": "me", "liveness_interval": 0.1})
+    # hibernate_after 0: the run on its 1-hour delay stays owned (in memory), as the check
+    # of its owner below needs; a hibernating orchestrator would release it at once.
+    node = settings.model_copy(
+        update={"node_id": "me", "liveness_interval": 0.1, "hibernate_after": 0}
+    )
     stop = asyncio.Event()
     ready = asyncio.Event()
     task = asyncio.create_task(run_orchestrator(node, stop, ready=ready))
