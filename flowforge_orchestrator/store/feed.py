@@ -59,7 +59,7 @@ CONSUMER_LAGS = """
 SELECT c.name, c.registered_at, c.read_at, c.events_read, c.lost_events, c.lost_at,
        (SELECT count(*) FROM (
             SELECT FROM flowforge.outbox o
-            WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
+            WHERE o.xid >= c.last_xid AND (o.xid, o.position) > (c.last_xid, c.last_position)
             LIMIT $1) behind) AS events_behind,
        extract(epoch FROM now() - coalesce(
             (SELECT o.time FROM flowforge.outbox o
@@ -67,7 +67,8 @@ SELECT c.name, c.registered_at, c.read_at, c.events_read, c.lost_events, c.lost_
                AND o.position > c.last_position
              ORDER BY o.position LIMIT 1),
             (SELECT o.time FROM flowforge.outbox o
-             WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
+             WHERE o.xid > '0'::xid8 AND o.xid >= c.last_xid
+                   AND (o.xid, o.position) > (c.last_xid, c.last_position)
              ORDER BY o.xid, o.position LIMIT 1)))::float8 AS seconds_behind
 FROM flowforge.outbox_consumers c
 ORDER BY c.name

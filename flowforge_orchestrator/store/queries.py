@@ -252,16 +252,13 @@ WITH {locked}owned AS (
     WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}
     RETURNING r.id
 ),
--- One row per transition: the history and the relay's outbox at once (sql/0006).
+-- The history and the relay's outbox at once (sql/0006): one row per run per commit
+-- holding its events (sql/0018, store/outbox_packing.py).
 events AS (
-    INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent, step_id,
-                                  attempt_id, from_status, to_status)
-    SELECT run_id, seq, type, time, data::jsonb, traceparent, step_id, attempt_id,
-           from_status, to_status
-    FROM unnest($14::uuid[], $15::integer[], $16::text[], $17::timestamptz[], $18::text[],
-                $19::text[], $20::text[], $21::uuid[], $22::text[], $23::text[])
-        AS e(run_id, seq, type, time, data, traceparent, step_id, attempt_id, from_status,
-             to_status)
+    INSERT INTO flowforge.outbox_packed (run_id, seq, time, traceparent, events)
+    SELECT run_id, seq, time, traceparent, events
+    FROM unnest($14::uuid[], $15::integer[], $16::timestamptz[], $17::text[], $18::text[])
+        AS e(run_id, seq, time, traceparent, events)
     WHERE run_id IN (SELECT id FROM owned)
 ),
 -- Outputs of the steps the orchestrator ran itself, stored like a worker's result; and of
@@ -271,8 +268,8 @@ inline AS (
                                         worker, started_at, finished_at, token)
     SELECT a, r, s, o, output::jsonb, error::jsonb, 'orchestrator', at, at,
            flowforge.attempt_token(a)
-    FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::text[], $28::text[],
-                $29::text[], $30::timestamptz[])
+    FROM unnest($19::uuid[], $20::uuid[], $21::text[], $22::text[], $23::text[],
+                $24::text[], $25::timestamptz[])
         AS x(a, r, s, o, output, error, at)
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT (attempt_id, token) DO UPDATE
@@ -284,7 +281,7 @@ inline AS (
 taken AS (
     INSERT INTO flowforge.event_consumptions (run_id, event_id, step_id, attempt_id)
     SELECT r, e, s, a
-    FROM unnest($31::uuid[], $32::bigint[], $33::text[], $34::uuid[]) AS x(r, e, s, a)
+    FROM unnest($26::uuid[], $27::bigint[], $28::text[], $29::uuid[]) AS x(r, e, s, a)
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT DO NOTHING
 )
@@ -396,7 +393,7 @@ FROM flowforge.outbox_consumers c
 CROSS JOIN LATERAL (
     SELECT (SELECT count(*) FROM (
                 SELECT FROM flowforge.outbox o
-                WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
+                WHERE o.xid >= c.last_xid AND (o.xid, o.position) > (c.last_xid, c.last_position)
                 LIMIT 1000000) x) AS behind,
            extract(epoch FROM now() - coalesce(
                 (SELECT o.time FROM flowforge.outbox o
@@ -404,7 +401,8 @@ CROSS JOIN LATERAL (
                    AND o.position > c.last_position
                  ORDER BY o.position LIMIT 1),
                 (SELECT o.time FROM flowforge.outbox o
-                 WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
+                 WHERE o.xid > '0'::xid8 AND o.xid >= c.last_xid
+                   AND (o.xid, o.position) > (c.last_xid, c.last_position)
                  ORDER BY o.xid, o.position LIMIT 1)))::float8 AS age
 ) l
 """
