@@ -137,6 +137,31 @@ RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
                      ELSE jsonb_build_object('traceparent', traceparent) END
 $$;
 
+-- How many events a row holds.
+CREATE FUNCTION flowforge.outbox_count(events text) RETURNS integer
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT length(events) - length(replace(events, E'\n', '')) + 1
+$$;
+
+-- A consumer's lag from its cursor, read from the rows without unpacking them: the events
+-- after it (counting at most `cap` rows) and the time of the first of them (its row's).
+CREATE FUNCTION flowforge.outbox_lag(last_xid xid8, last_position bigint, cap integer)
+RETURNS TABLE (events bigint, oldest timestamptz) LANGUAGE sql STABLE AS $$
+    WITH unread AS (
+        SELECT p.xid, p.position, p.time,
+               CASE WHEN p.xid = last_xid AND p.position <= last_position
+                    THEN greatest(0, p.position + flowforge.outbox_count(p.events) - 1
+                                     - last_position)
+                    ELSE flowforge.outbox_count(p.events) END AS n
+        FROM flowforge.outbox_packed p
+        WHERE p.xid >= last_xid
+          AND (p.xid, p.position) > (last_xid, last_position - 1024)
+    )
+    SELECT (SELECT coalesce(least(sum(u.n), cap), 0)::bigint
+            FROM (SELECT n FROM unread LIMIT cap) u),
+           (SELECT u.time FROM unread u WHERE u.n > 0 ORDER BY u.xid, u.position LIMIT 1)
+$$;
+
 -- One row per event, with the columns the table had. `run_id` and `xid` are the row's
 -- columns, so a query by run (or by xid) uses the row's index.
 CREATE VIEW flowforge.outbox AS

@@ -69,9 +69,7 @@ class PackedRow:
     events: str
 
 
-def pack_events(
-    run_id: UUID, traceparent: str | None, events: Sequence[Event]
-) -> list[PackedRow]:
+def pack_events(run_id: UUID, traceparent: str | None, events: Sequence[Event]) -> list[PackedRow]:
     """A run's events of one commit as rows: one, unless they are more than
     `MAX_EVENTS_PER_ROW` or their numbers have a gap (each row's events follow each other)."""
     rows: list[PackedRow] = []
@@ -138,7 +136,9 @@ def _json(value: object) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
-def columns(rows: Iterable[PackedRow]) -> tuple[list[UUID], list[int], list[datetime], list[str | None], list[str]]:
+def columns(
+    rows: Iterable[PackedRow],
+) -> tuple[list[UUID], list[int], list[datetime], list[str | None], list[str]]:
     """The rows as the parallel arrays of one INSERT ... unnest."""
     rows = list(rows)
     return (

@@ -388,23 +388,10 @@ PING = "SELECT 1"
 # The relay's backlog, sampled for /metrics: the slowest registered feed consumer's
 # (sql/0012; `published_at` lost its index there and is no longer counted), 0 without one.
 OUTBOX_BACKLOG = """
-SELECT coalesce(max(l.behind), 0) AS unpublished, max(l.age) AS oldest_age
+SELECT coalesce(max(l.events), 0) AS unpublished,
+       extract(epoch FROM now() - min(l.oldest))::float8 AS oldest_age
 FROM flowforge.outbox_consumers c
-CROSS JOIN LATERAL (
-    SELECT (SELECT count(*) FROM (
-                SELECT FROM flowforge.outbox o
-                WHERE o.xid >= c.last_xid AND (o.xid, o.position) > (c.last_xid, c.last_position)
-                LIMIT 1000000) x) AS behind,
-           extract(epoch FROM now() - coalesce(
-                (SELECT o.time FROM flowforge.outbox o
-                 WHERE c.last_xid = '0'::xid8 AND o.xid = '0'::xid8
-                   AND o.position > c.last_position
-                 ORDER BY o.position LIMIT 1),
-                (SELECT o.time FROM flowforge.outbox o
-                 WHERE o.xid > '0'::xid8 AND o.xid >= c.last_xid
-                   AND (o.xid, o.position) > (c.last_xid, c.last_position)
-                 ORDER BY o.xid, o.position LIMIT 1)))::float8 AS age
-) l
+CROSS JOIN LATERAL flowforge.outbox_lag(c.last_xid, c.last_position, 1000000) l
 """
 
 # Runs waiting and running across all replicas; both statuses have a partial index.
