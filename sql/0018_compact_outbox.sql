@@ -160,7 +160,7 @@ RETURNS TABLE (events bigint, oldest timestamptz) LANGUAGE sql STABLE AS $$
         WHERE p.xid >= last_xid
           AND (p.xid, p.position) > (last_xid, last_position - 1024)
     )
-    SELECT (SELECT coalesce(least(sum(u.n), cap), 0)::bigint
+    SELECT (SELECT least(coalesce(sum(u.n), 0), cap)::bigint
             FROM (SELECT n FROM unread LIMIT cap) u),
            (SELECT u.time FROM unread u WHERE u.n > 0 ORDER BY u.xid, u.position LIMIT 1)
 $$;
