@@ -19,7 +19,7 @@ from uuid import UUID
 from flowforge_orchestrator.core.records import Event
 from flowforge_orchestrator.errors import StoreError
 
-__all__ = ["MAX_EVENTS_PER_ROW", "WORDS", "PackedRow", "pack_events"]
+__all__ = ["MAX_EVENTS_PER_ROW", "WORDS", "PackedRow", "columns", "pack_events"]
 
 # The words `flowforge.outbox_word` knows, numbered from 1 (its ARRAY, in order).
 WORDS: tuple[str, ...] = (
