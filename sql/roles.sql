@@ -177,5 +177,14 @@ GRANT SELECT (name, last_xid, last_position, read_at, events_read),
     ON flowforge.outbox_consumers TO flowforge_relay;
 GRANT SELECT (position, run_id, seq, published_at), UPDATE (published_at)
     ON flowforge.outbox TO flowforge_relay;
+-- The rows under the views (sql/0017): what the CloudEvents view shows, packed; the feed and
+-- the published_at trigger read them as the relay, and the views' functions run as it.
+GRANT SELECT, UPDATE (published_at) ON flowforge.outbox_packed TO flowforge_relay;
+GRANT EXECUTE ON FUNCTION flowforge.outbox_unpack(text, integer, bigint, timestamptz),
+                          flowforge.outbox_envelope(uuid, integer, text, timestamptz, jsonb, text),
+                          flowforge.outbox_word(text), flowforge.outbox_uuid(text),
+                          flowforge.outbox_data(text, text), flowforge.outbox_parent(uuid),
+                          flowforge.outbox_write()
+    TO flowforge_relay;
 
 COMMIT;

@@ -52,24 +52,15 @@ RETURNING name
 
 DROP_CONSUMER = "DELETE FROM flowforge.outbox_consumers WHERE name = $1 RETURNING name"
 
-# Events after each cursor (counted up to $1, so a huge backlog costs a bounded scan of the
-# feed index), and the age of the first of them in feed order: among the rows from before
-# sql/0012 (xid 0, by their own index) first, else the others.
+# Events after each cursor (counted over at most $1 rows, so a huge backlog costs a bounded
+# scan of the feed index), and the age of the first of them in feed order; read from the
+# packed rows without unpacking them (sql/0017, `outbox_lag`).
 CONSUMER_LAGS = """
 SELECT c.name, c.registered_at, c.read_at, c.events_read, c.lost_events, c.lost_at,
-       (SELECT count(*) FROM (
-            SELECT FROM flowforge.outbox o
-            WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
-            LIMIT $1) behind) AS events_behind,
-       extract(epoch FROM now() - coalesce(
-            (SELECT o.time FROM flowforge.outbox o
-             WHERE c.last_xid = '0'::xid8 AND o.xid = '0'::xid8
-               AND o.position > c.last_position
-             ORDER BY o.position LIMIT 1),
-            (SELECT o.time FROM flowforge.outbox o
-             WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
-             ORDER BY o.xid, o.position LIMIT 1)))::float8 AS seconds_behind
+       l.events AS events_behind,
+       extract(epoch FROM now() - l.oldest)::float8 AS seconds_behind
 FROM flowforge.outbox_consumers c
+CROSS JOIN LATERAL flowforge.outbox_lag(c.last_xid, c.last_position, $1) l
 ORDER BY c.name
 """
 

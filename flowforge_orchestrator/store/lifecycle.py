@@ -36,7 +36,7 @@ WHERE r.status IN ('completed', 'failed', 'cancelled')
        OR NOT EXISTS (
            SELECT FROM flowforge.outbox o
            JOIN flowforge.outbox_consumers c
-             ON (o.xid, o.position) > (c.last_xid, c.last_position)
+             ON o.xid >= c.last_xid AND (o.xid, o.position) > (c.last_xid, c.last_position)
            WHERE o.run_id = r.id))
 ORDER BY r.finished_at
 LIMIT $3
@@ -50,7 +50,8 @@ DELETE_RUNS = """
 WITH unread AS (
     SELECT c.name, count(*) AS n
     FROM flowforge.outbox o
-    JOIN flowforge.outbox_consumers c ON (o.xid, o.position) > (c.last_xid, c.last_position)
+    JOIN flowforge.outbox_consumers c
+      ON o.xid >= c.last_xid AND (o.xid, o.position) > (c.last_xid, c.last_position)
     WHERE o.run_id = ANY ($2::uuid[])
     GROUP BY c.name
 ),

@@ -266,23 +266,20 @@ WITH {locked}owned AS (
         updated_at = now()
     FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[],
                 $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
-                $13::timestamptz[], $46::boolean[], $47::timestamptz[])
+                $13::timestamptz[], $41::boolean[], $42::timestamptz[])
         AS u(id, epoch, new_epoch, claimed, status, checkpoint, output, error, finished_at,
              traceparent, started_at, parked, wake_at)
     WHERE r.id = u.id AND r.epoch = u.epoch{only_locked}
     RETURNING r.id, r.status, r.output, r.error, r.started_at, r.finished_at, r.workflow_name,
               r.parent_run_id, r.parent_step, r.parent_attempt_id
 ),
--- One row per transition: the history and the relay's outbox at once (sql/0006).
+-- The history and the relay's outbox at once (sql/0006): one row per run per commit
+-- holding its events (sql/0017, store/outbox_packing.py).
 events AS (
-    INSERT INTO flowforge.outbox (run_id, seq, type, time, data, traceparent, step_id,
-                                  attempt_id, from_status, to_status)
-    SELECT run_id, seq, type, time, data::jsonb, traceparent, step_id, attempt_id,
-           from_status, to_status
-    FROM unnest($14::uuid[], $15::integer[], $16::text[], $17::timestamptz[], $18::text[],
-                $19::text[], $20::text[], $21::uuid[], $22::text[], $23::text[])
-        AS e(run_id, seq, type, time, data, traceparent, step_id, attempt_id, from_status,
-             to_status)
+    INSERT INTO flowforge.outbox_packed (run_id, seq, time, traceparent, events)
+    SELECT run_id, seq, time, traceparent, events
+    FROM unnest($14::uuid[], $15::integer[], $16::timestamptz[], $17::text[], $18::text[])
+        AS e(run_id, seq, time, traceparent, events)
     WHERE run_id IN (SELECT id FROM owned)
 ),
 -- Outputs of the steps the orchestrator ran itself, stored like a worker's result; and of
@@ -292,8 +289,8 @@ inline AS (
                                         worker, started_at, finished_at, token)
     SELECT a, r, s, o, output::jsonb, error::jsonb, 'orchestrator', at, at,
            flowforge.attempt_token(a)
-    FROM unnest($24::uuid[], $25::uuid[], $26::text[], $27::text[], $28::text[],
-                $29::text[], $30::timestamptz[])
+    FROM unnest($19::uuid[], $20::uuid[], $21::text[], $22::text[], $23::text[],
+                $24::text[], $25::timestamptz[])
         AS x(a, r, s, o, output, error, at)
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT (attempt_id, token) DO UPDATE
@@ -305,7 +302,7 @@ inline AS (
 taken AS (
     INSERT INTO flowforge.event_consumptions (run_id, event_id, step_id, attempt_id)
     SELECT r, e, s, a
-    FROM unnest($31::uuid[], $32::bigint[], $33::text[], $34::uuid[]) AS x(r, e, s, a)
+    FROM unnest($26::uuid[], $27::bigint[], $28::text[], $29::uuid[]) AS x(r, e, s, a)
     WHERE r IN (SELECT id FROM owned)
     ON CONFLICT DO NOTHING
 ),
@@ -315,8 +312,8 @@ taken AS (
 child AS MATERIALIZED (
     SELECT x.*, EXISTS (SELECT FROM flowforge.workflow_definitions d
                         WHERE d.name = x.w AND (x.v IS NULL OR d.version = x.v)) AS known
-    FROM unnest($35::uuid[], $36::uuid[], $37::text[], $38::uuid[], $39::text[],
-                $40::integer[], $41::text[], $42::integer[], $43::text[])
+    FROM unnest($30::uuid[], $31::uuid[], $32::text[], $33::uuid[], $34::text[],
+                $35::integer[], $36::text[], $37::integer[], $38::text[])
         AS x(c, p, s, a, w, v, i, d, tp)
     WHERE x.p IN (SELECT id FROM owned)
 ),
@@ -338,7 +335,7 @@ unknown AS (
 child_cancels AS (
     INSERT INTO flowforge.cancel_requests (run_id, reason)
     SELECT c, 'its parent run ' || p || ' stopped the step that started it'
-    FROM unnest($44::uuid[], $45::uuid[]) AS x(p, c)
+    FROM unnest($39::uuid[], $40::uuid[]) AS x(p, c)
     WHERE p IN (SELECT id FROM owned)
 ),
 -- A child run that ends answers its parent's attempt, in its final transaction: the
@@ -359,7 +356,7 @@ to_parent AS (
 -- The wait steps of the runs this commit parks (sql/0016): what an event finds them by.
 parked AS (
     INSERT INTO flowforge.parked_waits (run_id, name, key)
-    SELECT r, n, k FROM unnest($48::uuid[], $49::text[], $50::text[]) AS x(r, n, k)
+    SELECT r, n, k FROM unnest($43::uuid[], $44::text[], $45::text[]) AS x(r, n, k)
     WHERE r IN (SELECT id FROM owned)
 )
 {answer}
@@ -466,22 +463,10 @@ PING = "SELECT 1"
 # The relay's backlog, sampled for /metrics: the slowest registered feed consumer's
 # (sql/0012; `published_at` lost its index there and is no longer counted), 0 without one.
 OUTBOX_BACKLOG = """
-SELECT coalesce(max(l.behind), 0) AS unpublished, max(l.age) AS oldest_age
+SELECT coalesce(max(l.events), 0) AS unpublished,
+       extract(epoch FROM now() - min(l.oldest))::float8 AS oldest_age
 FROM flowforge.outbox_consumers c
-CROSS JOIN LATERAL (
-    SELECT (SELECT count(*) FROM (
-                SELECT FROM flowforge.outbox o
-                WHERE (o.xid, o.position) > (c.last_xid, c.last_position)
-                LIMIT 1000000) x) AS behind,
-           extract(epoch FROM now() - coalesce(
-                (SELECT o.time FROM flowforge.outbox o
-                 WHERE c.last_xid = '0'::xid8 AND o.xid = '0'::xid8
-                   AND o.position > c.last_position
-                 ORDER BY o.position LIMIT 1),
-                (SELECT o.time FROM flowforge.outbox o
-                 WHERE o.xid > '0'::xid8 AND (o.xid, o.position) > (c.last_xid, c.last_position)
-                 ORDER BY o.xid, o.position LIMIT 1)))::float8 AS age
-) l
+CROSS JOIN LATERAL flowforge.outbox_lag(c.last_xid, c.last_position, 1000000) l
 """
 
 # Runs waiting and running across all replicas; both statuses have a partial index.

@@ -22,6 +22,7 @@ from flowforge_orchestrator.errors import NotFound, StoreError
 from flowforge_orchestrator.store import queries as q
 from flowforge_orchestrator.store.db import json_texts
 from flowforge_orchestrator.store.migrations import pending_on
+from flowforge_orchestrator.store.outbox_packing import columns, pack_events
 
 __all__ = [
     "ClaimedRun",
@@ -375,7 +376,12 @@ async def _write_changes(
 ) -> dict[UUID, bool]:
     if not batch:
         return {}
-    events = [(o.changes.run_id, o.traceparent, e) for o in batch for e in o.changes.events]
+    packed = columns(
+        row
+        for o in batch
+        if o.changes.events
+        for row in pack_events(o.changes.run_id, o.traceparent, o.changes.events)
+    )
     inline = [(o.changes.run_id, r) for o in batch for r in o.changes.inline_results]
     taken = [(o.changes.run_id, t) for o in batch for t in o.changes.events_taken]
     children = [(o.changes.run_id, c) for o in batch for c in o.changes.children]
@@ -396,16 +402,7 @@ async def _write_changes(
         [o.changes.finished_at for o in batch],
         [o.traceparent for o in batch],
         [o.changes.started_at for o in batch],
-        [run_id for run_id, _, _ in events],
-        [e.seq for _, _, e in events],
-        [e.type for _, _, e in events],
-        [e.at for _, _, e in events],
-        json_texts(e.data for _, _, e in events),
-        [tp for _, tp, _ in events],
-        [e.step_id for _, _, e in events],
-        [e.attempt_id for _, _, e in events],
-        [e.from_status for _, _, e in events],
-        [e.to_status for _, _, e in events],
+        *packed,
         [r.attempt_id for _, r in inline],
         [run_id for run_id, _ in inline],
         [r.step_id for _, r in inline],

@@ -40,7 +40,9 @@ REPO = Path(__file__).resolve().parents[2]
 STEP_MODULE = "tests.bench.steps"
 STEP_TYPE = "noop"
 _HEALTH = ":health-check"  # arq's per-queue key, written by a worker's first poll
-_RUN_TABLES = "flowforge.runs, flowforge.step_results, flowforge.outbox, flowforge.parked_waits"
+_RUN_TABLES = (
+    "flowforge.runs, flowforge.step_results, flowforge.outbox_packed, flowforge.parked_waits"
+)
 # What a reset clears in Redis: the engine's queues and arq's per-job keys (both workers').
 _ENGINE_KEYS = (queue_name("*"), "arq:job:*", "arq:in-progress:*", "arq:retry:*", "arq:result:*")
 _UNFINISHED_RUNS = "SELECT count(*) FROM flowforge.runs WHERE status IN ('pending', 'running')"

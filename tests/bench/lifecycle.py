@@ -138,10 +138,12 @@ async def run(dsn: str, runs: int) -> dict[str, Any]:
     await store.apply_migrations(dsn)
     conn = await asyncpg.connect(dsn)
     try:
-        await conn.execute("TRUNCATE flowforge.runs, flowforge.outbox, flowforge.step_results")
+        await conn.execute(
+            "TRUNCATE flowforge.runs, flowforge.outbox_packed, flowforge.step_results"
+        )
         await conn.execute("DELETE FROM flowforge.outbox_consumers")
         await _fill(conn, runs, per_tx=50)
-        await conn.execute("VACUUM ANALYZE flowforge.outbox")
+        await conn.execute("VACUUM ANALYZE flowforge.outbox_packed")
         feed = [await measure_feed(conn, n) for n in (100, 1000)]
         retention = await measure_retention(conn, runs)
         return {"runs": runs, "events": runs * EVENTS_PER_RUN, "feed": feed, "retention": retention}

@@ -235,6 +235,7 @@ async def throughput(cluster: Cluster, runs: int, timeout: float) -> dict[str, A
         "write_transactions_per_step": writes / steps,
         "wal_bytes": wal,
         "wal_bytes_per_step": wal / steps,
+        "wal_lsn_range": [before["lsn"], after["lsn"]],  # for pg_walinspect
         "cpu_ms_per_step": {name: seconds * 1000 / steps for name, seconds in cpu.items()},
     }
 
@@ -313,6 +314,7 @@ async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]
         "wall_s": wall,
         "wal_bytes": wal,
         "wal_bytes_per_item": wal / max(items, 1),
+        "wal_lsn_range": [before["lsn"], after["lsn"]],  # for pg_walinspect
         "write_transactions_per_item": writes / max(items, 1),
     }
 

@@ -325,11 +325,11 @@ async def test_transitions_ready_together_are_committed_together(
         assert (await engine.finished(run_id))["status"] == "completed"
 
     rows = await engine.conn.fetch(
-        "SELECT run_id, seq, xmin::text AS xid, type FROM flowforge.outbox"
+        "SELECT run_id, seq, xid::text AS xid, type FROM flowforge.outbox"
         " WHERE run_id = ANY($1::uuid[]) ORDER BY run_id, seq",
         run_ids,
     )
-    # Rows written by one transaction share its xmin.
+    # Events written by one transaction share its id (`xid`; sql/0012).
     started = {r["xid"] for r in rows if r["type"] == "workflow.started"}
     assert len(started) == 1, "the 20 runs were claimed and started in one transaction"
     by_run: dict[object, list[dict[str, object]]] = {}

@@ -95,18 +95,21 @@ async def _register_all(engine: Engine) -> None:
 
 
 async def _poison(conn: asyncpg.Connection, run_id: UUID, types: tuple[str, ...]) -> None:
-    """Make the database refuse the outbox rows of these types for one run."""
+    """Make the database refuse the outbox rows holding events of these types for one run
+    (a row holds a commit's events of the run: sql/0017)."""
     await conn.execute(
         f"""
         CREATE FUNCTION flowforge.poison() RETURNS trigger LANGUAGE plpgsql AS $$
         BEGIN
-            IF NEW.run_id = '{run_id}' AND NEW.type = ANY(ARRAY{list(types)!r}::text[]) THEN
+            IF NEW.run_id = '{run_id}' AND EXISTS (
+                SELECT FROM flowforge.outbox_unpack(NEW.events, NEW.seq, NEW.position, NEW.time) u
+                WHERE u.type = ANY(ARRAY{list(types)!r}::text[])) THEN
                 RAISE EXCEPTION 'poisoned row of run %', NEW.run_id
                     USING ERRCODE = 'data_exception';
             END IF;
             RETURN NEW;
         END $$;
-        CREATE TRIGGER poison BEFORE INSERT ON flowforge.outbox
+        CREATE TRIGGER poison BEFORE INSERT ON flowforge.outbox_packed
             FOR EACH ROW EXECUTE FUNCTION flowforge.poison();
         """
     )

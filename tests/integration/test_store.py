@@ -36,7 +36,7 @@ TABLES = {
     "workflow_definitions",
     "runs",
     "step_results",
-    "outbox",
+    "outbox_packed",  # `outbox` is a view over it (sql/0017)
     "step_types",
     "schema_migrations",
     "concurrency_slots",
@@ -129,7 +129,7 @@ async def test_migrations_create_the_schema_on_an_empty_database(
             )
         }
         assert tables == TABLES
-        for view in ("outbox_cloudevents", "transitions", "step_attempts"):
+        for view in ("outbox", "outbox_cloudevents", "transitions", "step_attempts"):
             assert await c.fetchval(f"SELECT to_regclass('flowforge.{view}') IS NOT NULL")
         rows = await c.fetch(
             "SELECT version, name, checksum FROM flowforge.schema_migrations ORDER BY version"
