@@ -10,14 +10,10 @@ import re
 import signal
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import pytest
-
-from flowforge_orchestrator import store
 from tests.chaos.audit import audit
 from tests.e2e.test_processes import (
     ADOPT,
@@ -28,21 +24,9 @@ from tests.e2e.test_processes import (
     SlowFiles,
     assert_history,
 )
+from tests.e2e.test_processes import cluster as cluster  # the fixture
 
 FAST = {"FLOWFORGE_LIVENESS_INTERVAL": "0.2"}
-
-
-@pytest.fixture
-async def cluster(db_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    conn = await store.connect(db_url)
-    processes = Cluster(db_url, redis_url, tmp_path, conn)
-    try:
-        yield processes
-    finally:
-        try:
-            processes.stop_all()
-        finally:
-            await conn.close()
 
 
 async def _orchestrator(cluster: Cluster, node: str, lease_seconds: float) -> Process:

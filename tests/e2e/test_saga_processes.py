@@ -10,12 +10,11 @@ import signal
 from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pytest
 
-from flowforge_orchestrator import store
 from tests.e2e.test_processes import Cluster, Process
+from tests.e2e.test_processes import cluster as cluster  # the fixture
 
 ALLOW = {"FLOWFORGE_HTTP_ALLOW": "127.0.0.0/8"}  # the test's server is on 127.0.0.1
 
@@ -93,19 +92,6 @@ async def server() -> AsyncIterator[CountingServer]:
     finally:
         counting.release.set()
         listener.close()
-
-
-@pytest.fixture
-async def cluster(db_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    conn = await store.connect(db_url)
-    processes = Cluster(db_url, redis_url, tmp_path, conn)
-    try:
-        yield processes
-    finally:
-        try:
-            processes.stop_all()
-        finally:
-            await conn.close()
 
 
 async def orchestrator(cluster: Cluster, node: str) -> Process:

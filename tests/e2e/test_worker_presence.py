@@ -9,28 +9,11 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import AsyncIterator
-from pathlib import Path
 
-import pytest
-
-from flowforge_orchestrator import store
 from tests.e2e.test_processes import CLI, REPO, STEP_MODULE, Cluster, Process
+from tests.e2e.test_processes import cluster as cluster  # the fixture
 
 TYPES = "beat, echo, http, slow"
-
-
-@pytest.fixture
-async def cluster(db_url: str, redis_url: str, tmp_path: Path) -> AsyncIterator[Cluster]:
-    conn = await store.connect(db_url)
-    processes = Cluster(db_url, redis_url, tmp_path, conn)
-    try:
-        yield processes
-    finally:
-        try:
-            processes.stop_all()
-        finally:
-            await conn.close()
 
 
 async def worker(cluster: Cluster, node: str) -> Process:
