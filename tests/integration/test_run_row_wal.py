@@ -6,10 +6,17 @@ PostgreSQL lock every row an UPDATE touches first: a lock record per run per gro
 
 from __future__ import annotations
 
+import uuid
+from datetime import UTC, datetime
+
 import asyncpg
 
+from flowforge_orchestrator import store
+from flowforge_orchestrator.core.records import StepResult
 
-A_DEFINITION = "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('one', 1, '{}')"
+A_DEFINITION = (
+    "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('one', 1, '{}')"
+)
 A_RUN = "INSERT INTO flowforge.runs (workflow_name) VALUES ('one') RETURNING id"
 
 # pg_trigger.tgtype bits (PostgreSQL's trigger.h): ROW 1, BEFORE 2, UPDATE 16.
@@ -53,5 +60,46 @@ async def test_an_update_of_a_run_writes_no_lock_record(db_url: str) -> None:
             )
         records = [r["record_type"] for r in await conn.fetch(RECORDS_OF_XID, start, xid)]
         assert records in (["HOT_UPDATE"], ["UPDATE"]), records
+    finally:
+        await conn.close()
+
+
+def _result(run_id: uuid.UUID) -> StepResult:
+    at = datetime(2026, 1, 1, tzinfo=UTC)
+    return StepResult(uuid.uuid4(), "a", "succeeded", 1, None, at, at, "w", run_id, bytes(16))
+
+
+async def test_a_new_result_is_inserted_without_a_speculative_insert(db_url: str) -> None:
+    """`INSERT ... ON CONFLICT` writes a confirmation record per row (48 B a step); a
+    worker's result is almost always new, so it is inserted plainly first."""
+    conn = await store.connect(db_url)  # the admin DSN: pg_walinspect needs a superuser
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        start = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        await conn.execute("SET synchronous_commit = on")  # pg_walinspect reads flushed WAL
+        assert await store.insert_results(conn, [_result(uuid.uuid4())]) == 1
+        xid = await conn.fetchval(
+            "SELECT xmin::text FROM flowforge.step_results ORDER BY finished_at LIMIT 1"
+        )
+        records = [r["record_type"] for r in await conn.fetch(RECORDS_OF_XID, start, xid)]
+        assert records == ["INSERT"] or records == ["INSERT+INIT"], records
+    finally:
+        await conn.close()
+
+
+async def test_a_duplicate_result_is_still_skipped_and_the_others_stored(db_url: str) -> None:
+    conn = await store.connect(db_url)
+    try:
+        run_id = uuid.uuid4()
+        first, second = _result(run_id), _result(run_id)
+        assert await store.insert_results(conn, [first]) == 1
+        assert await store.insert_results(conn, [first, second]) == 1  # first: a duplicate
+        assert await store.insert_result(conn, second) is False
+        stored = await conn.fetchval(
+            "SELECT count(*) FROM flowforge.step_results WHERE run_id = $1", run_id
+        )
+        assert stored == 2
+        async with conn.transaction():  # inside a caller's transaction too
+            assert await store.insert_results(conn, [first, _result(run_id)]) == 1
     finally:
         await conn.close()

@@ -1,4 +1,6 @@
--- No BEFORE UPDATE row trigger on runs, again (sql/0008).
+-- Less WAL per step from the run row.
+--
+-- 1. No BEFORE UPDATE row trigger on runs, again (sql/0008).
 --
 -- The wake-up of a hibernated run by its cancellation flag (sql/0016) was a BEFORE UPDATE
 -- row trigger: with one on the table, PostgreSQL locks every row an UPDATE touches before
@@ -23,3 +25,9 @@ CREATE TRIGGER runs_wake_cancelled AFTER UPDATE OF cancel_requested ON flowforge
     FOR EACH ROW
     WHEN (NEW.cancel_requested AND NOT OLD.cancel_requested AND OLD.wake_at IS NOT NULL)
     EXECUTE FUNCTION flowforge.runs_wake_cancelled();
+
+-- 2. No `runs_pending`: every run's insert added an entry to it (~13 B of WAL per step), and
+--    nothing needs it. The claim reads `runs_claimable` (sql/0003); the gauge's count of
+--    pending runs and `runs list --status pending` read `runs_status_created`, whose
+--    leading column is the status.
+DROP INDEX flowforge.runs_pending;
