@@ -39,6 +39,12 @@ ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
+# Without a key nothing can conflict on it: a plain insert, without ON CONFLICT's
+# confirmation record per row in the WAL.
+ENQUEUE_RUN_WITHOUT_KEY = ENQUEUE_RUN.replace(
+    "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING\n", ""
+)
+
 RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = $1"
 
 # -- claiming and leases -------------------------------------------------------------------

@@ -164,9 +164,8 @@ async def enqueue_run(
     """
     text = json.dumps(input if input is not None else {}, separators=(",", ":"))
     try:
-        new_id = await conn.fetchval(
-            q.ENQUEUE_RUN, run_id, workflow, version, text, idempotency_key
-        )
+        query = q.ENQUEUE_RUN if idempotency_key is not None else q.ENQUEUE_RUN_WITHOUT_KEY
+        new_id = await conn.fetchval(query, run_id, workflow, version, text, idempotency_key)
     except asyncpg.ForeignKeyViolationError as exc:  # sql/0014: an unknown workflow
         message, hint = getattr(exc, "message", str(exc)), getattr(exc, "hint", None)
         raise NotFound(f"{message}: {hint}" if hint else message) from exc

@@ -103,3 +103,26 @@ async def test_a_duplicate_result_is_still_skipped_and_the_others_stored(db_url:
             assert await store.insert_results(conn, [first, _result(run_id)]) == 1
     finally:
         await conn.close()
+
+
+async def test_a_run_without_an_idempotency_key_is_inserted_plainly(db_url: str) -> None:
+    """Nothing can conflict on a key it has not got: no confirmation record for it."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        await conn.execute(A_DEFINITION)
+        start = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+        await conn.execute("SET synchronous_commit = on")  # pg_walinspect reads flushed WAL
+        run_id, created = await store.enqueue_run(conn, "one", {})
+        assert created
+        xid = await conn.fetchval("SELECT xmin::text FROM flowforge.runs WHERE id = $1", run_id)
+        records = [r["record_type"] for r in await conn.fetch(RECORDS_OF_XID, start, xid)]
+        assert records in (["INSERT"], ["INSERT+INIT"]), records
+        # With a key, the second enqueue still finds the first run.
+        first = await store.enqueue_run(conn, "one", {}, idempotency_key="k")
+        assert await store.enqueue_run(conn, "one", {"n": 2}, idempotency_key="k") == (
+            first[0],
+            False,
+        )
+    finally:
+        await conn.close()
