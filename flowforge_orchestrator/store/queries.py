@@ -39,6 +39,12 @@ ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
 RETURNING id
 """
 
+# Without a key nothing can conflict on it: a plain insert, without ON CONFLICT's
+# confirmation record per row in the WAL.
+ENQUEUE_RUN_WITHOUT_KEY = ENQUEUE_RUN.replace(
+    "ON CONFLICT (idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING\n", ""
+)
+
 RUN_BY_IDEMPOTENCY_KEY = "SELECT id FROM flowforge.runs WHERE idempotency_key = $1"
 
 # -- claiming and leases -------------------------------------------------------------------
@@ -393,6 +399,11 @@ FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text
     AS x(a, r, s, o, output, error, w, st, f, t)
 ON CONFLICT DO NOTHING
 """
+
+# The same without ON CONFLICT, tried first: a speculative insert writes a confirmation
+# record per row to the WAL (48 B a step), and a result is almost always new. A duplicate
+# fails the statement, and INSERT_RESULTS then skips it.
+INSERT_NEW_RESULTS = INSERT_RESULTS.replace("ON CONFLICT DO NOTHING\n", "")
 
 # -- results -------------------------------------------------------------------------------
 

@@ -164,9 +164,8 @@ async def enqueue_run(
     """
     text = json.dumps(input if input is not None else {}, separators=(",", ":"))
     try:
-        new_id = await conn.fetchval(
-            q.ENQUEUE_RUN, run_id, workflow, version, text, idempotency_key
-        )
+        query = q.ENQUEUE_RUN if idempotency_key is not None else q.ENQUEUE_RUN_WITHOUT_KEY
+        new_id = await conn.fetchval(query, run_id, workflow, version, text, idempotency_key)
     except asyncpg.ForeignKeyViolationError as exc:  # sql/0014: an unknown workflow
         message, hint = getattr(exc, "message", str(exc)), getattr(exc, "hint", None)
         raise NotFound(f"{message}: {hint}" if hint else message) from exc
@@ -495,8 +494,7 @@ async def insert_results(conn: asyncpg.Connection, results: Sequence[StepResult]
     statement's trigger NOTIFYs their attempt ids when the transaction commits. Each result
     needs its `run_id` and `token`. Returns the rows new."""
     filed = [_filed(r) for r in results]
-    status = await conn.execute(
-        q.INSERT_RESULTS,
+    args = (
         [r.attempt_id for r in results],
         [run_id for run_id, _ in filed],
         [r.step_id for r in results],
@@ -508,6 +506,15 @@ async def insert_results(conn: asyncpg.Connection, results: Sequence[StepResult]
         [r.finished_at for r in results],
         [token for _, token in filed],
     )
+    # Plainly first (no confirmation record per row), unless a failed statement would abort
+    # the caller's transaction.
+    if not conn.is_in_transaction():
+        try:
+            status = await conn.execute(q.INSERT_NEW_RESULTS, *args)
+            return int(status.rsplit(" ", 1)[-1])
+        except asyncpg.UniqueViolationError:
+            pass  # a duplicate delivery among them: skip it below
+    status = await conn.execute(q.INSERT_RESULTS, *args)
     return int(status.rsplit(" ", 1)[-1])
 
 
