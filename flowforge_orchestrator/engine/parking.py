@@ -40,7 +40,7 @@ def wake_ahead(after: float) -> float:
 
 def park_until(state: RunState, now: datetime, after: float) -> Parking | None:
     """The run's hibernation if it may hibernate now (see the module); `after` <= 0: never."""
-    if after <= 0 or state.status is not RunStatus.RUNNING or state.outstanding():
+    if after <= 0 or state.status is not RunStatus.RUNNING or state.has_outstanding():
         return None
     waits = tuple((w.event, w.key) for w in state.waiting())
     timer = state.next_timer()

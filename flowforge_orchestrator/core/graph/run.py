@@ -170,6 +170,13 @@ class RunState:
             if node.attempt_id is not None and node.with_worker
         ]
 
+    def has_outstanding(self) -> bool:
+        """Whether any attempt is out (`outstanding()` without building the list: asked
+        before every commit, where the answer is usually yes at the first node)."""
+        return any(
+            node.attempt_id is not None and node.with_worker for node in self._nodes.values()
+        )
+
     def handed_off(self) -> list[UUID]:
         """Attempts a worker handed to another system: none is sent to a worker again;
         each waits for its completion (or its deadline)."""
