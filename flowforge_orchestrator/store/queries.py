@@ -269,7 +269,12 @@ WITH {locked}owned AS (
         started_at = coalesce(r.started_at, u.started_at),
         finished_at = u.finished_at,
         wake_at = CASE WHEN u.parked THEN coalesce(u.wake_at, 'infinity') END,
-        updated_at = now()
+        -- Moves with the status and the holder only: PostgreSQL logs an update from its
+        -- first changed byte (in `checkpoint`) to its last, and a time near the row's end
+        -- set by every commit logged owner, lease, epoch, traceparent and the times again
+        -- (~100 B a commit; BENCHMARKS.md "updated_at").
+        updated_at = CASE WHEN u.claimed OR u.parked OR u.status <> r.status
+                          THEN now() ELSE r.updated_at END
     FROM unnest($3::uuid[], $4::bigint[], $5::bigint[], $6::boolean[], $7::text[],
                 $8::text[], $9::text[], $10::text[], $11::timestamptz[], $12::text[],
                 $13::timestamptz[], $41::boolean[], $42::timestamptz[])

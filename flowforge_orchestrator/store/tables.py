@@ -60,7 +60,7 @@ runs = Table(
     _time("created_at", nullable=False),
     _time("started_at"),
     _time("finished_at"),
-    _time("updated_at", nullable=False),
+    _time("updated_at", nullable=False),  # the last change of status or holder, not of state
     Column("concurrency_keys", ARRAY(Text)),
     Column("waiting", Boolean, nullable=False),
     Column("redrives", Integer, nullable=False),

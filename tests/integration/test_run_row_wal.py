@@ -12,7 +12,9 @@ from datetime import UTC, datetime
 import asyncpg
 
 from flowforge_orchestrator import store
-from flowforge_orchestrator.core.records import StepResult
+from flowforge_orchestrator.core.records import RunChanges, StepResult
+from flowforge_orchestrator.core.state import RunStatus
+from flowforge_orchestrator.store import OwnedChanges
 
 A_DEFINITION = (
     "INSERT INTO flowforge.workflow_definitions (name, version, spec) VALUES ('one', 1, '{}')"
@@ -124,5 +126,72 @@ async def test_a_run_without_an_idempotency_key_is_inserted_plainly(db_url: str)
             first[0],
             False,
         )
+    finally:
+        await conn.close()
+
+
+# The one heap record a transaction wrote, with its length (pg_walinspect, PostgreSQL 15).
+RECORD_OF_XID = """
+SELECT record_type, record_length - fpi_length AS record_length
+FROM pg_get_wal_records_info($1::text::pg_lsn, pg_current_wal_flush_lsn())
+WHERE xid::text = $2 AND resource_manager = 'Heap'
+"""
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+async def _commit(
+    conn: asyncpg.Connection, changes: RunChanges, epoch: int, *, claimed: bool = False
+) -> tuple[str, int]:
+    """Write `changes` as the orchestrator's group commit does, flushed; its heap record."""
+    start = await conn.fetchval("SELECT pg_current_wal_lsn()::text")
+    async with conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        xid = await conn.fetchval("SELECT pg_current_xact_id()::text")
+        owned = OwnedChanges(changes, epoch, epoch + int(claimed), claimed, TRACEPARENT)
+        assert await store.write_changes(conn, "orchestrator-a", 30, [owned]) == {changes.run_id}
+    [record] = await conn.fetch(RECORD_OF_XID, start, xid)
+    return record["record_type"], record["record_length"]
+
+
+async def test_a_commit_that_changes_only_the_checkpoint_logs_only_the_checkpoint(
+    db_url: str,
+) -> None:
+    """PostgreSQL logs an update's new row from its first changed byte to its last: an
+    `updated_at` (the row's last column but a few) set by every commit made each HOT record
+    carry owner, lease, epoch, traceparent and the times again (~100 B a commit). It moves
+    with the status, the owner and the lease's holder only."""
+    conn = await store.connect(db_url)  # the admin DSN: pg_walinspect needs a superuser
+    try:
+        await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_walinspect")
+        await conn.execute(A_DEFINITION)
+        run_id = await conn.fetchval(A_RUN)
+        steps = {f"step_{i}": "S1" for i in range(20)}
+
+        def changes(seq: int, status: RunStatus = RunStatus.RUNNING) -> RunChanges:
+            checkpoint = {"v": 3, "seq": seq, "steps": {**steps, "last": f"d{seq}"}}
+            at = datetime(2026, 1, 1, tzinfo=UTC)
+            finished = at if status.finished else None
+            return RunChanges(run_id, status, checkpoint, started_at=at, finished_at=finished)
+
+        await _commit(conn, changes(1), 0, claimed=True)
+        claimed_at = await conn.fetchval(
+            "SELECT updated_at FROM flowforge.runs WHERE id = $1", run_id
+        )
+        record_type, length = await _commit(conn, changes(2), 1)
+        row = await conn.fetchrow(
+            "SELECT updated_at, pg_column_size(checkpoint) AS size FROM flowforge.runs"
+            " WHERE id = $1",
+            run_id,
+        )
+        assert row["updated_at"] == claimed_at
+        assert record_type == "HOT_UPDATE"
+        # Headers and the changed bytes, all within the checkpoint now (its start, before
+        # `seq`, is not logged): 388 B for a 408 B checkpoint here; 542 B when `updated_at`
+        # moved with every commit.
+        assert length < row["size"] + 40, (length, row["size"])
+
+        await _commit(conn, changes(3, RunStatus.COMPLETED), 1)
+        ended = await conn.fetchval("SELECT updated_at FROM flowforge.runs WHERE id = $1", run_id)
+        assert ended > claimed_at
     finally:
         await conn.close()
