@@ -153,8 +153,9 @@ MUTATIONS: tuple[Mutation, ...] = (
     mutation(
         "the orchestrator does not renew its leases",
         "flowforge_orchestrator/engine/leases.py",
-        "                return await store.renew_leases(conn, self.node, "
-        "self.settings.lease_seconds, owned)\n",
+        "                return await store.renew_leases(\n"
+        "                    conn, self.node, lease, owned, renew_below=lease * 2 / 3\n"
+        "                )\n",
         "                return self._runs.epochs()\n",
         "tests/integration/test_leases.py",
     ),

@@ -113,10 +113,22 @@ FOR UPDATE SKIP LOCKED
 """
 
 # Only the runs the owner still holds in memory: a run it gave back must expire.
+# Only the leases with less than $4 seconds left are written: `lease_expires_at` is
+# indexed, so each renewal is a non-HOT update of the row and its indexes (~170 B of WAL),
+# and a run that ends before its lease gets old is never renewed. The others are read, to
+# report them held. One snapshot decides which part looks at a row.
 RENEW_LEASES = """
-UPDATE flowforge.runs SET lease_expires_at = now() + make_interval(secs => $2)
+WITH renewed AS (
+    UPDATE flowforge.runs SET lease_expires_at = now() + make_interval(secs => $2)
+    WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+      AND coalesce(lease_expires_at, '-infinity') < now() + make_interval(secs => $4)
+    RETURNING id, epoch
+)
+SELECT id, epoch FROM renewed
+UNION ALL
+SELECT id, epoch FROM flowforge.runs
 WHERE owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
-RETURNING id, epoch
+  AND lease_expires_at >= now() + make_interval(secs => $4)
 """
 
 # When a row is locked by someone else (RENEW_LEASES ran into the lock timeout): renew the

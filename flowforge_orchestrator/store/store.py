@@ -230,12 +230,18 @@ async def renew_leases(
     lease_seconds: float,
     run_ids: Sequence[UUID],
     *,
+    renew_below: float | None = None,
     skip_locked: bool = False,
 ) -> dict[UUID, int]:
     """Extend the leases of these runs in one statement; returns those still ours -> epoch.
-    `skip_locked`: rows locked by someone else are not waited for (nor renewed this time)."""
-    query = q.RENEW_LEASES_SKIP_LOCKED if skip_locked else q.RENEW_LEASES
-    rows = await conn.fetch(query, owner, lease_seconds, list(run_ids))
+    `renew_below`: only leases with fewer seconds left are written (None: all);
+    `skip_locked`: rows locked by someone else are not waited for (nor renewed this time),
+    and every lease that can be locked is renewed."""
+    if skip_locked:
+        rows = await conn.fetch(q.RENEW_LEASES_SKIP_LOCKED, owner, lease_seconds, list(run_ids))
+    else:
+        below = lease_seconds if renew_below is None else renew_below
+        rows = await conn.fetch(q.RENEW_LEASES, owner, lease_seconds, list(run_ids), below)
     return {row["id"]: row["epoch"] for row in rows}
 
 

@@ -14,7 +14,7 @@ from tests.helpers import stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
 
 HELD = "name: held\nversion: 1\nsteps:\n  - {id: h, type: hold, with: {}}\n"
-LEASE = 2  # seconds; renewed every LEASE / 3
+LEASE = 2  # seconds; renewed every LEASE / 6 (those with under 2/3 left)
 
 
 async def test_a_live_owner_renews_its_lease_and_no_other_replica_takes_the_run(

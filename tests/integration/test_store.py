@@ -727,6 +727,38 @@ async def test_renew_and_release_only_touch_this_owners_running_runs(
     assert claimable == [mine]
 
 
+async def test_a_renewal_rewrites_only_the_leases_that_need_it(conn: asyncpg.Connection) -> None:
+    """A lease is indexed, so renewing it is a non-HOT update (~170 B of WAL a run): a lease
+    with more than `renew_below` seconds left is not written again, but still reported held."""
+    old, young, theirs = await _pending_runs(conn, 3)
+    for run_id, owner, left in ((old, "a", 10), (young, "a", 55), (theirs, "b", 10)):
+        await conn.execute(
+            "UPDATE flowforge.runs SET owner = $2, status = 'running', epoch = 3,"
+            " lease_expires_at = now() + make_interval(secs => $3) WHERE id = $1",
+            run_id,
+            owner,
+            left,
+        )
+    versions = {r["id"]: r["xmin"] for r in await conn.fetch("SELECT id, xmin FROM flowforge.runs")}
+
+    held = await store.renew_leases(conn, "a", 60, [old, young, theirs], renew_below=40)
+    assert held == {old: 3, young: 3}
+    rows = {
+        r["id"]: r
+        for r in await conn.fetch(
+            "SELECT id, xmin, lease_expires_at - now() AS left FROM flowforge.runs"
+        )
+    }
+    assert rows[old]["left"] > timedelta(seconds=50) and rows[old]["xmin"] != versions[old]
+    assert rows[young]["xmin"] == versions[young]  # not written: 55 s left
+    assert rows[theirs]["xmin"] == versions[theirs]
+    # Without a threshold every lease is renewed (the statement after a lock timeout too).
+    for skip_locked in (False, True):
+        assert await store.renew_leases(conn, "a", 60, [young], skip_locked=skip_locked) == {
+            young: 3
+        }
+
+
 # -- results -------------------------------------------------------------------------------
 
 
