@@ -73,6 +73,11 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
             node = fan_outs.popleft()
             _restore_fan_out(run, node, saved, results)
             scopes.extend(node.children)  # its elements (its own handlers came with it)
+    for packing in run._packed.values():
+        # Its elements are all restored now, those saved on their own too: pack them. Parts
+        # stored in this size stay as they are; else (letters saved inline: a small
+        # fan-out, or one saved before parts existed) the next commit writes them all.
+        packing.reload(stored=saved.steps[packing.node.key].part_size == packing.size)
     run._root.started = run.status is RunStatus.RUNNING
     for scope in reversed(scopes):  # children before their owners
         _restore_scope_state(run, scope)

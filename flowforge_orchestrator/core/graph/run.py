@@ -61,6 +61,7 @@ from flowforge_orchestrator.core.graph.followups import Check, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import to
 from flowforge_orchestrator.core.graph.nodes import Frame, Node, weigh_capped
+from flowforge_orchestrator.core.graph.packing import Packing
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
@@ -123,7 +124,8 @@ class RunState:
         self._journal = Journal(run_id)
         self._timers = Timers()
         self._nodes: dict[str, Node] = {}
-        self._packed: dict[str, Node] = {}  # see tree.Growing
+        self._packed: dict[str, Packing] = {}  # see tree.Growing
+        self._parts_dropped: list[str] = []
         self._saved_alone: dict[str, Node] = {}
         self._queue = FollowUps()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
@@ -136,7 +138,26 @@ class RunState:
     # -- what the engine reads ---------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
-        """The graph state as stored in `runs.checkpoint` (outputs live in step_results)."""
+        """The graph state as the store gives it back (`runs.checkpoint` with its parts
+        joined in: `checkpoint.with_parts`); outputs live in step_results. O(elements): a
+        commit takes the stored form instead (`take_changes`)."""
+        return self._write(parted=False)
+
+    def take_changes(self) -> RunChanges | None:
+        """Drain what happened since the last call, with a fresh checkpoint snapshot: the
+        run row's form, and the parts of big fan-outs that changed since the last call."""
+        changes = self._journal.take()
+        if changes is not None:
+            changes.status = self.status
+            changes.checkpoint = self._write(parted=True)
+            changes.parts = [p for f in self._packed.values() if f.parted for p in f.take_parts()]
+            changes.parts_dropped, self._parts_dropped = self._parts_dropped, []
+            changes.output, changes.error = self.output, self.error
+        return changes
+
+    def _write(self, *, parted: bool) -> dict[str, Any]:
+        for fan_out in self._packed.values():
+            fan_out.refresh()
         return write_checkpoint(
             nodes=self._saved_alone.values(),
             fan_outs=self._packed.values(),
@@ -146,16 +167,8 @@ class RunState:
             incarnation=self._incarnation is not None,
             completed=self._completed,
             compensation=self._compensation,
+            parted=parted,
         )
-
-    def take_changes(self) -> RunChanges | None:
-        """Drain what happened since the last call, with a fresh checkpoint snapshot."""
-        changes = self._journal.take()
-        if changes is not None:
-            changes.status = self.status
-            changes.checkpoint = self.checkpoint()
-            changes.output, changes.error = self.output, self.error
-        return changes
 
     @property
     def seq(self) -> int:

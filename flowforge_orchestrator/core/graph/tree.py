@@ -15,6 +15,7 @@ from flowforge_orchestrator.core.definition.models import (
 )
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
 from flowforge_orchestrator.core.graph.nodes import Frame, Node, Scope, own_lists
+from flowforge_orchestrator.core.graph.packing import Packing
 from flowforge_orchestrator.core.graph.timers import Timers
 from flowforge_orchestrator.core.records import json_size
 from flowforge_orchestrator.core.state import StepStatus
@@ -31,7 +32,9 @@ class Growing(Protocol):
     # (so a checkpoint does not even visit those).
     _saved_alone: dict[str, Node]
     # Running fan-outs of one worker step: their elements are saved packed (checkpoint).
-    _packed: dict[str, Node]
+    _packed: dict[str, Packing]
+    # Fan-outs that ended since the last commit whose parts were stored: they go.
+    _parts_dropped: list[str]
     _timers: Timers
     _context_bytes: int  # what the outputs in memory weigh, for the run's byte limit
 
@@ -77,11 +80,11 @@ def expand(run: Growing, node: Node, items: list[object]) -> None:
     ]
     node.children = [new_scope(run, template, frame, node) for frame in frames]
     if len(template.steps) == 1 and _packable(template.steps[0]):
-        run._packed[node.key] = node
         node.elements = [next(iter(scope.nodes.values())) for scope in node.children]
         for element in node.elements:
             element.packed = True
             del run._saved_alone[element.key]
+        run._packed[node.key] = Packing(node)
 
 
 def _packable(step: object) -> bool:
@@ -104,4 +107,6 @@ def forget_elements(run: Growing, node: Node) -> None:
                 run._context_bytes -= json_size(inner.output)
             stack.extend(own_lists(inner))
     node.children, node.items, node.elements = [], None, []
-    run._packed.pop(node.key, None)
+    packing = run._packed.pop(node.key, None)
+    if packing is not None and packing.parted:
+        run._parts_dropped.append(node.key)
