@@ -50,6 +50,8 @@ def to(
     node.status = target
     node.weight = None  # what expressions read of it changed
     touch(run._packed, node)
+    if target is StepStatus.DISPATCHED:  # an attempt goes out (running: the same attempt)
+        run._out.append(node)
     payload: dict[str, object] = {"step_id": node.key}
     if node.attempt:
         payload["attempt"] = node.attempt

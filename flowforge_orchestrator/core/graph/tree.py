@@ -4,6 +4,7 @@ and a finished fan-out's elements forgotten."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 from flowforge_orchestrator.core.definition.models import (
@@ -37,6 +38,11 @@ class Growing(Protocol):
     _parts_dropped: list[str]
     _timers: Timers
     _context_bytes: int  # what the outputs in memory weigh, for the run's byte limit
+    # The nodes whose attempt went out (dispatched or running), oldest first; some may be
+    # back since, or listed twice (`RunState.has_outstanding` drops those): asked before
+    # every commit, it must not walk every node of a big fan-out. A deque, not a dict: a
+    # dict emptied from the front makes `next(iter())` skip every deleted slot.
+    _out: deque[Node]
 
 
 def new_scope(
