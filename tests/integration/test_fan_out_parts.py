@@ -19,6 +19,8 @@ from flowforge_orchestrator.core.definition.parse import parse_definition
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
 from flowforge_orchestrator.core.records import Dispatch, Limits, StepResult
 from flowforge_orchestrator.core.state import RunStatus
+from flowforge_orchestrator.store import reads
+from flowforge_orchestrator.store.redrives import lock_run_to_redrive
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LIMITS = Limits(max_output_bytes=10_000_000, max_context_bytes=10_000_000, default_timeout=30.0)
@@ -228,5 +230,24 @@ async def test_deleting_a_run_deletes_its_parts(db_url: str) -> None:
         batch = await store.delete_finished_runs(conn, retention=3600, max_age=86400, batch=10)
         assert batch.ids == [run_id]
         assert await conn.fetchval("SELECT count(*) FROM flowforge.run_parts") == 0
+    finally:
+        await conn.close()
+
+
+async def test_the_views_and_a_redrive_read_the_parts_joined_in(db_url: str) -> None:
+    conn = await store.connect(db_url)
+    try:
+        run_id = await new_run(conn, 1500)
+        holder = await claim(conn, T0)
+        by_key = {d.step_id: a for a, d in holder.sent.items()}
+        holder.succeed(by_key["el[1200]"], T0 + timedelta(seconds=1))
+        assert await holder.commit()
+        expected = holder.state.checkpoint()
+        assert expected["steps"]["fe"]["i"][1199:1202] == "dSd"
+        state = await reads.run_checkpoint(conn, run_id)
+        assert state is not None and state["checkpoint"] == expected
+        async with conn.transaction():
+            locked = await lock_run_to_redrive(conn, run_id)
+        assert locked is not None and locked.checkpoint == expected
     finally:
         await conn.close()
