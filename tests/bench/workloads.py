@@ -291,11 +291,15 @@ async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]
     """Workload 3: one run whose `for_each` runs a no-op step per item; enqueue commit to
     the run's end."""
     _require(cluster, FANOUT)
+    assert cluster.orchestrator is not None and cluster.worker is not None
+    procs = {"orchestrator": cluster.orchestrator, "worker": cluster.worker}
     await cluster.checkpoint()
     before = await cluster.db_stats()
+    cpu = {name: proc.cpu_s() for name, proc in procs.items()}
     committed = await _enqueue_all(cluster, FANOUT, [{"items": list(range(items))}])
     await _wait_ended(cluster, 1, timeout)
     after = await cluster.db_stats()
+    cpu = {name: proc.cpu_s() - cpu[name] for name, proc in procs.items()}
     await _expect(cluster, "completed")
     wall = await _last_finish(cluster) - committed
     ran = int(
@@ -313,7 +317,7 @@ async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]
     span = await cluster.conn.fetchrow(
         "SELECT extract(epoch FROM min(started_at))::float8 AS first,"
         " extract(epoch FROM max(finished_at))::float8 AS last"
-        " FROM flowforge.step_results WHERE outcome = 'succeeded'"
+        " FROM flowforge.step_results WHERE outcome = 'succeeded' AND worker <> 'orchestrator'"
     )
     # What a commit of a big fan-out writes grows with what changed (its parts), not with
     # the fan-out's size.
@@ -322,6 +326,7 @@ async def fanout(cluster: Cluster, items: int, timeout: float) -> dict[str, Any]
         "wall_s": wall,
         "first_element_started_s": span["first"] - committed,
         "last_element_finished_s": span["last"] - committed,
+        "cpu_ms_per_item": {name: seconds * 1000 / items for name, seconds in cpu.items()},
         "wal_bytes": wal,
         "wal_bytes_per_item": wal / max(items, 1),
         "wal_lsn_range": [before["lsn"], after["lsn"]],  # for pg_walinspect
