@@ -17,6 +17,7 @@ from flowforge_orchestrator.core.state import RunStatus, StepStatus, check_run
 __all__ = [
     "CHECKPOINT_VERSION",
     "AttemptFinished",
+    "CheckpointPart",
     "ChildStart",
     "Dispatch",
     "Event",
@@ -154,6 +155,19 @@ class EventTaken:
     attempt_id: UUID
 
 
+@dataclass(frozen=True)
+class CheckpointPart:
+    """One part of a big fan-out's packed element states (`flowforge.run_parts`): letters
+    `part * size ..` of the fan-out at `step`, and their attempts past 1 by element index.
+    Written with the commit after it changes; `new`: not stored yet (inserted)."""
+
+    step: str
+    part: int
+    letters: str
+    attempts: dict[str, int] | None
+    new: bool = False
+
+
 @dataclass
 class RunChanges:
     """Everything one commit must write for one run, in order."""
@@ -172,6 +186,9 @@ class RunChanges:
     events_taken: list[EventTaken] = field(default_factory=list)
     children: list[ChildStart] = field(default_factory=list)  # child runs to insert
     child_cancels: list[UUID] = field(default_factory=list)  # child runs to cancel
+    # The checkpoint's parts that changed, and the fan-outs whose parts go (they ended).
+    parts: list[CheckpointPart] = field(default_factory=list)
+    parts_dropped: list[str] = field(default_factory=list)
     output: Any = None
     error: dict[str, Any] | None = None
     started_at: datetime | None = None
@@ -201,11 +218,30 @@ class RunChanges:
             children=[c for c in self.children if c.parent_attempt_id not in ended]
             + later.children,
             child_cancels=[c for c in self.child_cancels + later.child_cancels if c not in unborn],
+            **_merged_parts(self, later),
             output=later.output,
             error=later.error,
             started_at=self.started_at or later.started_at,
             finished_at=later.finished_at or self.finished_at,
         )
+
+
+def _merged_parts(first: RunChanges, later: RunChanges) -> dict[str, Any]:
+    """The parts of two commits written as one: the later body of a part wins (still `new`
+    if either was); the parts of a fan-out `later` drops are not written, and a fan-out
+    `later` writes again is not dropped (one statement must not touch a row twice)."""
+    gone = set(later.parts_dropped)
+    merged: dict[tuple[str, int], CheckpointPart] = {
+        (p.step, p.part): p for p in first.parts if p.step not in gone
+    }
+    for part in later.parts:
+        before = merged.get((part.step, part.part))
+        if before is not None and before.new and not part.new:
+            part = CheckpointPart(part.step, part.part, part.letters, part.attempts, new=True)
+        merged[(part.step, part.part)] = part
+    rewritten = {p.step for p in later.parts}
+    dropped = [s for s in first.parts_dropped if s not in rewritten and s not in gone]
+    return {"parts": list(merged.values()), "parts_dropped": dropped + later.parts_dropped}
 
 
 def rejected_run(

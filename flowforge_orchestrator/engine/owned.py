@@ -317,6 +317,10 @@ class OwnedRuns:
                 todo.append((sent.dispatch, self._runs[run_id].traceparent))
         return todo
 
+    def undelivered(self, attempt_id: UUID) -> bool:
+        """Whether the attempt waits to be enqueued (Redis has not seen it yet)."""
+        return attempt_id in self._undelivered
+
     def deliver_again(self, attempt_ids: Iterable[UUID]) -> None:
         """These dispatches did not reach Redis (or Redis lost them): deliver them again."""
         self._undelivered.update((a, None) for a in attempt_ids if a in self._index)

@@ -56,9 +56,14 @@ CANCEL_ASKED = """(cancel_requested OR EXISTS (
 
 # What a claim reads of a run. The input comes as text and is decoded run by run, so that
 # one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
+# The parts of a run's checkpoint (sql/0019), for `checkpoint.with_parts`: none for all
+# but runs with a big fan-out running. In the query that reads the run: one per batch.
+RUN_PARTS = """(SELECT jsonb_agg(jsonb_build_array(p.step, p.part, p.letters, p.attempts))
+    FROM flowforge.run_parts p WHERE p.run_id = runs.id) AS parts"""
+
 _CLAIM_COLUMNS = f"""
 id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,
-traceparent, {CANCEL_ASKED} AS cancel_requested, created_at, depth, wake_at
+traceparent, {CANCEL_ASKED} AS cancel_requested, created_at, depth, wake_at, {RUN_PARTS}
 """
 
 # Runs whose owner stopped renewing: adopted by whoever claims first. `$2`: runs this
@@ -381,6 +386,28 @@ parked AS (
     INSERT INTO flowforge.parked_waits (run_id, name, key)
     SELECT r, n, k FROM unnest($43::uuid[], $44::text[], $45::text[]) AS x(r, n, k)
     WHERE r IN (SELECT id FROM owned)
+),
+-- The parts of big fan-outs' checkpoints that changed (sql/0019): a new part is inserted
+-- (over one an earlier expansion left), a stored one updated in place; a fan-out that
+-- ended takes its parts with it.
+part AS MATERIALIZED (
+    SELECT * FROM unnest($46::uuid[], $47::text[], $48::integer[], $49::text[], $50::text[],
+                         $51::boolean[]) AS x(r, s, p, l, a, new)
+    WHERE r IN (SELECT id FROM owned)
+),
+parts_new AS (
+    INSERT INTO flowforge.run_parts (run_id, step, part, letters, attempts)
+    SELECT r, s, p, l, a::jsonb FROM part WHERE new
+    ON CONFLICT (run_id, step, part) DO UPDATE
+        SET letters = excluded.letters, attempts = excluded.attempts
+),
+parts_changed AS (
+    UPDATE flowforge.run_parts t SET letters = x.l, attempts = x.a::jsonb
+    FROM part x WHERE NOT x.new AND t.run_id = x.r AND t.step = x.s AND t.part = x.p
+),
+parts_dropped AS (
+    DELETE FROM flowforge.run_parts t USING unnest($52::uuid[], $53::text[]) AS x(r, s)
+    WHERE t.run_id = x.r AND t.step = x.s AND x.r IN (SELECT id FROM owned)
 )
 {answer}
 """

@@ -13,6 +13,9 @@ from uuid import UUID
 
 import asyncpg
 
+from flowforge_orchestrator.core.graph.checkpoint import with_parts
+from flowforge_orchestrator.store.queries import RUN_PARTS
+
 __all__ = [
     "RoleState",
     "child_runs",
@@ -27,11 +30,12 @@ __all__ = [
     "step_type_registrations",
 ]
 
-RUN_CHECKPOINT = """
+RUN_CHECKPOINT = f"""
 SELECT checkpoint, redrives, waiting,
        (cancel_requested OR EXISTS (
            SELECT FROM flowforge.cancel_requests c
-           WHERE c.run_id = runs.id AND c.handled_at IS NULL)) AS cancel_requested
+           WHERE c.run_id = runs.id AND c.handled_at IS NULL)) AS cancel_requested,
+       {RUN_PARTS}
 FROM flowforge.runs WHERE id = $1
 """
 
@@ -109,9 +113,15 @@ SELECT
 """
 
 
-async def run_checkpoint(conn: asyncpg.Connection, run_id: UUID) -> asyncpg.Record | None:
-    """The run's graph state (`checkpoint`, `redrives`, `cancel_requested`, `waiting`)."""
-    return await conn.fetchrow(RUN_CHECKPOINT, run_id)
+async def run_checkpoint(conn: asyncpg.Connection, run_id: UUID) -> dict[str, Any] | None:
+    """The run's graph state (`checkpoint`, with its parts joined in; `redrives`,
+    `cancel_requested`, `waiting`)."""
+    row = await conn.fetchrow(RUN_CHECKPOINT, run_id)
+    if row is None:
+        return None
+    state = dict(row)
+    state["checkpoint"] = with_parts(state["checkpoint"], state.pop("parts") or ())
+    return state
 
 
 async def find_runs(

@@ -10,13 +10,16 @@ from uuid import UUID
 
 import asyncpg
 
+from flowforge_orchestrator.core.graph.checkpoint import with_parts
 from flowforge_orchestrator.store import queries as q
 
 __all__ = ["RunToRedrive", "lock_run_to_redrive", "redrive_run_text"]
 
 _LOCK = """
 SELECT r.status, r.workflow_name, r.workflow_version, r.checkpoint::text AS checkpoint,
-       d.spec::text AS spec
+       d.spec::text AS spec,
+       (SELECT jsonb_agg(jsonb_build_array(p.step, p.part, p.letters, p.attempts))
+        FROM flowforge.run_parts p WHERE p.run_id = r.id)::text AS parts
 FROM flowforge.runs r
 LEFT JOIN flowforge.workflow_definitions d
     ON d.name = r.workflow_name AND d.version = r.workflow_version
@@ -52,7 +55,11 @@ async def lock_run_to_redrive(conn: asyncpg.Connection, run_id: UUID) -> RunToRe
         status=row["status"],
         workflow_name=row["workflow_name"],
         workflow_version=row["workflow_version"],
-        checkpoint=json.loads(row["checkpoint"]) if row["checkpoint"] else {},
+        checkpoint=with_parts(
+            json.loads(row["checkpoint"]) if row["checkpoint"] else {},
+            json.loads(row["parts"]) if row["parts"] else (),
+        )
+        or {},
         spec=json.loads(row["spec"]) if row["spec"] else None,
     )
 

@@ -16,6 +16,7 @@ from uuid import UUID
 import asyncpg
 
 from flowforge_orchestrator.core.definition.models import WorkflowDefinition
+from flowforge_orchestrator.core.graph.checkpoint import with_parts
 from flowforge_orchestrator.core.records import RunChanges, StepResult
 from flowforge_orchestrator.core.tokens import ResultVerifier, StoredResult
 from flowforge_orchestrator.errors import NotFound, StoreError
@@ -187,7 +188,7 @@ def _claimed(row: asyncpg.Record) -> ClaimedRun:
         workflow_version=row["workflow_version"],
         status=row["status"],
         input_text=row["input"],
-        checkpoint=row["checkpoint"],
+        checkpoint=with_parts(row["checkpoint"], row["parts"] or ()),
         epoch=row["epoch"],
         traceparent=row["traceparent"],
         cancel_requested=row["cancel_requested"],
@@ -392,6 +393,8 @@ async def _write_changes(
     children = [(o.changes.run_id, c) for o in batch for c in o.changes.children]
     cancels = [(o.changes.run_id, c) for o in batch for c in o.changes.child_cancels]
     waits = [(o.changes.run_id, name, key) for o in batch if o.parked for name, key in o.waits]
+    parts = [(o.changes.run_id, p) for o in batch for p in o.changes.parts]
+    dropped = [(o.changes.run_id, step) for o in batch for step in o.changes.parts_dropped]
     rows = await conn.fetch(
         query,
         owner,
@@ -435,6 +438,14 @@ async def _write_changes(
         [run_id for run_id, _, _ in waits],
         [name for _, name, _ in waits],
         [key for _, _, key in waits],
+        [run_id for run_id, _ in parts],
+        [p.step for _, p in parts],
+        [p.part for _, p in parts],
+        [p.letters for _, p in parts],
+        json_texts(p.attempts for _, p in parts),
+        [p.new for _, p in parts],
+        [run_id for run_id, _ in dropped],
+        [step for _, step in dropped],
     )
     return {row["id"]: row["written"] for row in rows}
 

@@ -70,7 +70,9 @@ def _worker(redis_url: str, poll_delay: float, max_jobs: int) -> Worker:
         max_jobs=max_jobs,
         poll_delay=poll_delay,
         job_timeout=24 * 3600,
-        keep_result=60,
+        # Read back once the whole batch is done: a batch of 100,000 jobs takes minutes,
+        # so its first results must outlive it (they expired at 60 s).
+        keep_result=3600,
         allow_abort_jobs=True,
         job_serializer=json_serializer,
         job_deserializer=json_deserializer,

@@ -41,8 +41,19 @@ STEP_MODULE = "tests.bench.steps"
 STEP_TYPE = "noop"
 _HEALTH = ":health-check"  # arq's per-queue key, written by a worker's first poll
 _RUN_TABLES = (
-    "flowforge.runs, flowforge.step_results, flowforge.outbox_packed, flowforge.parked_waits"
+    "flowforge.runs, flowforge.step_results, flowforge.outbox_packed, flowforge.parked_waits,"
+    " flowforge.run_parts"
 )
+# A fan-out's output lists its elements' (37 B each for a no-op step): the default limits
+# (256 KiB a step, 4 MiB a run) refuse it past ~7,000 elements, so the bench raises them
+# for `--fanout-items` 100,000 (3.7 MB of output, 0.6 MB of input); and its `for_each`
+# over 100,000 items takes longer than the default expression timeout (100 ms) to
+# evaluate in the sandbox. Nothing else nears these limits.
+BIG_FAN_OUTS = {
+    "FLOWFORGE_MAX_OUTPUT_BYTES": str(64 * 1024 * 1024),
+    "FLOWFORGE_MAX_CONTEXT_BYTES": str(256 * 1024 * 1024),
+    "FLOWFORGE_EXPRESSION_TIMEOUT": "10",
+}
 # What a reset clears in Redis: the engine's queues and arq's per-job keys (both workers').
 _ENGINE_KEYS = (queue_name("*"), "arq:job:*", "arq:in-progress:*", "arq:retry:*", "arq:result:*")
 _UNFINISHED_RUNS = "SELECT count(*) FROM flowforge.runs WHERE status IN ('pending', 'running')"
@@ -186,6 +197,7 @@ class Cluster:
             FLOWFORGE_WORKER_POLL_DELAY=repr(self.poll_delay),
             FLOWFORGE_WORKER_MAX_JOBS=str(self.max_jobs),
             FLOWFORGE_JOB_KEY=self.job_key,
+            **BIG_FAN_OUTS,
         )
         env.update(extra)
         return env

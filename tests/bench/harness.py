@@ -95,6 +95,7 @@ class BenchConfig:
     redis_url: str | None = None
     hibernated_runs: int | None = None  # the hibernated workload's sizes, unscaled
     due_runs: int | None = None
+    fanout_items: int | None = None  # the fan-out's size, unscaled
 
 
 Measure = Callable[[], Awaitable[dict[str, Any]]]
@@ -207,7 +208,11 @@ def _default_out() -> Path:
 async def run(config: BenchConfig, command: str = "python -m tests.bench") -> dict[str, Any]:
     """Run the workloads; write the JSON report, print the table; return the report."""
     sizes = Sizes().scaled(config.scale)
-    chosen = {"hibernated_runs": config.hibernated_runs, "due_runs": config.due_runs}
+    chosen = {
+        "hibernated_runs": config.hibernated_runs,
+        "due_runs": config.due_runs,
+        "fanout_items": config.fanout_items,
+    }
     sizes = dataclasses.replace(sizes, **{k: v for k, v in chosen.items() if v is not None})
     out = config.out or _default_out()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -270,6 +275,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hibernated-runs", type=int, default=None, help="runs parked by `hibernated`")
     p.add_argument("--due-runs", type=int, default=None, help="runs due in `hibernated`")
     p.add_argument(
+        "--fanout-items", type=int, default=None, help="items of `fanout` (and its baseline)"
+    )
+    p.add_argument(
         "--workloads",
         nargs="+",
         choices=WORKLOADS + EXTRA_WORKLOADS,
@@ -323,6 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         redis_url=args.redis_url,
         hibernated_runs=args.hibernated_runs,
         due_runs=args.due_runs,
+        fanout_items=args.fanout_items,
     )
     command = " ".join(["python -m tests.bench", *(argv if argv is not None else sys.argv[1:])])
     try:

@@ -139,7 +139,8 @@ async def run(dsn: str, runs: int) -> dict[str, Any]:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(
-            "TRUNCATE flowforge.runs, flowforge.outbox_packed, flowforge.step_results"
+            "TRUNCATE flowforge.runs, flowforge.outbox_packed, flowforge.step_results,"
+            " flowforge.run_parts"
         )
         await conn.execute("DELETE FROM flowforge.outbox_consumers")
         await _fill(conn, runs, per_tx=50)

@@ -49,6 +49,7 @@ TABLES = {
     "heartbeats",
     "outbox_consumers",
     "parked_waits",
+    "run_parts",  # big fan-outs' element states (sql/0019)
 }
 WF = CompiledWorkflow(
     parse_definition(

@@ -11,8 +11,10 @@ from uuid import UUID
 import pytest
 
 from flowforge_orchestrator.core.definition.parse import parse_definition
+from flowforge_orchestrator.core.graph.checkpoint import with_parts
 from flowforge_orchestrator.core.graph.run import CompiledWorkflow, RunState
 from flowforge_orchestrator.core.records import (
+    CheckpointPart,
     Dispatch,
     Event,
     Limits,
@@ -109,9 +111,10 @@ class Recorder:
     events: list[Event] = field(default_factory=list)
     dispatches: list[Dispatch] = field(default_factory=list)
     results: dict[UUID, StepResult] = field(default_factory=dict)
-    checkpoint: dict[str, Any] = field(default_factory=dict)
+    checkpoint: dict[str, Any] = field(default_factory=dict)  # with its parts joined in
     status: RunStatus = RunStatus.PENDING
     output: Any = None
+    parts: dict[tuple[str, int], CheckpointPart] = field(default_factory=dict)
 
     def drain(self, run: RunState) -> RunChanges | None:
         changes = run.take_changes()
@@ -123,7 +126,13 @@ class Recorder:
             self.results[r.attempt_id] = StepResult(
                 r.attempt_id, r.step_id, r.outcome, r.output, r.error, r.at, r.at, "orchestrator"
             )
-        self.checkpoint = changes.checkpoint
+        for step in changes.parts_dropped:
+            self.parts = {k: p for k, p in self.parts.items() if k[0] != step}
+        for part in changes.parts:
+            assert part.new == ((part.step, part.part) not in self.parts)
+            self.parts[(part.step, part.part)] = part
+        rows = [(p.step, p.part, p.letters, p.attempts) for p in self.parts.values()]
+        self.checkpoint = with_parts(changes.checkpoint, rows) or {}
         self.status = changes.status
         self.output = changes.output
         return changes

@@ -24,16 +24,20 @@ here only (the graph, the redrive and the views all go through this module).
   its failure.
 * A running fan-out of one worker step packs its elements into its own entry: `i`, one
   letter per element ('p': pending, or saved on its own entry for an error or a retry
-  timer) and `na`, the attempt numbers past 1 by element index.
+  timer) and `na`, the attempt numbers past 1 by element index. A fan-out of more than
+  one part (`packing.PART_SIZE` elements) stores them in `flowforge.run_parts` instead,
+  a row per part of `ic` letters, each written only by a commit that changes it: its entry
+  carries `ic` and neither `i` nor `na`. The store joins the parts back in when it loads a
+  run (`with_parts`), so every reader sees `i` and `na` as before.
 
-Compact because the whole checkpoint is rewritten by every commit of the run: a fan-out of
-1,000 elements costs ~1 byte per element, not ~60. Outputs are not here: they live in
-`step_results`, keyed by attempt id.
+Compact because the run row's checkpoint is rewritten by every commit of the run: a
+fan-out of 1,000 elements costs ~1 byte per element, not ~60, and a bigger one costs the
+parts that changed. Outputs are not here: they live in `step_results`, keyed by attempt id.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,6 +46,7 @@ from uuid import UUID
 from flowforge_orchestrator.core.definition.models import TaskStep
 from flowforge_orchestrator.core.graph.compensation import Compensation
 from flowforge_orchestrator.core.graph.nodes import Node
+from flowforge_orchestrator.core.graph.packing import LETTERS, STATUSES, Packing
 from flowforge_orchestrator.core.records import CHECKPOINT_VERSION
 from flowforge_orchestrator.core.state import RunStatus, StepStatus
 
@@ -53,23 +58,14 @@ __all__ = [
     "for_redrive",
     "read_checkpoint",
     "unpack",
+    "with_parts",
     "write_checkpoint",
 ]
 
 _WITHOUT_INCARNATION = 2  # the version of runs whose attempt ids lack the incarnation
 
-_LETTERS = {
-    StepStatus.DISPATCHED: "d",
-    StepStatus.RUNNING: "r",
-    StepStatus.RETRYING: "w",
-    StepStatus.PENDING: "p",  # saved only with attempts behind it (a redriven step)
-    StepStatus.SUCCEEDED: "S",
-    StepStatus.FAILED: "F",
-    StepStatus.TIMED_OUT: "T",
-    StepStatus.SKIPPED: "K",
-    StepStatus.CANCELLED: "C",
-}
-_STATUSES = {letter: status for status, letter in _LETTERS.items()}
+_LETTERS = LETTERS
+_STATUSES = STATUSES
 
 Entry = str | dict[str, object]  # one node's saved form
 
@@ -90,6 +86,7 @@ class Saved:
     generation: int = 0
     elements: str | None = None  # a packed fan-out: one letter per element
     element_attempts: dict[str, int] = field(default_factory=dict)  # those past attempt 1
+    part_size: int | None = None  # its elements were stored in parts of this many
     caught: int | None = None  # the catch handler that took its failure
 
 
@@ -117,30 +114,39 @@ def carries_incarnation(saved: Mapping[str, Any] | None) -> bool:
 def write_checkpoint(
     *,
     nodes: Iterable[Node],
-    fan_outs: Iterable[Node],
+    fan_outs: Iterable[Packing],
     seq: int,
     generation: int,
     deadline: datetime | None,
     incarnation: bool,
     completed: list[str] | None = None,
     compensation: Compensation | None = None,
+    parted: bool = False,
 ) -> dict[str, Any]:
     """The stored form of a run: `nodes` are saved one by one (the pending ones left out),
-    `fan_outs` (running, of one worker step) with their elements packed; `incarnation`
-    says whether attempt ids carry it (`carries_incarnation`)."""
+    `fan_outs` (running, of one worker step, refreshed) with their elements packed;
+    `incarnation` says whether attempt ids carry it (`carries_incarnation`). `parted`: the
+    form the run row stores, without the letters of a fan-out stored in parts (they go in
+    `Packing.take_parts`); else every fan-out's letters inline, as `with_parts` gives them
+    back."""
     steps = {
         node.key: _encode(node)
         for node in nodes
         if node.status is not StepStatus.PENDING or node.attempt  # redriven: "p<n>"
     }
     for fan_out in fan_outs:
-        saved_entry = _encode(fan_out, full=True)
+        saved_entry = _encode(fan_out.node, full=True)
         assert isinstance(saved_entry, dict)
-        saved_entry["i"], attempts, alone = _pack(fan_out)
-        if attempts:
-            saved_entry["na"] = attempts
-        steps[fan_out.key] = saved_entry
-        steps.update(alone)
+        if parted and fan_out.parted:
+            saved_entry["ic"] = fan_out.size
+        else:
+            saved_entry["i"], attempts = fan_out.inline()
+            if attempts:
+                saved_entry["na"] = attempts
+            if fan_out.parted:
+                saved_entry["ic"] = fan_out.size
+        steps[fan_out.node.key] = saved_entry
+        steps.update((element.key, _encode(element)) for element in fan_out.alone.values())
     version = CHECKPOINT_VERSION if incarnation else _WITHOUT_INCARNATION
     saved: dict[str, object] = {"v": version, "seq": seq, "steps": steps}
     if generation:
@@ -191,30 +197,6 @@ def _encode(node: Node, *, full: bool = False) -> Entry:
     return {"s": letter, "n": node.attempt, **extra}
 
 
-def _pack(fan_out: Node) -> tuple[str, dict[str, int], dict[str, Entry]]:
-    """A fan-out's element states as one letter each ('p': pending, or saved on its own),
-    the attempt numbers past 1 ("na"), and the elements saved on their own (an error, a
-    retry timer). A 1,000-element fan-out saves ~1 KB, not ~20 KB, at each of the many
-    commits it takes; this runs at every one of them, hence the flat loops."""
-    letters = _LETTERS
-    pending, retrying = StepStatus.PENDING, StepStatus.RETRYING
-    codes: list[str] = []
-    attempts: dict[str, int] = {}
-    alone: dict[str, Entry] = {}
-    for index, element in enumerate(fan_out.elements):
-        status = element.status
-        if status is pending:
-            codes.append("p")
-        elif element.error is not None or status is retrying:
-            codes.append("p")
-            alone[element.key] = _encode(element)
-        else:
-            codes.append(letters[status])
-            if element.attempt != 1:
-                attempts[str(index)] = element.attempt
-    return "".join(codes), attempts, alone
-
-
 # -- reading -------------------------------------------------------------------------------
 
 
@@ -256,6 +238,7 @@ def _decode(saved: str | Mapping[str, Any]) -> Saved:
         generation=int(saved.get("g", 0)),
         elements=saved.get("i"),
         element_attempts=dict(saved.get("na", {})),
+        part_size=saved.get("ic"),
         caught=saved.get("c"),
     )
 
@@ -268,6 +251,46 @@ def unpack(fan_out: Saved, index: int, generation: int) -> Saved | None:
         return None
     attempt = fan_out.element_attempts.get(str(index), 1)
     return Saved(_STATUSES[letters[index]], attempt, generation=generation)
+
+
+Part = tuple[str, int, str, Mapping[str, int] | None]  # step, part, letters, attempts
+
+
+def with_parts(saved: Mapping[str, Any] | None, parts: Sequence[Part]) -> dict[str, Any] | None:
+    """A stored checkpoint with its fan-outs' parts (`flowforge.run_parts` rows) joined back
+    into their entries as `i` and `na`: what `read_checkpoint` and a restore read. A part
+    that is missing reads as pending letters; parts left over from an earlier expansion
+    (past the fan-out's size) are ignored."""
+    if saved is None:
+        return None
+    steps = saved.get("steps", {})
+    parted = {
+        key: entry
+        for key, entry in steps.items()
+        if isinstance(entry, Mapping) and "ic" in entry and "i" not in entry
+    }
+    if not parted:
+        return dict(saved)
+    by_step: dict[str, dict[int, tuple[str, Mapping[str, int] | None]]] = {}
+    for step, part, letters, attempts in parts:
+        if step in parted:
+            by_step.setdefault(step, {})[part] = (letters, attempts)
+    joined = dict(steps)
+    for key, entry in parted.items():
+        size, count = int(entry["ic"]), int(entry.get("x") or 0)
+        stored = by_step.get(key, {})
+        chunks: list[str] = []
+        attempts_past_one: dict[str, int] = {}
+        for part in range(-(-count // size)):
+            letters, attempts = stored.get(part, ("", None))
+            width = min(size, count - part * size)
+            chunks.append(letters[:width].ljust(width, "p"))
+            attempts_past_one.update(attempts or {})
+        full = {**entry, "i": "".join(chunks)}
+        if attempts_past_one:
+            full["na"] = attempts_past_one
+        joined[key] = full
+    return {**saved, "steps": joined}
 
 
 # -- redrive -------------------------------------------------------------------------------

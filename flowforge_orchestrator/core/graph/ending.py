@@ -16,6 +16,7 @@ from flowforge_orchestrator.core.graph.catching import catch
 from flowforge_orchestrator.core.graph.failures import invalid_output, measure, too_large
 from flowforge_orchestrator.core.graph.moves import Moving, to
 from flowforge_orchestrator.core.graph.nodes import Node, Scope, child_run_id, list_succeeded
+from flowforge_orchestrator.core.graph.packing import touch
 from flowforge_orchestrator.core.graph.timers import iso
 from flowforge_orchestrator.core.records import AttemptFinished, InlineResult, Limits, json_size
 from flowforge_orchestrator.core.retry import RetryDecision, decide
@@ -99,6 +100,7 @@ def fail(
         # "retryable": true only says the error may be retried: say what the policy decided.
         error = {**error, "retry_decision": decision.reason}
     node.error = error
+    touch(run._packed, node)  # a caught element moves without `to`
     run._timers.clear(node)
     if with_worker:
         assert node.attempt_id is not None

@@ -12,6 +12,7 @@ from uuid import UUID
 from flowforge_orchestrator.core.graph.followups import Finished, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.nodes import Node, attempt_id
+from flowforge_orchestrator.core.graph.packing import touch
 from flowforge_orchestrator.core.graph.tree import Growing, forget_elements
 from flowforge_orchestrator.core.state import StepStatus, check_step
 
@@ -48,6 +49,9 @@ def to(
     previous = node.status
     node.status = target
     node.weight = None  # what expressions read of it changed
+    touch(run._packed, node)
+    if target is StepStatus.DISPATCHED:  # an attempt goes out (running: the same attempt)
+        run._out.append(node)
     payload: dict[str, object] = {"step_id": node.key}
     if node.attempt:
         payload["attempt"] = node.attempt

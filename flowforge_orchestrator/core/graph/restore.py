@@ -23,7 +23,14 @@ from flowforge_orchestrator.core.graph.control import chosen_list
 from flowforge_orchestrator.core.graph.joins import JoinState, needed
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import Numbering, current_attempt_id
-from flowforge_orchestrator.core.graph.nodes import FAILED, Node, Scope, list_output, own_lists
+from flowforge_orchestrator.core.graph.nodes import (
+    FAILED,
+    WITH_WORKER,
+    Node,
+    Scope,
+    list_output,
+    own_lists,
+)
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER
 from flowforge_orchestrator.core.graph.tree import Growing, expand
 from flowforge_orchestrator.core.records import StepResult, json_size
@@ -73,6 +80,11 @@ def restore(run: Restoring, saved: Checkpoint, results: Results) -> None:
             node = fan_outs.popleft()
             _restore_fan_out(run, node, saved, results)
             scopes.extend(node.children)  # its elements (its own handlers came with it)
+    for packing in run._packed.values():
+        # Its elements are all restored now, those saved on their own too: pack them. Parts
+        # stored in this size stay as they are; else (letters saved inline: a small
+        # fan-out, or one saved before parts existed) the next commit writes them all.
+        packing.reload(stored=saved.steps[packing.node.key].part_size == packing.size)
     run._root.started = run.status is RunStatus.RUNNING
     for scope in reversed(scopes):  # children before their owners
         _restore_scope_state(run, scope)
@@ -97,6 +109,8 @@ def _restore_node(run: Restoring, node: Node, entry: Saved, results: Results) ->
         run._context_bytes += json_size(result.output)
     if not node.status.finished and node.fire_at is not None:
         run._timers.put(node.key, node.fire_at)
+    if node.status in WITH_WORKER:
+        run._out.append(node)
 
 
 def _unpack(run: Restoring, node: Node, saved: Checkpoint, results: Results) -> None:

@@ -29,6 +29,7 @@ steps are dispatched to workers.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -61,6 +62,7 @@ from flowforge_orchestrator.core.graph.followups import Check, FollowUps
 from flowforge_orchestrator.core.graph.journal import Journal
 from flowforge_orchestrator.core.graph.moves import to
 from flowforge_orchestrator.core.graph.nodes import Frame, Node, weigh_capped
+from flowforge_orchestrator.core.graph.packing import Packing
 from flowforge_orchestrator.core.graph.restore import restore
 from flowforge_orchestrator.core.graph.timers import RUN_TIMER, Timers, iso
 from flowforge_orchestrator.core.graph.tree import new_scope
@@ -123,7 +125,9 @@ class RunState:
         self._journal = Journal(run_id)
         self._timers = Timers()
         self._nodes: dict[str, Node] = {}
-        self._packed: dict[str, Node] = {}  # see tree.Growing
+        self._packed: dict[str, Packing] = {}  # see tree.Growing
+        self._out: deque[Node] = deque()  # see tree.Growing
+        self._parts_dropped: list[str] = []
         self._saved_alone: dict[str, Node] = {}
         self._queue = FollowUps()
         self._broken: list[tuple[Node, dict[str, Any]]] = []  # found unrestorable
@@ -136,7 +140,26 @@ class RunState:
     # -- what the engine reads ---------------------------------------------------------
 
     def checkpoint(self) -> dict[str, Any]:
-        """The graph state as stored in `runs.checkpoint` (outputs live in step_results)."""
+        """The graph state as the store gives it back (`runs.checkpoint` with its parts
+        joined in: `checkpoint.with_parts`); outputs live in step_results. O(elements): a
+        commit takes the stored form instead (`take_changes`)."""
+        return self._write(parted=False)
+
+    def take_changes(self) -> RunChanges | None:
+        """Drain what happened since the last call, with a fresh checkpoint snapshot: the
+        run row's form, and the parts of big fan-outs that changed since the last call."""
+        changes = self._journal.take()
+        if changes is not None:
+            changes.status = self.status
+            changes.checkpoint = self._write(parted=True)
+            changes.parts = [p for f in self._packed.values() if f.parted for p in f.take_parts()]
+            changes.parts_dropped, self._parts_dropped = self._parts_dropped, []
+            changes.output, changes.error = self.output, self.error
+        return changes
+
+    def _write(self, *, parted: bool) -> dict[str, Any]:
+        for fan_out in self._packed.values():
+            fan_out.refresh()
         return write_checkpoint(
             nodes=self._saved_alone.values(),
             fan_outs=self._packed.values(),
@@ -146,16 +169,8 @@ class RunState:
             incarnation=self._incarnation is not None,
             completed=self._completed,
             compensation=self._compensation,
+            parted=parted,
         )
-
-    def take_changes(self) -> RunChanges | None:
-        """Drain what happened since the last call, with a fresh checkpoint snapshot."""
-        changes = self._journal.take()
-        if changes is not None:
-            changes.status = self.status
-            changes.checkpoint = self.checkpoint()
-            changes.output, changes.error = self.output, self.error
-        return changes
 
     @property
     def seq(self) -> int:
@@ -163,27 +178,28 @@ class RunState:
 
     def outstanding(self) -> list[UUID]:
         """Attempts handed to workers and not yet answered (handed-off ones included: their
-        completion is routed like a result)."""
-        return [
-            node.attempt_id
-            for node in self._nodes.values()
-            if node.attempt_id is not None and node.with_worker
-        ]
+        completion is routed like a result), in the order they went out."""
+        return [node.attempt_id for node in self._attempts_out() if node.attempt_id is not None]
 
     def has_outstanding(self) -> bool:
-        """Whether any attempt is out (`outstanding()` without building the list: asked
-        before every commit, where the answer is usually yes at the first node)."""
-        return any(
-            node.attempt_id is not None and node.with_worker for node in self._nodes.values()
-        )
+        """Whether any attempt is out: asked before every commit, so it drops the nodes that
+        came back from the front of `_out` and stops at the first still out (amortised
+        O(1), where walking the nodes took O(elements) in a big fan-out)."""
+        out = self._out
+        while out:
+            node = out[0]
+            if node.attempt_id is not None and node.with_worker:
+                return True
+            out.popleft()
+        return False
 
     def handed_off(self) -> list[UUID]:
         """Attempts a worker handed to another system: none is sent to a worker again;
         each waits for its completion (or its deadline)."""
         return [
             node.attempt_id
-            for node in self._nodes.values()
-            if node.attempt_id is not None and node.with_worker and node.handed_off
+            for node in self._attempts_out()
+            if node.attempt_id is not None and node.handed_off
         ]
 
     def children_out(self) -> list[UUID]:
@@ -191,11 +207,18 @@ class RunState:
         but with no worker job (nothing to deliver to Redis or look for there)."""
         return [
             node.attempt_id
-            for node in self._nodes.values()
-            if node.attempt_id is not None
-            and node.with_worker
-            and isinstance(node.step, WorkflowStep)
+            for node in self._attempts_out()
+            if node.attempt_id is not None and isinstance(node.step, WorkflowStep)
         ]
+
+    def _attempts_out(self) -> list[Node]:
+        """The nodes whose attempt is out now; the others leave `_out`."""
+        out = list(
+            dict.fromkeys(n for n in self._out if n.attempt_id is not None and n.with_worker)
+        )
+        if len(out) < len(self._out):
+            self._out = deque(out)
+        return out
 
     def step_status(self, key: str) -> StepStatus:
         return self._nodes[key].status

@@ -4,6 +4,7 @@ check, a retry's backoff) by node key, and the run's own deadline."""
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from heapq import heapify, heappop, heappush
 
 from flowforge_orchestrator.core.graph.nodes import Node
 
@@ -14,16 +15,21 @@ RUN_TIMER = ""  # the run's own deadline, among the step timers (no step key is 
 
 class Timers:
     """When each timer fires. A step's timer is also on its node (`fire_at`), which the
-    checkpoint saves."""
+    checkpoint saves.
 
-    __slots__ = ("_at",)
+    A heap beside the map, its stale entries (a timer cleared or moved) dropped when they
+    come to the top: `next` is asked after every commit, and a fan-out holds a deadline per
+    element, so it must not take the minimum of them all (O(elements) per commit)."""
+
+    __slots__ = ("_at", "_heap")
 
     def __init__(self) -> None:
         self._at: dict[str, datetime] = {}  # node key (or RUN_TIMER) -> when it fires
+        self._heap: list[tuple[datetime, str]] = []  # (when, key), stale ones included
 
     def set(self, node: Node, at: datetime) -> None:
         node.fire_at = at
-        self._at[node.key] = at
+        self.put(node.key, at)
 
     def clear(self, node: Node) -> None:
         node.fire_at, node.probing = None, False
@@ -31,7 +37,13 @@ class Timers:
 
     def put(self, key: str, at: datetime) -> None:
         """Set a timer by key alone: the run's deadline, or a restored node's timer."""
+        if self._at.get(key) == at:
+            return
         self._at[key] = at
+        heappush(self._heap, (at, key))
+        if len(self._heap) > 2 * len(self._at) + 64:  # mostly stale: start afresh
+            self._heap = [(when, k) for k, when in self._at.items()]
+            heapify(self._heap)
 
     def drop(self, key: str) -> None:
         """Forget a timer whose node is gone."""
@@ -44,17 +56,29 @@ class Timers:
     def reset(self) -> None:
         """No timer at all: the run ended."""
         self._at.clear()
+        self._heap.clear()
 
     @property
     def deadline(self) -> datetime | None:
         return self._at.get(RUN_TIMER)
 
     def next(self) -> datetime | None:
-        return min(self._at.values(), default=None)
+        heap = self._heap
+        while heap and self._at.get(heap[0][1]) != heap[0][0]:
+            heappop(heap)
+        return heap[0][0] if heap else None
 
     def due(self, now: datetime) -> list[str]:
-        """The keys of the timers due at `now`, earliest first (ties by key)."""
-        return [key for _, key in sorted((at, key) for key, at in self._at.items() if at <= now)]
+        """The keys of the timers due at `now`, earliest first (ties by key); they stay
+        set until taken."""
+        heap, due = self._heap, list[tuple[datetime, str]]()
+        while heap and heap[0][0] <= now:
+            entry = heappop(heap)
+            if self._at.get(entry[1]) == entry[0] and (not due or due[-1] != entry):
+                due.append(entry)
+        for entry in due:
+            heappush(heap, entry)
+        return [key for _, key in due]
 
 
 def iso(moment: datetime) -> str:

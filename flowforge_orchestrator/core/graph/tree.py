@@ -4,6 +4,7 @@ and a finished fan-out's elements forgotten."""
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Protocol
 
 from flowforge_orchestrator.core.definition.models import (
@@ -15,6 +16,7 @@ from flowforge_orchestrator.core.definition.models import (
 )
 from flowforge_orchestrator.core.definition.plan import CompiledWorkflow, ListPlan
 from flowforge_orchestrator.core.graph.nodes import Frame, Node, Scope, own_lists
+from flowforge_orchestrator.core.graph.packing import Packing
 from flowforge_orchestrator.core.graph.timers import Timers
 from flowforge_orchestrator.core.records import json_size
 from flowforge_orchestrator.core.state import StepStatus
@@ -31,9 +33,16 @@ class Growing(Protocol):
     # (so a checkpoint does not even visit those).
     _saved_alone: dict[str, Node]
     # Running fan-outs of one worker step: their elements are saved packed (checkpoint).
-    _packed: dict[str, Node]
+    _packed: dict[str, Packing]
+    # Fan-outs that ended since the last commit whose parts were stored: they go.
+    _parts_dropped: list[str]
     _timers: Timers
     _context_bytes: int  # what the outputs in memory weigh, for the run's byte limit
+    # The nodes whose attempt went out (dispatched or running), oldest first; some may be
+    # back since, or listed twice (`RunState.has_outstanding` drops those): asked before
+    # every commit, it must not walk every node of a big fan-out. A deque, not a dict: a
+    # dict emptied from the front makes `next(iter())` skip every deleted slot.
+    _out: deque[Node]
 
 
 def new_scope(
@@ -77,11 +86,11 @@ def expand(run: Growing, node: Node, items: list[object]) -> None:
     ]
     node.children = [new_scope(run, template, frame, node) for frame in frames]
     if len(template.steps) == 1 and _packable(template.steps[0]):
-        run._packed[node.key] = node
         node.elements = [next(iter(scope.nodes.values())) for scope in node.children]
         for element in node.elements:
             element.packed = True
             del run._saved_alone[element.key]
+        run._packed[node.key] = Packing(node)
 
 
 def _packable(step: object) -> bool:
@@ -104,4 +113,6 @@ def forget_elements(run: Growing, node: Node) -> None:
                 run._context_bytes -= json_size(inner.output)
             stack.extend(own_lists(inner))
     node.children, node.items, node.elements = [], None, []
-    run._packed.pop(node.key, None)
+    packing = run._packed.pop(node.key, None)
+    if packing is not None and packing.parted:
+        run._parts_dropped.append(node.key)
