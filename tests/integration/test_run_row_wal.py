@@ -195,3 +195,50 @@ async def test_a_commit_that_changes_only_the_checkpoint_logs_only_the_checkpoin
         assert ended > claimed_at
     finally:
         await conn.close()
+
+
+# Columns only ever read whole, by key: their statistics are never used by a plan.
+UNPLANNED = {
+    "runs": {"input", "output", "error", "checkpoint", "traceparent"},
+    "step_results": {"output", "error", "token"},
+    "outbox_packed": {"events", "traceparent"},
+    "run_parts": {"letters", "attempts"},
+    "events": {"payload"},
+}
+
+
+async def test_analyze_keeps_no_statistics_of_payload_columns(db_url: str) -> None:
+    """Each ANALYZE stored the most common checkpoints, inputs and outputs whole in
+    `pg_statistic` (WAL, and a TOAST table); the planner never filters on these columns."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute(A_DEFINITION)
+        for n in range(50):
+            await conn.execute(
+                "INSERT INTO flowforge.runs (workflow_name, input) VALUES ('one', $1::jsonb)",
+                f'{{"n": {n}, "padding": "{"x" * 200}"}}',
+            )
+        await conn.execute(
+            "UPDATE flowforge.runs SET checkpoint = jsonb_build_object('seq', 1, 'id', id),"
+            " traceparent = '00-' || md5(id::text) || '-00f067aa0ba902b7-01'"
+        )
+        await conn.execute("ANALYZE flowforge.runs")
+        analyzed = {
+            r["attname"]
+            for r in await conn.fetch(
+                "SELECT attname FROM pg_stats WHERE schemaname = 'flowforge' AND tablename = 'runs'"
+            )
+        }
+        assert "workflow_name" in analyzed and not analyzed & UNPLANNED["runs"]
+        for table, columns in UNPLANNED.items():
+            targets = await conn.fetch(
+                "SELECT attname, attstattarget FROM pg_attribute"
+                " WHERE attrelid = ('flowforge.' || $1)::regclass AND attname = ANY($2)",
+                table,
+                list(columns),
+            )
+            assert {r["attname"]: r["attstattarget"] for r in targets} == dict.fromkeys(
+                columns, 0
+            ), table
+    finally:
+        await conn.close()
