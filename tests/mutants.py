@@ -164,8 +164,10 @@ MUTATIONS: tuple[Mutation, ...] = (
         (
             Edit(
                 "flowforge_orchestrator/engine/claimer.py",
-                "                    new_epoch=row.epoch + 1,\n",
-                "                    new_epoch=row.epoch,\n",
+                "                write = owned_changes(owned, changes, new_epoch=row.epoch + 1, "
+                "claimed=True)\n",
+                "                write = owned_changes(owned, changes, new_epoch=row.epoch, "
+                "claimed=True)\n",
             ),
             Edit(
                 "flowforge_orchestrator/engine/claimer.py",
@@ -253,7 +255,7 @@ MUTATIONS: tuple[Mutation, ...] = (
     ),
     mutation(
         "a run may be inserted running, with an owner or a checkpoint",
-        "sql/0010_isolation.sql",
+        "sql/0014_enqueue_checks.sql",  # the check's latest form (sql/0010 first)
         "    IF NEW.status <> 'pending' OR NEW.owner IS NOT NULL",
         "    IF false AND NEW.owner IS NOT NULL",
         f"{T_ISOLATION}::test_a_run_is_inserted_pending_and_nothing_else",
@@ -397,9 +399,10 @@ MUTATIONS: tuple[Mutation, ...] = (
     mutation(
         "catch takes a failure before the step's retries are spent",
         "flowforge_orchestrator/core/graph/ending.py",
-        "        if _retry(run, node, error, now, status):\n",
-        "        if catch(run, node, error, status, now) or _retry(\n"
-        "            run, node, error, now, status\n        ):\n",
+        "        if decision is not None and decision.retry:\n",
+        "        if catch(run, node, error, status, now):\n"
+        "            return\n"
+        "        if decision is not None and decision.retry:\n",
         "tests/unit/test_catch_graph.py::test_a_matching_handler_runs_after_the_retries_and_dependents_see_its_output",
     ),
     mutation(
