@@ -18,11 +18,13 @@ run *ARGS:
 # lines and branches in all, 90% in each module of the engine's core. The daemons the
 # tests start are measured too (pyproject.toml, [tool.coverage.run]). Two pytest-xdist
 # workers, each with its own servers (tests/conftest.py): most tests wait on servers and
-# processes, so two share two cores well. `worksteal`: an idle worker takes half of the other's
-# queue, so neither is left alone with a long tail. `-n 0` after `just test` runs serially.
+# processes, so two share two cores well. Tests go out one at a time to whichever worker is
+# free, in collection order: the slow process tests (bench, chaos, e2e) first and spread
+# over both, the quick unit tests last, so neither worker is left alone with a long tail.
+# `just test -n 0` runs serially.
 test *ARGS:
     rm -f .coverage .coverage.*
-    coverage run -m pytest -n 2 --dist worksteal {{ARGS}}
+    coverage run -m pytest -n 2 --dist load --maxschedchunk 1 {{ARGS}}
     coverage combine -q
     coverage report
     python -m tests.coverage_floors
