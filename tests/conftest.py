@@ -7,6 +7,11 @@ ones (an admin DSN that may create databases, and a Redis that may be flushed).
 Isolation as procrastinate does it: migrations are applied once to `flowforge_template`, each
 test gets `CREATE DATABASE test_<hex> TEMPLATE flowforge_template` (dropped afterwards), and
 Redis is flushed before each test.
+
+Under pytest-xdist (`-n 2`, as `just test` runs) each worker is a session of its own: its own
+private servers on free ports in their own temporary directories. With servers from the
+environment, the workers share them: each has its own template (`flowforge_template_gw1`)
+and its own Redis database (the worker's number), flushed alone.
 """
 
 from __future__ import annotations
@@ -37,7 +42,9 @@ from flowforge_orchestrator.local_services import LocalPostgres, LocalRedis
 hypothesis_settings.register_profile("flowforge", deadline=None, database=None)
 hypothesis_settings.load_profile("flowforge")
 
-TEMPLATE_DB = "flowforge_template"
+# pytest-xdist names its workers gw0, gw1, ...; unset when the session runs alone.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+TEMPLATE_DB = f"flowforge_template_{XDIST_WORKER}" if XDIST_WORKER else "flowforge_template"
 # Signs the jobs of every engine a test starts, in process or as processes.
 TEST_JOB_KEY = "test-job-key-0123456789abcdef"
 
@@ -88,11 +95,18 @@ def services() -> Iterator[Services]:
             stack.callback(postgres.stop)
             database_url = postgres.start().url
         redis_url = os.environ.get("FLOWFORGE_TEST_REDIS_URL")
+        if redis_url and XDIST_WORKER:
+            redis_url = _redis_database(redis_url, int(XDIST_WORKER.removeprefix("gw")))
         if not redis_url:
             redis_server = LocalRedis(durable=False)
             stack.callback(redis_server.stop)
             redis_url = redis_server.start().url
         yield Services(database_url, redis_url, postgres, redis_server)
+
+
+def _redis_database(url: str, number: int) -> str:
+    """`url` with its database replaced by `number` (one per xdist worker on a shared Redis)."""
+    return urlunsplit(urlsplit(url)._replace(path=f"/{number}"))
 
 
 async def _create_template(admin_url: str) -> None:
@@ -127,9 +141,10 @@ def db_url(services: Services, template_db: str) -> Iterator[str]:
 
 @pytest.fixture
 def redis_url(services: Services) -> str:
-    """The session's Redis, flushed for this test."""
+    """The session's Redis, flushed for this test (only its database: another worker may
+    share the server)."""
     with redis.Redis.from_url(services.redis_url) as client:
-        client.flushall()
+        client.flushdb()
     return services.redis_url
 
 

@@ -237,9 +237,19 @@ class _Server:
         return None
 
     def _sweep(self, parent: str | None) -> None:
-        """Remove the temporary servers and data of earlier runs whose owner was killed."""
+        """Remove the temporary servers and data of earlier runs whose owner was killed.
+
+        A live owner's directory is never touched: its server may be restarting, and the
+        stop removes the lock that a sweep running side by side would then find gone.
+        """
         prefix = Path(parent or tempfile.gettempdir()) / f"flowforge-{self.name.lower()}-"
         for lock in prefix.parent.glob(f"{prefix.name}*/{_LOCK_NAME}"):
+            try:
+                owner_pid = int(lock.read_text().split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile, or being written: not a dead owner's
+            if _alive(owner_pid):
+                continue
             if self._reclaim(lock.parent) is None and not lock.exists():
                 shutil.rmtree(lock.parent, ignore_errors=True)
 

@@ -93,9 +93,9 @@ async def test_a_beating_step_survives_and_a_stopped_workers_step_is_retried_els
     await cluster.orchestrator("a")
     await cluster.register(BEATING)
 
-    # 10 s of work with a 2 s heartbeat timeout: it beats, it lives.
+    # 4 s of work with a 2 s heartbeat timeout, twice over: it beats, it lives.
     calls = tmp_path / "long.txt"
-    long_run = await cluster.submit("beating", {"pages": 50, "calls": str(calls)})
+    long_run = await cluster.submit("beating", {"pages": 20, "calls": str(calls)})
     run = await cluster.finished(long_run, timeout=60)
     assert run["status"] == "completed"
     assert run["output"]["crunch"]["attempt"] == 1

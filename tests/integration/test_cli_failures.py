@@ -17,7 +17,8 @@ from tests.integration.cli_helpers import Cli, cli
 
 __all__ = ["cli"]
 
-RUN = str(uuid.uuid4())
+# A fixed id: it names the parametrized tests, which every xdist worker must collect alike.
+RUN = "3f0b6c1e-5d2a-4c8e-9a71-0e6d2b4f8c15"
 DEFINITION = "name: typo-check\nversion: 1\nsteps:\n  - {id: a, type: transform, output: 1}\n"
 
 # Every command that talks to PostgreSQL, with arguments that would otherwise be valid.

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -262,6 +263,32 @@ def test_temporary_servers_of_a_killed_owner_are_swept() -> None:
     with LocalPostgres(durable=False), LocalRedis(durable=False):
         assert not any(_alive(pid) for pid in pids)
         assert not any(root.exists() for root in roots)
+
+
+def test_a_sweep_never_removes_the_data_of_a_live_owner_restarting_its_server() -> None:
+    # Sessions running side by side (pytest-xdist workers) sweep one temporary directory. A
+    # sweep used to read the lock of a server that was restarting, find it stopped, see the
+    # lock gone (its stop removes it) and delete the live owner's data under it.
+    with LocalRedis(durable=False) as server:
+        root = server.root
+        done = threading.Event()
+
+        def sweep() -> None:
+            other = LocalRedis(durable=False)
+            while not done.is_set():
+                other._sweep(other._temp_parent())
+
+        sweepers = [threading.Thread(target=sweep) for _ in range(2)]
+        for sweeper in sweepers:
+            sweeper.start()
+        try:
+            for restart in range(30):
+                server.restart()
+                assert root.is_dir(), f"data removed by a sweep at restart {restart}"
+        finally:
+            done.set()
+            for sweeper in sweepers:
+                sweeper.join()
 
 
 def test_data_dir_of_a_live_owner_is_refused(data_dir: Path) -> None:
