@@ -58,8 +58,16 @@ CANCEL_ASKED = """(cancel_requested OR EXISTS (
 # one input the decoder cannot take (nested thousands deep) fails its run, not the claim.
 # The parts of a run's checkpoint (sql/0019), for `checkpoint.with_parts`: none for all
 # but runs with a big fan-out running. In the query that reads the run: one per batch.
-RUN_PARTS = """(SELECT jsonb_agg(jsonb_build_array(p.step, p.part, p.letters, p.attempts))
-    FROM flowforge.run_parts p WHERE p.run_id = runs.id) AS parts"""
+
+
+def parts_of(runs: str) -> str:
+    """A big fan-out's parts of the row `runs` (a table name or alias), as one jsonb array
+    of [step, part, letters, attempts] (`checkpoint.with_parts` joins them in)."""
+    return f"""(SELECT jsonb_agg(jsonb_build_array(p.step, p.part, p.letters, p.attempts))
+    FROM flowforge.run_parts p WHERE p.run_id = {runs}.id)"""
+
+
+RUN_PARTS = f"{parts_of('runs')} AS parts"
 
 _CLAIM_COLUMNS = f"""
 id, workflow_name, workflow_version, status, input::text AS input, checkpoint, epoch,

@@ -15,11 +15,10 @@ from flowforge_orchestrator.store import queries as q
 
 __all__ = ["RunToRedrive", "lock_run_to_redrive", "redrive_run_text"]
 
-_LOCK = """
+_LOCK = f"""
 SELECT r.status, r.workflow_name, r.workflow_version, r.checkpoint::text AS checkpoint,
        d.spec::text AS spec,
-       (SELECT jsonb_agg(jsonb_build_array(p.step, p.part, p.letters, p.attempts))
-        FROM flowforge.run_parts p WHERE p.run_id = r.id)::text AS parts
+       {q.parts_of("r")}::text AS parts
 FROM flowforge.runs r
 LEFT JOIN flowforge.workflow_definitions d
     ON d.name = r.workflow_name AND d.version = r.workflow_version
