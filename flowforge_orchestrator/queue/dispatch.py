@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 from uuid import UUID
 
-from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.connections import ArqRedis, RedisSettings
 from arq.constants import (
     abort_jobs_ss,
     in_progress_key_prefix,
@@ -28,6 +28,7 @@ from flowforge_orchestrator.core.records import Dispatch
 from flowforge_orchestrator.core.tokens import AttemptTokens
 from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.queue.jobs import Job, JobKeys
+from flowforge_orchestrator.queue.pools import open_pool
 
 __all__ = [
     "JOB_FUNCTION",
@@ -150,7 +151,7 @@ class Dispatcher:
     async def connect(
         cls, url: str, keys: JobKeys | None = None, tokens: AttemptTokens | None = None
     ) -> Dispatcher:
-        pool = await create_pool(
+        pool = await open_pool(
             redis_settings(url),
             job_serializer=json_serializer,
             job_deserializer=json_deserializer,

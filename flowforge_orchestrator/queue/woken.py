@@ -29,7 +29,6 @@ import contextlib
 import logging
 from typing import Any
 
-from arq.connections import create_pool
 from arq.constants import in_progress_key_prefix
 from arq.utils import timestamp_ms
 from arq.worker import Worker
@@ -38,6 +37,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from flowforge_orchestrator.queue import presence
+from flowforge_orchestrator.queue.pools import open_pool
 
 __all__ = ["WakeableWorker", "wake_channel"]
 
@@ -231,7 +231,7 @@ class WakeableWorker(Worker):
     async def main(self) -> None:
         """arq's `Worker.main`, with the wait between polls cut short by a wake message."""
         if self._pool is None:
-            self._pool = await create_pool(
+            self._pool = await open_pool(
                 self.redis_settings,
                 job_deserializer=self.job_deserializer,
                 job_serializer=self.job_serializer,

@@ -8,13 +8,13 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import redis.asyncio
-from arq import create_pool
 from arq.worker import func
 
 from flowforge_orchestrator import store
 from flowforge_orchestrator.config import Settings
 from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.queue.dispatch import redis_settings
+from flowforge_orchestrator.queue.pools import open_pool
 from flowforge_orchestrator.queue.woken import WakeableWorker, wake_channel
 from tests.helpers import cancel_tasks, stop_tasks, wait_for
 from tests.integration.conftest import Engine, Steps, start_engine
@@ -66,7 +66,7 @@ async def test_a_woken_poll_does_not_ask_redis_about_jobs_this_worker_already_ru
     serving = asyncio.create_task(worker.main())
     try:
         await client.config_resetstat()
-        pool = await create_pool(redis_settings(redis_url), default_queue_name="test-hold")
+        pool = await open_pool(redis_settings(redis_url), default_queue_name="test-hold")
         await pool.enqueue_job("hold", _job_id="held")
         await pool.aclose()
 
@@ -112,7 +112,7 @@ def _worker(redis_url: str, functions: list[Any], **kw: Any) -> WakeableWorker:
 
 
 async def _enqueue(redis_url: str, function: str, ids: list[str]) -> None:
-    pool = await create_pool(redis_settings(redis_url), default_queue_name="test-claims")
+    pool = await open_pool(redis_settings(redis_url), default_queue_name="test-claims")
     try:
         for job_id in ids:
             await pool.enqueue_job(function, job_id, _job_id=job_id)

@@ -1,0 +1,151 @@
+"""Opening a Redis pool leaves no connection open, however the opening ends.
+
+arq's own `create_pool` left a connection open when it was cancelled right after its
+connect (redis-py's zero-timeout read that checks a fresh connection, cancelled twice): a
+worker stopped while starting gave an open socket to the garbage collector, which warned
+inside whatever test ran next. Each test here cancels an opening at every point of its
+first loop iterations, on a Redis of its own, and counts the clients the server sees.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis.asyncio
+import redis.exceptions
+from arq import func
+from arq.connections import RedisSettings
+
+from flowforge_orchestrator.core.tokens import AttemptTokens
+from flowforge_orchestrator.errors import ConfigError
+from flowforge_orchestrator.local_services import LocalRedis
+from flowforge_orchestrator.queue.dispatch import Dispatcher, redis_settings
+from flowforge_orchestrator.queue.pools import open_pool
+from flowforge_orchestrator.queue.woken import WakeableWorker
+from tests.helpers import free_port, wait_for
+
+# Iterations of the loop after which an opening is cancelled: the connect, the check of the
+# fresh connection and the PING all happen within the first dozens.
+STEPS = range(60)
+ROUNDS = 3
+
+
+@pytest.fixture
+async def own_redis() -> AsyncIterator[tuple[str, redis.asyncio.Redis]]:
+    """A Redis of this test's own, and a client that counts the others."""
+    server = LocalRedis(durable=False).start()
+    admin = redis.asyncio.Redis.from_url(server.url)
+    try:
+        yield server.url, admin
+    finally:
+        await admin.aclose()
+        server.stop()
+
+
+async def _others(admin: redis.asyncio.Redis) -> int:
+    return int((await admin.info("clients"))["connected_clients"]) - 1
+
+
+async def _none_open(admin: redis.asyncio.Redis) -> bool:
+    return await _others(admin) == 0
+
+
+async def test_a_cancelled_opening_leaves_no_connection_open(
+    own_redis: tuple[str, redis.asyncio.Redis],
+) -> None:
+    url, admin = own_redis
+    opened: list[Any] = []
+
+    async def start() -> None:
+        opened.append(await open_pool(redis_settings(url)))
+
+    async def close() -> None:
+        while opened:
+            await opened.pop().aclose(close_connection_pool=True)
+
+    await _cancel_every_way(admin, start, close)
+
+
+async def test_a_worker_stopped_while_it_starts_leaves_no_connection_open(
+    own_redis: tuple[str, redis.asyncio.Redis],
+) -> None:
+    url, admin = own_redis
+    workers: list[WakeableWorker] = []
+
+    async def start() -> None:
+        worker = WakeableWorker(
+            [func(_never_called, name="never")],
+            queue_name="test-pools",
+            redis_settings=redis_settings(url),
+            handle_signals=False,
+            poll_delay=30,
+        )
+        workers.append(worker)
+        await worker.main()
+
+    async def close() -> None:
+        while workers:
+            await workers.pop().aclose()
+
+    await _cancel_every_way(admin, start, close)
+
+
+async def test_an_orchestrator_stopped_while_it_connects_leaves_no_connection_open(
+    own_redis: tuple[str, redis.asyncio.Redis],
+) -> None:
+    url, admin = own_redis
+    dispatchers: list[Dispatcher] = []
+
+    async def start() -> None:
+        dispatchers.append(await Dispatcher.connect(url, tokens=AttemptTokens(b"k" * 32)))
+
+    async def close() -> None:
+        while dispatchers:
+            await dispatchers.pop().close()
+
+    await _cancel_every_way(admin, start, close)
+
+
+async def _cancel_every_way(
+    admin: redis.asyncio.Redis,
+    start: Callable[[], Awaitable[None]],
+    close: Callable[[], Awaitable[None]],
+) -> None:
+    for _ in range(ROUNDS):
+        for steps in STEPS:
+            task = asyncio.ensure_future(start())
+            for _ in range(steps):
+                await asyncio.sleep(0)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await close()
+            await wait_for(
+                lambda: _none_open(admin),
+                timeout=5,
+                message=f"a connection stayed open after a cancel at loop step {steps}",
+            )
+
+
+async def test_a_redis_that_does_not_answer_is_tried_again_then_given_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = redis_settings(f"redis://127.0.0.1:{free_port()}")
+    settings.conn_retries, settings.conn_retry_delay = 2, 0
+    with caplog.at_level(logging.WARNING, "flowforge_orchestrator.queue.pools"):
+        with pytest.raises(redis.exceptions.ConnectionError):
+            await open_pool(settings)
+    tries = [r.getMessage().rsplit("; ", 1)[1] for r in caplog.records]
+    assert tries == ["tries left: 2", "tries left: 1"]
+
+
+async def _never_called(ctx: dict[str, Any]) -> None:
+    raise AssertionError("no job was enqueued")
+
+
+async def test_sentinel_settings_are_refused_before_any_connection() -> None:
+    with pytest.raises(ConfigError, match="Sentinel"):
+        await open_pool(RedisSettings(host=[("127.0.0.1", free_port())], sentinel=True))
