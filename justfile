@@ -16,22 +16,17 @@ run *ARGS:
 
 # The whole test suite against real PostgreSQL and Redis, with the coverage floors: 85% of
 # lines and branches in all, 90% in each module of the engine's core. The daemons the
-# tests start are measured too (pyproject.toml, [tool.coverage.run]). Serial: on two
-# pytest-xdist workers (`just test-parallel`) a Redis connection left open by some test was
-# collected inside a later one in 2 of 13 runs, a failure CI must not meet by chance.
+# tests start are measured too (pyproject.toml, [tool.coverage.run]). Two pytest-xdist
+# workers, each with its own servers (tests/conftest.py): most tests wait on servers and
+# processes, so two share two cores well (4.5 minutes instead of 9). Tests go out one at a
+# time to whichever worker is free, in collection order: the slow process tests (bench,
+# chaos, e2e) first and spread over both, the unit tests last. `just test -n 0`: serially.
 test *ARGS:
     rm -f .coverage .coverage.*
-    coverage run -m pytest {{ARGS}}
+    coverage run -m pytest -n 2 --dist load --maxschedchunk 1 {{ARGS}}
     coverage combine -q
     coverage report
     python -m tests.coverage_floors
-
-# The same on two pytest-xdist workers, each with its own servers (tests/conftest.py): most
-# tests wait on servers and processes, so two share two cores well (4.5 minutes instead of
-# 9). Tests go out one at a time to whichever worker is free, in collection order: the slow
-# process tests (bench, chaos, e2e) first and spread over both, the unit tests last.
-test-parallel *ARGS:
-    {{just_executable()}} test -n 2 --dist load --maxschedchunk 1 {{ARGS}}
 
 # Mutations of the engine's critical decisions, each in a copy of the repository: every
 # one must make its tests fail (tests/mutants.py; minutes, not in CI). `-k WORD`, `--list`.
