@@ -1,5 +1,7 @@
 """Work the engine starts and does not wait for (aborts, probes, deliveries, releases):
-kept referenced until done, and waited for, bounded, at shutdown."""
+kept referenced until done, and waited for, bounded, at shutdown, then cancelled: each is
+work that PostgreSQL still records as to do, which the next poll (of this replica or the
+one that adopts its runs) does again."""
 
 from __future__ import annotations
 
@@ -27,6 +29,13 @@ class Background:
         task.add_done_callback(self._tasks.discard)
 
     async def wait(self, timeout: float) -> None:
-        """Wait for what is in flight, at most `timeout` seconds."""
+        """Wait for what is in flight, at most `timeout` seconds, then cancel what is left
+        and wait for it to end: nothing of it may outlive the pools it uses, which the
+        shutdown closes next (a task still running would hold a database connection the
+        pool's close waits for, or open a Redis connection on a closed pool)."""
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=timeout)
+        left = list(self._tasks)
+        for task in left:
+            task.cancel()
+        await asyncio.gather(*left, return_exceptions=True)
