@@ -173,6 +173,12 @@ class HealthServer:
         for writer in self._connections.values():
             writer.transport.abort()
         await asyncio.gather(*self._connections, return_exceptions=True)
+        # A round of checks outlives the request that started it; not the server: what it
+        # checks (pools, connections) is closed next.
+        checking, self._checking = self._checking, None
+        if checking is not None:
+            checking.cancel()
+            await asyncio.gather(checking, return_exceptions=True)
         await server.wait_closed()
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:

@@ -613,12 +613,14 @@ async def run_worker(
             running = [t for w in workers for t in w.tasks.values() if not t.done()]
             if running:
                 await asyncio.wait(running, timeout=settings.worker_shutdown_grace)
+            # Probes are answered through the drain; not once the pools close (a readiness
+            # check under way would open a connection on a closed pool).
+            if served_http is not None:
+                await served_http.__aexit__(None, None, None)
             for task in tasks:  # the poll loops first, so nothing reopens a connection
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.gather(*(w.aclose() for w in workers), return_exceptions=True)
-            if served_http is not None:
-                await served_http.__aexit__(None, None, None)
     finally:
         stop_redacting()
         await runtime.close()

@@ -202,6 +202,29 @@ async def test_http_edges() -> None:
             await http.get(f"{server.url}/healthz")
 
 
+async def test_a_round_of_checks_still_running_ends_with_the_server() -> None:
+    # The round outlives the request that started it (a shielded task the next probes
+    # share): a check still running when the server closes must not outlive it, since the
+    # daemon closes the pools the check uses next.
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def hangs() -> None:
+        started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            ended.set()
+
+    server = HealthServer(
+        host="127.0.0.1", port=0, checks={"slow": hangs}, check_timeout=60, request_timeout=0.2
+    )
+    async with server, httpx.AsyncClient(base_url=server.url) as http:
+        with pytest.raises(httpx.HTTPError):  # the server gives up on the request at 0.2 s
+            await http.get("/readyz")
+        assert started.is_set() and not ended.is_set()
+    assert ended.is_set()
+
+
 async def test_serve_health_follows_settings(settings: Settings) -> None:
     async with serve_health(settings.model_copy(update={"http_port": 0}), None) as none:
         assert none is None
