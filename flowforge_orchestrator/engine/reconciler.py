@@ -22,11 +22,14 @@ from flowforge_orchestrator.engine.owned import Drop, OwnedRuns
 from flowforge_orchestrator.ops import metrics
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 
-__all__ = ["REDELIVERY_DELAY", "Fetch", "Reconciler"]
+__all__ = ["CHECK_BATCH", "REDELIVERY_DELAY", "Fetch", "Reconciler"]
 
 log = logging.getLogger("flowforge_orchestrator.engine.orchestrator")
 
 REDELIVERY_DELAY = 1.0  # seconds between tries of dispatches Redis refused
+# Attempts looked for in Redis per slow poll, in rotation: looking for all of a 100,000-
+# element fan-out's took 1.4-2.2 s of Redis and 1.1 s of the orchestrator's CPU every poll.
+CHECK_BATCH = 5_000
 
 # Read the stored results of these attempts: (run id, result) for each found.
 Fetch = Callable[[list[UUID]], Awaitable[list[tuple[UUID, StepResult]]]]
@@ -50,9 +53,11 @@ class Reconciler:
         drop: Drop,
         spawn: Spawn,
         prepare: Prepare | None = None,
+        check_batch: int = CHECK_BATCH,
     ) -> None:
         """`changed`: the run has changes to commit; `prepare`: what completes jobs just
-        before they are sent (a retry's last heartbeat)."""
+        before they are sent (a retry's last heartbeat); `check_batch`: attempts looked for
+        in Redis per poll."""
         self.dispatcher = dispatcher
         self.metrics = measures
         self._runs = runs
@@ -68,6 +73,8 @@ class Reconciler:
         # not sent yet is not lost (it was counted so, and sent twice: 69,000 of 100,000).
         self._delivering: set[UUID] = set()
         self._redelivery_due = False  # a retry of the refused dispatches is scheduled
+        self._check_batch = check_batch
+        self._checked: set[UUID] = set()  # looked for in this round of the rotation
 
     async def redeliver(self) -> None:
         """Enqueue committed dispatches; what Redis refuses is kept and tried again a
@@ -113,28 +120,49 @@ class Reconciler:
         self._spawn(self.redeliver())
 
     async def reconcile_jobs(self) -> None:
-        """Every dispatched attempt has a result, a job in Redis, or is sent again."""
+        """Every dispatched attempt has a result, a job in Redis, or is sent again.
+
+        At most `check_batch` attempts are looked for per poll, those not looked for yet in
+        this round first: each is looked for within `ceil(outstanding / check_batch)`
+        polls. Once one is missing, every other is looked for at once: a Redis that lost a
+        job (restarted empty, failed over) has most likely lost them all."""
         settled = time.monotonic() - self._poll_interval  # leave fresh ones alone
-        sent = {
-            attempt: dispatch
-            for attempt, dispatch in self._runs.sent_before(settled).items()
+        sent = [
+            attempt
+            for attempt in self._runs.sent_before(settled)
             if attempt not in self._delivering and not self._runs.undelivered(attempt)
-        }
+        ]
         if not sent:
+            self._checked.clear()
             return
+        batch = [a for a in sent if a not in self._checked][: self._check_batch]
+        if not batch:  # the round is over: the next begins
+            self._checked.clear()
+            batch = sent[: self._check_batch]
         try:
-            lost = await self.dispatcher.missing(list(sent))
-            if lost:
-                answered = {r.attempt_id for _, r in await self._fetch(lost)}
-                lost = [a for a in lost if a not in answered]
+            lost = await self._lost(batch)
+            if lost and len(batch) < len(sent):
+                looked = set(batch)
+                lost += await self._lost([a for a in sent if a not in looked])
+                self._checked.clear()
+            else:
+                self._checked.update(batch)
         except Exception as exc:
-            log.warning("could not check the jobs of %d attempt(s): %s", len(sent), exc)
+            log.warning("could not check the jobs of %d attempt(s): %s", len(batch), exc)
             return
         if lost:
             log.warning("%d attempt(s) had no job in Redis: sending them again", len(lost))
             self.metrics.reconciled("redelivered", len(lost))
             self._runs.deliver_again(lost)
             await self.redeliver()
+
+    async def _lost(self, attempts: list[UUID]) -> list[UUID]:
+        """Those of `attempts` Redis knows nothing of and that have no stored result."""
+        lost = await self.dispatcher.missing(attempts)
+        if lost:
+            answered = {r.attempt_id for _, r in await self._fetch(lost)}
+            lost = [a for a in lost if a not in answered]
+        return lost
 
     async def probe(self, run_id: UUID, probes: list[tuple[str, UUID, str]]) -> None:
         """schedule_to_start passed: time out the attempts no worker has taken."""
