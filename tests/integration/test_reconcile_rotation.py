@@ -14,7 +14,7 @@ from arq.constants import job_key_prefix
 
 from flowforge_orchestrator.core.records import Dispatch, StepResult
 from flowforge_orchestrator.engine.owned import OwnedRuns
-from flowforge_orchestrator.engine.reconciler import Reconciler
+from flowforge_orchestrator.engine.reconciler import CHECK_BATCH, Reconciler
 from flowforge_orchestrator.ops import metrics
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 from tests.integration.test_dispatch import KEYS, TOKENS
@@ -45,6 +45,32 @@ class Setup:
         return value or 0.0
 
 
+def reconciler_for(
+    dispatcher: Dispatcher,
+    runs: OwnedRuns,
+    measures: metrics.OrchestratorMetrics | None = None,
+    *,
+    check_batch: int = CHECK_BATCH,
+) -> Reconciler:
+    """A reconciler of `runs` alone: no stored results, nothing to commit or drop."""
+
+    async def no_results(attempts: list[UUID]) -> list[tuple[UUID, StepResult]]:
+        return []
+
+    return Reconciler(
+        dispatcher,
+        measures or metrics.OrchestratorMetrics(metrics.new_registry(process=False)),
+        runs,
+        poll_interval=5.0,
+        fetch=no_results,
+        clock=lambda: datetime.now(UTC),
+        changed=lambda run_id: None,
+        drop=lambda run_id, why, give_back=False: None,
+        spawn=lambda coroutine: coroutine.close(),
+        check_batch=check_batch,
+    )
+
+
 @pytest.fixture
 async def setup(redis_url: str) -> AsyncIterator[Setup]:
     """Five attempts of one run, sent to Redis and long settled; batches of two."""
@@ -59,21 +85,7 @@ async def setup(redis_url: str) -> AsyncIterator[Setup]:
     dispatcher.looked = []
     measures = metrics.OrchestratorMetrics(metrics.new_registry(process=False))
 
-    async def no_results(attempts: list[UUID]) -> list[tuple[UUID, StepResult]]:
-        return []
-
-    reconciler = Reconciler(
-        dispatcher,
-        measures,
-        runs,
-        poll_interval=5.0,
-        fetch=no_results,
-        clock=lambda: datetime.now(UTC),
-        changed=lambda run_id: None,
-        drop=lambda run_id, why, give_back=False: None,
-        spawn=lambda coroutine: coroutine.close(),
-        check_batch=2,
-    )
+    reconciler = reconciler_for(dispatcher, runs, measures, check_batch=2)
     try:
         await reconciler.redeliver()
         clock[0] += 60

@@ -4,15 +4,12 @@ them were counted lost and sent twice)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-from uuid import UUID, uuid4
+from uuid import uuid4
 
-from flowforge_orchestrator.core.records import StepResult
 from flowforge_orchestrator.engine.owned import OwnedRuns
-from flowforge_orchestrator.engine.reconciler import Reconciler
-from flowforge_orchestrator.ops import metrics
 from flowforge_orchestrator.queue.dispatch import Dispatcher
 from tests.integration.test_dispatch import KEYS, TOKENS
+from tests.integration.test_reconcile_rotation import reconciler_for
 from tests.unit.test_owned_runs import dispatch, owned
 
 
@@ -25,20 +22,7 @@ async def test_attempts_not_enqueued_yet_are_not_sent_again(redis_url: str) -> N
     runs.dispatched(run_id, waiting)
     dispatcher = await Dispatcher.connect(redis_url, KEYS, TOKENS)
 
-    async def no_results(attempts: list[UUID]) -> list[tuple[UUID, StepResult]]:
-        return []
-
-    reconciler = Reconciler(
-        dispatcher,
-        metrics.OrchestratorMetrics(metrics.new_registry(process=False)),
-        runs,
-        poll_interval=5.0,
-        fetch=no_results,
-        clock=lambda: datetime.now(UTC),
-        changed=lambda run_id: None,
-        drop=lambda run_id, why, give_back=False: None,
-        spawn=lambda coroutine: coroutine.close(),
-    )
+    reconciler = reconciler_for(dispatcher, runs)
     try:
         clock[0] += 60  # long settled: were they sent, Redis would know them
         await reconciler.reconcile_jobs()
