@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from arq.constants import in_progress_key_prefix
@@ -42,6 +43,9 @@ from flowforge_orchestrator.queue.pools import open_pool
 __all__ = ["WakeableWorker", "wake_channel"]
 
 log = logging.getLogger(__name__)
+
+
+_FINISH_TIMEOUT = 5.0  # seconds `aclose` waits for the jobs arq is finishing
 
 
 def wake_channel(queue: str) -> str:
@@ -96,6 +100,26 @@ class WakeableWorker(Worker):
         super().__init__(*args, **kwargs)
         self.worker_name = worker_name
         self.presence_ttl = presence.presence_ttl(self.poll_delay_s)
+        self._finishing: set[asyncio.Task[Any]] = set()
+
+    # arq ends a job (its result, its in-progress key) in a task shielded from the job's
+    # cancellation: it can outlive the job's task, so `aclose` waits for these before it
+    # closes the pool they use (one let run on would open a connection on a closed pool).
+
+    async def finish_job(self, *args: Any, **kwargs: Any) -> None:
+        await self._counted(super().finish_job(*args, **kwargs))
+
+    async def finish_failed_job(self, *args: Any, **kwargs: Any) -> None:
+        await self._counted(super().finish_failed_job(*args, **kwargs))
+
+    async def _counted(self, finishing: Awaitable[None]) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._finishing.add(task)
+        try:
+            await finishing
+        finally:
+            self._finishing.discard(task)
 
     async def record_health(self) -> None:
         """arq's health-check key (hourly), and this worker's presence entry, refreshed a
@@ -217,6 +241,12 @@ class WakeableWorker(Worker):
         for task in pending:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
+        finishing = list(self._finishing)  # bounded: a Redis that is gone fails them anyway
+        if finishing:
+            await asyncio.wait(finishing, timeout=_FINISH_TIMEOUT)
+            for task in finishing:
+                task.cancel()
+            await asyncio.gather(*finishing, return_exceptions=True)
         pool, self._pool = self._pool, None
         if pool is None:
             return

@@ -10,6 +10,7 @@ first loop iterations, on a Redis of its own, and counts the clients the server 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -25,7 +26,7 @@ from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.queue.dispatch import Dispatcher, redis_settings
 from flowforge_orchestrator.queue.pools import open_pool
-from flowforge_orchestrator.queue.woken import WakeableWorker
+from flowforge_orchestrator.queue.woken import WakeableWorker, wake_channel
 from tests.helpers import free_port, wait_for
 
 # Iterations of the loop after which an opening is cancelled: the connect, the check of the
@@ -108,6 +109,66 @@ async def test_an_orchestrator_stopped_while_it_connects_leaves_no_connection_op
             await dispatchers.pop().close()
 
     await _cancel_every_way(admin, start, close)
+
+
+async def test_a_worker_stopped_while_a_job_finishes_closes_after_it(
+    own_redis: tuple[str, redis.asyncio.Redis],
+) -> None:
+    # arq writes a job's result in a task shielded from the job's cancellation: stopped at
+    # any step after the job's function returned, the worker's close must wait for it, or it
+    # goes on with a closed pool (and may open a connection nobody closes).
+    url, admin = own_redis
+    unretrieved: list[dict[str, Any]] = []
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda _, context: unretrieved.append(context))
+    try:
+        for steps in range(15):
+            await _stop_while_finishing(url, steps)
+            gc.collect()  # an orphaned task that failed reports it when collected
+            assert unretrieved == [], f"a job's finish failed after the close (step {steps})"
+            await wait_for(
+                lambda: _none_open(admin),
+                timeout=5,
+                message=f"a connection stayed open after a stop at loop step {steps}",
+            )
+    finally:
+        loop.set_exception_handler(None)
+
+
+async def _stop_while_finishing(url: str, steps: int) -> None:
+    ran = asyncio.Event()
+
+    async def quick(ctx: dict[str, Any]) -> int:
+        ran.set()
+        return 1
+
+    worker = WakeableWorker(
+        [func(quick, name="quick")],
+        queue_name="test-finish",
+        redis_settings=redis_settings(url),
+        handle_signals=False,
+        poll_delay=30,
+    )
+    serving = asyncio.ensure_future(worker.main())
+    pool = await open_pool(redis_settings(url), default_queue_name="test-finish")
+    try:
+        await pool.enqueue_job("quick")
+        await pool.publish(wake_channel("test-finish"), "1")
+    finally:
+        await pool.aclose()
+    await asyncio.wait_for(ran.wait(), 10)
+    for _ in range(steps):
+        await asyncio.sleep(0)
+    serving.cancel()
+    await asyncio.gather(serving, return_exceptions=True)
+    await worker.aclose()
+    finishing = [
+        t
+        for t in asyncio.all_tasks()
+        if not t.done()
+        and t.get_coro().__qualname__.endswith((".finish_job", ".finish_failed_job"))  # type: ignore[union-attr]
+    ]
+    assert finishing == [], f"still finishing after the close (step {steps})"
 
 
 async def _cancel_every_way(
