@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -135,7 +136,8 @@ class Reconciler:
         if not sent:
             self._checked.clear()
             return
-        batch = [a for a in sent if a not in self._checked][: self._check_batch]
+        unchecked = (a for a in sent if a not in self._checked)
+        batch = list(itertools.islice(unchecked, self._check_batch))
         if not batch:  # the round is over: the next begins
             self._checked.clear()
             batch = sent[: self._check_batch]

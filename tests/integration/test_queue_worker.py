@@ -101,7 +101,8 @@ async def _more(count: Any, before: int) -> bool:
     return bool(await count > before)
 
 
-def _worker(redis_url: str, functions: list[Any], **kw: Any) -> WakeableWorker:
+def claims_worker(redis_url: str, functions: list[Any], **kw: Any) -> WakeableWorker:
+    """A worker of the `test-claims` queue, woken by messages only (its poll delay is 30 s)."""
     options: dict[str, Any] = {"poll_delay": 30, "handle_signals": False}  # wakes only
     return WakeableWorker(
         functions,
@@ -111,7 +112,8 @@ def _worker(redis_url: str, functions: list[Any], **kw: Any) -> WakeableWorker:
     )
 
 
-async def _enqueue(redis_url: str, function: str, ids: list[str]) -> None:
+async def enqueue_claims(redis_url: str, function: str, ids: list[str]) -> None:
+    """Jobs of `function` on `test-claims`, each given its id as argument; then a wake."""
     pool = await open_pool(redis_settings(redis_url), default_queue_name="test-claims")
     try:
         for job_id in ids:
@@ -139,9 +141,9 @@ async def test_a_poll_claims_its_jobs_in_one_round_trip_and_two_workers_never_sh
 
     client = redis.asyncio.Redis.from_url(redis_url)
     ids = [f"job-{i}" for i in range(60)]
-    await _enqueue(redis_url, "quick", ids)  # before the workers: only theirs is counted
+    await enqueue_claims(redis_url, "quick", ids)  # before the workers: only theirs is counted
     await client.config_resetstat()
-    workers = [_worker(redis_url, [func(quick, name="quick")]) for _ in range(2)]
+    workers = [claims_worker(redis_url, [func(quick, name="quick")]) for _ in range(2)]
     serving = [asyncio.create_task(w.main()) for w in workers]
     try:
         await wait_for(lambda: len(ran) >= len(ids), message="not every job ran")
@@ -163,10 +165,10 @@ async def test_a_full_worker_takes_the_next_job_when_a_slot_frees_not_at_its_nex
         started.append(job_id)
         await gates[job_id].wait()
 
-    worker = _worker(redis_url, [func(hold, name="hold")], max_jobs=2)
+    worker = claims_worker(redis_url, [func(hold, name="hold")], max_jobs=2)
     serving = [asyncio.create_task(worker.main())]
     try:
-        await _enqueue(redis_url, "hold", list(gates))
+        await enqueue_claims(redis_url, "hold", list(gates))
         await wait_for(lambda: len(started) == 2, message="the first two never started")
         gates[started[0]].set()
         # The poll delay is 30 s: only the freed slot can start the third one in time.
@@ -201,7 +203,7 @@ async def test_a_slot_freed_while_a_poll_claims_wakes_another_poll(redis_url: st
         started.append(job_id)
         await gates[job_id].wait()
 
-    await _enqueue(redis_url, "hold", list(gates))  # before the worker: no wake message
+    await enqueue_claims(redis_url, "hold", list(gates))  # before the worker: no wake message
     worker = _ClaimHook(
         [func(hold, name="hold")],
         queue_name="test-claims",

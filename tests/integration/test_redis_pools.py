@@ -26,8 +26,9 @@ from flowforge_orchestrator.errors import ConfigError
 from flowforge_orchestrator.local_services import LocalRedis
 from flowforge_orchestrator.queue.dispatch import Dispatcher, redis_settings
 from flowforge_orchestrator.queue.pools import open_pool
-from flowforge_orchestrator.queue.woken import WakeableWorker, wake_channel
+from flowforge_orchestrator.queue.woken import WakeableWorker
 from tests.helpers import free_port, wait_for
+from tests.integration.test_queue_worker import claims_worker, enqueue_claims
 
 # Iterations of the loop after which an opening is cancelled: the connect, the check of the
 # fresh connection and the PING all happen within the first dozens.
@@ -78,13 +79,7 @@ async def test_a_worker_stopped_while_it_starts_leaves_no_connection_open(
     workers: list[WakeableWorker] = []
 
     async def start() -> None:
-        worker = WakeableWorker(
-            [func(_never_called, name="never")],
-            queue_name="test-pools",
-            redis_settings=redis_settings(url),
-            handle_signals=False,
-            poll_delay=30,
-        )
+        worker = claims_worker(url, [func(_never_called, name="never")])
         workers.append(worker)
         await worker.main()
 
@@ -138,27 +133,15 @@ async def test_a_worker_stopped_while_a_job_finishes_closes_after_it(
 async def _stop_while_finishing(url: str, steps: int) -> None:
     ran = asyncio.Event()
 
-    async def quick(ctx: dict[str, Any]) -> int:
+    async def quick(ctx: dict[str, Any], job_id: str) -> str:
         ran.set()
-        return 1
+        return job_id
 
-    worker = WakeableWorker(
-        [func(quick, name="quick")],
-        queue_name="test-finish",
-        redis_settings=redis_settings(url),
-        handle_signals=False,
-        poll_delay=30,
-    )
+    worker = claims_worker(url, [func(quick, name="quick")])
     serving = asyncio.ensure_future(worker.main())
-    pool = await open_pool(redis_settings(url), default_queue_name="test-finish")
-    try:
-        await pool.enqueue_job("quick")
-        await pool.publish(wake_channel("test-finish"), "1")
-    finally:
-        await pool.aclose()
+    await enqueue_claims(url, "quick", [f"job-{steps}"])
     await asyncio.wait_for(ran.wait(), 10)
-    for _ in range(steps):
-        await asyncio.sleep(0)
+    await _loop_steps(steps)
     serving.cancel()
     await asyncio.gather(serving, return_exceptions=True)
     await worker.aclose()
@@ -171,6 +154,12 @@ async def _stop_while_finishing(url: str, steps: int) -> None:
     assert finishing == [], f"still finishing after the close (step {steps})"
 
 
+async def _loop_steps(count: int) -> None:
+    """Let the loop run `count` times: what is under way advances one step each time."""
+    for _ in range(count):
+        await asyncio.sleep(0)
+
+
 async def _cancel_every_way(
     admin: redis.asyncio.Redis,
     start: Callable[[], Awaitable[None]],
@@ -179,8 +168,7 @@ async def _cancel_every_way(
     for _ in range(ROUNDS):
         for steps in STEPS:
             task = asyncio.ensure_future(start())
-            for _ in range(steps):
-                await asyncio.sleep(0)
+            await _loop_steps(steps)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
             await close()
